@@ -1,0 +1,468 @@
+//! TOML configuration: schema, loading and validation. Errors name the file, the line and the
+//! field, so an operator can fix them without reading code.
+//!
+//! Path: `SKR_PKCS11_CONFIG`, else `/etc/skr-pkcs11/config.toml`. A reference with every field
+//! is in `docs/CONFIG.md`; `skr-emulator up` writes a working one.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_ENV: &str = "SKR_PKCS11_CONFIG";
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/skr-pkcs11/config.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub logging: Logging,
+    pub platform: Platform,
+    pub attestation: Attestation,
+    pub identity: Identity,
+    #[serde(default)]
+    pub release: Release,
+    #[serde(default)]
+    pub tls: Tls,
+    /// What happens to released keys in a forked child.
+    #[serde(default)]
+    pub fork: ForkPolicy,
+    #[serde(rename = "token", default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Directory of the config file, to resolve relative paths.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub source_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logging {
+    /// error | warn | info | debug
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// "stderr", "syslog" or "file:/path/to/log". Never stdout.
+    #[serde(default = "default_log_target")]
+    pub target: String,
+}
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            level: default_level(),
+            target: default_log_target(),
+        }
+    }
+}
+fn default_level() -> String {
+    "info".into()
+}
+fn default_log_target() -> String {
+    "stderr".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvidenceSource {
+    /// `/dev/sev-guest`, then `/dev/sev`; never a fake report.
+    Auto,
+    SevGuest,
+    SevLegacy,
+    /// Ask skr-emulator's simulated SEV-SNP platform (development and tests only).
+    Emulated,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Platform {
+    pub evidence: EvidenceSource,
+    /// Base URL of skr-emulator's platform endpoint (evidence = "emulated").
+    pub emulator_url: Option<String>,
+    /// ACI security context dir (host-amd-cert-base64, reference-info-base64); default: env
+    /// `UVM_SECURITY_CONTEXT_DIR`, then a `/security-context-*` dir.
+    pub security_context_dir: Option<PathBuf>,
+    /// IMDS base URL for THIM collateral (default `http://169.254.169.254`).
+    pub imds_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attestation {
+    /// MAA base URL, e.g. `https://sharedeus.eus.attest.azure.net`. The token's `jku` must be
+    /// `<url>/certs` and its `iss` must equal this URL.
+    pub url: String,
+    #[serde(default = "default_maa_api")]
+    pub api_version: String,
+}
+fn default_maa_api() -> String {
+    "2022-08-01".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    Imds,
+    IdentityEndpoint,
+    WorkloadIdentity,
+    TokenFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub source: IdentitySource,
+    /// IMDS base URL (default `http://169.254.169.254`).
+    pub imds_url: Option<String>,
+    /// At most one of the three user-assigned identity selectors.
+    pub client_id: Option<String>,
+    pub object_id: Option<String>,
+    pub msi_res_id: Option<String>,
+    /// token-file: a file holding a bearer token for the vault / managed HSM resource.
+    pub token_file: Option<PathBuf>,
+    /// workload-identity: authority host (default `https://login.microsoftonline.com`).
+    pub authority_host: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    #[serde(default = "default_akv_api")]
+    pub api_version: String,
+    /// CKM_RSA_AES_KEY_WRAP | RSA_AES_KEY_WRAP_256 | RSA_AES_KEY_WRAP_384
+    #[serde(default = "default_enc")]
+    pub enc: String,
+    /// Per HTTP request.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+    /// Retries after the first attempt, for transport errors, 408, 429, 5xx.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First backoff; doubles with jitter; a Retry-After header wins (capped).
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+impl Default for Release {
+    fn default() -> Self {
+        Release {
+            api_version: default_akv_api(),
+            enc: default_enc(),
+            timeout_seconds: default_timeout(),
+            retries: default_retries(),
+            backoff_ms: default_backoff_ms(),
+        }
+    }
+}
+fn default_akv_api() -> String {
+    "7.4".into()
+}
+fn default_enc() -> String {
+    "RSA_AES_KEY_WRAP_256".into()
+}
+fn default_timeout() -> u64 {
+    10
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_backoff_ms() -> u64 {
+    500
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Extra PEM trust anchors for HTTPS and for the release JWS chain (added to the public
+    /// web roots). skr-emulator writes its CA here.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForkPolicy {
+    /// Released keys stay usable in a forked child; it logs in without a second release.
+    #[default]
+    Keep,
+    /// The child wipes inherited keys; its C_Login releases again.
+    ReRelease,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// CKA token label (≤ 32 bytes).
+    pub label: String,
+    /// Token serial (≤ 16 bytes); default derived from the label.
+    pub serial: Option<String>,
+    /// Optional local PIN check before release (plain text compared in constant time).
+    pub pin: Option<String>,
+    #[serde(rename = "key", default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// CKA_LABEL of the key's objects.
+    pub label: String,
+    /// CKA_ID as hex (unique per token; pkcs11-tool picks keys by id).
+    pub id: String,
+    /// Key URL: `https://<vault>/keys/<name>[/<version>]`.
+    pub kid: String,
+    /// PEM certificate (leaf first, then chain) exposed as CKO_CERTIFICATE objects.
+    pub certificate: Option<PathBuf>,
+    /// Allow CKM_RSA_PKCS decryption (a padding oracle; needed for TLS 1.2 RSA key exchange).
+    #[serde(default)]
+    pub allow_rsa_pkcs_decrypt: bool,
+}
+
+impl KeyConfig {
+    pub fn id_bytes(&self) -> Result<Vec<u8>> {
+        hex::decode(&self.id).map_err(|_| {
+            Error::config(format!("key {:?}: id {:?} is not hex", self.label, self.id))
+        })
+    }
+    /// The vault or managed HSM base URL and whether it is a managed HSM.
+    pub fn vault_base(&self) -> Result<(String, bool)> {
+        let idx = self.kid.find("/keys/").ok_or_else(|| {
+            Error::config(format!(
+                "key {:?}: kid {:?} has no /keys/ segment",
+                self.label, self.kid
+            ))
+        })?;
+        let base = self.kid[..idx].to_string();
+        let mhsm = base.contains("managedhsm");
+        Ok((base, mhsm))
+    }
+}
+
+impl Config {
+    /// Load from `SKR_PKCS11_CONFIG` or the default path.
+    pub fn load_default() -> Result<Config> {
+        let path = std::env::var_os(CONFIG_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        Self::load(&path)
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("cannot read config {}: {e}", path.display())).with_hint(format!(
+                "set {CONFIG_ENV} to the config file (skr-emulator up writes one)"
+            ))
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        cfg.source_path = path.to_path_buf();
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve_paths();
+        Ok(cfg)
+    }
+
+    /// Parse and validate; `origin` names the file in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let start = e.span().map(|s| s.start).unwrap_or(0);
+            // For an unknown field the span covers its table; point at the field itself.
+            let field_at = e
+                .message()
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+                .and_then(|f| text[start.min(text.len())..].find(f).map(|o| start + o));
+            let line = line_of(text, field_at.unwrap_or(start));
+            Error::config(format!("{}:{}: {}", origin.display(), line, e.message()))
+        })?;
+        cfg.validate(text, origin)?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self) {
+        let base = self.base_dir.clone();
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.tls.ca_file.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = self.identity.token_file.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = self.platform.security_context_dir.as_mut() {
+            fix(p)
+        }
+        for t in &mut self.tokens {
+            for k in &mut t.keys {
+                if let Some(p) = k.certificate.as_mut() {
+                    fix(p)
+                }
+            }
+        }
+    }
+
+    fn validate(&self, text: &str, origin: &Path) -> Result<()> {
+        let at = |needle: &str| -> String {
+            format!("{}:{}", origin.display(), find_line(text, needle))
+        };
+        if self.tokens.is_empty() {
+            return Err(Error::config(format!(
+                "{}: no [[token]] defined",
+                origin.display()
+            )));
+        }
+        if self.platform.evidence == EvidenceSource::Emulated
+            && self.platform.emulator_url.is_none()
+        {
+            return Err(Error::config(format!(
+                "{}: platform.emulator_url is required when platform.evidence = \"emulated\"",
+                at("evidence")
+            )));
+        }
+        if !matches!(
+            self.release.enc.as_str(),
+            "CKM_RSA_AES_KEY_WRAP" | "RSA_AES_KEY_WRAP_256" | "RSA_AES_KEY_WRAP_384"
+        ) {
+            return Err(Error::config(format!(
+                "{}: release.enc {:?} is not one of CKM_RSA_AES_KEY_WRAP, RSA_AES_KEY_WRAP_256, RSA_AES_KEY_WRAP_384",
+                at("enc"),
+                self.release.enc
+            )));
+        }
+        let selectors = [
+            &self.identity.client_id,
+            &self.identity.object_id,
+            &self.identity.msi_res_id,
+        ]
+        .iter()
+        .filter(|s| s.is_some())
+        .count();
+        if selectors > 1 {
+            return Err(Error::config(format!(
+                "{}: identity: set at most one of client_id, object_id, msi_res_id",
+                at("[identity]")
+            )));
+        }
+        if self.identity.source == IdentitySource::TokenFile && self.identity.token_file.is_none() {
+            return Err(Error::config(format!(
+                "{}: identity.token_file is required when identity.source = \"token-file\"",
+                at("source")
+            )));
+        }
+        let mut labels = std::collections::HashSet::new();
+        for t in &self.tokens {
+            if t.label.is_empty() || t.label.len() > 32 {
+                return Err(Error::config(format!(
+                    "{}: token.label {:?} must be 1..32 bytes",
+                    at(&t.label),
+                    t.label
+                )));
+            }
+            if !labels.insert(&t.label) {
+                return Err(Error::config(format!(
+                    "{}: token.label {:?} is used twice",
+                    at(&t.label),
+                    t.label
+                )));
+            }
+            if let Some(s) = &t.serial {
+                if s.len() > 16 {
+                    return Err(Error::config(format!(
+                        "{}: token.serial {:?} is longer than 16 bytes",
+                        at(s),
+                        s
+                    )));
+                }
+            }
+            let mut ids = std::collections::HashSet::new();
+            for k in &t.keys {
+                let id = k
+                    .id_bytes()
+                    .map_err(|e| Error::config(format!("{}: {}", at(&k.id), e.message())))?;
+                if id.is_empty() || id.len() > 32 {
+                    return Err(Error::config(format!(
+                        "{}: key {:?}: id must be 1..32 bytes",
+                        at(&k.id),
+                        k.label
+                    )));
+                }
+                if !ids.insert(id) {
+                    return Err(Error::config(format!(
+                        "{}: key {:?}: id {} is used twice in token {:?}",
+                        at(&k.id),
+                        k.label,
+                        k.id,
+                        t.label
+                    )));
+                }
+                k.vault_base()
+                    .map_err(|e| Error::config(format!("{}: {}", at(&k.kid), e.message())))?;
+                if !k.kid.starts_with("https://") {
+                    return Err(Error::config(format!(
+                        "{}: key {:?}: kid must be an https:// key URL",
+                        at(&k.kid),
+                        k.label
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Best-effort line of the first occurrence of `needle` (for semantic errors after parsing).
+fn find_line(text: &str, needle: &str) -> usize {
+    text.find(needle).map(|o| line_of(text, o)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[platform]
+evidence = "emulated"
+emulator_url = "https://127.0.0.1:1"
+[attestation]
+url = "https://127.0.0.1:2"
+[identity]
+source = "imds"
+imds_url = "http://127.0.0.1:3"
+[[token]]
+label = "skr"
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "https://127.0.0.1:4/keys/tls-rsa"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("c.toml")).unwrap();
+        assert_eq!(c.release.enc, "RSA_AES_KEY_WRAP_256");
+        assert_eq!(c.fork, ForkPolicy::Keep);
+        assert_eq!(c.tokens[0].keys[0].id_bytes().unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let bad = GOOD.replace("source = \"imds\"", "source = \"imds\"\nsourse = 1");
+        let e = Config::parse(&bad, Path::new("c.toml")).unwrap_err();
+        assert!(e.message().starts_with("c.toml:10:"), "{}", e.message());
+        assert!(e.message().contains("sourse"), "{}", e.message());
+    }
+
+    #[test]
+    fn duplicate_key_id_is_refused() {
+        let bad = format!(
+            "{GOOD}\n[[token.key]]\nlabel = \"b\"\nid = \"01\"\nkid = \"https://h/keys/b\"\n"
+        );
+        let e = Config::parse(&bad, Path::new("c.toml")).unwrap_err();
+        assert!(e.message().contains("used twice"), "{}", e.message());
+    }
+}

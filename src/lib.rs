@@ -1,0 +1,8 @@
+//! skr-pkcs11: a PKCS#11 token whose keys are released by Azure Secure Key Release to an
+//! attested TEE. The cdylib exports only C_GetFunctionList, C_GetInterfaceList and
+//! C_GetInterface (see `ffi`).
+
+pub mod config;
+pub mod error;
+pub mod release;
+pub mod secret;
