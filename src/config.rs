@@ -453,7 +453,7 @@ kid = "https://127.0.0.1:4/keys/tls-rsa"
     fn unknown_field_names_file_and_line() {
         let bad = GOOD.replace("source = \"imds\"", "source = \"imds\"\nsourse = 1");
         let e = Config::parse(&bad, Path::new("c.toml")).unwrap_err();
-        assert!(e.message().starts_with("c.toml:10:"), "{}", e.message());
+        assert!(e.message().starts_with("c.toml:9:"), "{}", e.message());
         assert!(e.message().contains("sourse"), "{}", e.message());
     }
 
