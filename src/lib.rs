@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod error;
+pub mod policy;
 pub mod release;
 pub mod secret;
