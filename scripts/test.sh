@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, the module through its C ABI against skr-emulator,
+# the emulator's HTTP tests, the real clients (pkcs11-tool, OpenSSL, nginx, Java, p11-kit)
+# and the conformance suite. Installs the clients it needs when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+# Build every binary and the cdylib first: the integration tests drive them as a user would.
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast "$@"
