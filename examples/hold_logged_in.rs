@@ -16,19 +16,29 @@ fn main() {
         std::process::exit(2);
     }
     let p11 = Pkcs11::new(&args[1]).expect("load module");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
     let slot = *p11
         .get_slots_with_token()
         .expect("slots")
         .iter()
-        .find(|s| p11.get_token_info(**s).map(|t| t.label() == args[2]).unwrap_or(false))
+        .find(|s| {
+            p11.get_token_info(**s)
+                .map(|t| t.label() == args[2])
+                .unwrap_or(false)
+        })
         .expect("token");
     let session = p11.open_ro_session(slot).expect("session");
     session.login(UserType::User, None).expect("C_Login");
     let key = session
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(args[3].as_bytes().to_vec())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(args[3].as_bytes().to_vec()),
+        ])
         .expect("find")[0];
-    session.sign(&Mechanism::Sha256RsaPkcs, key, b"warm up the key").expect("C_Sign");
+    session
+        .sign(&Mechanism::Sha256RsaPkcs, key, b"warm up the key")
+        .expect("C_Sign");
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         match line.expect("stdin").trim() {

@@ -90,7 +90,12 @@ fn logged_in(f: &Fixture) -> Session {
 }
 
 fn find_one(s: &Session, class: ObjectClass, label: &str) -> ObjectHandle {
-    let found = s.find_objects(&[Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())]).expect("find");
+    let found = s
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .expect("find");
     assert_eq!(found.len(), 1, "exactly one {class:?} labelled {label}");
     found[0]
 }
@@ -99,7 +104,10 @@ fn cert_spki(emu: &Emulator, name: &str) -> Vec<u8> {
     use x509_cert::der::{Decode, Encode};
     let der = common::first_cert_der(&emu.path().join("certs").join(format!("{name}.pem")));
     let cert = x509_cert::Certificate::from_der(&der).expect("parse certificate");
-    cert.tbs_certificate.subject_public_key_info.to_der().expect("SPKI")
+    cert.tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .expect("SPKI")
 }
 
 fn rsa_public(emu: &Emulator) -> rsa::RsaPublicKey {
@@ -108,7 +116,11 @@ fn rsa_public(emu: &Emulator) -> rsa::RsaPublicKey {
 }
 
 fn pss(hash: MechanismType, mgf: PkcsMgfType, salt: u64) -> PkcsPssParams {
-    PkcsPssParams { hash_alg: hash, mgf, s_len: salt.into() }
+    PkcsPssParams {
+        hash_alg: hash,
+        mgf,
+        s_len: salt.into(),
+    }
 }
 
 #[test]
@@ -117,15 +129,29 @@ fn login_releases_each_demo_key_exactly_once_and_shows_private_objects() {
     let before = ["tls-rsa", "tls-ec", "data-aes"].map(|k| f.emu.releases(k));
     let s = f.p11.open_ro_session(f.demo).unwrap();
     // Before login: certificates and public keys only.
-    assert!(s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]).unwrap().is_empty());
-    assert_eq!(s.find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), Attribute::Label(b"tls-rsa".to_vec())]).unwrap().len(), 1);
+    assert!(s
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.find_objects(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::Label(b"tls-rsa".to_vec())
+        ])
+        .unwrap()
+        .len(),
+        1
+    );
     let _ = s.logout();
     s.login(UserType::User, None).expect("C_Login");
     let after = ["tls-rsa", "tls-ec", "data-aes"].map(|k| f.emu.releases(k));
     for i in 0..3 {
         assert_eq!(after[i], before[i] + 1, "one release per key per login");
     }
-    assert!(matches!(s.login(UserType::User, None), Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _))));
+    assert!(matches!(
+        s.login(UserType::User, None),
+        Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _))
+    ));
     for (class, label) in [
         (ObjectClass::PRIVATE_KEY, "tls-rsa"),
         (ObjectClass::PRIVATE_KEY, "tls-ec"),
@@ -137,12 +163,35 @@ fn login_releases_each_demo_key_exactly_once_and_shows_private_objects() {
     }
     // The private key carries its public half and hides its secret parts.
     let k = find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
-    let attrs = s.get_attributes(k, &[AttributeType::Modulus, AttributeType::Id, AttributeType::Sensitive]).unwrap();
-    let modulus = attrs.iter().find_map(|a| if let Attribute::Modulus(m) = a { Some(m.clone()) } else { None }).expect("CKA_MODULUS");
-    assert_eq!(rsa::BigUint::from_bytes_be(&modulus), *rsa::traits::PublicKeyParts::n(&rsa_public(f.emu)));
+    let attrs = s
+        .get_attributes(
+            k,
+            &[
+                AttributeType::Modulus,
+                AttributeType::Id,
+                AttributeType::Sensitive,
+            ],
+        )
+        .unwrap();
+    let modulus = attrs
+        .iter()
+        .find_map(|a| {
+            if let Attribute::Modulus(m) = a {
+                Some(m.clone())
+            } else {
+                None
+            }
+        })
+        .expect("CKA_MODULUS");
+    assert_eq!(
+        rsa::BigUint::from_bytes_be(&modulus),
+        *rsa::traits::PublicKeyParts::n(&rsa_public(f.emu))
+    );
     assert!(attrs.contains(&Attribute::Id(vec![1])));
     assert!(attrs.contains(&Attribute::Sensitive(true)));
-    let info = s.get_attribute_info(k, &[AttributeType::PrivateExponent]).unwrap();
+    let info = s
+        .get_attribute_info(k, &[AttributeType::PrivateExponent])
+        .unwrap();
     assert_eq!(info, vec![cryptoki::object::AttributeInfo::Sensitive]);
 }
 
@@ -158,12 +207,18 @@ fn rsa_signatures_verify_with_an_independent_implementation() {
 
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, key, msg).unwrap();
     rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pubkey.clone())
-        .verify(msg, &rsa::pkcs1v15::Signature::try_from(sig.as_slice()).unwrap())
+        .verify(
+            msg,
+            &rsa::pkcs1v15::Signature::try_from(sig.as_slice()).unwrap(),
+        )
         .expect("SHA256-RSA-PKCS verifies");
 
     let sig = s.sign(&Mechanism::Sha384RsaPkcs, key, msg).unwrap();
     rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(pubkey.clone())
-        .verify(msg, &rsa::pkcs1v15::Signature::try_from(sig.as_slice()).unwrap())
+        .verify(
+            msg,
+            &rsa::pkcs1v15::Signature::try_from(sig.as_slice()).unwrap(),
+        )
         .expect("SHA384-RSA-PKCS verifies");
 
     // CKM_RSA_PKCS over a caller-built DigestInfo (what pkcs11-provider and Java send).
@@ -171,30 +226,52 @@ fn rsa_signatures_verify_with_an_independent_implementation() {
     let mut digest_info = hex::decode("3051300d060960864801650304020305000440").unwrap();
     digest_info.extend_from_slice(&digest);
     let sig = s.sign(&Mechanism::RsaPkcs, key, &digest_info).unwrap();
-    pubkey.verify(rsa::Pkcs1v15Sign::new::<sha2::Sha512>(), &digest, &sig).expect("RSA-PKCS over DigestInfo verifies");
+    pubkey
+        .verify(rsa::Pkcs1v15Sign::new::<sha2::Sha512>(), &digest, &sig)
+        .expect("RSA-PKCS over DigestInfo verifies");
 
     // PSS on a pre-computed hash with salt lengths 0, hLen and the maximum.
     let digest = sha2::Sha256::digest(msg);
     for salt in [0u64, 32, 256 - 32 - 2] {
-        let sig = s.sign(&Mechanism::RsaPkcsPss(pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, salt)), key, &digest).unwrap();
+        let sig = s
+            .sign(
+                &Mechanism::RsaPkcsPss(pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, salt)),
+                key,
+                &digest,
+            )
+            .unwrap();
         pubkey
-            .verify(rsa::Pss::new_with_salt::<sha2::Sha256>(salt as usize), &digest, &sig)
+            .verify(
+                rsa::Pss::new_with_salt::<sha2::Sha256>(salt as usize),
+                &digest,
+                &sig,
+            )
             .unwrap_or_else(|e| panic!("RSA-PSS salt {salt}: {e}"));
     }
     // Hashed PSS, multi-part.
-    s.sign_init(&Mechanism::Sha256RsaPkcsPss(pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, 32)), key).unwrap();
+    s.sign_init(
+        &Mechanism::Sha256RsaPkcsPss(pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, 32)),
+        key,
+    )
+    .unwrap();
     s.sign_update(&msg[..10]).unwrap();
     s.sign_update(&msg[10..]).unwrap();
     let sig = s.sign_final().unwrap();
-    pubkey.verify(rsa::Pss::new_with_salt::<sha2::Sha256>(32), &digest, &sig).expect("multi-part SHA256-RSA-PKCS-PSS verifies");
+    pubkey
+        .verify(rsa::Pss::new_with_salt::<sha2::Sha256>(32), &digest, &sig)
+        .expect("multi-part SHA256-RSA-PKCS-PSS verifies");
 
     // The token verifies too, and rejects a tampered signature.
     let pubh = find_one(&s, ObjectClass::PUBLIC_KEY, "tls-rsa");
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, key, msg).unwrap();
-    s.verify(&Mechanism::Sha256RsaPkcs, pubh, msg, &sig).expect("C_Verify accepts");
+    s.verify(&Mechanism::Sha256RsaPkcs, pubh, msg, &sig)
+        .expect("C_Verify accepts");
     let mut bad = sig.clone();
     bad[10] ^= 1;
-    assert!(matches!(s.verify(&Mechanism::Sha256RsaPkcs, pubh, msg, &bad), Err(P11Error::Pkcs11(RvError::SignatureInvalid, _))));
+    assert!(matches!(
+        s.verify(&Mechanism::Sha256RsaPkcs, pubh, msg, &bad),
+        Err(P11Error::Pkcs11(RvError::SignatureInvalid, _))
+    ));
 }
 
 #[test]
@@ -206,23 +283,59 @@ fn rsa_decrypt_oaep_and_pkcs1_of_independently_encrypted_data() {
     let mut rng = rand::thread_rng();
     let secret = b"premaster secret for the session";
 
-    let ct = pubkey.encrypt(&mut rng, rsa::Oaep::new::<sha2::Sha256>(), secret).unwrap();
-    let params = PkcsOaepParams::new(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, PkcsOaepSource::empty());
-    assert_eq!(s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct).unwrap(), secret);
+    let ct = pubkey
+        .encrypt(&mut rng, rsa::Oaep::new::<sha2::Sha256>(), secret)
+        .unwrap();
+    let params = PkcsOaepParams::new(
+        MechanismType::SHA256,
+        PkcsMgfType::MGF1_SHA256,
+        PkcsOaepSource::empty(),
+    );
+    assert_eq!(
+        s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct)
+            .unwrap(),
+        secret
+    );
 
-    let ct = pubkey.encrypt(&mut rng, rsa::Oaep::new_with_label::<sha1::Sha1, _>("lbl"), secret).unwrap();
-    let params = PkcsOaepParams::new(MechanismType::SHA1, PkcsMgfType::MGF1_SHA1, PkcsOaepSource::data_specified(b"lbl"));
-    assert_eq!(s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct).unwrap(), secret);
+    let ct = pubkey
+        .encrypt(
+            &mut rng,
+            rsa::Oaep::new_with_label::<sha1::Sha1, _>("lbl"),
+            secret,
+        )
+        .unwrap();
+    let params = PkcsOaepParams::new(
+        MechanismType::SHA1,
+        PkcsMgfType::MGF1_SHA1,
+        PkcsOaepSource::data_specified(b"lbl"),
+    );
+    assert_eq!(
+        s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct)
+            .unwrap(),
+        secret
+    );
 
     // tls-rsa opts in to CKM_RSA_PKCS decryption (TLS 1.2 RSA key exchange).
-    let ct = pubkey.encrypt(&mut rng, rsa::Pkcs1v15Encrypt, secret).unwrap();
+    let ct = pubkey
+        .encrypt(&mut rng, rsa::Pkcs1v15Encrypt, secret)
+        .unwrap();
     assert_eq!(s.decrypt(&Mechanism::RsaPkcs, key, &ct).unwrap(), secret);
 
     // Public-key encryption by the token, decrypted by the token.
     let pubh = find_one(&s, ObjectClass::PUBLIC_KEY, "tls-rsa");
-    let params = PkcsOaepParams::new(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, PkcsOaepSource::empty());
-    let ct = s.encrypt(&Mechanism::RsaPkcsOaep(params), pubh, secret).unwrap();
-    assert_eq!(s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct).unwrap(), secret);
+    let params = PkcsOaepParams::new(
+        MechanismType::SHA256,
+        PkcsMgfType::MGF1_SHA256,
+        PkcsOaepSource::empty(),
+    );
+    let ct = s
+        .encrypt(&Mechanism::RsaPkcsOaep(params), pubh, secret)
+        .unwrap();
+    assert_eq!(
+        s.decrypt(&Mechanism::RsaPkcsOaep(params), key, &ct)
+            .unwrap(),
+        secret
+    );
 }
 
 #[test]
@@ -234,22 +347,26 @@ fn ecdsa_signatures_verify_with_an_independent_implementation() {
     let f = fixture();
     let s = logged_in(&f);
     let key = find_one(&s, ObjectClass::PRIVATE_KEY, "tls-ec");
-    let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&cert_spki(f.emu, "tls-ec")).expect("P-256 SPKI");
+    let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&cert_spki(f.emu, "tls-ec"))
+        .expect("P-256 SPKI");
     let msg = b"ECDHE-ECDSA transcript";
 
     let sig = s.sign(&Mechanism::EcdsaSha256, key, msg).unwrap();
     assert_eq!(sig.len(), 64, "raw r||s");
-    vk.verify(msg, &p256::ecdsa::Signature::from_slice(&sig).unwrap()).expect("ECDSA-SHA256 verifies");
+    vk.verify(msg, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+        .expect("ECDSA-SHA256 verifies");
 
     let digest = sha2::Sha256::digest(msg);
     let sig = s.sign(&Mechanism::Ecdsa, key, &digest).unwrap();
-    vk.verify_prehash(&digest, &p256::ecdsa::Signature::from_slice(&sig).unwrap()).expect("CKM_ECDSA verifies");
+    vk.verify_prehash(&digest, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+        .expect("CKM_ECDSA verifies");
 
     s.sign_init(&Mechanism::EcdsaSha256, key).unwrap();
     s.sign_update(&msg[..3]).unwrap();
     s.sign_update(&msg[3..]).unwrap();
     let sig = s.sign_final().unwrap();
-    vk.verify(msg, &p256::ecdsa::Signature::from_slice(&sig).unwrap()).expect("multi-part ECDSA-SHA256 verifies");
+    vk.verify(msg, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+        .expect("multi-part ECDSA-SHA256 verifies");
 }
 
 #[test]
@@ -261,25 +378,56 @@ fn aes_gcm_and_cbc_pad_match_an_independent_implementation() {
     let plain = b"data key material, 4 KiB in production";
     let aad = b"header";
     let mut iv = [7u8; 12];
-    let ct = s.encrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()), key, plain).unwrap();
+    let ct = s
+        .encrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()),
+            key,
+            plain,
+        )
+        .unwrap();
     let cipher = aes_gcm::Aes256Gcm::new_from_slice(&KNOWN_AES).unwrap();
-    let expected = cipher.encrypt(&[7u8; 12].into(), Payload { msg: plain, aad }).unwrap();
+    let expected = cipher
+        .encrypt(&[7u8; 12].into(), Payload { msg: plain, aad })
+        .unwrap();
     assert_eq!(ct, expected, "AES-GCM ciphertext||tag equals RustCrypto's");
     let mut iv = [7u8; 12];
-    assert_eq!(s.decrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()), key, &ct).unwrap(), plain);
+    assert_eq!(
+        s.decrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()),
+            key,
+            &ct
+        )
+        .unwrap(),
+        plain
+    );
     let mut tampered = ct.clone();
     tampered[0] ^= 1;
     let mut iv = [7u8; 12];
-    assert!(s.decrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()), key, &tampered).is_err());
+    assert!(s
+        .decrypt(
+            &Mechanism::AesGcm(GcmParams::new(&mut iv, aad, 128.into()).unwrap()),
+            key,
+            &tampered
+        )
+        .is_err());
 
     // CBC-PAD both ways, and the demo key round-trips.
     let iv16 = [3u8; 16];
     let ct = s.encrypt(&Mechanism::AesCbcPad(iv16), key, plain).unwrap();
-    assert_eq!(ct.len(), plain.len().div_ceil(16) * 16 + if plain.len() % 16 == 0 { 16 } else { 0 });
-    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(iv16), key, &ct).unwrap(), plain);
+    assert_eq!(
+        ct.len(),
+        plain.len().div_ceil(16) * 16 + if plain.len() % 16 == 0 { 16 } else { 0 }
+    );
+    assert_eq!(
+        s.decrypt(&Mechanism::AesCbcPad(iv16), key, &ct).unwrap(),
+        plain
+    );
     let demo = find_one(&s, ObjectClass::SECRET_KEY, "data-aes");
     let ct = s.encrypt(&Mechanism::AesCbcPad(iv16), demo, plain).unwrap();
-    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(iv16), demo, &ct).unwrap(), plain);
+    assert_eq!(
+        s.decrypt(&Mechanism::AesCbcPad(iv16), demo, &ct).unwrap(),
+        plain
+    );
 }
 
 #[test]
@@ -289,7 +437,12 @@ fn logout_wipes_keys_and_the_next_login_releases_again() {
     let key = find_one(&s, ObjectClass::PRIVATE_KEY, "tls-ec");
     let before = f.emu.releases("tls-ec");
     s.logout().expect("C_Logout");
-    assert!(s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]).unwrap().is_empty(), "private keys gone after logout");
+    assert!(
+        s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+            .unwrap()
+            .is_empty(),
+        "private keys gone after logout"
+    );
     match s.sign(&Mechanism::EcdsaSha256, key, b"x") {
         Err(P11Error::Pkcs11(RvError::UserNotLoggedIn | RvError::KeyHandleInvalid, _)) => {}
         other => panic!("sign after logout must fail with USER_NOT_LOGGED_IN or KEY_HANDLE_INVALID, got {other:?}"),
@@ -306,12 +459,24 @@ fn denied_key_fails_with_function_rejected_and_the_log_names_the_claim() {
         Err(P11Error::Pkcs11(RvError::FunctionRejected, _)) => {}
         other => panic!("denied-rsa login must give CKR_FUNCTION_REJECTED, got {other:?}"),
     }
-    assert!(s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]).unwrap().is_empty(), "still logged out");
+    assert!(
+        s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+            .unwrap()
+            .is_empty(),
+        "still logged out"
+    );
     let log = std::fs::read_to_string(&f.log).expect("module log file");
-    let line = log.lines().rev().find(|l| l.contains("C_Login") && l.contains("skr-denied")).unwrap_or_else(|| panic!("no C_Login line in log:\n{log}"));
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("C_Login") && l.contains("skr-denied"))
+        .unwrap_or_else(|| panic!("no C_Login line in log:\n{log}"));
     assert!(line.contains("CKR_FUNCTION_REJECTED"), "{line}");
     assert!(line.contains("step=release"), "{line}");
-    assert!(line.contains("x-ms-sevsnpvm-"), "the line names the unmet claim: {line}");
+    assert!(
+        line.contains("x-ms-sevsnpvm-"),
+        "the line names the unmet claim: {line}"
+    );
     // The demo token is unaffected.
     let ok = logged_in(&f);
     find_one(&ok, ObjectClass::PRIVATE_KEY, "tls-rsa");

@@ -34,14 +34,17 @@ fn secret_patterns(key: &rsa::RsaPrivateKey) -> Vec<Vec<u8>> {
 }
 
 fn contains_any(hay: &[u8], patterns: &[Vec<u8>]) -> bool {
-    patterns.iter().any(|p| hay.windows(p.len()).any(|w| w == p.as_slice()))
+    patterns
+        .iter()
+        .any(|p| hay.windows(p.len()).any(|w| w == p.as_slice()))
 }
 
 /// Every readable mapping of a live process, via /proc/PID/mem (includes MADV_DONTDUMP ones).
 fn live_memory_contains(pid: u32, patterns: &[Vec<u8>]) -> bool {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem (needs ptrace rights over the child)");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .expect("open /proc/PID/mem (needs ptrace rights over the child)");
     for line in maps.lines() {
         let mut f = line.split_whitespace();
         let (range, perms) = (f.next().unwrap(), f.next().unwrap());
@@ -49,9 +52,15 @@ fn live_memory_contains(pid: u32, patterns: &[Vec<u8>]) -> bool {
             continue;
         }
         let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
         let mut buf = vec![0u8; (b - a) as usize];
-        if mem.seek(SeekFrom::Start(a)).is_ok() && mem.read_exact(&mut buf).is_ok() && contains_any(&buf, patterns) {
+        if mem.seek(SeekFrom::Start(a)).is_ok()
+            && mem.read_exact(&mut buf).is_ok()
+            && contains_any(&buf, patterns)
+        {
             return true;
         }
     }
@@ -90,9 +99,17 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
             emu.var("SKR_EMULATOR_VAULT_URL")), 1)
     });
     let holder = common::workspace_root().join("target/debug/examples/hold_logged_in");
-    assert!(holder.exists(), "{} missing: cargo build --workspace --all-targets", holder.display());
+    assert!(
+        holder.exists(),
+        "{} missing: cargo build --workspace --all-targets",
+        holder.display()
+    );
     let mut child = Command::new(&holder)
-        .args([common::module_path().to_str().unwrap(), "skr-demo", "mem-rsa"])
+        .args([
+            common::module_path().to_str().unwrap(),
+            "skr-demo",
+            "mem-rsa",
+        ])
         .env("SKR_PKCS11_CONFIG", &cfg)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -104,15 +121,30 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready", "holder did not log in");
 
-    assert!(live_memory_contains(pid, &patterns), "positive control: the logged-in process holds the key");
+    assert!(
+        live_memory_contains(pid, &patterns),
+        "positive control: the logged-in process holds the key"
+    );
 
     let core_base = emu.path().join("holder-core");
-    let g = Command::new("gcore").arg("-o").arg(&core_base).arg(pid.to_string()).output().expect("gcore (apt: gdb)");
-    assert!(g.status.success(), "gcore failed: {}", String::from_utf8_lossy(&g.stderr));
+    let g = Command::new("gcore")
+        .arg("-o")
+        .arg(&core_base)
+        .arg(pid.to_string())
+        .output()
+        .expect("gcore (apt: gdb)");
+    assert!(
+        g.status.success(),
+        "gcore failed: {}",
+        String::from_utf8_lossy(&g.stderr)
+    );
     let core_path = core_base.with_extension(pid.to_string());
     let core = std::fs::read(&core_path).expect("core file");
     assert!(core.len() > 1 << 20, "a real core dump");
-    assert!(!contains_any(&core, &patterns), "a secret of the released key is in the core dump");
+    assert!(
+        !contains_any(&core, &patterns),
+        "a secret of the released key is in the core dump"
+    );
     std::fs::remove_file(Path::new(&core_path)).ok();
 
     let mut stdin = child.stdin.take().unwrap();
@@ -120,7 +152,10 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "logged-out");
-    assert!(!live_memory_contains(pid, &patterns), "a secret of the released key survives C_Logout");
+    assert!(
+        !live_memory_contains(pid, &patterns),
+        "a secret of the released key survives C_Logout"
+    );
     writeln!(stdin, "exit").unwrap();
     assert!(child.wait().unwrap().success());
 }

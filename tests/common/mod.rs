@@ -11,19 +11,29 @@ pub fn workspace_root() -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The built cdylib (debug profile, as `cargo test` builds it).
 pub fn module_path() -> PathBuf {
     let p = target_dir().join("debug").join("libskr_pkcs11.so");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
 pub fn emulator_bin() -> PathBuf {
     let p = target_dir().join("debug").join("skr-emulator");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -35,8 +45,16 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start() -> Emulator {
-        let dir = tempfile::Builder::new().prefix("skr-emu-").tempdir().expect("tempdir");
-        let out = Command::new(emulator_bin()).arg("up").arg("--dir").arg(dir.path()).output().expect("run skr-emulator up");
+        let dir = tempfile::Builder::new()
+            .prefix("skr-emu-")
+            .tempdir()
+            .expect("tempdir");
+        let out = Command::new(emulator_bin())
+            .arg("up")
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .expect("run skr-emulator up");
         assert!(
             out.status.success(),
             "skr-emulator up failed: {}\n{}",
@@ -52,7 +70,9 @@ impl Emulator {
     }
 
     pub fn var(&self, k: &str) -> &str {
-        self.env.get(k).unwrap_or_else(|| panic!("{k} missing from the emulator's env file"))
+        self.env
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from the emulator's env file"))
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -73,12 +93,17 @@ impl Emulator {
         for c in rustls_pemfile_certs(&pem) {
             roots.add(c).expect("add CA");
         }
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        reqwest::blocking::Client::builder().use_preconfigured_tls(cfg).build().expect("http client")
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(cfg)
+            .build()
+            .expect("http client")
     }
 
     pub fn admin_get(&self, path: &str) -> serde_json::Value {
@@ -90,7 +115,12 @@ impl Emulator {
 
     pub fn admin_post(&self, path: &str, body: serde_json::Value) {
         let url = format!("{}{}", self.var("SKR_EMULATOR_PLATFORM_URL"), path);
-        let r = self.client().post(&url).json(&body).send().expect("admin POST");
+        let r = self
+            .client()
+            .post(&url)
+            .json(&body)
+            .send()
+            .expect("admin POST");
         assert!(r.status().is_success(), "POST {url}: {}", r.status());
     }
 
@@ -102,7 +132,9 @@ impl Emulator {
 
     /// Releases counted by the emulator for one key name.
     pub fn releases(&self, key: &str) -> u64 {
-        self.admin_get("/admin/counters")["releases"][key].as_u64().unwrap_or(0)
+        self.admin_get("/admin/counters")["releases"][key]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     pub fn inject(&self, fault: serde_json::Value) {
@@ -112,13 +144,19 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        let _ = Command::new(emulator_bin()).arg("down").arg("--dir").arg(self.dir.path()).output();
+        let _ = Command::new(emulator_bin())
+            .arg("down")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output();
     }
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
     use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::pem_slice_iter(pem).map(|c| c.expect("PEM certificate")).collect()
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.expect("PEM certificate"))
+        .collect()
 }
 
 /// Parse `export K=V` / `K=V` lines (values optionally quoted).
@@ -141,14 +179,22 @@ pub fn parse_env_file(p: &Path) -> HashMap<String, String> {
 /// Leaf certificate DER from a PEM file (first block).
 pub fn first_cert_der(pem_path: &Path) -> Vec<u8> {
     let pem = std::fs::read(pem_path).expect("read certificate");
-    rustls_pemfile_certs(&pem).into_iter().next().expect("a certificate").to_vec()
+    rustls_pemfile_certs(&pem)
+        .into_iter()
+        .next()
+        .expect("a certificate")
+        .to_vec()
 }
 
 static SHARED_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 extern "C" fn stop_shared_emulator() {
     if let Some(dir) = SHARED_DIR.get() {
-        let _ = Command::new(emulator_bin()).arg("down").arg("--dir").arg(dir).output();
+        let _ = Command::new(emulator_bin())
+            .arg("down")
+            .arg("--dir")
+            .arg(dir)
+            .output();
     }
 }
 
@@ -167,7 +213,10 @@ impl Emulator {
 
     /// An access token from the emulator's IMDS for `resource`.
     pub fn imds_token(&self, resource: &str) -> String {
-        let url = format!("{}/metadata/identity/oauth2/token", self.var("SKR_EMULATOR_IMDS_URL"));
+        let url = format!(
+            "{}/metadata/identity/oauth2/token",
+            self.var("SKR_EMULATOR_IMDS_URL")
+        );
         let r = reqwest::blocking::Client::new()
             .get(&url)
             .query(&[("api-version", "2018-02-01"), ("resource", resource)])
@@ -176,12 +225,25 @@ impl Emulator {
             .expect("IMDS token");
         assert!(r.status().is_success(), "IMDS: {}", r.status());
         let v: serde_json::Value = r.json().expect("IMDS JSON");
-        v["access_token"].as_str().expect("access_token").to_string()
+        v["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
     }
 
     /// Azure-shaped call to the emulated vault or managed HSM (`base` = its URL).
-    pub fn akv(&self, method: reqwest::Method, base: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-        let resource = if base == self.var("SKR_EMULATOR_MHSM_URL") { "https://managedhsm.azure.net" } else { "https://vault.azure.net" };
+    pub fn akv(
+        &self,
+        method: reqwest::Method,
+        base: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let resource = if base == self.var("SKR_EMULATOR_MHSM_URL") {
+            "https://managedhsm.azure.net"
+        } else {
+            "https://vault.azure.net"
+        };
         let token = self.imds_token(resource);
         let url = format!("{base}{path}?api-version=7.4");
         let mut req = self.client().request(method, &url).bearer_auth(token);
@@ -203,7 +265,10 @@ pub fn config_logging_to(emu: &Emulator, name: &str, log: &Path) -> PathBuf {
         for line in t.lines() {
             if line.trim() == "[logging]" {
                 in_logging = true;
-                out.push_str(&format!("[logging]\nlevel = \"debug\"\ntarget = \"file:{}\"\n", log.display()));
+                out.push_str(&format!(
+                    "[logging]\nlevel = \"debug\"\ntarget = \"file:{}\"\n",
+                    log.display()
+                ));
                 continue;
             }
             if in_logging && line.trim_start().starts_with('[') {
