@@ -14,6 +14,7 @@ pkgs=(
   softhsm2                   # reference token for conformance and benchmarks
   gdb                        # gcore for the core-dump secret check
   curl
+  python3
   ca-certificates
 )
 
