@@ -1,0 +1,349 @@
+//! HTTPS for one login: a blocking reqwest client built inside the login (never carried across
+//! fork), rustls with the aws-lc-rs provider and the configured trust anchors, timeouts,
+//! bounded retries with jittered exponential backoff, capped response bodies.
+
+use super::jws::TrustAnchors;
+use crate::config::Release;
+use crate::error::{Error, Result, Step};
+use reqwest::blocking::{Client, RequestBuilder};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest response body read (MAA tokens are ~10 KiB, release JWS ~15 KiB).
+pub const MAX_BODY: usize = 1 << 20;
+/// Longest honoured Retry-After.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+pub struct Http {
+    /// For MAA and AKV: honours the proxy environment.
+    pub client: Client,
+    /// For IMDS (link-local, unsupported behind a proxy).
+    pub direct: Client,
+    retries: u32,
+    backoff: Duration,
+}
+
+/// A response read to the end (bounded).
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+// Bodies can hold tokens: Debug shows only status and size.
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Response({}, {} bytes)", self.status, self.body.len())
+    }
+}
+
+impl Response {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// `error.message` (AKV, MAA) or `error_description` (Entra, IMDS), else a short body prefix.
+    pub fn error_text(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        let msg = v
+            .pointer("/error/message")
+            .or_else(|| v.get("error_description"))
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("error").filter(|e| e.is_string()))
+            .and_then(|m| m.as_str());
+        match msg {
+            Some(m) => m.chars().take(500).collect(),
+            None => String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect(),
+        }
+    }
+}
+
+impl Http {
+    pub fn new(release: &Release, anchors: &TrustAnchors) -> Result<Http> {
+        let timeout = Duration::from_secs(release.timeout_seconds.max(1));
+        let build = |direct: bool| -> Result<Client> {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::config(format!("TLS setup: {e}")))?
+                .with_root_certificates(anchors.root_store())
+                .with_no_client_auth();
+            let mut b = Client::builder()
+                .use_preconfigured_tls(tls)
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                .user_agent(concat!("skr-pkcs11/", env!("CARGO_PKG_VERSION")))
+                // Redirects could carry the bearer token elsewhere; the services never redirect.
+                .redirect(reqwest::redirect::Policy::none());
+            if direct {
+                b = b.no_proxy();
+            }
+            b.build()
+                .map_err(|e| Error::config(format!("HTTP client setup: {e}")))
+        };
+        Ok(Http {
+            client: build(false)?,
+            direct: build(true)?,
+            retries: release.retries,
+            backoff: Duration::from_millis(release.backoff_ms),
+        })
+    }
+
+    /// Send with retries on transport errors, timeouts, 408, 429 and 5xx. Other statuses are
+    /// returned to the caller. `what` names the call in messages, e.g. `MAA attest`.
+    pub fn send(
+        &self,
+        step: Step,
+        what: &str,
+        build: &dyn Fn() -> RequestBuilder,
+    ) -> Result<Response> {
+        let attempts = self.retries + 1;
+        let mut last_cause = String::new();
+        for attempt in 0..attempts {
+            let mut wait = self.backoff_for(attempt);
+            match build().send() {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let headers = resp.headers().clone();
+                    let body = read_capped(resp)
+                        .map_err(|e| Error::integrity(step, format!("{what}: response body: {e}")));
+                    let retryable = matches!(status, 408 | 429) || status >= 500;
+                    if !retryable {
+                        return Ok(Response {
+                            status,
+                            headers,
+                            body: body?,
+                        });
+                    }
+                    let r = Response {
+                        status,
+                        headers,
+                        body: body.unwrap_or_default(),
+                    };
+                    last_cause = format!("HTTP {status}: {}", r.error_text());
+                    if let Some(ra) = r.header("retry-after").and_then(parse_retry_after) {
+                        wait = ra.min(MAX_RETRY_AFTER);
+                    }
+                }
+                Err(e) => {
+                    last_cause = describe_transport(&e);
+                }
+            }
+            if attempt + 1 < attempts {
+                log::debug!(
+                    "{what}: attempt {} failed ({last_cause}); retrying in {wait:?}",
+                    attempt + 1
+                );
+                std::thread::sleep(wait);
+            }
+        }
+        Err(Error::service(
+            step,
+            format!("{what} failed after {attempts} attempt(s): {last_cause}"),
+        )
+        .with_hint(
+            "the service is unreachable, slow or failing; check network access, proxy and DNS from this host, then retry (release.retries, release.timeout_seconds)",
+        ))
+    }
+
+    /// Jittered exponential backoff: backoff · 2^attempt · [0.5, 1.5).
+    fn backoff_for(&self, attempt: u32) -> Duration {
+        use rand::Rng;
+        let base = self.backoff.saturating_mul(1u32 << attempt.min(10));
+        let factor = rand::thread_rng().gen_range(0.5..1.5);
+        base.mul_f64(factor).min(MAX_RETRY_AFTER)
+    }
+}
+
+fn read_capped(resp: reqwest::blocking::Response) -> std::result::Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    resp.take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("read failed: {e}"))?;
+    if body.len() > MAX_BODY {
+        return Err(format!("larger than {MAX_BODY} bytes"));
+    }
+    Ok(body)
+}
+
+/// Seconds, or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(s) = v.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let when = httpdate_to_unix(v)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(when.saturating_sub(now)))
+}
+
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix seconds.
+fn httpdate_to_unix(s: &str) -> Option<u64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: u64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as u64
+        + 1;
+    let year: u64 = parts[3].parse().ok()?;
+    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil date (Howard Hinnant's algorithm).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+}
+
+fn describe_transport(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "transport error"
+    };
+    // The full source chain names TLS and DNS causes; URLs carry no secrets (tokens travel in
+    // headers and bodies only).
+    let mut cause = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        cause.push_str(": ");
+        cause.push_str(&s.to_string());
+        src = s.source();
+    }
+    format!("{kind} ({cause})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            httpdate_to_unix("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784111777)
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            backoff_ms: 100,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        for attempt in 0..4 {
+            let d = h.backoff_for(attempt).as_millis() as u64;
+            let base = 100u64 << attempt;
+            assert!(d >= base / 2 && d < base * 3 / 2, "attempt {attempt}: {d}");
+        }
+        assert!(h.backoff_for(30) <= MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn exhausted_retries_on_refused_connection_are_a_service_error() {
+        // A port nobody listens on: connection refused on every attempt.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 2,
+            backoff_ms: 1,
+            timeout_seconds: 2,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        let e = h
+            .send(Step::Attestation, "MAA attest", &|| h.direct.get(&url))
+            .unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_FAILED);
+        assert!(
+            e.message().contains("after 3 attempt(s)"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("connection failed"), "{}", e.message());
+        assert!(e.hint().is_some());
+    }
+
+    #[test]
+    fn retries_5xx_then_returns_success_and_caps_bodies() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let replies = [
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_string(),
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", MAX_BODY + 10),
+            ];
+            for (i, reply) in replies.iter().enumerate() {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                s.write_all(reply.as_bytes()).unwrap();
+                if i == 3 {
+                    let _ = s.write_all(&vec![b'a'; MAX_BODY + 10]);
+                }
+            }
+        });
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 3,
+            backoff_ms: 1,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        let r = h
+            .send(Step::Release, "AKV", &|| h.direct.get(&url))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"ok");
+        let e = h
+            .send(Step::Release, "AKV", &|| h.direct.get(&url))
+            .unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+        assert!(e.message().contains("larger than"), "{}", e.message());
+        server.join().unwrap();
+    }
+}

@@ -1,0 +1,213 @@
+//! The transfer key: the RSA key pair AKV wraps the released key to (skr-protocol §4).
+//!
+//! `TransferKey` is the seam between where the private key lives and the rest of the login
+//! path. The software key lives in process memory (SEV-SNP device path). An Azure CVM key lives
+//! in the vTPM (`TpmEphemeralEncryptionKey`, fixed kid, OAEP decrypt by `TPM2_RSA_Decrypt`): it
+//! implements the same trait, so evidence, MAA and unwrap code do not change.
+
+use super::b64url;
+use crate::error::{Error, Result, Step};
+use crate::secret::SecretBytes;
+use aws_lc_rs::rsa::{
+    KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA1_MGF1SHA1,
+    OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384,
+};
+use serde_json::{json, Value};
+
+/// OAEP hash (MGF1 uses the same hash, label empty: skr-protocol §3.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OaepHash {
+    Sha1,
+    Sha256,
+    Sha384,
+}
+
+/// The public half as it goes into the runtime data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RsaPublicJwk {
+    pub kid: String,
+    /// Big-endian modulus without leading zero bytes.
+    pub n: Vec<u8>,
+    /// Big-endian public exponent without leading zero bytes.
+    pub e: Vec<u8>,
+}
+
+impl RsaPublicJwk {
+    /// `{"kid","key_ops":["encrypt"],"kty":"RSA","e","n"}` with unpadded base64url numbers.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "kid": self.kid,
+            "key_ops": ["encrypt"],
+            "kty": "RSA",
+            "e": b64url(&self.e),
+            "n": b64url(&self.n),
+        })
+    }
+
+    /// The runtime data bytes: `{"keys":[jwk]}`. These exact bytes are hashed into REPORT_DATA
+    /// and sent to MAA, so they are produced once and passed around as bytes.
+    pub fn jwks_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "keys": [self.to_json()] })).expect("JSON of strings")
+    }
+}
+
+/// RFC 7638 JWK thumbprint of an RSA key: SHA-256 over the canonical `{"e","kty","n"}` JSON.
+pub fn rsa_thumbprint(n: &[u8], e: &[u8]) -> String {
+    let canonical = format!(
+        r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+        b64url(strip_leading_zeros(e)),
+        b64url(strip_leading_zeros(n))
+    );
+    b64url(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref())
+}
+
+pub fn strip_leading_zeros(b: &[u8]) -> &[u8] {
+    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[first..]
+}
+
+/// A key AKV can wrap to, held wherever the platform keeps it.
+pub trait TransferKey: Send + Sync {
+    /// The public JWK (its `kid` selects this key in `key_hsm.header.kid`).
+    fn public_jwk(&self) -> &RsaPublicJwk;
+    /// Modulus length in bytes: the length of the OAEP block at the start of the ciphertext.
+    fn modulus_len(&self) -> usize;
+    /// RSA-OAEP decrypt with an empty label; the plaintext (an AES KEK) goes straight into
+    /// locked memory.
+    fn decrypt_oaep(&self, hash: OaepHash, ciphertext: &[u8]) -> Result<SecretBytes>;
+}
+
+/// An RSA-2048 key pair generated in process memory by aws-lc. Dropping it frees the aws-lc key,
+/// whose allocator cleanses freed memory, so the private key is wiped when the login ends.
+pub struct SoftwareTransferKey {
+    key: OaepPrivateDecryptingKey,
+    jwk: RsaPublicJwk,
+}
+
+impl SoftwareTransferKey {
+    pub fn generate() -> Result<Self> {
+        let key = PrivateDecryptingKey::generate(KeySize::Rsa2048).map_err(|_| {
+            Error::evidence(Step::TransferKey, "RSA-2048 key generation failed")
+                .with_hint("the system random source or aws-lc is not usable in this process")
+        })?;
+        Self::from_key(key)
+    }
+
+    /// A transfer key from an existing PKCS#8 RSA private key (tests and known-answer vectors).
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self> {
+        let key = PrivateDecryptingKey::from_pkcs8(der).map_err(|e| {
+            Error::general(format!("transfer key: not a PKCS#8 RSA private key ({e})"))
+                .with_step(Step::TransferKey)
+        })?;
+        Self::from_key(key)
+    }
+
+    fn from_key(key: PrivateDecryptingKey) -> Result<Self> {
+        use aws_lc_rs::encoding::AsDer;
+        let fail = || {
+            Error::general("transfer key: cannot read the public key").with_step(Step::TransferKey)
+        };
+        let spki = key.public_key().as_der().map_err(|_| fail())?;
+        let public = aws_lc_rs::rsa::PublicKey::from_der(spki.as_ref()).map_err(|_| fail())?;
+        let n = public.modulus().big_endian_without_leading_zero().to_vec();
+        let e = public.exponent().big_endian_without_leading_zero().to_vec();
+        let kid = rsa_thumbprint(&n, &e);
+        let key = OaepPrivateDecryptingKey::new(key).map_err(|_| fail())?;
+        Ok(SoftwareTransferKey {
+            key,
+            jwk: RsaPublicJwk { kid, n, e },
+        })
+    }
+}
+
+impl TransferKey for SoftwareTransferKey {
+    fn public_jwk(&self) -> &RsaPublicJwk {
+        &self.jwk
+    }
+
+    fn modulus_len(&self) -> usize {
+        self.key.key_size_bytes()
+    }
+
+    fn decrypt_oaep(&self, hash: OaepHash, ciphertext: &[u8]) -> Result<SecretBytes> {
+        let alg = match hash {
+            OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
+            OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
+            OaepHash::Sha384 => &OAEP_SHA384_MGF1SHA384,
+        };
+        let mut out = SecretBytes::zeroed(self.key.min_output_size());
+        let len = self
+            .key
+            .decrypt(alg, ciphertext, out.as_mut_slice(), None)
+            .map_err(|_| {
+                Error::integrity(
+                    Step::Unwrap,
+                    format!(
+                        "RSA-OAEP ({hash:?}) decryption of the wrapped key failed: it was not encrypted to this login's transfer key with this hash"
+                    ),
+                )
+            })?
+            .len();
+        Ok(SecretBytes::from_slice(&out.as_slice()[..len]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_has_rfc7638_kid_and_encrypt_jwk() {
+        let k = SoftwareTransferKey::generate().unwrap();
+        let jwk = k.public_jwk();
+        assert_eq!(k.modulus_len(), 256);
+        assert_eq!(jwk.n.len(), 256);
+        assert_eq!(jwk.e, vec![1, 0, 1]);
+        assert_eq!(jwk.kid, rsa_thumbprint(&jwk.n, &jwk.e));
+        let v: Value = serde_json::from_slice(&jwk.jwks_bytes()).unwrap();
+        let key = &v["keys"][0];
+        assert_eq!(v["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(key["kty"], "RSA");
+        assert_eq!(key["e"], "AQAB");
+        assert_eq!(key["key_ops"], json!(["encrypt"]));
+        assert!(!key["n"].as_str().unwrap().contains('='));
+        // Two logins never share a key.
+        let other = SoftwareTransferKey::generate().unwrap();
+        assert_ne!(other.public_jwk().kid, jwk.kid);
+    }
+
+    #[test]
+    fn oaep_round_trip_with_each_hash_and_wrong_hash_fails() {
+        use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey};
+        let der = {
+            use aws_lc_rs::encoding::AsDer;
+            let k = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
+            k.as_der().unwrap().as_ref().to_vec()
+        };
+        let k = SoftwareTransferKey::from_pkcs8(&der).unwrap();
+        let public = {
+            use aws_lc_rs::encoding::AsDer;
+            let p = PrivateDecryptingKey::from_pkcs8(&der).unwrap().public_key();
+            OaepPublicEncryptingKey::new(
+                PublicEncryptingKey::from_der(p.as_der().unwrap().as_ref()).unwrap(),
+            )
+            .unwrap()
+        };
+        for (hash, alg) in [
+            (OaepHash::Sha1, &OAEP_SHA1_MGF1SHA1),
+            (OaepHash::Sha256, &OAEP_SHA256_MGF1SHA256),
+            (OaepHash::Sha384, &OAEP_SHA384_MGF1SHA384),
+        ] {
+            let mut ct = vec![0u8; 256];
+            public.encrypt(alg, &[9u8; 32], &mut ct, None).unwrap();
+            assert_eq!(k.decrypt_oaep(hash, &ct).unwrap().as_slice(), &[9u8; 32]);
+            let wrong = if hash == OaepHash::Sha1 {
+                OaepHash::Sha256
+            } else {
+                OaepHash::Sha1
+            };
+            let e = k.decrypt_oaep(wrong, &ct).unwrap_err();
+            assert_eq!(e.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+        }
+    }
+}
