@@ -3,6 +3,7 @@
 //! C_GetInterface (see `ffi`).
 
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod policy;
 pub mod release;

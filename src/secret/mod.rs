@@ -6,6 +6,8 @@
 //! After fork the child's copy is not locked (mlock is not inherited): `relock_after_fork`
 //! re-locks every live holder.
 
+pub mod arena;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use zeroize::Zeroize;
 

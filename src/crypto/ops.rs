@@ -1,0 +1,732 @@
+//! Operation objects: one per active Sign / Verify / Encrypt / Decrypt / Digest on a session.
+//! Each is built from a mechanism and a key (checked against each other at init), takes input
+//! in one or several parts and produces its output once. Hashed mechanisms hash as data
+//! arrives (true multipart); raw mechanisms collect their (short) input.
+
+use super::aes::{self, CbcDecrypt, CbcEncrypt};
+use super::pkey::{EvpKey, PublicInfo, PublicParts, RsaPad};
+use super::{HashAlg, Hasher, Mechanism};
+use crate::error::{Error, Result};
+use crate::secret::SecretBytes;
+use cryptoki_sys::*;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// An asymmetric key usable for operations: the parsed AWS-LC key and its public half.
+pub struct AsymKey {
+    pub evp: EvpKey,
+    pub info: PublicInfo,
+}
+
+impl AsymKey {
+    pub fn from_pkcs8(der: &[u8]) -> Result<AsymKey> {
+        let evp = EvpKey::from_pkcs8(der)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
+    pub fn from_spki(der: &[u8]) -> Result<AsymKey> {
+        let evp = EvpKey::from_spki(der)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
+    fn rsa_len(&self) -> Option<(usize, usize)> {
+        match &self.info.parts {
+            PublicParts::Rsa { modulus, bits, .. } => Some((modulus.len(), *bits)),
+            _ => None,
+        }
+    }
+    fn ec_field_len(&self) -> Option<usize> {
+        match &self.info.parts {
+            PublicParts::Ec { curve, .. } => Some(curve.field_len()),
+            _ => None,
+        }
+    }
+}
+
+/// Largest raw input collected for single-part mechanisms fed through Update.
+const MAX_COLLECT: usize = 64 * 1024 * 1024;
+
+fn inconsistent(what: &str) -> Error {
+    Error::new(
+        CKR_KEY_TYPE_INCONSISTENT,
+        format!("{what} does not fit this key type"),
+    )
+}
+
+fn not_for(op: &str, m: &Mechanism) -> Error {
+    Error::new(
+        CKR_MECHANISM_INVALID,
+        format!("mechanism {:#x} cannot {op}", m.ckm()),
+    )
+}
+
+enum Input {
+    Hash(Hasher),
+    Collect(Zeroizing<Vec<u8>>),
+}
+
+impl Input {
+    fn for_mech(m: &Mechanism) -> Input {
+        match m {
+            Mechanism::RsaPkcsHash(h) | Mechanism::EcdsaHash(h) => Input::Hash(Hasher::new(*h)),
+            Mechanism::RsaPssHash(p) => Input::Hash(Hasher::new(p.hash)),
+            _ => Input::Collect(Zeroizing::new(Vec::new())),
+        }
+    }
+    fn update(&mut self, data: &[u8]) -> Result<()> {
+        match self {
+            Input::Hash(h) => h.update(data),
+            Input::Collect(v) => {
+                if v.len() + data.len() > MAX_COLLECT {
+                    return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+                }
+                v.extend_from_slice(data)
+            }
+        }
+        Ok(())
+    }
+    /// The bytes the signature primitive sees: the hash, or the collected raw input.
+    fn take(&mut self) -> Zeroizing<Vec<u8>> {
+        match std::mem::replace(self, Input::Collect(Zeroizing::new(Vec::new()))) {
+            Input::Hash(h) => Zeroizing::new(h.finish()),
+            Input::Collect(v) => v,
+        }
+    }
+}
+
+/// Check mechanism vs key and the key-dependent parameter bounds; shared by sign and verify.
+fn check_sig_mech(m: &Mechanism, key: &AsymKey) -> Result<()> {
+    match m {
+        Mechanism::RsaPkcs | Mechanism::RsaPkcsHash(_) => {
+            key.rsa_len().ok_or_else(|| inconsistent("RSA mechanism"))?;
+        }
+        Mechanism::RsaPss(p) | Mechanism::RsaPssHash(p) => {
+            let (_, bits) = key.rsa_len().ok_or_else(|| inconsistent("RSA mechanism"))?;
+            // RFC 8017 §9.1.1: emLen = ceil((modBits-1)/8), sLen ≤ emLen − hLen − 2.
+            let em_len = (bits - 1).div_ceil(8);
+            let max = em_len.saturating_sub(p.hash.output_len() + 2);
+            if p.salt_len > max {
+                return Err(Error::new(
+                    CKR_MECHANISM_PARAM_INVALID,
+                    format!("PSS sLen {} exceeds {max} for this key", p.salt_len),
+                ));
+            }
+        }
+        Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
+            key.ec_field_len()
+                .ok_or_else(|| inconsistent("ECDSA mechanism"))?;
+        }
+        _ => return Err(not_for("sign or verify", m)),
+    }
+    Ok(())
+}
+
+fn rsa_pad(m: &Mechanism) -> RsaPad<'_> {
+    match m {
+        Mechanism::RsaPss(p) | Mechanism::RsaPssHash(p) => RsaPad::Pss {
+            hash: p.hash,
+            mgf: p.mgf,
+            salt_len: p.salt_len,
+        },
+        Mechanism::RsaOaep(p) => RsaPad::Oaep {
+            hash: p.hash,
+            mgf: p.mgf,
+            label: &p.label,
+        },
+        _ => RsaPad::Pkcs1,
+    }
+}
+
+/// The primitive's input from the hash or raw data: DigestInfo for hashed PKCS#1, with length
+/// checks for the raw mechanisms.
+fn primitive_input(
+    m: &Mechanism,
+    key: &AsymKey,
+    data: Zeroizing<Vec<u8>>,
+) -> Result<Zeroizing<Vec<u8>>> {
+    match m {
+        Mechanism::RsaPkcsHash(h) => {
+            let mut v = Zeroizing::new(h.digest_info_prefix().to_vec());
+            v.extend_from_slice(&data);
+            Ok(v)
+        }
+        Mechanism::RsaPkcs => {
+            let (k, _) = key.rsa_len().ok_or_else(|| inconsistent("RSA mechanism"))?;
+            if data.len() > k.saturating_sub(11) {
+                return Err(Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    format!("CKM_RSA_PKCS input of {} bytes exceeds k-11", data.len()),
+                ));
+            }
+            Ok(data)
+        }
+        Mechanism::RsaPss(p) => {
+            if data.len() != p.hash.output_len() {
+                return Err(Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    format!(
+                        "CKM_RSA_PKCS_PSS input must be the {}-byte hash, got {} bytes",
+                        p.hash.output_len(),
+                        data.len()
+                    ),
+                ));
+            }
+            Ok(data)
+        }
+        Mechanism::Ecdsa => {
+            if data.is_empty() {
+                return Err(Error::new(CKR_DATA_LEN_RANGE, "CKM_ECDSA input is empty"));
+            }
+            Ok(data)
+        }
+        _ => Ok(data),
+    }
+}
+
+pub struct SignOp {
+    mech: Mechanism,
+    key: Arc<AsymKey>,
+    input: Input,
+}
+
+impl SignOp {
+    pub fn new(mech: Mechanism, key: Arc<AsymKey>) -> Result<SignOp> {
+        if !key.evp.is_private() {
+            return Err(Error::new(
+                CKR_KEY_TYPE_INCONSISTENT,
+                "signing needs a private key",
+            ));
+        }
+        check_sig_mech(&mech, &key)?;
+        let input = Input::for_mech(&mech);
+        Ok(SignOp { mech, key, input })
+    }
+    pub fn mechanism(&self) -> &Mechanism {
+        &self.mech
+    }
+    /// Signature length for this key (exact: RSA k bytes, ECDSA 2 × field bytes).
+    pub fn signature_len(&self) -> usize {
+        self.key.info.output_len()
+    }
+    pub fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.input.update(data)
+    }
+    pub fn finish(&mut self) -> Result<Vec<u8>> {
+        let data = self.input.take();
+        let input = primitive_input(&self.mech, &self.key, data)?;
+        match &self.mech {
+            Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
+                let f = self
+                    .key
+                    .ec_field_len()
+                    .ok_or_else(|| inconsistent("ECDSA"))?;
+                self.key.evp.ecdsa_sign_raw(&input, f)
+            }
+            m => self.key.evp.rsa_sign(&input, &rsa_pad(m)),
+        }
+    }
+}
+
+pub struct VerifyOp {
+    mech: Mechanism,
+    key: Arc<AsymKey>,
+    input: Input,
+}
+
+impl VerifyOp {
+    pub fn new(mech: Mechanism, key: Arc<AsymKey>) -> Result<VerifyOp> {
+        check_sig_mech(&mech, &key)?;
+        let input = Input::for_mech(&mech);
+        Ok(VerifyOp { mech, key, input })
+    }
+    pub fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.input.update(data)
+    }
+    /// Ok(()) for a valid signature; CKR_SIGNATURE_INVALID / CKR_SIGNATURE_LEN_RANGE otherwise.
+    pub fn finish(&mut self, sig: &[u8]) -> Result<()> {
+        if sig.len() != self.key.info.output_len() {
+            return Err(Error::new(
+                CKR_SIGNATURE_LEN_RANGE,
+                format!(
+                    "signature is {} bytes, the key makes {}",
+                    sig.len(),
+                    self.key.info.output_len()
+                ),
+            ));
+        }
+        let data = self.input.take();
+        let input = primitive_input(&self.mech, &self.key, data)?;
+        let ok = match &self.mech {
+            Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
+                self.key.evp.ecdsa_verify_raw(&input, sig)?
+            }
+            m => self.key.evp.rsa_verify(&input, sig, &rsa_pad(m))?,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::new(
+                CKR_SIGNATURE_INVALID,
+                "signature does not verify",
+            ))
+        }
+    }
+}
+
+/// What an encrypt / decrypt works with.
+#[derive(Clone)]
+pub enum CipherKey {
+    Asym(Arc<AsymKey>),
+    Secret(Arc<SecretBytes>),
+}
+
+enum CipherState {
+    /// RSA PKCS#1 / OAEP and AES-GCM: the whole input, processed at the end.
+    Collect(Zeroizing<Vec<u8>>),
+    CbcEnc(CbcEncrypt),
+    CbcDec(CbcDecrypt),
+}
+
+pub struct CipherOp {
+    mech: Mechanism,
+    key: CipherKey,
+    encrypt: bool,
+    state: CipherState,
+}
+
+impl CipherOp {
+    pub fn new(mech: Mechanism, key: CipherKey, encrypt: bool) -> Result<CipherOp> {
+        let state = match (&mech, &key) {
+            (Mechanism::RsaPkcs | Mechanism::RsaOaep(_), CipherKey::Asym(k)) => {
+                let (_, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA mechanism"))?;
+                if !encrypt && !k.evp.is_private() {
+                    return Err(inconsistent("decryption with a public key"));
+                }
+                CipherState::Collect(Zeroizing::new(Vec::new()))
+            }
+            (Mechanism::AesGcm(_), CipherKey::Secret(_)) => {
+                CipherState::Collect(Zeroizing::new(Vec::new()))
+            }
+            (Mechanism::AesCbcPad(iv), CipherKey::Secret(s)) => {
+                if encrypt {
+                    CipherState::CbcEnc(CbcEncrypt::new(s.as_slice(), *iv)?)
+                } else {
+                    CipherState::CbcDec(CbcDecrypt::new(s.as_slice(), *iv)?)
+                }
+            }
+            (Mechanism::RsaPkcs | Mechanism::RsaOaep(_), _)
+            | (Mechanism::AesGcm(_) | Mechanism::AesCbcPad(_), _) => {
+                return Err(inconsistent("cipher mechanism"))
+            }
+            (m, _) => return Err(not_for("encrypt or decrypt", m)),
+        };
+        Ok(CipherOp {
+            mech,
+            key,
+            encrypt,
+            state,
+        })
+    }
+
+    pub fn mechanism(&self) -> &Mechanism {
+        &self.mech
+    }
+
+    /// Multipart input; returns whatever output is ready (nothing for collected mechanisms).
+    pub fn update(&mut self, data: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        match &mut self.state {
+            CipherState::Collect(v) => {
+                if v.len() + data.len() > MAX_COLLECT {
+                    return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+                }
+                v.extend_from_slice(data);
+                Ok(Zeroizing::new(Vec::new()))
+            }
+            CipherState::CbcEnc(e) => Ok(Zeroizing::new(e.update(data)?)),
+            CipherState::CbcDec(d) => d.update(data),
+        }
+    }
+
+    /// The remaining output; the operation is spent afterwards.
+    pub fn finish(&mut self) -> Result<Zeroizing<Vec<u8>>> {
+        match &mut self.state {
+            CipherState::CbcEnc(e) => Ok(Zeroizing::new(e.finish()?)),
+            CipherState::CbcDec(d) => d.finish(),
+            CipherState::Collect(v) => {
+                let input = std::mem::take(v);
+                match (&self.mech, &self.key) {
+                    (Mechanism::AesGcm(p), CipherKey::Secret(s)) => {
+                        if self.encrypt {
+                            Ok(Zeroizing::new(aes::gcm_seal(s.as_slice(), p, &input)?))
+                        } else {
+                            aes::gcm_open(s.as_slice(), p, &input)
+                        }
+                    }
+                    (m, CipherKey::Asym(k)) => {
+                        let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
+                        let pad = rsa_pad(m);
+                        if self.encrypt {
+                            let max = match m {
+                                Mechanism::RsaOaep(p) => {
+                                    klen.saturating_sub(2 * p.hash.output_len() + 2)
+                                }
+                                _ => klen.saturating_sub(11),
+                            };
+                            if input.len() > max {
+                                return Err(Error::new(
+                                    CKR_DATA_LEN_RANGE,
+                                    format!(
+                                        "plaintext of {} bytes exceeds {max} for this key",
+                                        input.len()
+                                    ),
+                                ));
+                            }
+                            Ok(Zeroizing::new(k.evp.rsa_encrypt(&input, &pad)?))
+                        } else {
+                            if input.len() != klen {
+                                return Err(Error::new(
+                                    CKR_ENCRYPTED_DATA_LEN_RANGE,
+                                    format!(
+                                        "ciphertext is {} bytes, the modulus {klen}",
+                                        input.len()
+                                    ),
+                                ));
+                            }
+                            let pt = k.evp.rsa_decrypt(&input, &pad)?;
+                            Ok(Zeroizing::new(pt.as_slice().to_vec()))
+                        }
+                    }
+                    _ => Err(Error::general("cipher state does not match its key")),
+                }
+            }
+        }
+    }
+}
+
+pub struct DigestOp(Option<Hasher>);
+
+impl DigestOp {
+    pub fn new(h: HashAlg) -> DigestOp {
+        DigestOp(Some(Hasher::new(h)))
+    }
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map(|h| h.alg().output_len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+    pub fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| Error::new(CKR_OPERATION_NOT_INITIALIZED, "digest finished"))?
+            .update(data);
+        Ok(())
+    }
+    pub fn finish(&mut self) -> Result<Vec<u8>> {
+        Ok(self
+            .0
+            .take()
+            .ok_or_else(|| Error::new(CKR_OPERATION_NOT_INITIALIZED, "digest finished"))?
+            .finish())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crypto::{OaepParams, PssParams};
+    use aws_lc_rs::encoding::AsDer;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::traits::PublicKeyParts;
+    use std::sync::OnceLock;
+
+    /// One RSA-2048 PKCS#8 per test run (generation is slow in debug builds).
+    pub fn rsa_pkcs8() -> &'static [u8] {
+        static K: OnceLock<Vec<u8>> = OnceLock::new();
+        K.get_or_init(|| {
+            let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+            kp.as_der().unwrap().as_ref().to_vec()
+        })
+    }
+
+    pub fn ec_pkcs8(alg: &'static aws_lc_rs::signature::EcdsaSigningAlgorithm) -> Vec<u8> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    fn rsa_key() -> (Arc<AsymKey>, rsa::RsaPrivateKey) {
+        let der = rsa_pkcs8();
+        (
+            Arc::new(AsymKey::from_pkcs8(der).unwrap()),
+            rsa::RsaPrivateKey::from_pkcs8_der(der).unwrap(),
+        )
+    }
+
+    /// RSAPublicKey DER (inside the SPKI's BIT STRING), as aws-lc-rs verifiers take it.
+    fn public_der(k: &AsymKey) -> Vec<u8> {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        use rsa::pkcs8::DecodePublicKey;
+        rsa::RsaPublicKey::from_public_key_der(&k.info.spki_der)
+            .unwrap()
+            .to_pkcs1_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+
+    fn sign(m: Mechanism, k: &Arc<AsymKey>, parts: &[&[u8]]) -> Result<Vec<u8>> {
+        let mut op = SignOp::new(m, k.clone())?;
+        for p in parts {
+            op.update(p)?;
+        }
+        op.finish()
+    }
+
+    #[test]
+    fn parsed_keys_live_in_the_locked_arena() {
+        let (k, _) = rsa_key();
+        assert!(crate::secret::arena::is_hooked());
+        assert!(crate::secret::arena::contains(k.evp.raw_addr()));
+    }
+
+    #[test]
+    fn rsa_pkcs1_hashed_and_raw_verify_with_rustcrypto() {
+        let (k, other) = rsa_key();
+        let public = other.to_public_key();
+        // Public half matches the independent parse.
+        match &k.info.parts {
+            PublicParts::Rsa {
+                modulus,
+                exponent,
+                bits,
+            } => {
+                assert_eq!(modulus, &public.n().to_bytes_be());
+                assert_eq!(exponent, &public.e().to_bytes_be());
+                assert_eq!(*bits, 2048);
+            }
+            _ => panic!("not RSA"),
+        }
+        let msg = b"sign me in parts";
+        for h in HashAlg::ALL {
+            let sig = sign(Mechanism::RsaPkcsHash(h), &k, &[&msg[..4], &msg[4..]]).unwrap();
+            let hashed = h.digest(msg);
+            let scheme = match h {
+                HashAlg::Sha1 => {
+                    // RustCrypto's sha1 lacks its OID here; aws-lc-rs' own verifier builds the
+                    // SHA-1 DigestInfo independently of our table.
+                    let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
+                        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA1_FOR_LEGACY_USE_ONLY,
+                        public_der(&k),
+                    );
+                    pk.verify(msg, &sig).unwrap();
+                    continue;
+                }
+                HashAlg::Sha224 => rsa::Pkcs1v15Sign::new::<sha2::Sha224>(),
+                HashAlg::Sha256 => rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+                HashAlg::Sha384 => rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
+                HashAlg::Sha512 => rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
+            };
+            public.verify(scheme, &hashed, &sig).unwrap();
+            // Raw CKM_RSA_PKCS over the caller's own DigestInfo gives the same signature
+            // (PKCS#1 v1.5 is deterministic).
+            let mut di = h.digest_info_prefix().to_vec();
+            di.extend_from_slice(&hashed);
+            assert_eq!(sign(Mechanism::RsaPkcs, &k, &[&di]).unwrap(), sig);
+            let mut v = VerifyOp::new(Mechanism::RsaPkcsHash(h), k.clone()).unwrap();
+            v.update(msg).unwrap();
+            v.finish(&sig).unwrap();
+        }
+        let big = vec![1u8; 246];
+        assert_eq!(
+            sign(Mechanism::RsaPkcs, &k, &[&big]).unwrap_err().rv(),
+            CKR_DATA_LEN_RANGE
+        );
+    }
+
+    #[test]
+    fn rsa_pss_salt_lengths_verify_with_rustcrypto() {
+        let (k, other) = rsa_key();
+        let public = other.to_public_key();
+        let hash = HashAlg::Sha256.digest(b"tls 1.3 transcript");
+        for salt in [0usize, 32, 256 - 32 - 2] {
+            let p = PssParams {
+                hash: HashAlg::Sha256,
+                mgf: HashAlg::Sha256,
+                salt_len: salt,
+            };
+            let sig = sign(Mechanism::RsaPss(p.clone()), &k, &[&hash]).unwrap();
+            public
+                .verify(rsa::Pss::new_with_salt::<sha2::Sha256>(salt), &hash, &sig)
+                .unwrap();
+            let mut v = VerifyOp::new(Mechanism::RsaPss(p), k.clone()).unwrap();
+            v.update(&hash).unwrap();
+            v.finish(&sig).unwrap();
+        }
+        let too_big = PssParams {
+            hash: HashAlg::Sha256,
+            mgf: HashAlg::Sha256,
+            salt_len: 256 - 32 - 1,
+        };
+        assert_eq!(
+            SignOp::new(Mechanism::RsaPss(too_big), k.clone())
+                .err()
+                .unwrap()
+                .rv(),
+            CKR_MECHANISM_PARAM_INVALID
+        );
+        let p = PssParams {
+            hash: HashAlg::Sha384,
+            mgf: HashAlg::Sha384,
+            salt_len: 48,
+        };
+        assert_eq!(
+            sign(Mechanism::RsaPss(p.clone()), &k, &[&hash])
+                .unwrap_err()
+                .rv(),
+            CKR_DATA_LEN_RANGE
+        );
+        let sig = sign(Mechanism::RsaPssHash(p), &k, &[b"ab", b"cd"]).unwrap();
+        public
+            .verify(
+                rsa::Pss::new_with_salt::<sha2::Sha384>(48),
+                &HashAlg::Sha384.digest(b"abcd"),
+                &sig,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn rsa_oaep_and_pkcs1_decrypt_what_rustcrypto_encrypts() {
+        let (k, other) = rsa_key();
+        let public = other.to_public_key();
+        let mut rng = rand::thread_rng();
+        let ct = public
+            .encrypt(
+                &mut rng,
+                rsa::Oaep::new_with_label::<sha2::Sha256, _>("label"),
+                b"secret",
+            )
+            .unwrap();
+        let m = Mechanism::RsaOaep(OaepParams {
+            hash: HashAlg::Sha256,
+            mgf: HashAlg::Sha256,
+            label: b"label".to_vec(),
+        });
+        let mut d = CipherOp::new(m.clone(), CipherKey::Asym(k.clone()), false).unwrap();
+        d.update(&ct).unwrap();
+        assert_eq!(&d.finish().unwrap()[..], b"secret");
+        // Encrypt here, decrypt there.
+        let mut e = CipherOp::new(m, CipherKey::Asym(k.clone()), true).unwrap();
+        e.update(b"to rustcrypto").unwrap();
+        let ct = e.finish().unwrap();
+        let pt = other
+            .decrypt(rsa::Oaep::new_with_label::<sha2::Sha256, _>("label"), &ct)
+            .unwrap();
+        assert_eq!(pt, b"to rustcrypto");
+        // SHA-1 OAEP without label.
+        let ct = public
+            .encrypt(&mut rng, rsa::Oaep::new::<sha1::Sha1>(), b"sha1")
+            .unwrap();
+        let m1 = Mechanism::RsaOaep(OaepParams {
+            hash: HashAlg::Sha1,
+            mgf: HashAlg::Sha1,
+            label: vec![],
+        });
+        let mut d = CipherOp::new(m1, CipherKey::Asym(k.clone()), false).unwrap();
+        d.update(&ct).unwrap();
+        assert_eq!(&d.finish().unwrap()[..], b"sha1");
+        // PKCS#1 v1.5.
+        let ct = public
+            .encrypt(&mut rng, rsa::Pkcs1v15Encrypt, b"pms")
+            .unwrap();
+        let mut d = CipherOp::new(Mechanism::RsaPkcs, CipherKey::Asym(k.clone()), false).unwrap();
+        d.update(&ct).unwrap();
+        assert_eq!(&d.finish().unwrap()[..], b"pms");
+        let mut bad = ct.clone();
+        bad[5] ^= 0xff;
+        let mut d = CipherOp::new(Mechanism::RsaPkcs, CipherKey::Asym(k.clone()), false).unwrap();
+        d.update(&bad).unwrap();
+        // A garbled ciphertext either fails the padding check or yields garbage, never "pms".
+        if let Ok(pt) = d.finish() {
+            assert_ne!(&pt[..], b"pms");
+        }
+    }
+
+    #[test]
+    fn ecdsa_raw_and_hashed_verify_with_rustcrypto() {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
+        let point = match &k.info.parts {
+            PublicParts::Ec { point, curve } => {
+                assert_eq!(curve.field_len(), 32);
+                point.clone()
+            }
+            _ => panic!("not EC"),
+        };
+        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
+        let hash = HashAlg::Sha256.digest(b"hello");
+        let sig = sign(Mechanism::Ecdsa, &k, &[&hash]).unwrap();
+        assert_eq!(sig.len(), 64);
+        let s = p256::ecdsa::Signature::from_slice(&sig).unwrap();
+        vk.verify_prehash(&hash, &s).unwrap();
+        let sig = sign(Mechanism::EcdsaHash(HashAlg::Sha256), &k, &[b"hel", b"lo"]).unwrap();
+        let s = p256::ecdsa::Signature::from_slice(&sig).unwrap();
+        vk.verify_prehash(&hash, &s).unwrap();
+        let mut v = VerifyOp::new(Mechanism::Ecdsa, k.clone()).unwrap();
+        v.update(&hash).unwrap();
+        v.finish(&sig).unwrap();
+        let mut v = VerifyOp::new(Mechanism::Ecdsa, k.clone()).unwrap();
+        v.update(&HashAlg::Sha256.digest(b"other")).unwrap();
+        assert_eq!(v.finish(&sig).unwrap_err().rv(), CKR_SIGNATURE_INVALID);
+        assert_eq!(
+            SignOp::new(Mechanism::RsaPkcs, k.clone())
+                .err()
+                .unwrap()
+                .rv(),
+            CKR_KEY_TYPE_INCONSISTENT
+        );
+    }
+
+    #[test]
+    fn ecdsa_p384_verifies_with_rustcrypto() {
+        use p384::ecdsa::signature::hazmat::PrehashVerifier;
+        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING);
+        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
+        let PublicParts::Ec { point, .. } = &k.info.parts else {
+            panic!("not EC")
+        };
+        let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+        let sig = sign(Mechanism::EcdsaHash(HashAlg::Sha384), &k, &[b"data"]).unwrap();
+        assert_eq!(sig.len(), 96);
+        let s = p384::ecdsa::Signature::from_slice(&sig).unwrap();
+        vk.verify_prehash(&HashAlg::Sha384.digest(b"data"), &s)
+            .unwrap();
+    }
+
+    #[test]
+    fn ecdsa_p521_round_trips_and_spki_parses() {
+        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P521_SHA512_FIXED_SIGNING);
+        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
+        let sig = sign(Mechanism::EcdsaHash(HashAlg::Sha512), &k, &[b"x"]).unwrap();
+        assert_eq!(sig.len(), 132);
+        // Verify through aws-lc-rs' own (independent of our raw path) fixed-format verifier.
+        let PublicParts::Ec { point, .. } = &k.info.parts else {
+            panic!("not EC")
+        };
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P521_SHA512_FIXED,
+            point,
+        )
+        .verify(b"x", &sig)
+        .unwrap();
+        let pubk = Arc::new(AsymKey::from_spki(&k.info.spki_der).unwrap());
+        assert_eq!(pubk.info, k.info);
+        let mut v = VerifyOp::new(Mechanism::EcdsaHash(HashAlg::Sha512), pubk).unwrap();
+        v.update(b"x").unwrap();
+        v.finish(&sig).unwrap();
+    }
+}

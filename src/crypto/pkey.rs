@@ -1,0 +1,542 @@
+//! The raw AWS-LC calls of the module (aws-lc-sys), confined to this file: parsing keys into
+//! `EVP_PKEY`s (whose memory comes from the locked arena, see `secret::arena`), and the RSA
+//! and ECDSA operations aws-lc-rs offers no safe API for (pre-hashed input, PSS salt length,
+//! OAEP label, raw r‖s).
+
+use super::HashAlg;
+use crate::error::{Error, Result};
+use aws_lc_sys as sys;
+use cryptoki_sys::*;
+use std::ptr::{self, NonNull};
+
+fn failed(msg: &str) -> Error {
+    // SAFETY: clears this thread's AWS-LC error queue; no preconditions.
+    unsafe { sys::ERR_clear_error() };
+    Error::new(CKR_FUNCTION_FAILED, msg.to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Curve {
+    P256,
+    P384,
+    P521,
+}
+
+impl Curve {
+    fn from_nid(nid: i32) -> Option<Curve> {
+        match nid {
+            sys::NID_X9_62_prime256v1 => Some(Curve::P256),
+            sys::NID_secp384r1 => Some(Curve::P384),
+            sys::NID_secp521r1 => Some(Curve::P521),
+            _ => None,
+        }
+    }
+    /// Bytes of one coordinate / one of r, s.
+    pub fn field_len(self) -> usize {
+        match self {
+            Curve::P256 => 32,
+            Curve::P384 => 48,
+            Curve::P521 => 66,
+        }
+    }
+    pub fn bits(self) -> usize {
+        match self {
+            Curve::P256 => 256,
+            Curve::P384 => 384,
+            Curve::P521 => 521,
+        }
+    }
+    /// CKA_EC_PARAMS: the DER named-curve OID.
+    pub fn ec_params_der(self) -> &'static [u8] {
+        match self {
+            Curve::P256 => &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+            Curve::P384 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
+            Curve::P521 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23],
+        }
+    }
+}
+
+/// The public half of a key, as the token's attributes present it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicParts {
+    Rsa {
+        modulus: Vec<u8>,
+        exponent: Vec<u8>,
+        bits: usize,
+    },
+    Ec {
+        curve: Curve,
+        /// Uncompressed point 04 ‖ X ‖ Y.
+        point: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicInfo {
+    pub parts: PublicParts,
+    /// SubjectPublicKeyInfo DER (CKA_PUBLIC_KEY_INFO).
+    pub spki_der: Vec<u8>,
+}
+
+impl PublicInfo {
+    pub fn is_rsa(&self) -> bool {
+        matches!(self.parts, PublicParts::Rsa { .. })
+    }
+    /// RSA modulus length in bytes, or the EC signature length.
+    pub fn output_len(&self) -> usize {
+        match &self.parts {
+            PublicParts::Rsa { modulus, .. } => modulus.len(),
+            PublicParts::Ec { curve, .. } => 2 * curve.field_len(),
+        }
+    }
+}
+
+/// An owned `EVP_PKEY` (RSA or EC). Immutable after parsing; AWS-LC allows concurrent use of
+/// one key from several threads, each operation with its own `EVP_PKEY_CTX`.
+pub struct EvpKey {
+    ptr: NonNull<sys::EVP_PKEY>,
+    private: bool,
+}
+
+unsafe impl Send for EvpKey {}
+unsafe impl Sync for EvpKey {}
+
+impl Drop for EvpKey {
+    fn drop(&mut self) {
+        // SAFETY: we own one reference; the arena zeroes the memory on free.
+        unsafe { sys::EVP_PKEY_free(self.ptr.as_ptr()) }
+    }
+}
+
+struct Ctx(*mut sys::EVP_PKEY_CTX);
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: owned context (or null, which EVP_PKEY_CTX_free accepts).
+        unsafe { sys::EVP_PKEY_CTX_free(self.0) }
+    }
+}
+
+fn md(h: HashAlg) -> *const sys::EVP_MD {
+    // SAFETY: static digest tables.
+    unsafe {
+        match h {
+            HashAlg::Sha1 => sys::EVP_sha1(),
+            HashAlg::Sha224 => sys::EVP_sha224(),
+            HashAlg::Sha256 => sys::EVP_sha256(),
+            HashAlg::Sha384 => sys::EVP_sha384(),
+            HashAlg::Sha512 => sys::EVP_sha512(),
+        }
+    }
+}
+
+/// RSA padding and its parameters for one operation.
+pub enum RsaPad<'a> {
+    Pkcs1,
+    Pss {
+        hash: HashAlg,
+        mgf: HashAlg,
+        salt_len: usize,
+    },
+    Oaep {
+        hash: HashAlg,
+        mgf: HashAlg,
+        label: &'a [u8],
+    },
+}
+
+impl EvpKey {
+    /// Parse a PKCS#8 PrivateKeyInfo (RSA or EC P-256/384/521).
+    pub fn from_pkcs8(der: &[u8]) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        let mut cbs = sys::CBS {
+            data: ptr::null(),
+            len: 0,
+        };
+        // SAFETY: CBS borrows `der` for the duration of the parse only.
+        let p = unsafe {
+            sys::CBS_init(&mut cbs, der.as_ptr(), der.len());
+            sys::EVP_parse_private_key(&mut cbs)
+        };
+        let ptr =
+            NonNull::new(p).ok_or_else(|| failed("released key is not a PKCS#8 RSA/EC key"))?;
+        let k = EvpKey { ptr, private: true };
+        if cbs.len != 0 {
+            return Err(failed("trailing bytes after the PKCS#8 key"));
+        }
+        k.check_supported()?;
+        Ok(k)
+    }
+
+    /// Parse a SubjectPublicKeyInfo.
+    pub fn from_spki(der: &[u8]) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        let mut cbs = sys::CBS {
+            data: ptr::null(),
+            len: 0,
+        };
+        // SAFETY: as above.
+        let p = unsafe {
+            sys::CBS_init(&mut cbs, der.as_ptr(), der.len());
+            sys::EVP_parse_public_key(&mut cbs)
+        };
+        let ptr = NonNull::new(p)
+            .ok_or_else(|| failed("public key is not an RSA or EC SubjectPublicKeyInfo"))?;
+        let k = EvpKey {
+            ptr,
+            private: false,
+        };
+        if cbs.len != 0 {
+            return Err(failed("trailing bytes after the SubjectPublicKeyInfo"));
+        }
+        k.check_supported()?;
+        Ok(k)
+    }
+
+    fn check_supported(&self) -> Result<()> {
+        match self.public_info()?.parts {
+            PublicParts::Rsa { .. } | PublicParts::Ec { .. } => Ok(()),
+        }
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Raw pointer of the key object (tests: prove it lives in the locked arena).
+    pub fn raw_addr(&self) -> *const u8 {
+        self.ptr.as_ptr() as *const u8
+    }
+
+    /// The public half: modulus/exponent or curve/point, and the SPKI DER.
+    pub fn public_info(&self) -> Result<PublicInfo> {
+        let k = self.ptr.as_ptr();
+        // SAFETY: `k` is a live key; every pointer below is checked for null before use, and
+        // buffers are sized by the lengths AWS-LC reports.
+        unsafe {
+            let parts = match sys::EVP_PKEY_id(k) {
+                sys::EVP_PKEY_RSA => {
+                    let rsa = sys::EVP_PKEY_get0_RSA(k);
+                    if rsa.is_null() {
+                        return Err(failed("RSA key without RSA data"));
+                    }
+                    let n = sys::RSA_get0_n(rsa);
+                    let e = sys::RSA_get0_e(rsa);
+                    if n.is_null() || e.is_null() {
+                        return Err(failed("RSA key without modulus"));
+                    }
+                    PublicParts::Rsa {
+                        modulus: bn_bytes(n),
+                        exponent: bn_bytes(e),
+                        bits: sys::BN_num_bits(n) as usize,
+                    }
+                }
+                sys::EVP_PKEY_EC => {
+                    let ec = sys::EVP_PKEY_get0_EC_KEY(k);
+                    if ec.is_null() {
+                        return Err(failed("EC key without EC data"));
+                    }
+                    let group = sys::EC_KEY_get0_group(ec);
+                    let point = sys::EC_KEY_get0_public_key(ec);
+                    if group.is_null() || point.is_null() {
+                        return Err(failed("EC key without public point"));
+                    }
+                    let curve =
+                        Curve::from_nid(sys::EC_GROUP_get_curve_name(group)).ok_or_else(|| {
+                            Error::new(
+                                CKR_FUNCTION_FAILED,
+                                "EC key on a curve other than P-256, P-384, P-521",
+                            )
+                        })?;
+                    let form = sys::point_conversion_form_t::POINT_CONVERSION_UNCOMPRESSED;
+                    let len = sys::EC_POINT_point2oct(
+                        group,
+                        point,
+                        form,
+                        ptr::null_mut(),
+                        0,
+                        ptr::null_mut(),
+                    );
+                    let mut buf = vec![0u8; len];
+                    if len == 0
+                        || sys::EC_POINT_point2oct(
+                            group,
+                            point,
+                            form,
+                            buf.as_mut_ptr(),
+                            len,
+                            ptr::null_mut(),
+                        ) != len
+                    {
+                        return Err(failed("cannot encode EC point"));
+                    }
+                    PublicParts::Ec { curve, point: buf }
+                }
+                _ => return Err(Error::new(CKR_FUNCTION_FAILED, "key is neither RSA nor EC")),
+            };
+            let mut cbb: sys::CBB = std::mem::zeroed();
+            if sys::CBB_init(&mut cbb, 512) != 1 {
+                return Err(failed("out of memory"));
+            }
+            if sys::EVP_marshal_public_key(&mut cbb, k) != 1 {
+                sys::CBB_cleanup(&mut cbb);
+                return Err(failed("cannot encode SubjectPublicKeyInfo"));
+            }
+            let mut out: *mut u8 = ptr::null_mut();
+            let mut out_len = 0usize;
+            if sys::CBB_finish(&mut cbb, &mut out, &mut out_len) != 1 {
+                sys::CBB_cleanup(&mut cbb);
+                return Err(failed("cannot encode SubjectPublicKeyInfo"));
+            }
+            let spki_der = std::slice::from_raw_parts(out, out_len).to_vec();
+            sys::OPENSSL_free(out as *mut libc::c_void);
+            Ok(PublicInfo { parts, spki_der })
+        }
+    }
+
+    fn ctx(&self) -> Result<Ctx> {
+        // SAFETY: live key; null engine.
+        let c = unsafe { sys::EVP_PKEY_CTX_new(self.ptr.as_ptr(), ptr::null_mut()) };
+        if c.is_null() {
+            return Err(failed("out of memory"));
+        }
+        Ok(Ctx(c))
+    }
+
+    /// Configure an RSA context. The OAEP label is copied into AWS-LC-owned memory.
+    fn set_rsa_pad(ctx: &Ctx, pad: &RsaPad) -> Result<()> {
+        // SAFETY: ctx is live and initialised for an RSA operation; the label copy is
+        // allocated with OPENSSL_malloc because set0 takes ownership of it.
+        unsafe {
+            let c = ctx.0;
+            let ok = match pad {
+                RsaPad::Pkcs1 => sys::EVP_PKEY_CTX_set_rsa_padding(c, sys::RSA_PKCS1_PADDING) == 1,
+                RsaPad::Pss {
+                    hash,
+                    mgf,
+                    salt_len,
+                } => {
+                    sys::EVP_PKEY_CTX_set_rsa_padding(c, sys::RSA_PKCS1_PSS_PADDING) == 1
+                        && sys::EVP_PKEY_CTX_set_signature_md(c, md(*hash)) == 1
+                        && sys::EVP_PKEY_CTX_set_rsa_mgf1_md(c, md(*mgf)) == 1
+                        && sys::EVP_PKEY_CTX_set_rsa_pss_saltlen(c, *salt_len as i32) == 1
+                }
+                RsaPad::Oaep { hash, mgf, label } => {
+                    let mut ok = sys::EVP_PKEY_CTX_set_rsa_padding(c, sys::RSA_PKCS1_OAEP_PADDING)
+                        == 1
+                        && sys::EVP_PKEY_CTX_set_rsa_oaep_md(c, md(*hash)) == 1
+                        && sys::EVP_PKEY_CTX_set_rsa_mgf1_md(c, md(*mgf)) == 1;
+                    if ok && !label.is_empty() {
+                        let l = sys::OPENSSL_malloc(label.len()) as *mut u8;
+                        if l.is_null() {
+                            return Err(failed("out of memory"));
+                        }
+                        ptr::copy_nonoverlapping(label.as_ptr(), l, label.len());
+                        ok = sys::EVP_PKEY_CTX_set0_rsa_oaep_label(c, l, label.len()) == 1;
+                        if !ok {
+                            sys::OPENSSL_free(l as *mut libc::c_void);
+                        }
+                    }
+                    ok
+                }
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    CKR_MECHANISM_PARAM_INVALID,
+                    "AWS-LC refused the RSA padding parameters",
+                ))
+            }
+        }
+    }
+
+    /// RSA sign of `input` (a DigestInfo for PKCS#1, the hash for PSS) or ECDSA sign of a hash
+    /// (DER signature as AWS-LC makes it; `ecdsa_sign_raw` gives r‖s).
+    pub fn rsa_sign(&self, input: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx live; output buffer sized by the first EVP_PKEY_sign call.
+        unsafe {
+            if sys::EVP_PKEY_sign_init(ctx.0) != 1 {
+                return Err(failed("sign init failed"));
+            }
+            Self::set_rsa_pad(&ctx, pad)?;
+            let mut len = 0usize;
+            if sys::EVP_PKEY_sign(
+                ctx.0,
+                ptr::null_mut(),
+                &mut len,
+                input.as_ptr(),
+                input.len(),
+            ) != 1
+            {
+                return Err(failed("sign size query failed"));
+            }
+            let mut out = vec![0u8; len];
+            if sys::EVP_PKEY_sign(
+                ctx.0,
+                out.as_mut_ptr(),
+                &mut len,
+                input.as_ptr(),
+                input.len(),
+            ) != 1
+            {
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    "input does not fit the key and padding",
+                ));
+            }
+            out.truncate(len);
+            Ok(out)
+        }
+    }
+
+    /// RSA verify; false for any mismatch.
+    pub fn rsa_verify(&self, input: &[u8], sig: &[u8], pad: &RsaPad) -> Result<bool> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx live; slices valid for their lengths.
+        unsafe {
+            if sys::EVP_PKEY_verify_init(ctx.0) != 1 {
+                return Err(failed("verify init failed"));
+            }
+            Self::set_rsa_pad(&ctx, pad)?;
+            let ok =
+                sys::EVP_PKEY_verify(ctx.0, sig.as_ptr(), sig.len(), input.as_ptr(), input.len())
+                    == 1;
+            if !ok {
+                sys::ERR_clear_error();
+            }
+            Ok(ok)
+        }
+    }
+
+    /// RSA decrypt (PKCS#1 v1.5 or OAEP). AWS-LC's unpadding is constant-time; a padding
+    /// failure becomes CKR_ENCRYPTED_DATA_INVALID.
+    pub fn rsa_decrypt(&self, ct: &[u8], pad: &RsaPad) -> Result<crate::secret::SecretBytes> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx live; the output is written into locked memory of modulus size.
+        unsafe {
+            if sys::EVP_PKEY_decrypt_init(ctx.0) != 1 {
+                return Err(failed("decrypt init failed"));
+            }
+            Self::set_rsa_pad(&ctx, pad)?;
+            let mut len = 0usize;
+            if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
+                return Err(failed("decrypt size query failed"));
+            }
+            let mut out = crate::secret::SecretBytes::zeroed(len);
+            let mut written = len;
+            if sys::EVP_PKEY_decrypt(
+                ctx.0,
+                out.as_mut_slice().as_mut_ptr(),
+                &mut written,
+                ct.as_ptr(),
+                ct.len(),
+            ) != 1
+            {
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_ENCRYPTED_DATA_INVALID,
+                    "RSA decryption failed",
+                ));
+            }
+            Ok(crate::secret::SecretBytes::from_slice(
+                &out.as_slice()[..written],
+            ))
+        }
+    }
+
+    pub fn rsa_encrypt(&self, pt: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx live; output sized by the size query.
+        unsafe {
+            if sys::EVP_PKEY_encrypt_init(ctx.0) != 1 {
+                return Err(failed("encrypt init failed"));
+            }
+            Self::set_rsa_pad(&ctx, pad)?;
+            let mut len = 0usize;
+            if sys::EVP_PKEY_encrypt(ctx.0, ptr::null_mut(), &mut len, pt.as_ptr(), pt.len()) != 1 {
+                return Err(failed("encrypt size query failed"));
+            }
+            let mut out = vec![0u8; len];
+            if sys::EVP_PKEY_encrypt(ctx.0, out.as_mut_ptr(), &mut len, pt.as_ptr(), pt.len()) != 1
+            {
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    "plaintext too long for the key and padding",
+                ));
+            }
+            out.truncate(len);
+            Ok(out)
+        }
+    }
+
+    /// ECDSA over a pre-computed hash; raw r‖s, each `field_len` bytes.
+    pub fn ecdsa_sign_raw(&self, digest: &[u8], field_len: usize) -> Result<Vec<u8>> {
+        // SAFETY: live key; the signature object is freed on every path; r and s are written
+        // into buffers of exactly field_len bytes.
+        unsafe {
+            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
+            if ec.is_null() {
+                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an EC key"));
+            }
+            let sig = sys::ECDSA_do_sign(digest.as_ptr(), digest.len(), ec);
+            if sig.is_null() {
+                return Err(failed("ECDSA signing failed"));
+            }
+            let mut r: *const sys::BIGNUM = ptr::null();
+            let mut s: *const sys::BIGNUM = ptr::null();
+            sys::ECDSA_SIG_get0(sig, &mut r, &mut s);
+            let mut out = vec![0u8; 2 * field_len];
+            let ok = sys::BN_bn2bin_padded(out.as_mut_ptr(), field_len, r) == 1
+                && sys::BN_bn2bin_padded(out.as_mut_ptr().add(field_len), field_len, s) == 1;
+            sys::ECDSA_SIG_free(sig);
+            if !ok {
+                return Err(failed("ECDSA signature encoding failed"));
+            }
+            Ok(out)
+        }
+    }
+
+    /// Verify raw r‖s over a hash.
+    pub fn ecdsa_verify_raw(&self, digest: &[u8], sig: &[u8]) -> Result<bool> {
+        let half = sig.len() / 2;
+        // SAFETY: live key; r and s are handed to the ECDSA_SIG (set0 takes ownership) or freed.
+        unsafe {
+            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
+            if ec.is_null() {
+                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an EC key"));
+            }
+            let s_obj = sys::ECDSA_SIG_new();
+            if s_obj.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let r = sys::BN_bin2bn(sig.as_ptr(), half, ptr::null_mut());
+            let s = sys::BN_bin2bn(sig.as_ptr().add(half), half, ptr::null_mut());
+            if r.is_null() || s.is_null() || sys::ECDSA_SIG_set0(s_obj, r, s) != 1 {
+                sys::BN_free(r);
+                sys::BN_free(s);
+                sys::ECDSA_SIG_free(s_obj);
+                return Err(failed("out of memory"));
+            }
+            let ok = sys::ECDSA_do_verify(digest.as_ptr(), digest.len(), s_obj, ec) == 1;
+            sys::ECDSA_SIG_free(s_obj);
+            if !ok {
+                sys::ERR_clear_error();
+            }
+            Ok(ok)
+        }
+    }
+}
+
+/// Big-endian bytes of a BIGNUM, no leading zeros.
+unsafe fn bn_bytes(bn: *const sys::BIGNUM) -> Vec<u8> {
+    // SAFETY: caller passes a live BIGNUM; the buffer has BN_num_bytes bytes.
+    unsafe {
+        let n = sys::BN_num_bytes(bn) as usize;
+        let mut v = vec![0u8; n];
+        sys::BN_bn2bin_padded(v.as_mut_ptr(), n, bn);
+        v
+    }
+}
