@@ -38,16 +38,32 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let target = checks::Target { module, token_label: args.token_label.clone(), pin: args.pin.map(String::into_bytes) };
-    println!("PKCS#11 conformance of {} (token {:?})", args.module, args.token_label);
+    let target = checks::Target {
+        module,
+        token_label: args.token_label.clone(),
+        pin: args.pin.map(String::into_bytes),
+    };
+    println!(
+        "PKCS#11 conformance of {} (token {:?})",
+        args.module, args.token_label
+    );
     let mut report = Vec::new();
     let (mut pass, mut depart) = (0, 0);
     for c in checks::all() {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.run)(&target))).unwrap_or_else(|_| Err("the check itself panicked".into()));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.run)(&target)))
+            .unwrap_or_else(|_| Err("the check itself panicked".into()));
         match &r {
             Ok(d) => {
                 pass += 1;
-                println!("PASS    {}{}", c.name, if d.is_empty() { String::new() } else { format!(" — {d}") });
+                println!(
+                    "PASS    {}{}",
+                    c.name,
+                    if d.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" — {d}")
+                    }
+                );
             }
             Err(d) => {
                 depart += 1;
@@ -58,7 +74,10 @@ fn main() {
     }
     println!("conformance: {pass} checks pass, {depart} depart from the spec");
     if let Some(path) = args.json {
-        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()) {
+        if let Err(e) = std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        ) {
             eprintln!("pkcs11-conformance: cannot write {path}: {e}");
         }
     }

@@ -7,7 +7,7 @@ use std::ptr;
 
 pub struct Module {
     _lib: libloading::Library,
-    f: &'static CK_FUNCTION_LIST,
+    pub(crate) f: &'static CK_FUNCTION_LIST,
 }
 
 /// Call an entry of the table; a NULL entry is reported as CKR_FUNCTION_NOT_SUPPORTED by the
@@ -27,10 +27,12 @@ pub(crate) use call;
 impl Module {
     pub fn load(path: &str) -> Result<Module, String> {
         // SAFETY: loading a PKCS#11 module runs its initialisers, which is what any client does.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load {path}: {e}"))?;
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| format!("cannot load {path}: {e}"))?;
         // SAFETY: the symbol has the C_GetFunctionList signature per the PKCS#11 spec.
         let gfl: libloading::Symbol<unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV> =
-            unsafe { lib.get(b"C_GetFunctionList\0") }.map_err(|e| format!("no C_GetFunctionList: {e}"))?;
+            unsafe { lib.get(b"C_GetFunctionList\0") }
+                .map_err(|e| format!("no C_GetFunctionList: {e}"))?;
         let mut p: *mut CK_FUNCTION_LIST = ptr::null_mut();
         // SAFETY: p is a valid out pointer.
         let rv = unsafe { gfl(&mut p) };
@@ -55,14 +57,15 @@ impl Module {
         let mut n = name.as_bytes().to_vec();
         n.push(0);
         // SAFETY: only the address is taken.
-        unsafe { self._lib.get::<*const c_void>(&n) }.ok().map(|s| *s)
+        unsafe { self._lib.get::<*const c_void>(&n) }
+            .ok()
+            .map(|s| *s)
     }
 
     pub fn initialize(&self, args: Option<&mut CK_C_INITIALIZE_ARGS>) -> CK_RV {
-        let p = args.map(|a| a as *mut _ as *mut c_void).unwrap_or(ptr::null_mut());
-        call!(self, C_Initialize, p)
-    }
-    pub fn initialize_raw(&self, p: *mut c_void) -> CK_RV {
+        let p = args
+            .map(|a| a as *mut _ as *mut c_void)
+            .unwrap_or(ptr::null_mut());
         call!(self, C_Initialize, p)
     }
     pub fn finalize(&self) -> CK_RV {
@@ -116,7 +119,11 @@ impl Module {
         v.truncate(n as usize);
         Ok(v)
     }
-    pub fn mechanism_info(&self, slot: CK_SLOT_ID, m: CK_MECHANISM_TYPE) -> Result<CK_MECHANISM_INFO, CK_RV> {
+    pub fn mechanism_info(
+        &self,
+        slot: CK_SLOT_ID,
+        m: CK_MECHANISM_TYPE,
+    ) -> Result<CK_MECHANISM_INFO, CK_RV> {
         // SAFETY: plain old data.
         let mut i: CK_MECHANISM_INFO = unsafe { std::mem::zeroed() };
         match call!(self, C_GetMechanismInfo, slot, m, &mut i) {
@@ -127,14 +134,30 @@ impl Module {
     pub fn open_session(&self, slot: CK_SLOT_ID, rw: bool) -> Result<CK_SESSION_HANDLE, CK_RV> {
         let mut h: CK_SESSION_HANDLE = 0;
         let flags = CKF_SERIAL_SESSION | if rw { CKF_RW_SESSION } else { 0 };
-        match call!(self, C_OpenSession, slot, flags, ptr::null_mut(), None, &mut h) {
+        match call!(
+            self,
+            C_OpenSession,
+            slot,
+            flags,
+            ptr::null_mut(),
+            None,
+            &mut h
+        ) {
             CKR_OK => Ok(h),
             rv => Err(rv),
         }
     }
     pub fn open_session_flags(&self, slot: CK_SLOT_ID, flags: CK_FLAGS) -> CK_RV {
         let mut h: CK_SESSION_HANDLE = 0;
-        call!(self, C_OpenSession, slot, flags, ptr::null_mut(), None, &mut h)
+        call!(
+            self,
+            C_OpenSession,
+            slot,
+            flags,
+            ptr::null_mut(),
+            None,
+            &mut h
+        )
     }
     pub fn close_session(&self, s: CK_SESSION_HANDLE) -> CK_RV {
         call!(self, C_CloseSession, s)
@@ -152,15 +175,32 @@ impl Module {
     }
     pub fn login(&self, s: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Option<&[u8]>) -> CK_RV {
         match pin {
-            Some(p) => call!(self, C_Login, s, user, p.as_ptr() as *mut u8, p.len() as CK_ULONG),
+            Some(p) => call!(
+                self,
+                C_Login,
+                s,
+                user,
+                p.as_ptr() as *mut u8,
+                p.len() as CK_ULONG
+            ),
             None => call!(self, C_Login, s, user, ptr::null_mut(), 0),
         }
     }
     pub fn logout(&self, s: CK_SESSION_HANDLE) -> CK_RV {
         call!(self, C_Logout, s)
     }
-    pub fn find(&self, s: CK_SESSION_HANDLE, template: &mut [CK_ATTRIBUTE]) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
-        let rv = call!(self, C_FindObjectsInit, s, template.as_mut_ptr(), template.len() as CK_ULONG);
+    pub fn find(
+        &self,
+        s: CK_SESSION_HANDLE,
+        template: &mut [CK_ATTRIBUTE],
+    ) -> Result<Vec<CK_OBJECT_HANDLE>, CK_RV> {
+        let rv = call!(
+            self,
+            C_FindObjectsInit,
+            s,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG
+        );
         if rv != CKR_OK {
             return Err(rv);
         }
@@ -183,12 +223,33 @@ impl Module {
             rv => Err(rv),
         }
     }
-    pub fn get_attributes(&self, s: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, template: &mut [CK_ATTRIBUTE]) -> CK_RV {
-        call!(self, C_GetAttributeValue, s, o, template.as_mut_ptr(), template.len() as CK_ULONG)
+    pub fn get_attributes(
+        &self,
+        s: CK_SESSION_HANDLE,
+        o: CK_OBJECT_HANDLE,
+        template: &mut [CK_ATTRIBUTE],
+    ) -> CK_RV {
+        call!(
+            self,
+            C_GetAttributeValue,
+            s,
+            o,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG
+        )
     }
     /// One attribute's value, by the size-query protocol.
-    pub fn attribute(&self, s: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: CK_ATTRIBUTE_TYPE) -> Result<Vec<u8>, CK_RV> {
-        let mut a = [CK_ATTRIBUTE { type_: t, pValue: ptr::null_mut(), ulValueLen: 0 }];
+    pub fn attribute(
+        &self,
+        s: CK_SESSION_HANDLE,
+        o: CK_OBJECT_HANDLE,
+        t: CK_ATTRIBUTE_TYPE,
+    ) -> Result<Vec<u8>, CK_RV> {
+        let mut a = [CK_ATTRIBUTE {
+            type_: t,
+            pValue: ptr::null_mut(),
+            ulValueLen: 0,
+        }];
         let rv = self.get_attributes(s, o, &mut a);
         if rv != CKR_OK {
             return Err(rv);
@@ -202,45 +263,103 @@ impl Module {
         v.truncate(a[0].ulValueLen as usize);
         Ok(v)
     }
-    pub fn attribute_ulong(&self, s: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: CK_ATTRIBUTE_TYPE) -> Result<CK_ULONG, CK_RV> {
-        let v = self.attribute(s, o, t)?;
-        if v.len() != std::mem::size_of::<CK_ULONG>() {
-            return Err(CKR_GENERAL_ERROR);
-        }
-        Ok(CK_ULONG::from_ne_bytes(v.try_into().unwrap_or_default()))
-    }
-
     /// Single-part operation with the size query first: Init, then Op(NULL) for the length,
     /// then Op(buffer).
-    pub fn sign(&self, s: CK_SESSION_HANDLE, mech: &mut CK_MECHANISM, key: CK_OBJECT_HANDLE, data: &[u8]) -> Result<Vec<u8>, CK_RV> {
+    pub fn sign(
+        &self,
+        s: CK_SESSION_HANDLE,
+        mech: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+    ) -> Result<Vec<u8>, CK_RV> {
         let rv = call!(self, C_SignInit, s, mech, key);
         if rv != CKR_OK {
             return Err(rv);
         }
-        self.finish_sized(|out, len| call!(self, C_Sign, s, data.as_ptr() as *mut u8, data.len() as CK_ULONG, out, len))
+        self.finish_sized(|out, len| {
+            call!(
+                self,
+                C_Sign,
+                s,
+                data.as_ptr() as *mut u8,
+                data.len() as CK_ULONG,
+                out,
+                len
+            )
+        })
     }
-    pub fn verify(&self, s: CK_SESSION_HANDLE, mech: &mut CK_MECHANISM, key: CK_OBJECT_HANDLE, data: &[u8], sig: &[u8]) -> CK_RV {
+    pub fn verify(
+        &self,
+        s: CK_SESSION_HANDLE,
+        mech: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+        sig: &[u8],
+    ) -> CK_RV {
         let rv = call!(self, C_VerifyInit, s, mech, key);
         if rv != CKR_OK {
             return rv;
         }
-        call!(self, C_Verify, s, data.as_ptr() as *mut u8, data.len() as CK_ULONG, sig.as_ptr() as *mut u8, sig.len() as CK_ULONG)
+        call!(
+            self,
+            C_Verify,
+            s,
+            data.as_ptr() as *mut u8,
+            data.len() as CK_ULONG,
+            sig.as_ptr() as *mut u8,
+            sig.len() as CK_ULONG
+        )
     }
-    pub fn encrypt(&self, s: CK_SESSION_HANDLE, mech: &mut CK_MECHANISM, key: CK_OBJECT_HANDLE, data: &[u8]) -> Result<Vec<u8>, CK_RV> {
+    pub fn encrypt(
+        &self,
+        s: CK_SESSION_HANDLE,
+        mech: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+    ) -> Result<Vec<u8>, CK_RV> {
         let rv = call!(self, C_EncryptInit, s, mech, key);
         if rv != CKR_OK {
             return Err(rv);
         }
-        self.finish_sized(|out, len| call!(self, C_Encrypt, s, data.as_ptr() as *mut u8, data.len() as CK_ULONG, out, len))
+        self.finish_sized(|out, len| {
+            call!(
+                self,
+                C_Encrypt,
+                s,
+                data.as_ptr() as *mut u8,
+                data.len() as CK_ULONG,
+                out,
+                len
+            )
+        })
     }
-    pub fn decrypt(&self, s: CK_SESSION_HANDLE, mech: &mut CK_MECHANISM, key: CK_OBJECT_HANDLE, data: &[u8]) -> Result<Vec<u8>, CK_RV> {
+    pub fn decrypt(
+        &self,
+        s: CK_SESSION_HANDLE,
+        mech: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+    ) -> Result<Vec<u8>, CK_RV> {
         let rv = call!(self, C_DecryptInit, s, mech, key);
         if rv != CKR_OK {
             return Err(rv);
         }
-        self.finish_sized(|out, len| call!(self, C_Decrypt, s, data.as_ptr() as *mut u8, data.len() as CK_ULONG, out, len))
+        self.finish_sized(|out, len| {
+            call!(
+                self,
+                C_Decrypt,
+                s,
+                data.as_ptr() as *mut u8,
+                data.len() as CK_ULONG,
+                out,
+                len
+            )
+        })
     }
-    pub fn finish_sized(&self, mut op: impl FnMut(*mut u8, *mut CK_ULONG) -> CK_RV) -> Result<Vec<u8>, CK_RV> {
+    pub fn finish_sized(
+        &self,
+        mut op: impl FnMut(*mut u8, *mut CK_ULONG) -> CK_RV,
+    ) -> Result<Vec<u8>, CK_RV> {
         let mut len: CK_ULONG = 0;
         let rv = op(ptr::null_mut(), &mut len);
         if rv != CKR_OK {
@@ -257,19 +376,35 @@ impl Module {
 }
 
 pub fn mech(t: CK_MECHANISM_TYPE) -> CK_MECHANISM {
-    CK_MECHANISM { mechanism: t, pParameter: ptr::null_mut(), ulParameterLen: 0 }
+    CK_MECHANISM {
+        mechanism: t,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    }
 }
 
 pub fn mech_with<T>(t: CK_MECHANISM_TYPE, p: &mut T) -> CK_MECHANISM {
-    CK_MECHANISM { mechanism: t, pParameter: p as *mut T as *mut c_void, ulParameterLen: std::mem::size_of::<T>() as CK_ULONG }
+    CK_MECHANISM {
+        mechanism: t,
+        pParameter: p as *mut T as *mut c_void,
+        ulParameterLen: std::mem::size_of::<T>() as CK_ULONG,
+    }
 }
 
 pub fn attr_ulong(t: CK_ATTRIBUTE_TYPE, v: &mut CK_ULONG) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE { type_: t, pValue: v as *mut CK_ULONG as *mut c_void, ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG }
+    CK_ATTRIBUTE {
+        type_: t,
+        pValue: v as *mut CK_ULONG as *mut c_void,
+        ulValueLen: std::mem::size_of::<CK_ULONG>() as CK_ULONG,
+    }
 }
 
 pub fn attr_bytes(t: CK_ATTRIBUTE_TYPE, v: &mut [u8]) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE { type_: t, pValue: v.as_mut_ptr() as *mut c_void, ulValueLen: v.len() as CK_ULONG }
+    CK_ATTRIBUTE {
+        type_: t,
+        pValue: v.as_mut_ptr() as *mut c_void,
+        ulValueLen: v.len() as CK_ULONG,
+    }
 }
 
 pub fn rv_name(rv: CK_RV) -> String {
@@ -292,15 +427,24 @@ pub fn rv_name(rv: CK_RV) -> String {
         (CKR_FUNCTION_NOT_SUPPORTED, "CKR_FUNCTION_NOT_SUPPORTED"),
         (CKR_KEY_HANDLE_INVALID, "CKR_KEY_HANDLE_INVALID"),
         (CKR_KEY_TYPE_INCONSISTENT, "CKR_KEY_TYPE_INCONSISTENT"),
-        (CKR_KEY_FUNCTION_NOT_PERMITTED, "CKR_KEY_FUNCTION_NOT_PERMITTED"),
+        (
+            CKR_KEY_FUNCTION_NOT_PERMITTED,
+            "CKR_KEY_FUNCTION_NOT_PERMITTED",
+        ),
         (CKR_MECHANISM_INVALID, "CKR_MECHANISM_INVALID"),
         (CKR_MECHANISM_PARAM_INVALID, "CKR_MECHANISM_PARAM_INVALID"),
         (CKR_OBJECT_HANDLE_INVALID, "CKR_OBJECT_HANDLE_INVALID"),
         (CKR_OPERATION_ACTIVE, "CKR_OPERATION_ACTIVE"),
-        (CKR_OPERATION_NOT_INITIALIZED, "CKR_OPERATION_NOT_INITIALIZED"),
+        (
+            CKR_OPERATION_NOT_INITIALIZED,
+            "CKR_OPERATION_NOT_INITIALIZED",
+        ),
         (CKR_PIN_INCORRECT, "CKR_PIN_INCORRECT"),
         (CKR_SESSION_HANDLE_INVALID, "CKR_SESSION_HANDLE_INVALID"),
-        (CKR_SESSION_PARALLEL_NOT_SUPPORTED, "CKR_SESSION_PARALLEL_NOT_SUPPORTED"),
+        (
+            CKR_SESSION_PARALLEL_NOT_SUPPORTED,
+            "CKR_SESSION_PARALLEL_NOT_SUPPORTED",
+        ),
         (CKR_SIGNATURE_INVALID, "CKR_SIGNATURE_INVALID"),
         (CKR_SIGNATURE_LEN_RANGE, "CKR_SIGNATURE_LEN_RANGE"),
         (CKR_TOKEN_WRITE_PROTECTED, "CKR_TOKEN_WRITE_PROTECTED"),
@@ -309,8 +453,15 @@ pub fn rv_name(rv: CK_RV) -> String {
         (CKR_USER_TYPE_INVALID, "CKR_USER_TYPE_INVALID"),
         (CKR_BUFFER_TOO_SMALL, "CKR_BUFFER_TOO_SMALL"),
         (CKR_CRYPTOKI_NOT_INITIALIZED, "CKR_CRYPTOKI_NOT_INITIALIZED"),
-        (CKR_CRYPTOKI_ALREADY_INITIALIZED, "CKR_CRYPTOKI_ALREADY_INITIALIZED"),
+        (
+            CKR_CRYPTOKI_ALREADY_INITIALIZED,
+            "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+        ),
         (CKR_FUNCTION_REJECTED, "CKR_FUNCTION_REJECTED"),
     ];
-    names.iter().find(|(v, _)| *v == rv).map(|(_, n)| n.to_string()).unwrap_or_else(|| format!("0x{rv:x}"))
+    names
+        .iter()
+        .find(|(v, _)| *v == rv)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|| format!("0x{rv:x}"))
 }
