@@ -5,16 +5,22 @@
 //! token's config and returns the released private key material of every key of that token
 //! (checked against the public key from `GET {kid}`), or one `Error` naming the failing step.
 
+pub mod akv;
+pub mod evidence;
 pub mod http;
+pub mod identity;
 pub mod jws;
+pub mod maa;
 pub mod transfer_key;
 pub mod unwrap;
 
 use crate::config::{Config, TokenConfig};
-use crate::error::Result;
+use crate::error::{Error, Result, Step};
 use crate::secret::SecretBytes;
 use base64::Engine;
-use std::time::Duration;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use transfer_key::{SoftwareTransferKey, TransferKey};
 
 /// Unpadded base64url (RFC 4648 §5), the encoding of JOSE and of every Azure SKR field.
 pub fn b64url(bytes: &[u8]) -> String {
@@ -55,10 +61,192 @@ pub struct LoginTimings {
     pub unwrap: Duration,
 }
 
+/// A random nonce for MAA and AKV requests (freshness; echoed back and checked).
+pub fn random_nonce() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// The per-login plumbing: trust anchors and the HTTP clients. Built inside each login, so that
+/// nothing network-related is carried across fork.
+pub struct Session {
+    pub anchors: jws::TrustAnchors,
+    pub http: http::Http,
+}
+
+impl Session {
+    pub fn new(cfg: &Config) -> Result<Session> {
+        let anchors = jws::TrustAnchors::load(cfg.tls.ca_file.as_deref())?;
+        let http = http::Http::new(&cfg.release, &anchors)?;
+        Ok(Session { anchors, http })
+    }
+}
+
+/// The result of evidence + MAA: a verified token that carries `transfer`'s public key.
+pub struct Attested {
+    pub token: String,
+    pub claims: Value,
+    /// The configured MAA URL (the token's verified `iss`).
+    pub issuer: String,
+    pub transfer: Box<dyn TransferKey>,
+    /// Name of the evidence provider used.
+    pub evidence_source: &'static str,
+}
+
+/// Steps 1–3: transfer key, evidence, MAA (verified). Fills the matching timings.
+pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
+    let t = Instant::now();
+    let transfer: Box<dyn TransferKey> = Box::new(SoftwareTransferKey::generate()?);
+    timings.transfer_key = t.elapsed();
+
+    let t = Instant::now();
+    let runtime_data = transfer.public_jwk().jwks_bytes();
+    let report_data = evidence::report_data_for(&runtime_data);
+    let provider = evidence::provider(cfg, &session.http)?;
+    let ev = provider.get_report(&report_data)?;
+    evidence::check_report(&ev.report, &report_data)?;
+    let (chain, uvm) = match ev.vcek_chain_pem {
+        Some(chain) => {
+            // The emulator delivers the chain; an ACI-style security context may still add
+            // the UVM endorsement when one is configured.
+            let uvm = evidence::security_context_dir(cfg)
+                .filter(|_| cfg.platform.security_context_dir.is_some())
+                .and_then(|d| evidence::collateral_from_dir(&d).ok())
+                .and_then(|c| c.uvm_reference_info);
+            (chain, uvm)
+        }
+        None => {
+            let c = evidence::collateral(cfg, &session.http)?;
+            if let (Some(tcbm), Some(reported)) = (c.tcbm, evidence::reported_tcb(&ev.report)) {
+                if tcbm != reported {
+                    log::warn!(
+                        "VCEK collateral is for TCB {tcbm:016x} but the report's REPORTED_TCB is {reported:016x}; MAA may refuse the evidence"
+                    );
+                }
+            }
+            (c.vcek_chain_pem, c.uvm_reference_info)
+        }
+    };
+    timings.evidence = t.elapsed();
+
+    let t = Instant::now();
+    let maa = maa::Maa::new(
+        &session.http,
+        &cfg.attestation.url,
+        &cfg.attestation.api_version,
+    );
+    let nonce = random_nonce();
+    let member = evidence::maa_report_member(&ev.report, &chain, uvm.as_deref());
+    let token = maa.attest(member, &runtime_data, &nonce)?;
+    let claims = maa.verify(
+        &token,
+        &maa::Expected {
+            nonce: &nonce,
+            transfer_key: transfer.public_jwk(),
+            report_data: &report_data,
+        },
+    )?;
+    timings.attestation = t.elapsed();
+    Ok(Attested {
+        token,
+        claims,
+        issuer: maa.url().to_string(),
+        transfer,
+        evidence_source: provider.name(),
+    })
+}
+
 /// Run the whole release for one token.
+///
+/// All or nothing: if any key fails, every key already released is dropped (wiped) and the
+/// first failure in key order is returned. Keys are released concurrently, one thread each.
 pub fn release_token(
-    _cfg: &Config,
-    _token: &TokenConfig,
+    cfg: &Config,
+    token: &TokenConfig,
 ) -> Result<(Vec<ReleasedKey>, LoginTimings)> {
-    Err(crate::error::Error::general("release path not built yet"))
+    let mut timings = LoginTimings::default();
+    if token.keys.is_empty() {
+        return Err(Error::config(format!(
+            "token {:?} has no keys",
+            token.label
+        )));
+    }
+    let enc = unwrap::WrapAlg::from_name(&cfg.release.enc).ok_or_else(|| {
+        Error::config(format!(
+            "release.enc {:?} is not supported",
+            cfg.release.enc
+        ))
+    })?;
+    let session = Session::new(cfg)?;
+    let attested = attest(cfg, &session, &mut timings)?;
+
+    // Identity for the audience of the first key's host; other audiences are fetched when a
+    // vault's 401 challenge names them.
+    let identity = identity::Identity::new(&session.http, &cfg.identity);
+    let first_host = jws::url_host(&token.keys[0].kid).unwrap_or_default();
+    identity.token(identity::default_resource(&first_host), false)?;
+    timings.identity = identity.spent();
+
+    let t = Instant::now();
+    let akv = akv::Akv::new(
+        &session.http,
+        &identity,
+        &session.anchors,
+        &cfg.release.api_version,
+        enc,
+    );
+    let att = akv::Attestation {
+        token: &attested.token,
+        issuer: &attested.issuer,
+        claims: &attested.claims,
+    };
+    let transfer: &dyn TransferKey = attested.transfer.as_ref();
+    let results: Vec<Result<(ReleasedKey, Duration)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = token
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let (akv, att) = (&akv, &att);
+                s.spawn(move || akv.release_key(i, key, att, transfer))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::general("a release thread panicked").with_step(Step::Release))
+                })
+            })
+            .collect()
+    });
+    let phase = t.elapsed();
+    let mut released = Vec::with_capacity(results.len());
+    let mut unwrap_time = Duration::ZERO;
+    for r in results {
+        let (key, spent) = r?;
+        unwrap_time += spent;
+        released.push(key);
+    }
+    let late_identity = identity.spent().saturating_sub(timings.identity);
+    timings.identity += late_identity;
+    timings.unwrap = unwrap_time;
+    timings.release = phase.saturating_sub(late_identity);
+    // The transfer key is dropped (and wiped) here, with the session.
+    drop(attested);
+    log::info!(
+        "token {:?}: released {} key(s) via {} (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
+        token.label,
+        released.len(),
+        cfg.attestation.url,
+        timings.transfer_key,
+        timings.evidence,
+        timings.attestation,
+        timings.identity,
+        timings.release,
+        timings.unwrap
+    );
+    Ok((released, timings))
 }

@@ -1,0 +1,415 @@
+//! Entra ID access tokens for Key Vault / Managed HSM (skr-protocol §11): IMDS managed
+//! identity, `IDENTITY_ENDPOINT`, AKS workload identity, or a token file. Tokens are cached per
+//! resource for one login and never logged.
+
+use super::http::{Http, Response};
+use crate::config::{Identity as IdentityConfig, IdentitySource};
+use crate::error::{Error, Result, Step};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+pub const VAULT_RESOURCE: &str = "https://vault.azure.net";
+pub const MHSM_RESOURCE: &str = "https://managedhsm.azure.net";
+
+/// The audience to ask for first: by host name, as the sidecar does; a 401 challenge may
+/// correct it (`resource_from_challenge`).
+pub fn default_resource(host: &str) -> &'static str {
+    if host.contains("managedhsm") {
+        MHSM_RESOURCE
+    } else {
+        VAULT_RESOURCE
+    }
+}
+
+/// The `resource="…"` of a `WWW-Authenticate: Bearer …` challenge.
+pub fn resource_from_challenge(header: &str) -> Option<String> {
+    let lower = header.to_ascii_lowercase();
+    let mut search = 0;
+    while let Some(pos) = lower[search..].find("resource=") {
+        let start = search + pos;
+        // Only the parameter itself, not a suffix of another name.
+        let boundary = start == 0 || matches!(lower.as_bytes()[start - 1], b' ' | b',' | b'\t');
+        let value = &header[start + "resource=".len()..];
+        search = start + 1;
+        if !boundary {
+            continue;
+        }
+        let v = if let Some(rest) = value.strip_prefix('"') {
+            rest.split('"').next()?
+        } else {
+            value.split([',', ' ']).next()?
+        };
+        if !v.is_empty() {
+            return Some(v.trim_end_matches('/').to_string());
+        }
+    }
+    None
+}
+
+pub struct Identity<'a> {
+    http: &'a Http,
+    cfg: &'a IdentityConfig,
+    cache: Mutex<HashMap<String, std::sync::Arc<Zeroizing<String>>>>,
+    spent: Mutex<Duration>,
+}
+
+fn id_err_service(msg: String) -> Error {
+    Error::service(Step::Identity, msg)
+}
+
+impl<'a> Identity<'a> {
+    pub fn new(http: &'a Http, cfg: &'a IdentityConfig) -> Self {
+        Identity {
+            http,
+            cfg,
+            cache: Mutex::new(HashMap::new()),
+            spent: Mutex::new(Duration::ZERO),
+        }
+    }
+
+    /// Time spent getting tokens so far.
+    pub fn spent(&self) -> Duration {
+        *self.spent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A bearer token for `resource`; `refresh` skips the cache (after a 401).
+    pub fn token(
+        &self,
+        resource: &str,
+        refresh: bool,
+    ) -> Result<std::sync::Arc<Zeroizing<String>>> {
+        // Holding the lock while fetching makes concurrent key threads share one request.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if !refresh {
+            if let Some(t) = cache.get(resource) {
+                return Ok(t.clone());
+            }
+        }
+        let started = Instant::now();
+        let token = self.fetch(resource);
+        *self.spent.lock().unwrap_or_else(|p| p.into_inner()) += started.elapsed();
+        let token = std::sync::Arc::new(token?);
+        cache.insert(resource.to_string(), token.clone());
+        Ok(token)
+    }
+
+    fn fetch(&self, resource: &str) -> Result<Zeroizing<String>> {
+        match self.cfg.source {
+            IdentitySource::Imds => self.imds(resource),
+            IdentitySource::IdentityEndpoint => self.identity_endpoint(resource),
+            IdentitySource::WorkloadIdentity => self.workload_identity(resource),
+            IdentitySource::TokenFile => self.token_file(),
+        }
+    }
+
+    fn selector(&self) -> Option<(&'static str, &str)> {
+        if let Some(v) = &self.cfg.client_id {
+            Some(("client_id", v))
+        } else if let Some(v) = &self.cfg.object_id {
+            Some(("object_id", v))
+        } else {
+            self.cfg.msi_res_id.as_deref().map(|v| ("msi_res_id", v))
+        }
+    }
+
+    fn imds(&self, resource: &str) -> Result<Zeroizing<String>> {
+        let base = self
+            .cfg
+            .imds_url
+            .as_deref()
+            .unwrap_or("http://169.254.169.254")
+            .trim_end_matches('/');
+        let url = format!("{base}/metadata/identity/oauth2/token");
+        let mut query = vec![("api-version", "2018-02-01"), ("resource", resource)];
+        if let Some(sel) = self.selector() {
+            query.push(sel);
+        }
+        // IMDS answers 404/410 while it updates (back within 70 s): retried here on top of
+        // the transport/5xx/429 retries of `send`.
+        let mut resp = None;
+        for attempt in 0..3 {
+            let r = self.http.send(Step::Identity, "IMDS token", &|| {
+                self.http
+                    .direct
+                    .get(&url)
+                    .query(&query)
+                    .header("Metadata", "true")
+            })?;
+            if matches!(r.status, 404 | 410) && attempt < 2 {
+                std::thread::sleep(Duration::from_secs(2 << attempt));
+                continue;
+            }
+            resp = Some(r);
+            break;
+        }
+        let resp = resp.expect("loop sets resp");
+        self.token_response("IMDS", resource, &resp)
+    }
+
+    fn identity_endpoint(&self, resource: &str) -> Result<Zeroizing<String>> {
+        let endpoint = env_required("IDENTITY_ENDPOINT", "identity-endpoint")?;
+        let header = Zeroizing::new(env_required("IDENTITY_HEADER", "identity-endpoint")?);
+        let mut query = vec![("api-version", "2019-08-01"), ("resource", resource)];
+        if let Some(sel) = self.selector() {
+            query.push(sel);
+        }
+        let resp = self
+            .http
+            .send(Step::Identity, "IDENTITY_ENDPOINT token", &|| {
+                self.http
+                    .direct
+                    .get(&endpoint)
+                    .query(&query)
+                    .header("X-IDENTITY-HEADER", header.as_str())
+            })?;
+        self.token_response("IDENTITY_ENDPOINT", resource, &resp)
+    }
+
+    fn workload_identity(&self, resource: &str) -> Result<Zeroizing<String>> {
+        let client_id = match &self.cfg.client_id {
+            Some(c) => c.clone(),
+            None => env_required("AZURE_CLIENT_ID", "workload-identity")?,
+        };
+        let tenant = env_required("AZURE_TENANT_ID", "workload-identity")?;
+        let file = env_required("AZURE_FEDERATED_TOKEN_FILE", "workload-identity")?;
+        // Read on every fetch: the kubelet rotates the projected token.
+        let assertion = Zeroizing::new(
+            std::fs::read_to_string(&file)
+                .map_err(|e| {
+                    Error::config(format!("AZURE_FEDERATED_TOKEN_FILE {file}: {e}")).with_hint(
+                        "the projected service-account token is missing; check the pod's azure.workload.identity/use label and service account",
+                    )
+                })?
+                .trim()
+                .to_string(),
+        );
+        let host = self
+            .cfg
+            .authority_host
+            .clone()
+            .or_else(|| {
+                std::env::var("AZURE_AUTHORITY_HOST")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+            })
+            .unwrap_or_else(|| "https://login.microsoftonline.com".into());
+        let url = format!("{}/{tenant}/oauth2/v2.0/token", host.trim_end_matches('/'));
+        let scope = format!("{}/.default", resource.trim_end_matches('/'));
+        let form = [
+            ("client_assertion", assertion.as_str()),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_id", client_id.as_str()),
+            ("grant_type", "client_credentials"),
+            ("scope", scope.as_str()),
+        ];
+        let resp = self
+            .http
+            .send(Step::Identity, "workload identity token", &|| {
+                self.http.client.post(&url).form(&form)
+            })?;
+        self.token_response("Entra ID (workload identity)", resource, &resp)
+    }
+
+    fn token_file(&self) -> Result<Zeroizing<String>> {
+        let path = self.cfg.token_file.as_ref().ok_or_else(|| {
+            Error::config("identity.token_file is required for source = \"token-file\"")
+        })?;
+        let text =
+            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                Error::config(format!("identity.token_file {}: {e}", path.display()))
+            })?);
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(Error::config(format!(
+                "identity.token_file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Zeroizing::new(token.to_string()))
+    }
+
+    fn token_response(
+        &self,
+        who: &str,
+        resource: &str,
+        resp: &Response,
+    ) -> Result<Zeroizing<String>> {
+        match resp.status {
+            200..=299 => {}
+            401 | 403 => {
+                return Err(Error::denied(
+                    Step::Identity,
+                    format!("{who} refused a token for {resource} ({}): {}", resp.status, resp.error_text()),
+                )
+                .with_hint("the identity is not allowed to get tokens here; check the managed identity / federated credential assignment"));
+            }
+            400 => {
+                return Err(id_err_service(format!(
+                    "{who} could not issue a token for {resource} (400): {}",
+                    resp.error_text()
+                ))
+                .with_hint("no managed identity is assigned to this VM/container, or identity.client_id/object_id/msi_res_id names one that is not attached"));
+            }
+            s => {
+                return Err(id_err_service(format!(
+                    "{who} token request for {resource} answered {s}: {}",
+                    resp.error_text()
+                ))
+                .with_hint("check identity.source and the identity endpoint settings"));
+            }
+        }
+        let v: Value = serde_json::from_slice(&resp.body).map_err(|_| {
+            Error::integrity(Step::Identity, format!("{who} token response is not JSON"))
+        })?;
+        v.get("access_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(|t| Zeroizing::new(t.to_string()))
+            .ok_or_else(|| {
+                Error::integrity(
+                    Step::Identity,
+                    format!("{who} token response has no access_token"),
+                )
+            })
+    }
+}
+
+fn env_required(name: &str, source: &str) -> Result<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            Error::config(format!(
+                "identity.source = \"{source}\" needs the environment variable {name}"
+            ))
+            .with_hint(format!(
+                "set {name} in the environment of the process that loads the module"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_by_host_and_challenge() {
+        assert_eq!(default_resource("kv.vault.azure.net"), VAULT_RESOURCE);
+        assert_eq!(default_resource("hsm.managedhsm.azure.net"), MHSM_RESOURCE);
+        assert_eq!(default_resource("127.0.0.1"), VAULT_RESOURCE);
+        let vault = r#"Bearer authorization="https://login.windows.net/72f988bf", resource="https://vault.azure.net""#;
+        assert_eq!(
+            resource_from_challenge(vault).as_deref(),
+            Some(VAULT_RESOURCE)
+        );
+        let mhsm = r#"Bearer authorization="https://login.microsoftonline.com/t", resource="https://managedhsm.azure.net/""#;
+        assert_eq!(
+            resource_from_challenge(mhsm).as_deref(),
+            Some(MHSM_RESOURCE)
+        );
+        assert_eq!(
+            resource_from_challenge("Bearer resource=https://x.example, scope=y").as_deref(),
+            Some("https://x.example")
+        );
+        assert_eq!(resource_from_challenge("Bearer authorization=\"a\""), None);
+        assert_eq!(resource_from_challenge("Bearer myresource=\"a\""), None);
+    }
+
+    #[test]
+    fn imds_token_round_trip_against_a_local_server() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for reply in [
+                r#"{"access_token":"tok-1","expires_in":"3599","expires_on":"1506484173","resource":"https://vault.azure.net","token_type":"Bearer"}"#,
+                r#"{"error":"invalid_request","error_description":"Identity not found"}"#,
+            ] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut req = String::new();
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 2 {
+                    req.push_str(&line);
+                    line.clear();
+                }
+                seen.push(req);
+                let status = if reply.contains("error") {
+                    "400 Bad Request"
+                } else {
+                    "200 OK"
+                };
+                write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        let cfg = IdentityConfig {
+            source: IdentitySource::Imds,
+            imds_url: Some(format!("http://127.0.0.1:{port}")),
+            client_id: Some("cid-1".into()),
+            object_id: None,
+            msi_res_id: None,
+            token_file: None,
+            authority_host: None,
+        };
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+        let id = Identity::new(&http, &cfg);
+        let t = id.token(VAULT_RESOURCE, false).unwrap();
+        assert_eq!(t.as_str(), "tok-1");
+        // Cached per resource: no second request.
+        assert_eq!(id.token(VAULT_RESOURCE, false).unwrap().as_str(), "tok-1");
+        let e = id.token(MHSM_RESOURCE, false).unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_FAILED);
+        assert!(
+            e.message().contains("Identity not found"),
+            "{}",
+            e.message()
+        );
+        assert!(e.hint().unwrap().contains("managed identity"));
+        let seen = server.join().unwrap();
+        let first = seen[0].to_ascii_lowercase();
+        assert!(first.starts_with("get /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3a%2f%2fvault.azure.net&client_id=cid-1"), "{first}");
+        assert!(first.contains("\r\nmetadata: true\r\n"), "{first}");
+        assert!(seen[1].contains("managedhsm.azure.net"));
+    }
+
+    #[test]
+    fn token_file_and_missing_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "abc.def.ghi\n").unwrap();
+        let cfg = IdentityConfig {
+            source: IdentitySource::TokenFile,
+            imds_url: None,
+            client_id: None,
+            object_id: None,
+            msi_res_id: None,
+            token_file: Some(p.clone()),
+            authority_host: None,
+        };
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+        let id = Identity::new(&http, &cfg);
+        assert_eq!(
+            id.token(VAULT_RESOURCE, false).unwrap().as_str(),
+            "abc.def.ghi"
+        );
+        std::fs::write(&p, "").unwrap();
+        assert!(id.token(VAULT_RESOURCE, true).is_err());
+        let e = env_required("SKR_TEST_SURELY_UNSET_VARIABLE", "workload-identity").unwrap_err();
+        assert!(e.message().contains("SKR_TEST_SURELY_UNSET_VARIABLE"));
+    }
+}

@@ -1,0 +1,465 @@
+//! Microsoft Azure Attestation: `POST /attest/SevSnpVm` and verification of the token it
+//! returns (skr-protocol §8, §10.2). The token is checked before it is sent to AKV, so that a
+//! wrong MAA, a stale token or a token not carrying our key fails here with a clear message.
+
+use super::http::Http;
+use super::jws::split_compact;
+use super::transfer_key::{strip_leading_zeros, RsaPublicJwk};
+use super::{b64url, b64url_decode};
+use crate::error::{Error, Result, Step};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Allowed clock difference for `nbf` / `exp`.
+pub const CLOCK_SKEW_SECS: i64 = 60;
+
+/// RSA public keys (PKCS#1 `RSAPublicKey` DER) of each MAA `/certs`, by `kid`; per process.
+/// Only public data, so it may outlive a fork.
+type SigningKeys = Vec<(Option<String>, Vec<u8>)>;
+static CERTS_CACHE: Mutex<Option<HashMap<String, SigningKeys>>> = Mutex::new(None);
+
+pub struct Maa<'a> {
+    http: &'a Http,
+    /// Configured base URL without a trailing slash: also the expected `iss`.
+    url: String,
+    api_version: String,
+}
+
+/// What the token must show about our request.
+pub struct Expected<'a> {
+    pub nonce: &'a str,
+    pub transfer_key: &'a RsaPublicJwk,
+    pub report_data: &'a [u8; 64],
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::integrity(Step::Attestation, msg).with_hint(
+        "the attestation token failed verification; check that attestation.url is the MAA instance this host should use and that the system clock is correct",
+    )
+}
+
+impl<'a> Maa<'a> {
+    pub fn new(http: &'a Http, url: &str, api_version: &str) -> Self {
+        Maa {
+            http,
+            url: url.trim_end_matches('/').to_string(),
+            api_version: api_version.to_string(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Send the evidence; returns the compact JWT.
+    pub fn attest(
+        &self,
+        report_member: String,
+        runtime_data: &[u8],
+        nonce: &str,
+    ) -> Result<String> {
+        let url = format!(
+            "{}/attest/SevSnpVm?api-version={}",
+            self.url, self.api_version
+        );
+        let body = json!({
+            "report": report_member,
+            "runtimeData": { "data": b64url(runtime_data), "dataType": "JSON" },
+            "nonce": nonce,
+        });
+        let resp = self.http.send(Step::Attestation, "MAA attest", &|| {
+            self.http.client.post(&url).json(&body)
+        })?;
+        match resp.status {
+            200..=299 => {}
+            400 => {
+                return Err(Error::evidence(
+                    Step::Attestation,
+                    format!("MAA rejected the SNP evidence (400): {}", resp.error_text()),
+                )
+                .with_hint("MAA did not accept this platform's report or collateral (VCEK chain, UVM endorsement) or its attestation policy denied it; the message above is MAA's reason"));
+            }
+            404 => {
+                return Err(Error::service(
+                    Step::Attestation,
+                    format!("MAA {url} answered 404: {}", resp.error_text()),
+                )
+                .with_hint("check attestation.url (e.g. https://sharedeus.eus.attest.azure.net) and attestation.api_version"));
+            }
+            s => {
+                return Err(Error::service(
+                    Step::Attestation,
+                    format!("MAA attest answered {s}: {}", resp.error_text()),
+                )
+                .with_hint("check attestation.url and attestation.api_version"));
+            }
+        }
+        let v: Value = serde_json::from_slice(&resp.body)
+            .map_err(|_| bad("MAA attest response is not JSON"))?;
+        v.get("token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| bad("MAA attest response has no token"))
+    }
+
+    /// Fetch `/certs` (or take it from the cache).
+    fn signing_keys(&self, refresh: bool) -> Result<SigningKeys> {
+        if !refresh {
+            let cache = CERTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(keys) = cache.as_ref().and_then(|m| m.get(&self.url)) {
+                return Ok(keys.clone());
+            }
+        }
+        let url = format!("{}/certs", self.url);
+        let resp = self.http.send(Step::Attestation, "MAA /certs", &|| {
+            self.http.client.get(&url)
+        })?;
+        if !resp.is_success() {
+            return Err(Error::service(
+                Step::Attestation,
+                format!("MAA {url} answered {}: {}", resp.status, resp.error_text()),
+            )
+            .with_hint("check attestation.url"));
+        }
+        let keys = parse_certs(&resp.body)?;
+        let mut cache = CERTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get_or_insert_with(HashMap::new)
+            .insert(self.url.clone(), keys.clone());
+        Ok(keys)
+    }
+
+    /// Verify the token (signature by a key of the configured MAA's `/certs`, issuer, times,
+    /// type, nonce, REPORT_DATA and our transfer key). Returns its claims.
+    pub fn verify(&self, token: &str, expected: &Expected<'_>) -> Result<Value> {
+        self.verify_at(token, expected, now_secs())
+    }
+
+    pub fn verify_at(&self, token: &str, expected: &Expected<'_>, now: i64) -> Result<Value> {
+        let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
+        let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
+        if alg != "RS256" {
+            return Err(bad(format!(
+                "MAA token alg is {alg:?}, only RS256 is accepted"
+            )));
+        }
+        let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
+        let want_jku = format!("{}/certs", self.url);
+        if jku != want_jku {
+            return Err(bad(format!(
+                "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
+            )));
+        }
+        let kid = c.header.get("kid").and_then(Value::as_str);
+        let verify_with = |keys: &SigningKeys, only_kid: bool| -> Option<bool> {
+            let mut tried = false;
+            for (k, der) in keys {
+                if only_kid && (k.as_deref() != kid || kid.is_none()) {
+                    continue;
+                }
+                tried = true;
+                let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
+                    &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+                    der,
+                );
+                if pk.verify(c.signing_input.as_bytes(), &c.signature).is_ok() {
+                    return Some(true);
+                }
+            }
+            tried.then_some(false)
+        };
+        let mut keys = self.signing_keys(false)?;
+        let mut verdict = verify_with(&keys, true);
+        if verdict.is_none() {
+            // Unknown kid: MAA may have rotated its keys; refresh once, then try every key.
+            keys = self.signing_keys(true)?;
+            verdict = verify_with(&keys, true).or_else(|| verify_with(&keys, false));
+        }
+        match verdict {
+            Some(true) => {}
+            Some(false) => return Err(bad("MAA token RS256 signature does not verify")),
+            None => return Err(bad("MAA /certs holds no signing key")),
+        }
+        check_claims(&c.payload, &self.url, expected, now)?;
+        Ok(c.payload)
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Parse MAA's JWKS: keys with `x5c` (standard base64 DER); the RSA key of `x5c[0]`.
+pub fn parse_certs(body: &[u8]) -> Result<SigningKeys> {
+    use x509_cert::der::Decode;
+    let v: Value = serde_json::from_slice(body).map_err(|_| bad("MAA /certs is not JSON"))?;
+    let mut out = Vec::new();
+    for key in v
+        .get("keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(first) = key
+            .get("x5c")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
+        use base64::Engine;
+        let Ok(der) = base64::engine::general_purpose::STANDARD.decode(first) else {
+            continue;
+        };
+        let Ok(cert) = x509_cert::Certificate::from_der(&der) else {
+            continue;
+        };
+        let Some(rsa) = cert
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .as_bytes()
+        else {
+            continue;
+        };
+        out.push((
+            key.get("kid").and_then(Value::as_str).map(str::to_string),
+            rsa.to_vec(),
+        ));
+    }
+    if out.is_empty() {
+        return Err(bad("MAA /certs holds no usable x5c certificate"));
+    }
+    Ok(out)
+}
+
+/// Claim checks of skr-protocol §10.2 steps 6–7.
+pub fn check_claims(
+    claims: &Value,
+    maa_url: &str,
+    expected: &Expected<'_>,
+    now: i64,
+) -> Result<()> {
+    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+    if iss != maa_url {
+        return Err(bad(format!(
+            "MAA token iss {iss:?} is not the configured attestation.url {maa_url:?}"
+        )));
+    }
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| bad("MAA token has no exp"))?;
+    if now > exp + CLOCK_SKEW_SECS {
+        return Err(bad(format!(
+            "MAA token expired {} s ago (exp {exp})",
+            now - exp
+        )));
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(Value::as_i64) {
+        if now + CLOCK_SKEW_SECS < nbf {
+            return Err(bad(format!(
+                "MAA token is not valid before {nbf}, {} s in the future",
+                nbf - now
+            )));
+        }
+    }
+    let typ = claims
+        .get("x-ms-attestation-type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if typ != "sevsnpvm" {
+        return Err(bad(format!(
+            "MAA token x-ms-attestation-type is {typ:?}, expected \"sevsnpvm\""
+        )));
+    }
+    if claims.get("nonce").and_then(Value::as_str) != Some(expected.nonce) {
+        return Err(bad(
+            "MAA token does not echo our nonce: a replayed or foreign token",
+        ));
+    }
+    if let Some(rd) = claims
+        .get("x-ms-sevsnpvm-reportdata")
+        .and_then(Value::as_str)
+    {
+        if !rd.eq_ignore_ascii_case(&hex::encode(expected.report_data)) {
+            return Err(bad(
+                "MAA token x-ms-sevsnpvm-reportdata is not the REPORT_DATA of our report",
+            ));
+        }
+    }
+    let keys = claims
+        .pointer("/x-ms-runtime/keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("MAA token has no x-ms-runtime.keys"))?;
+    let ours = expected.transfer_key;
+    let is_ours = |k: &Value| {
+        let num = |name: &str| {
+            k.get(name)
+                .and_then(Value::as_str)
+                .and_then(b64url_decode)
+                .map(|b| strip_leading_zeros(&b).to_vec())
+        };
+        k.get("kid").and_then(Value::as_str) == Some(ours.kid.as_str())
+            && num("n").as_deref() == Some(ours.n.as_slice())
+            && num("e").as_deref() == Some(ours.e.as_slice())
+    };
+    // Exactly our key: AKV wraps to the first suitable key, so no other may be there.
+    if keys.len() != 1 || !is_ours(&keys[0]) {
+        return Err(bad(format!(
+            "MAA token x-ms-runtime.keys does not hold exactly this login's transfer key (kid {:?}; token has {} key(s))",
+            ours.kid,
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::transfer_key::RsaPublicJwk;
+
+    fn spec_token() -> (String, Value) {
+        let jwt = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/maa/sevsnpvm-token.jwt"
+        ))
+        .unwrap();
+        let claims = split_compact(&jwt).unwrap().payload;
+        (jwt.trim().to_string(), claims)
+    }
+
+    fn spec_key(claims: &Value) -> RsaPublicJwk {
+        let k = &claims["x-ms-runtime"]["keys"][0];
+        RsaPublicJwk {
+            kid: k["kid"].as_str().unwrap().into(),
+            n: b64url_decode(k["n"].as_str().unwrap()).unwrap(),
+            e: b64url_decode(k["e"].as_str().unwrap()).unwrap(),
+        }
+    }
+
+    fn report_data(claims: &Value) -> [u8; 64] {
+        let v = hex::decode(claims["x-ms-sevsnpvm-reportdata"].as_str().unwrap()).unwrap();
+        v.try_into().unwrap()
+    }
+
+    #[test]
+    fn spec_token_claims_pass_and_each_check_bites() {
+        let (_, claims) = spec_token();
+        let key = spec_key(&claims);
+        let rd = report_data(&claims);
+        let exp = Expected {
+            nonce: "noncesevsnp987",
+            transfer_key: &key,
+            report_data: &rd,
+        };
+        let iat = claims["iat"].as_i64().unwrap();
+        let url = "https://tenanttests.us";
+        check_claims(&claims, url, &exp, iat + 10).unwrap();
+        let msg = |r: Result<()>| r.unwrap_err().message().to_string();
+        // Issuer: exact, and a trailing slash in the config is stripped before (Maa::new).
+        assert!(msg(check_claims(&claims, "https://other.us", &exp, iat)).contains("iss"));
+        // Expired (beyond the skew) and not yet valid.
+        let e = claims["exp"].as_i64().unwrap();
+        check_claims(&claims, url, &exp, e + CLOCK_SKEW_SECS).unwrap();
+        assert!(msg(check_claims(&claims, url, &exp, e + CLOCK_SKEW_SECS + 1)).contains("expired"));
+        assert!(msg(check_claims(&claims, url, &exp, iat - 120)).contains("not valid before"));
+        // Nonce.
+        let other_nonce = Expected { nonce: "x", ..exp };
+        assert!(msg(check_claims(&claims, url, &other_nonce, iat)).contains("nonce"));
+        // Another transfer key (same kid, other modulus).
+        let mut other_key = key.clone();
+        other_key.n[5] ^= 1;
+        let k2 = Expected {
+            transfer_key: &other_key,
+            nonce: "noncesevsnp987",
+            report_data: &rd,
+        };
+        assert!(msg(check_claims(&claims, url, &k2, iat)).contains("transfer key"));
+        // A second key in the runtime data.
+        let mut two = claims.clone();
+        let k = two["x-ms-runtime"]["keys"][0].clone();
+        two["x-ms-runtime"]["keys"].as_array_mut().unwrap().push(k);
+        assert!(
+            msg(check_claims(&two, url, &exp, iat)).contains("1 key")
+                || msg(check_claims(&two, url, &exp, iat)).contains("2 key")
+        );
+        // REPORT_DATA of another report.
+        let mut rd2 = rd;
+        rd2[0] ^= 1;
+        let r2 = Expected {
+            report_data: &rd2,
+            nonce: "noncesevsnp987",
+            transfer_key: &key,
+        };
+        assert!(msg(check_claims(&claims, url, &r2, iat)).contains("reportdata"));
+        // Attestation type.
+        let mut t = claims.clone();
+        t["x-ms-attestation-type"] = "sgx".into();
+        assert!(msg(check_claims(&t, url, &exp, iat)).contains("sevsnpvm"));
+        let err = check_claims(&t, url, &exp, iat).unwrap_err();
+        assert_eq!(err.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+        assert_eq!(err.step(), Some(Step::Attestation));
+    }
+
+    #[test]
+    fn header_checks_refuse_foreign_jku_and_algs() {
+        let (jwt, claims) = spec_token();
+        let key = spec_key(&claims);
+        let rd = report_data(&claims);
+        let exp = Expected {
+            nonce: "noncesevsnp987",
+            transfer_key: &key,
+            report_data: &rd,
+        };
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+        // The spec token's jku is https://tenanttests.us/certs: any other MAA refuses it before
+        // any network access.
+        let maa = Maa::new(
+            &http,
+            "https://sharedeus.eus.attest.azure.net/",
+            "2022-08-01",
+        );
+        let e = maa.verify(&jwt, &exp).unwrap_err();
+        assert!(e.message().contains("jku"), "{}", e.message());
+        let none = format!(
+            "{}.{}",
+            b64url(br#"{"alg":"none"}"#),
+            jwt.split_once('.').unwrap().1
+        );
+        let e = maa.verify(&none, &exp).unwrap_err();
+        assert!(e.message().contains("RS256"), "{}", e.message());
+        assert!(maa.verify("garbage", &exp).is_err());
+    }
+
+    #[test]
+    fn certs_parsing_takes_x5c_keys() {
+        // A JWKS built from the release JWS leaf certificate (any RSA certificate will do).
+        let jws = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/akv/vault-release-response.jws"
+        ))
+        .unwrap();
+        let c = split_compact(&jws).unwrap();
+        let leaf = c.header["x5c"][0].as_str().unwrap();
+        let body = json!({"keys":[{"kid":"k1","kty":"RSA","x5c":[leaf]},{"kty":"RSA"}]});
+        let keys = parse_certs(body.to_string().as_bytes()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0.as_deref(), Some("k1"));
+        // The release JWS verifies with the key taken this way (same RS256 path as MAA tokens).
+        let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+            &keys[0].1,
+        );
+        pk.verify(c.signing_input.as_bytes(), &c.signature).unwrap();
+        assert!(parse_certs(b"{\"keys\":[]}").is_err());
+    }
+}
