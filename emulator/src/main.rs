@@ -1,1 +1,170 @@
-fn main() {}
+//! skr-emulator: a local Microsoft Azure Attestation + Key Vault / Managed HSM + IMDS with a
+//! simulated SEV-SNP platform, over HTTPS on 127.0.0.1 (docs/EMULATOR.md).
+
+mod admin;
+mod app;
+mod cose;
+mod imds;
+mod jwt;
+mod keyvault;
+mod maa;
+mod pki;
+mod policy;
+mod snp;
+mod state;
+mod util;
+
+use clap::{Parser, Subcommand};
+use state::Layout;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "skr-emulator",
+    version,
+    about = "Local Azure Attestation + Key Vault / Managed HSM + IMDS with a simulated SEV-SNP platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the emulator for DIR (state, CA, module config and env file live there).
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Stay in the foreground instead of detaching.
+        #[arg(long)]
+        foreground: bool,
+        /// Seconds to wait for a detached emulator to become ready.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Stop the emulator running for DIR.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf, String> {
+    if dir.is_absolute() {
+        Ok(dir.to_path_buf())
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .map_err(|e| format!("current directory: {e}"))
+    }
+}
+
+fn up_detached(layout: Layout, timeout: Duration) -> Result<(), String> {
+    app::check_dir(&layout)?;
+    if let Some(pid) = app::running_pid(&layout) {
+        return Err(format!(
+            "skr-emulator is already running for {} (pid {pid})",
+            layout.dir.display()
+        ));
+    }
+    let _ = std::fs::remove_file(layout.ready_file());
+    let stderr = std::fs::File::create(layout.stderr_file())
+        .map_err(|e| format!("cannot create {}: {e}", layout.stderr_file().display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["up", "--foreground", "--dir"])
+        .arg(&layout.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our session and terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the emulator: {e}"))?;
+    let started = Instant::now();
+    loop {
+        if layout.ready_file().exists() {
+            println!("skr-emulator is running (pid {}).", child.id());
+            println!("  source {}", layout.env_file().display());
+            print!(
+                "{}",
+                std::fs::read_to_string(layout.env_file()).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(layout.stderr_file()).unwrap_or_default();
+            return Err(format!(
+                "the emulator exited ({status}) during start-up:\n{}",
+                log.trim_end()
+            ));
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            return Err(format!(
+                "the emulator did not become ready within {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn down(layout: Layout) -> Result<(), String> {
+    if layout.dir.exists() && !layout.dir.is_dir() {
+        return Err(format!("{} is not a directory", layout.dir.display()));
+    }
+    let Some(pid) = app::running_pid(&layout) else {
+        let _ = std::fs::remove_file(layout.pid_file());
+        let _ = std::fs::remove_file(layout.ready_file());
+        println!("skr-emulator is not running for {}", layout.dir.display());
+        return Ok(());
+    };
+    // SAFETY: plain kill(2) to the pid the emulator recorded for itself.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let started = Instant::now();
+    while app::running_pid(&layout) == Some(pid) {
+        if started.elapsed() > Duration::from_secs(20) {
+            return Err(format!("pid {pid} did not stop within 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("skr-emulator stopped (pid {pid}).");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Up {
+            dir,
+            foreground,
+            timeout,
+        } => absolute(&dir).and_then(|dir| {
+            let layout = Layout::new(dir);
+            if foreground {
+                app::run_foreground(layout)
+            } else {
+                up_detached(layout, Duration::from_secs(timeout))
+            }
+        }),
+        Cmd::Down { dir } => absolute(&dir).and_then(|dir| down(Layout::new(dir))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skr-emulator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,807 @@
+//! The running emulator: shared state, start-up (state, ports, demo keys, generated files),
+//! the five servers, the platform and admin endpoints, and shutdown.
+
+use crate::admin::{generic_fault_response, Admin, Fault};
+use crate::keyvault::{self, KeysFile, Kind, TargetError};
+use crate::snp::{self, PlatformConfig};
+use crate::state::{self, Layout, Pki, Ports};
+use crate::util::{b64_lenient, b64std, b64url, now_secs, pem_encode, write_atomic};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use der::{Decode, Encode};
+use rsa::pkcs1::DecodeRsaPublicKey;
+use rsa::pkcs8::DecodePublicKey;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha384};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use x509_cert::Certificate;
+
+#[derive(Debug, Clone)]
+pub struct Urls {
+    pub maa: String,
+    pub vault: String,
+    pub mhsm: String,
+    pub imds: String,
+    pub platform: String,
+}
+
+pub struct App {
+    pub layout: Layout,
+    pub urls: Urls,
+    pub pki: Pki,
+    pub platform: PlatformConfig,
+    pub keys: Mutex<KeysFile>,
+    pub admin: Admin,
+    pub trusted_arks: Vec<(String, Certificate)>,
+    http: reqwest::Client,
+    jwks_cache: tokio::sync::Mutex<HashMap<String, (Instant, Vec<Value>)>>,
+}
+
+const JWKS_CACHE_TTL: Duration = Duration::from_secs(600);
+
+impl App {
+    pub fn persist_keys(&self, keys: &KeysFile) -> Result<(), String> {
+        state::write_json(&self.layout.keys_file(), keys)
+    }
+
+    /// IMDS THIM response for the simulated host.
+    pub fn thim_json(&self) -> Value {
+        let t = self.platform.tcb;
+        let tcbm = u64::from_le_bytes(snp::tcb_bytes_milan(t));
+        json!({
+            "vcekCert": pem_encode("CERTIFICATE", &self.pki.vcek_der),
+            "tcbm": format!("{tcbm:016X}"),
+            "certificateChain": self.pki.thim_chain_pem(),
+            "cacheControl": "86400",
+        })
+    }
+
+    async fn issuer_keys(&self, issuer: &str, refresh: bool) -> Result<Vec<Value>, String> {
+        let base = issuer.trim_end_matches('/').to_string();
+        if !refresh {
+            if let Some((at, keys)) = self.jwks_cache.lock().await.get(&base) {
+                if at.elapsed() < JWKS_CACHE_TTL {
+                    return Ok(keys.clone());
+                }
+            }
+        }
+        let config: Value = self
+            .http
+            .get(format!("{base}/.well-known/openid-configuration"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("cannot fetch {base}/.well-known/openid-configuration: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("openid-configuration of {base} is not JSON: {e}"))?;
+        let jwks_uri = config
+            .get("jwks_uri")
+            .and_then(Value::as_str)
+            .ok_or(format!("openid-configuration of {base} has no jwks_uri"))?;
+        let jwks: Value = self
+            .http
+            .get(jwks_uri)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("cannot fetch {jwks_uri}: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("{jwks_uri} is not JSON: {e}"))?;
+        let keys = jwks
+            .get("keys")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or(format!("{jwks_uri} has no keys"))?;
+        self.jwks_cache
+            .lock()
+            .await
+            .insert(base, (Instant::now(), keys.clone()));
+        Ok(keys)
+    }
+
+    /// Verifies a release `target` as AKV does: the issuer's openid-configuration and JWKS
+    /// (keys with kid, kty, x5c) over HTTPS, RS256, time. Returns the claims.
+    pub async fn verify_attestation_token(&self, token: &str) -> Result<Value, TargetError> {
+        let jws = crate::jwt::decode(token).map_err(TargetError::Malformed)?;
+        let issuer = jws
+            .payload
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or_else(|| TargetError::Malformed("token has no iss".into()))?
+            .to_string();
+        if !issuer.starts_with("https://") {
+            return Err(TargetError::Untrusted(format!(
+                "issuer {issuer} is not an https URL"
+            )));
+        }
+        let kid = jws
+            .header
+            .get("kid")
+            .and_then(Value::as_str)
+            .map(String::from);
+        let mut verified = false;
+        for refresh in [false, true] {
+            let keys = self
+                .issuer_keys(&issuer, refresh)
+                .await
+                .map_err(TargetError::Untrusted)?;
+            let matching: Vec<&Value> = match &kid {
+                Some(k)
+                    if keys
+                        .iter()
+                        .any(|j| j.get("kid").and_then(Value::as_str) == Some(k)) =>
+                {
+                    keys.iter()
+                        .filter(|j| j.get("kid").and_then(Value::as_str) == Some(k))
+                        .collect()
+                }
+                _ => keys.iter().collect(),
+            };
+            if matching
+                .iter()
+                .filter_map(|j| jwk_x5c_key(j))
+                .any(|key| jws.verify_rs256(&key).is_ok())
+            {
+                verified = true;
+                break;
+            }
+        }
+        if !verified {
+            return Err(TargetError::Untrusted(format!(
+                "the token signature does not verify with any signing key of {issuer}"
+            )));
+        }
+        let now = now_secs();
+        let exp = jws.payload.get("exp").and_then(Value::as_u64);
+        match exp {
+            Some(exp) if exp + 60 < now => {
+                return Err(TargetError::Untrusted(format!(
+                    "the attestation token expired at {}",
+                    crate::util::rfc3339(exp)
+                )))
+            }
+            None => {
+                return Err(TargetError::Untrusted(
+                    "the attestation token has no exp".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(nbf) = jws.payload.get("nbf").and_then(Value::as_u64) {
+            if nbf > now + 60 {
+                return Err(TargetError::Untrusted(
+                    "the attestation token is not valid yet (nbf)".into(),
+                ));
+            }
+        }
+        Ok(jws.payload)
+    }
+}
+
+/// The RSA key of a JWKS entry's `x5c[0]` (AKV requires x5c).
+fn jwk_x5c_key(jwk: &Value) -> Option<rsa::RsaPublicKey> {
+    let first = jwk.get("x5c")?.as_array()?.first()?.as_str()?;
+    let der = b64_lenient(first).ok()?;
+    let cert = Certificate::from_der(&der).ok()?;
+    let spki = cert.tbs_certificate.subject_public_key_info;
+    rsa::RsaPublicKey::from_public_key_der(&spki.to_der().ok()?)
+        .ok()
+        .or_else(|| rsa::RsaPublicKey::from_pkcs1_der(spki.subject_public_key.raw_bytes()).ok())
+}
+
+// ---- platform and admin endpoints ----------------------------------------------------------
+
+async fn platform_report(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    if let Some(f) = app.admin.take_fault("platform-report") {
+        if let Some(resp) = generic_fault_response(&f).await {
+            app.admin.log("platform", "fault", json!({"fault": f}));
+            return resp;
+        }
+    }
+    let bad = |m: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": "BadRequest", "message": m}})),
+        )
+            .into_response()
+    };
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("body is not JSON: {e}")),
+    };
+    let Some(rd) = request.get("report_data").and_then(Value::as_str) else {
+        return bad("report_data (base64url, 64 bytes) is required".into());
+    };
+    let rd = match b64_lenient(rd) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("report_data: {e}")),
+    };
+    let Ok(rd) = <[u8; 64]>::try_from(rd.as_slice()) else {
+        return bad(format!("report_data is {} bytes, expected 64", rd.len()));
+    };
+    match snp::build_report(&app.platform, &rd, &app.pki.vcek_key) {
+        Ok(report) => {
+            app.admin.log(
+                "platform",
+                "report",
+                json!({"report_data": hex::encode(rd)}),
+            );
+            Json(json!({"report": b64url(&report), "vcek_cert_chain": app.pki.vcek_chain_pem()}))
+                .into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": {"code": "InternalError", "message": e}})),
+        )
+            .into_response(),
+    }
+}
+
+async fn admin_counters(State(app): State<Arc<App>>) -> Response {
+    Json(app.admin.counters_json()).into_response()
+}
+
+async fn admin_reset(State(app): State<Arc<App>>) -> Response {
+    app.admin.reset_counters();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_add_fault(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let fault: Fault = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("bad fault: {e}")})),
+            )
+                .into_response()
+        }
+    };
+    if let Err(e) = fault.validate() {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response();
+    }
+    app.admin
+        .log("admin", "fault-added", json!({"fault": fault}));
+    app.admin.add_fault(fault);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_clear_faults(State(app): State<Arc<App>>) -> Response {
+    app.admin.clear_faults();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_log(State(app): State<Arc<App>>) -> Response {
+    (
+        [("content-type", "application/x-ndjson")],
+        app.admin.log_text(),
+    )
+        .into_response()
+}
+
+fn platform_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/platform/snp/report", post(platform_report))
+        .route("/admin/counters", get(admin_counters))
+        .route("/admin/counters/reset", post(admin_reset))
+        .route(
+            "/admin/faults",
+            post(admin_add_fault).delete(admin_clear_faults),
+        )
+        .route("/admin/log", get(admin_log))
+        .with_state(app)
+}
+
+fn imds_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metadata/identity/oauth2/token", get(crate::imds::token))
+        .route("/metadata/THIM/amd/certification", get(crate::imds::thim))
+        .with_state(app)
+}
+
+// ---- start-up ------------------------------------------------------------------------------
+
+pub fn check_dir(layout: &Layout) -> Result<(), String> {
+    let dir = &layout.dir;
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!("{} exists and is not a directory", dir.display()));
+    }
+    std::fs::create_dir_all(layout.state()).map_err(|e| {
+        format!(
+            "cannot use {} as the emulator directory: {e}",
+            dir.display()
+        )
+    })?;
+    let probe = layout.state().join(".write-probe");
+    std::fs::write(&probe, b"").map_err(|e| format!("{} is not writable: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// The pid of a live emulator owning this directory, if any.
+pub fn running_pid(layout: &Layout) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(layout.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    alive.then_some(pid)
+}
+
+const PORT_NAMES: [&str; 5] = ["MAA", "Key Vault", "Managed HSM", "IMDS", "platform"];
+
+fn bind_ports(layout: &Layout) -> Result<(Ports, Vec<TcpListener>), String> {
+    let saved: Option<Ports> = state::read_json(&layout.ports_file())?;
+    let mut listeners = Vec::new();
+    match saved {
+        Some(p) => {
+            for (name, port) in PORT_NAMES
+                .iter()
+                .zip([p.maa, p.vault, p.mhsm, p.imds, p.platform])
+            {
+                let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
+                    format!(
+                        "cannot listen on 127.0.0.1:{port} for {name} ({e}). Another process uses the port; stop it, \
+                         or delete {} to choose new ports (then recreate keys whose release policy names the old MAA URL)",
+                        layout.ports_file().display()
+                    )
+                })?;
+                listeners.push(l);
+            }
+            Ok((p, listeners))
+        }
+        None => {
+            for _ in 0..5 {
+                listeners.push(
+                    TcpListener::bind(("127.0.0.1", 0))
+                        .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?,
+                );
+            }
+            let port = |i: usize| listeners[i].local_addr().map(|a| a.port()).unwrap_or(0);
+            let p = Ports {
+                maa: port(0),
+                vault: port(1),
+                mhsm: port(2),
+                imds: port(3),
+                platform: port(4),
+            };
+            state::write_json(&layout.ports_file(), &p)?;
+            Ok((p, listeners))
+        }
+    }
+}
+
+fn demo_policy(app: &App, extra: Option<Value>) -> Result<Value, String> {
+    let host_data = app.platform.host_data()?;
+    let compliance = if host_data.iter().any(|b| *b != 0) {
+        "azure-compliant-uvm"
+    } else {
+        "azure-compliant-cvm"
+    };
+    let mut all = vec![
+        json!({"claim": "x-ms-attestation-type", "equals": "sevsnpvm"}),
+        json!({"claim": "x-ms-compliance-status", "equals": compliance}),
+        json!({"claim": "x-ms-sevsnpvm-hostdata", "equals": hex::encode(host_data)}),
+        json!({"claim": "x-ms-sevsnpvm-is-debuggable", "equals": false}),
+        json!({"claim": "x-ms-sevsnpvm-vmpl", "equals": 0}),
+    ];
+    all.extend(extra);
+    Ok(json!({"version": "1.0.0", "anyOf": [{"authority": app.urls.maa, "allOf": all}]}))
+}
+
+struct DemoKey {
+    kind: Kind,
+    name: &'static str,
+    kty: &'static str,
+    size: Option<u64>,
+    crv: Option<&'static str>,
+    denied: bool,
+}
+
+const DEMO_KEYS: [DemoKey; 4] = [
+    DemoKey {
+        kind: Kind::Vault,
+        name: "tls-rsa",
+        kty: "RSA-HSM",
+        size: Some(2048),
+        crv: None,
+        denied: false,
+    },
+    DemoKey {
+        kind: Kind::Vault,
+        name: "tls-ec",
+        kty: "EC-HSM",
+        size: None,
+        crv: Some("P-256"),
+        denied: false,
+    },
+    DemoKey {
+        kind: Kind::Vault,
+        name: "denied-rsa",
+        kty: "RSA-HSM",
+        size: Some(2048),
+        crv: None,
+        denied: true,
+    },
+    DemoKey {
+        kind: Kind::Mhsm,
+        name: "data-aes",
+        kty: "oct-HSM",
+        size: Some(256),
+        crv: None,
+        denied: false,
+    },
+];
+
+/// Creates the demo keys that do not exist yet (through the same create path as the REST API).
+fn provision_demo_keys(app: &Arc<App>) -> Result<(), String> {
+    for demo in &DEMO_KEYS {
+        let exists = app
+            .keys
+            .lock()
+            .map_err(|_| "state lock")?
+            .store(demo.kind)
+            .keys
+            .contains_key(demo.name);
+        if exists {
+            continue;
+        }
+        // The denied key asks for a launch measurement the simulated guest does not have.
+        let extra = demo.denied.then(|| {
+            let other = Sha384::digest(b"skr-emulator: a different launch measurement");
+            json!({"claim": "x-ms-sevsnpvm-launchmeasurement", "equals": hex::encode(other)})
+        });
+        let policy = demo_policy(app, extra)?;
+        let mut body = json!({
+            "kty": demo.kty,
+            "attributes": {"exportable": true},
+            "release_policy": {"contentType": "application/json; charset=utf-8", "data": b64url(policy.to_string().as_bytes())},
+        });
+        if let Some(size) = demo.size {
+            body["key_size"] = json!(size);
+        }
+        if let Some(crv) = demo.crv {
+            body["crv"] = json!(crv);
+        }
+        let svc = keyvault::Service {
+            app: app.clone(),
+            kind: demo.kind,
+        };
+        keyvault::create(&svc, demo.name, &body, true)
+            .map_err(|e| format!("provisioning {}: {}", demo.name, e.message()))?;
+    }
+    Ok(())
+}
+
+/// `DIR/certs/<name>.pem` (leaf then CA) for the demo TLS keys, re-issued when the key changed.
+fn write_demo_certs(app: &App) -> Result<(), String> {
+    let dir = app.layout.certs_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let keys = app.keys.lock().map_err(|_| "state lock")?;
+    for name in ["tls-rsa", "tls-ec"] {
+        let Some(current) = keys.vault.keys.get(name).and_then(|v| v.last()) else {
+            continue;
+        };
+        let Some(spki) = keyvault::public_spki(current) else {
+            continue;
+        };
+        let path = dir.join(format!("{name}.pem"));
+        let up_to_date = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| Certificate::load_pem_chain(&pem).ok())
+            .and_then(|chain| chain.into_iter().next())
+            .map(|leaf| leaf.tbs_certificate.subject_public_key_info == spki)
+            .unwrap_or(false);
+        if up_to_date {
+            continue;
+        }
+        let leaf = crate::pki::issue_server_leaf(
+            &app.pki.ca_cert,
+            &app.pki.ca_key,
+            "localhost",
+            spki,
+            name == "tls-rsa",
+        )?;
+        let text = pem_encode("CERTIFICATE", &crate::pki::cert_der(&leaf)?) + &app.pki.ca_pem();
+        write_atomic(&path, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn shell_value(text: &str) -> String {
+    if text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/:._-+,=@".contains(c))
+    {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+fn write_files(app: &App) -> Result<(), String> {
+    let l = &app.layout;
+    let w = |path: std::path::PathBuf, text: &str| {
+        write_atomic(&path, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    w(l.ca_file(), &app.pki.ca_pem())?;
+    write_demo_certs(app)?;
+
+    let sc = l.security_context_dir();
+    std::fs::create_dir_all(&sc).map_err(|e| format!("cannot create {}: {e}", sc.display()))?;
+    w(
+        sc.join("host-amd-cert-base64"),
+        &b64std(app.thim_json().to_string().as_bytes()),
+    )?;
+    w(
+        sc.join("security-policy-base64"),
+        &b64std(app.platform.security_policy.as_bytes()),
+    )?;
+    w(
+        sc.join("reference-info-base64"),
+        &b64std(&crate::cose::reference_info(app)?),
+    )?;
+
+    let dir = l.dir.display().to_string();
+    let env = [
+        ("SKR_PKCS11_CONFIG", l.config_file().display().to_string()),
+        ("SKR_EMULATOR_MAA_URL", app.urls.maa.clone()),
+        ("SKR_EMULATOR_VAULT_URL", app.urls.vault.clone()),
+        ("SKR_EMULATOR_MHSM_URL", app.urls.mhsm.clone()),
+        ("SKR_EMULATOR_IMDS_URL", app.urls.imds.clone()),
+        ("SKR_EMULATOR_PLATFORM_URL", app.urls.platform.clone()),
+        ("SKR_EMULATOR_CA", l.ca_file().display().to_string()),
+        ("SKR_EMULATOR_DIR", dir),
+        ("UVM_SECURITY_CONTEXT_DIR", sc.display().to_string()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
+    .collect::<String>();
+    w(l.env_file(), &env)?;
+
+    let u = &app.urls;
+    let config = format!(
+        r#"# Written by skr-emulator for the emulator in this directory.
+[logging]
+level = "info"
+target = "stderr"
+
+[platform]
+evidence = "emulated"
+emulator_url = "{platform}"
+imds_url = "{imds}"
+
+[attestation]
+url = "{maa}"
+
+[identity]
+source = "imds"
+imds_url = "{imds}"
+
+[tls]
+ca_file = "ca.pem"
+
+[[token]]
+label = "skr-demo"
+serial = "skr-demo-0001"
+
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "{vault}/keys/tls-rsa"
+certificate = "certs/tls-rsa.pem"
+allow_rsa_pkcs_decrypt = true
+
+[[token.key]]
+label = "tls-ec"
+id = "02"
+kid = "{vault}/keys/tls-ec"
+certificate = "certs/tls-ec.pem"
+
+[[token.key]]
+label = "data-aes"
+id = "03"
+kid = "{mhsm}/keys/data-aes"
+
+[[token]]
+label = "skr-denied"
+serial = "skr-denied-0001"
+
+[[token.key]]
+label = "denied-rsa"
+id = "04"
+kid = "{vault}/keys/denied-rsa"
+"#,
+        platform = u.platform,
+        imds = u.imds,
+        maa = u.maa,
+        vault = u.vault,
+        mhsm = u.mhsm,
+    );
+    w(l.config_file(), &config)?;
+    Ok(())
+}
+
+fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let chain = vec![
+        CertificateDer::from(pki.tls_cert_der.clone()),
+        CertificateDer::from(pki.ca_der.clone()),
+    ];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.tls_key_pkcs8.clone()));
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("TLS server certificate: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(pki.ca_der.clone()))
+        .map_err(|e| format!("emulator CA: {e}"))?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((server, client))
+}
+
+/// Runs the emulator in this process until SIGTERM / SIGINT.
+pub fn run_foreground(layout: Layout) -> Result<(), String> {
+    check_dir(&layout)?;
+    if let Some(pid) = running_pid(&layout) {
+        if pid != std::process::id() as i32 {
+            return Err(format!(
+                "skr-emulator is already running for {} (pid {pid}); run `skr-emulator down --dir {}` first",
+                layout.dir.display(),
+                layout.dir.display()
+            ));
+        }
+    }
+    // Read every state file before changing anything, so a corrupt one stops us cleanly.
+    let platform = state::load_platform(&layout)?;
+    let keys: KeysFile = state::read_json(&layout.keys_file())?.unwrap_or_default();
+    let _: Option<Ports> = state::read_json(&layout.ports_file())?;
+    let pki = Pki::load_or_create(&layout, &platform)?;
+    let (ports, listeners) = bind_ports(&layout)?;
+    let (server_tls, client_tls) = tls_configs(&pki)?;
+    let https = |p: u16| format!("https://127.0.0.1:{p}");
+    let urls = Urls {
+        maa: https(ports.maa),
+        vault: https(ports.vault),
+        mhsm: https(ports.mhsm),
+        imds: format!("http://127.0.0.1:{}", ports.imds),
+        platform: https(ports.platform),
+    };
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(client_tls)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
+    let trusted_arks = crate::maa::trusted_arks(&pki.ark_der);
+    let app = Arc::new(App {
+        admin: Admin::new(layout.log_file()),
+        layout: layout.clone(),
+        urls,
+        pki,
+        platform,
+        keys: Mutex::new(keys),
+        trusted_arks,
+        http,
+        jwks_cache: tokio::sync::Mutex::new(HashMap::new()),
+    });
+    provision_demo_keys(&app)?;
+    write_files(&app)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(serve(app, listeners, server_tls))
+}
+
+async fn serve(
+    app: Arc<App>,
+    listeners: Vec<TcpListener>,
+    tls: rustls::ServerConfig,
+) -> Result<(), String> {
+    for l in &listeners {
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    }
+    let mut listeners = listeners.into_iter();
+    let mut next = || listeners.next().ok_or("listener");
+    let (maa_l, vault_l, mhsm_l, imds_l, platform_l) =
+        (next()?, next()?, next()?, next()?, next()?);
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+    let handle = axum_server::Handle::new();
+
+    let maa = Router::new()
+        .fallback(crate::maa::dispatch)
+        .with_state(app.clone());
+    let vault = Router::new()
+        .fallback(keyvault::dispatch)
+        .with_state(keyvault::Service {
+            app: app.clone(),
+            kind: Kind::Vault,
+        });
+    let mhsm = Router::new()
+        .fallback(keyvault::dispatch)
+        .with_state(keyvault::Service {
+            app: app.clone(),
+            kind: Kind::Mhsm,
+        });
+    let mut tasks = Vec::new();
+    for (listener, router) in [
+        (maa_l, maa),
+        (vault_l, vault),
+        (mhsm_l, mhsm),
+        (platform_l, platform_router(app.clone())),
+    ] {
+        let server = axum_server::from_tcp_rustls(listener, tls.clone()).handle(handle.clone());
+        tasks.push(tokio::spawn(server.serve(router.into_make_service())));
+    }
+    let imds_listener = tokio::net::TcpListener::from_std(imds_l).map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let imds_app = app.clone();
+    let imds_task = tokio::spawn(async move {
+        axum::serve(imds_listener, imds_router(imds_app))
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+
+    let layout = app_layout_files(&app);
+    std::fs::write(&layout.0, std::process::id().to_string())
+        .map_err(|e| format!("cannot write {}: {e}", layout.0.display()))?;
+    std::fs::write(&layout.1, std::process::id().to_string())
+        .map_err(|e| format!("cannot write {}: {e}", layout.1.display()))?;
+    app.admin.log(
+        "emulator",
+        "started",
+        json!({"urls": {
+        "maa": app.urls.maa, "vault": app.urls.vault, "mhsm": app.urls.mhsm,
+        "imds": app.urls.imds, "platform": app.urls.platform}}),
+    );
+    eprintln!(
+        "skr-emulator running: MAA {} vault {} mHSM {} IMDS {} platform {}",
+        app.urls.maa, app.urls.vault, app.urls.mhsm, app.urls.imds, app.urls.platform
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    app.admin.log("emulator", "stopping", json!({}));
+    handle.graceful_shutdown(Some(Duration::from_secs(3)));
+    let _ = stop_tx.send(());
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), imds_task).await;
+    let _ = std::fs::remove_file(&layout.1);
+    let _ = std::fs::remove_file(&layout.0);
+    Ok(())
+}
+
+fn app_layout_files(app: &App) -> (std::path::PathBuf, std::path::PathBuf) {
+    (app.layout.pid_file(), app.layout.ready_file())
+}

@@ -1,0 +1,220 @@
+//! Azure Instance Metadata Service: managed-identity tokens (issued by an emulator "Entra"
+//! key, accepted by the emulator's vault and managed HSM) and THIM AMD collateral.
+
+use crate::admin::generic_fault_response;
+use crate::app::App;
+use crate::util::{b64url, now_secs};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rsa::traits::PublicKeyParts;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// The emulator's tenant (appears in tokens and in the vault's WWW-Authenticate challenge).
+pub const TENANT_ID: &str = "5e1c0de5-0000-4e6f-8a1d-736b72656d75";
+/// The system-assigned identity the emulated VM has.
+pub const SYSTEM_OBJECT_ID: &str = "0b1ec7ed-5e1f-4a55-9a6e-736b72656d75";
+pub const SYSTEM_CLIENT_ID: &str = "c1e47001-5e1f-4a55-9a6e-736b72656d75";
+const TOKEN_LIFETIME_SECS: u64 = 86399;
+
+fn imds_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
+}
+
+fn metadata_ok(headers: &HeaderMap) -> bool {
+    headers.get("metadata").and_then(|v| v.to_str().ok()) == Some("true")
+}
+
+fn query(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), percent_decode(v)))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex_val = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn entra_kid(app: &App) -> String {
+    let n = app.pki.entra_key.n().to_bytes_be();
+    b64url(&Sha256::digest(&n)[..20])
+}
+
+pub async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
+    if let Some(f) = app.admin.take_fault("imds-token") {
+        if let Some(resp) = generic_fault_response(&f).await {
+            app.admin.log("imds", "fault", json!({"fault": f}));
+            return resp;
+        }
+    }
+    if !metadata_ok(&headers) {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required metadata header not specified",
+        );
+    }
+    let params = query(&uri);
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    if get("api-version").filter(|v| !v.is_empty()).is_none() {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required query variable 'api-version' is missing",
+        );
+    }
+    let Some(resource) = get("resource").filter(|r| !r.is_empty()) else {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required audience parameter not specified",
+        );
+    };
+    if !(resource.starts_with("https://") || resource.starts_with("api://")) {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            "AADSTS500011: The resource principal named was not found in the tenant",
+        );
+    }
+    let selectors: Vec<(String, String)> = ["client_id", "object_id", "msi_res_id"]
+        .iter()
+        .filter_map(|s| get(s).map(|v| (s.to_string(), v)))
+        .collect();
+    if selectors.len() > 1 {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Only one of client_id, object_id or msi_res_id may be specified",
+        );
+    }
+    // Any user-assigned identity asked for is "assigned" to the emulated VM.
+    let (client_id, object_id) = match selectors.first() {
+        Some((k, v)) if k == "client_id" => (v.clone(), format!("oid-of-{v}")),
+        Some((k, v)) if k == "object_id" => (format!("appid-of-{v}"), v.clone()),
+        Some((_, v)) => (
+            format!(
+                "appid-of-{}",
+                hex::encode(&Sha256::digest(v.as_bytes())[..8])
+            ),
+            format!("oid-of-{}", hex::encode(&Sha256::digest(v.as_bytes())[..8])),
+        ),
+        None => (SYSTEM_CLIENT_ID.to_string(), SYSTEM_OBJECT_ID.to_string()),
+    };
+    let now = now_secs();
+    let exp = now + TOKEN_LIFETIME_SECS;
+    let header =
+        json!({"typ": "JWT", "alg": "RS256", "kid": entra_kid(&app), "x5t": entra_kid(&app)});
+    let claims = json!({
+        "aud": resource,
+        "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "iat": now, "nbf": now, "exp": exp,
+        "aio": "skr-emulator",
+        "appid": client_id, "appidacr": "2",
+        "idp": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "oid": object_id, "sub": object_id, "tid": TENANT_ID,
+        "ver": "1.0",
+        "xms_mirid": format!("/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/skr-emulator/providers/Microsoft.Compute/virtualMachines/skr-emulator-vm"),
+    });
+    let access_token = crate::jwt::sign_rs256(&header, &claims, &app.pki.entra_key);
+    app.admin.count(|c| c.tokens += 1);
+    app.admin.log(
+        "imds",
+        "token",
+        json!({"resource": resource, "client_id": client_id}),
+    );
+    Json(json!({
+        "access_token": access_token,
+        "client_id": client_id,
+        "expires_in": TOKEN_LIFETIME_SECS.to_string(),
+        "expires_on": exp.to_string(),
+        "ext_expires_in": TOKEN_LIFETIME_SECS.to_string(),
+        "not_before": now.to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+        "refresh_token": "",
+    }))
+    .into_response()
+}
+
+/// Checks an access token as the vault does: signature by the emulator's Entra key, time, and
+/// audience (with or without a trailing slash). Err carries an AKV-style message.
+pub fn verify_access_token(app: &App, token: &str, audience: &str) -> Result<(), String> {
+    let jws = crate::jwt::decode(token).map_err(|e| format!("AKV10021: Invalid token: {e}"))?;
+    jws.verify_rs256(&app.pki.entra_key.to_public_key())
+        .map_err(|_| "AKV10032: Invalid issuer or signature: the token was not issued by this tenant's identity provider.".to_string())?;
+    let now = now_secs();
+    let exp = jws.payload.get("exp").and_then(Value::as_u64).unwrap_or(0);
+    if exp + 300 < now {
+        return Err("AKV10029: Token expired.".into());
+    }
+    let aud = jws
+        .payload
+        .get("aud")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if aud.trim_end_matches('/') != audience {
+        return Err(format!(
+            "AKV10022: Invalid audience. Expected {audience}, found: {aud}."
+        ));
+    }
+    Ok(())
+}
+
+pub async fn thim(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !metadata_ok(&headers) {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required metadata header not specified",
+        );
+    }
+    Json(app.thim_json()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("https%3A%2F%2Fvault.azure.net"),
+            "https://vault.azure.net"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("plain"), "plain");
+    }
+}

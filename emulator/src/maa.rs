@@ -1,0 +1,624 @@
+//! Microsoft Azure Attestation, SEV-SNP flavour: verifies real evidence (AMD chain to a trusted
+//! ARK, VCEK extensions, report signature over the raw bytes, runtime-data binding) and issues
+//! an RS256 token with the claims MAA derives (skr-protocol.md §8–§10).
+
+use crate::admin::{generic_fault_response, FaultKind};
+use crate::app::App;
+use crate::pki;
+use crate::snp::{self, Generation, Report};
+use crate::util::{b64_lenient, b64std, b64url, now_secs, random_hex};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use der::{Decode, Encode};
+use rsa::pkcs1::DecodeRsaPublicKey;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256, Sha384};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+use x509_cert::Certificate;
+
+/// MAA tokens live 8 hours (not configurable on the real service either).
+pub const TOKEN_LIFETIME_SECS: u64 = 8 * 3600;
+
+/// The attestation policy text the emulator's provider "runs"; only its hash is visible, as
+/// `x-ms-policy-hash` = BASE64URL(SHA256(UTF8(BASE64URL(UTF8(policy))))).
+pub const ATTESTATION_POLICY: &str =
+    "version= 1.0;\nauthorizationrules\n{\n    => permit();\n};\nissuancerules\n{\n};\n";
+
+pub fn policy_hash() -> String {
+    b64url(&Sha256::digest(
+        b64url(ATTESTATION_POLICY.as_bytes()).as_bytes(),
+    ))
+}
+
+fn maa_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+/// VCEK extensions by OID (SPLs are DER INTEGERs; hwID is raw bytes).
+pub struct VcekExtensions {
+    pub spls: BTreeMap<String, u8>,
+    pub hwid: Option<Vec<u8>>,
+    pub product: Option<String>,
+}
+
+impl VcekExtensions {
+    pub fn spl(&self, oid: const_oid::ObjectIdentifier) -> Option<u8> {
+        self.spls.get(&oid.to_string()).copied()
+    }
+}
+
+pub fn vcek_extensions(cert: &Certificate) -> Result<VcekExtensions, String> {
+    let mut out = VcekExtensions {
+        spls: BTreeMap::new(),
+        hwid: None,
+        product: None,
+    };
+    for ext in cert.tbs_certificate.extensions.iter().flatten() {
+        let oid = ext.extn_id;
+        let value = ext.extn_value.as_bytes();
+        if oid == pki::OID_AMD_HWID {
+            out.hwid = Some(value.to_vec());
+        } else if oid == pki::OID_AMD_PRODUCT_NAME {
+            out.product = der::asn1::Ia5String::from_der(value)
+                .map(|s| s.to_string())
+                .ok();
+        } else if oid.to_string().starts_with("1.3.6.1.4.1.3704.1.3.") {
+            let n = u32::from_der(value)
+                .map_err(|e| format!("VCEK extension {oid}: not a DER INTEGER ({e})"))?;
+            let n = u8::try_from(n)
+                .map_err(|_| format!("VCEK extension {oid}: SPL {n} out of range"))?;
+            out.spls.insert(oid.to_string(), n);
+        }
+    }
+    Ok(out)
+}
+
+const OID_RSASSA_PSS: const_oid::ObjectIdentifier =
+    const_oid::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10");
+
+/// RSA-PSS SHA-384 (salt 48) signature of `subject` by `issuer`'s key, as AMD signs.
+fn verify_pss_link(issuer: &Certificate, subject: &Certificate, what: &str) -> Result<(), String> {
+    if subject.signature_algorithm.oid != OID_RSASSA_PSS {
+        return Err(format!(
+            "{what}: signature algorithm {} is not RSASSA-PSS",
+            subject.signature_algorithm.oid
+        ));
+    }
+    if subject.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return Err(format!(
+            "{what}: issuer name does not match the issuing certificate"
+        ));
+    }
+    // The ARK / ASK key is often labelled with the PSS OID rather than rsaEncryption, so read
+    // the PKCS#1 key directly.
+    let key_bytes = issuer
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes();
+    let key = rsa::RsaPublicKey::from_pkcs1_der(key_bytes)
+        .map_err(|e| format!("{what}: issuer key is not RSA ({e})"))?;
+    let tbs = subject
+        .tbs_certificate
+        .to_der()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let sig = subject.signature.raw_bytes();
+    let digest = Sha384::digest(&tbs);
+    key.verify(rsa::Pss::new_with_salt::<Sha384>(48), &digest, sig)
+        .map_err(|_| format!("{what}: RSA-PSS SHA-384 signature does not verify"))
+}
+
+fn check_validity(cert: &Certificate, what: &str) -> Result<(), String> {
+    let now = SystemTime::now();
+    let v = &cert.tbs_certificate.validity;
+    if now < v.not_before.to_system_time() || now > v.not_after.to_system_time() {
+        return Err(format!(
+            "{what} is outside its validity period ({} – {})",
+            v.not_before, v.not_after
+        ));
+    }
+    Ok(())
+}
+
+fn spki_der(cert: &Certificate) -> Vec<u8> {
+    cert.tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .unwrap_or_default()
+}
+
+/// AMD's real ARKs (Milan, Genoa, Turin; from the sev crate) plus the emulator's own.
+pub fn trusted_arks(own_ark_der: &[u8]) -> Vec<(String, Certificate)> {
+    let mut roots = Vec::new();
+    for (name, pem) in [
+        ("AMD ARK-Milan", sev::certs::snp::builtin::milan::ARK),
+        ("AMD ARK-Genoa", sev::certs::snp::builtin::genoa::ARK),
+        ("AMD ARK-Turin", sev::certs::snp::builtin::turin::ARK),
+    ] {
+        if let Ok(cert) = Certificate::load_pem_chain(pem).map(|mut v| v.remove(0)) {
+            roots.push((name.to_string(), cert));
+        }
+    }
+    if let Ok(cert) = Certificate::from_der(own_ark_der) {
+        roots.push(("skr-emulator simulated ARK".to_string(), cert));
+    }
+    roots
+}
+
+pub struct VerifiedEvidence {
+    pub report: Vec<u8>,
+    pub generation: Generation,
+    pub root: String,
+}
+
+/// The full SEV-SNP evidence check MAA performs, on the raw report bytes.
+pub fn verify_evidence(
+    report: &[u8],
+    chain_pem: &[u8],
+    roots: &[(String, Certificate)],
+) -> Result<VerifiedEvidence, String> {
+    if report.len() != snp::REPORT_LEN {
+        return Err(format!(
+            "SnpReport is {} bytes, expected {}",
+            report.len(),
+            snp::REPORT_LEN
+        ));
+    }
+    let view = Report(report);
+    if view.version() < 1 || view.version() > 5 {
+        return Err(format!("unsupported SNP report version {}", view.version()));
+    }
+    if view.signature_algo() != 1 {
+        return Err(format!(
+            "unsupported report signature algorithm {}",
+            view.signature_algo()
+        ));
+    }
+    let key_info = view.key_info();
+    if key_info & 0b10 != 0 {
+        return Err("report has MASK_CHIP_KEY set: it carries no signature".into());
+    }
+    if (key_info >> 2) & 0b111 != 0 {
+        return Err(
+            "report is not signed by a VCEK (VLEK-signed reports are not supported)".into(),
+        );
+    }
+    let certs = Certificate::load_pem_chain(chain_pem)
+        .map_err(|e| format!("VcekCertChain is not a PEM certificate chain: {e}"))?;
+    if certs.len() < 2 {
+        return Err(format!(
+            "VcekCertChain holds {} certificate(s); expected VCEK, ASK and ARK",
+            certs.len()
+        ));
+    }
+    let vcek = &certs[0];
+    let ask = &certs[1];
+    let ark = match certs.get(2) {
+        Some(ark) => ark.clone(),
+        None => roots
+            .iter()
+            .find(|(_, r)| r.tbs_certificate.subject == ask.tbs_certificate.issuer)
+            .map(|(_, r)| r.clone())
+            .ok_or("VcekCertChain has no ARK and the ASK's issuer is not a trusted root")?,
+    };
+    let ark_spki = spki_der(&ark);
+    let root = roots
+        .iter()
+        .find(|(_, r)| spki_der(r) == ark_spki)
+        .map(|(name, _)| name.clone())
+        .ok_or("the ARK in VcekCertChain is not a trusted AMD root")?;
+    verify_pss_link(&ark, &ark, "ARK self-signature")?;
+    verify_pss_link(&ark, ask, "ASK signature by the ARK")?;
+    verify_pss_link(ask, vcek, "VCEK signature by the ASK")?;
+    check_validity(&ark, "ARK")?;
+    check_validity(ask, "ASK")?;
+    check_validity(vcek, "VCEK")?;
+
+    let ext = vcek_extensions(vcek)?;
+    let generation = view.generation(ext.product.as_deref());
+    let hwid = ext.hwid.as_deref().ok_or("VCEK has no hwID extension")?;
+    let chip = view.chip_id();
+    let hw_match = match generation {
+        Generation::Turin => hwid.len() >= 8 && hwid[..8] == chip[..8],
+        _ => hwid == chip,
+    };
+    if !hw_match {
+        return Err("VCEK hwID does not match the report's CHIP_ID".into());
+    }
+    let tcb = snp::decode_tcb(view.reported_tcb(), generation);
+    let expected = [
+        ("blSPL", pki::OID_AMD_BL_SPL, tcb.bootloader),
+        ("teeSPL", pki::OID_AMD_TEE_SPL, tcb.tee),
+        ("snpSPL", pki::OID_AMD_SNP_SPL, tcb.snp),
+        ("ucodeSPL", pki::OID_AMD_UCODE_SPL, tcb.microcode),
+    ];
+    for (label, oid, want) in expected {
+        match ext.spl(oid) {
+            Some(have) if have == want => {}
+            Some(have) => {
+                return Err(format!(
+                    "VCEK {label} {have} does not match REPORTED_TCB ({want})"
+                ))
+            }
+            None => return Err(format!("VCEK has no {label} extension")),
+        }
+    }
+    if let (Generation::Turin, Some(fmc)) = (generation, tcb.fmc) {
+        if ext.spl(pki::OID_AMD_FMC_SPL) != Some(fmc) {
+            return Err("VCEK fmcSPL does not match REPORTED_TCB".into());
+        }
+    }
+    let vcek_key = p384::ecdsa::VerifyingKey::from_sec1_bytes(
+        vcek.tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes(),
+    )
+    .map_err(|_| "VCEK public key is not a P-384 point")?;
+    snp::verify_report_signature(report, &vcek_key)?;
+    Ok(VerifiedEvidence {
+        report: report.to_vec(),
+        generation,
+        root,
+    })
+}
+
+/// The `x-ms-sevsnpvm-*` family, exactly as MAA derives it (SVNs from REPORTED_TCB).
+pub fn sevsnp_claims(evidence: &VerifiedEvidence) -> Map<String, Value> {
+    let r = Report(&evidence.report);
+    let tcb = snp::decode_tcb(r.reported_tcb(), evidence.generation);
+    let policy = r.policy();
+    let mut c = Map::new();
+    c.insert(
+        "x-ms-sevsnpvm-authorkeydigest".into(),
+        json!(hex::encode(r.author_key_digest())),
+    );
+    c.insert("x-ms-sevsnpvm-bootloader-svn".into(), json!(tcb.bootloader));
+    c.insert(
+        "x-ms-sevsnpvm-familyId".into(),
+        json!(hex::encode(r.family_id())),
+    );
+    c.insert("x-ms-sevsnpvm-guestsvn".into(), json!(r.guest_svn()));
+    c.insert(
+        "x-ms-sevsnpvm-hostdata".into(),
+        json!(hex::encode(r.host_data())),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-idkeydigest".into(),
+        json!(hex::encode(r.id_key_digest())),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-imageId".into(),
+        json!(hex::encode(r.image_id())),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-is-debuggable".into(),
+        json!(policy & snp::POLICY_DEBUG != 0),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-launchmeasurement".into(),
+        json!(hex::encode(r.measurement())),
+    );
+    c.insert("x-ms-sevsnpvm-microcode-svn".into(), json!(tcb.microcode));
+    c.insert(
+        "x-ms-sevsnpvm-migration-allowed".into(),
+        json!(policy & snp::POLICY_MIGRATE_MA != 0),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-reportdata".into(),
+        json!(hex::encode(r.report_data())),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-reportid".into(),
+        json!(hex::encode(r.report_id())),
+    );
+    c.insert(
+        "x-ms-sevsnpvm-smt-allowed".into(),
+        json!(policy & snp::POLICY_SMT != 0),
+    );
+    c.insert("x-ms-sevsnpvm-snpfw-svn".into(), json!(tcb.snp));
+    c.insert("x-ms-sevsnpvm-tee-svn".into(), json!(tcb.tee));
+    c.insert("x-ms-sevsnpvm-vmpl".into(), json!(r.vmpl()));
+    c
+}
+
+/// Emulator rule for `x-ms-compliance-status` (the real service decides by its own evaluation
+/// of UVM endorsements and platform policy, which is not public): a guest launched with
+/// HOST_DATA (ACI / confidential containers: the security-policy hash) is a compliant UVM, one
+/// without (HCL-based CVM reports) a compliant CVM. Both published samples follow this rule.
+pub fn compliance_status(report: &[u8]) -> &'static str {
+    if Report(report).host_data().iter().any(|b| *b != 0) {
+        "azure-compliant-uvm"
+    } else {
+        "azure-compliant-cvm"
+    }
+}
+
+/// Recursively sorts object members: MAA re-serialises runtime data with sorted members.
+pub fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(list) => Value::Array(list.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+struct DataBlob {
+    bytes: Vec<u8>,
+    json: Option<Value>,
+}
+
+fn parse_data(value: &Value, what: &str) -> Result<DataBlob, String> {
+    let data = value
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or(format!("{what}.data is missing"))?;
+    let bytes = b64_lenient(data).map_err(|e| format!("{what}.data: {e}"))?;
+    let data_type = value
+        .get("dataType")
+        .and_then(Value::as_str)
+        .unwrap_or("Binary");
+    let json = if data_type.eq_ignore_ascii_case("json") {
+        Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{what}: dataType is JSON but data is not JSON ({e})"))?,
+        )
+    } else if data_type.eq_ignore_ascii_case("binary") {
+        None
+    } else {
+        return Err(format!(
+            "{what}.dataType {data_type:?} is neither Binary nor JSON"
+        ));
+    };
+    Ok(DataBlob { bytes, json })
+}
+
+pub struct AttestOutcome {
+    pub claims: Map<String, Value>,
+    /// Name of the trusted ARK the evidence chains to.
+    pub root: String,
+}
+
+/// Everything of `POST /attest/SevSnpVm` except HTTP: request JSON in, claims out.
+pub fn attest_sevsnp(
+    body: &Value,
+    roots: &[(String, Certificate)],
+) -> Result<AttestOutcome, String> {
+    let report_field = body
+        .get("report")
+        .and_then(Value::as_str)
+        .ok_or("request has no report")?;
+    let evidence_bytes = b64_lenient(report_field).map_err(|e| format!("report: {e}"))?;
+    let evidence_text =
+        String::from_utf8(evidence_bytes).map_err(|_| "report is not UTF-8 JSON")?;
+    let evidence: Value = serde_json::from_str(evidence_text.trim())
+        .map_err(|e| format!("report is not JSON: {e}"))?;
+    let snp_report = evidence
+        .get("SnpReport")
+        .and_then(Value::as_str)
+        .ok_or("report has no SnpReport")?;
+    let snp_report = b64_lenient(snp_report).map_err(|e| format!("SnpReport: {e}"))?;
+    let chain = evidence
+        .get("VcekCertChain")
+        .and_then(Value::as_str)
+        .ok_or("report has no VcekCertChain")?;
+    let chain = b64_lenient(chain).map_err(|e| format!("VcekCertChain: {e}"))?;
+    let verified = verify_evidence(&snp_report, &chain, roots)?;
+    let view = Report(&verified.report);
+
+    let mut claims = sevsnp_claims(&verified);
+    if let Some(rt) = body.get("runtimeData").filter(|v| !v.is_null()) {
+        let blob = parse_data(rt, "runtimeData")?;
+        let digest = Sha256::digest(&blob.bytes);
+        let rd = view.report_data();
+        if rd[..32] != digest[..] || rd[32..].iter().any(|b| *b != 0) {
+            return Err(format!(
+                "runtimeData does not match the report: SHA-256(runtimeData) = {} but REPORT_DATA = {}",
+                hex::encode(digest),
+                hex::encode(rd)
+            ));
+        }
+        if let Some(json) = blob.json {
+            claims.insert("x-ms-runtime".into(), sorted(json));
+        }
+    }
+    if let Some(it) = body.get("initTimeData").filter(|v| !v.is_null()) {
+        let blob = parse_data(it, "initTimeData")?;
+        let digest = Sha256::digest(&blob.bytes);
+        if view.host_data() != &digest[..] {
+            return Err(format!(
+                "initTimeData does not match the report: SHA-256(initTimeData) = {} but HOST_DATA = {}",
+                hex::encode(digest),
+                hex::encode(view.host_data())
+            ));
+        }
+        if let Some(json) = blob.json {
+            claims.insert("x-ms-inittime".into(), sorted(json));
+        }
+    }
+    match body.get("nonce") {
+        Some(Value::String(n)) => {
+            claims.insert("nonce".into(), json!(n));
+        }
+        // The sidecar sends a JSON number and MAA accepts it.
+        Some(Value::Number(n)) => {
+            claims.insert("nonce".into(), json!(n.to_string()));
+        }
+        _ => {}
+    }
+    claims.insert("x-ms-attestation-type".into(), json!("sevsnpvm"));
+    claims.insert(
+        "x-ms-compliance-status".into(),
+        json!(compliance_status(&verified.report)),
+    );
+    claims.insert("x-ms-policy-hash".into(), json!(policy_hash()));
+    claims.insert("x-ms-ver".into(), json!("1.0"));
+    Ok(AttestOutcome {
+        claims,
+        root: verified.root,
+    })
+}
+
+/// `kid` of MAA's signing key: standard padded base64 of 32 bytes, as in MAA's sample.
+pub fn signing_kid(cert_der: &[u8]) -> String {
+    b64std(&Sha256::digest(cert_der))
+}
+
+pub fn issue_token(app: &App, mut claims: Map<String, Value>, expired: bool) -> String {
+    let now = now_secs();
+    let (iat, exp) = if expired {
+        (now - TOKEN_LIFETIME_SECS - 600, now - 600)
+    } else {
+        (now, now + TOKEN_LIFETIME_SECS)
+    };
+    claims.insert("iss".into(), json!(app.urls.maa));
+    claims.insert("iat".into(), json!(iat));
+    claims.insert("nbf".into(), json!(iat));
+    claims.insert("exp".into(), json!(exp));
+    claims.insert("jti".into(), json!(random_hex(32)));
+    let header = json!({
+        "alg": "RS256",
+        "jku": format!("{}/certs", app.urls.maa),
+        "kid": signing_kid(&app.pki.maa_cert_der),
+        "typ": "JWT",
+    });
+    crate::jwt::sign_rs256(&header, &sorted(Value::Object(claims)), &app.pki.maa_key)
+}
+
+/// MAA paths are case-insensitive (`SevSnpVM` works like `SevSnpVm`), so route by hand.
+pub async fn dispatch(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().trim_end_matches('/').to_ascii_lowercase();
+    match (method, path.as_str()) {
+        (Method::POST, "/attest/sevsnpvm") => attest(app, uri, body).await,
+        (Method::POST, p) if p.starts_with("/attest/") => maa_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            format!(
+                "attestation type {} is not supported by skr-emulator (SevSnpVm only)",
+                &uri.path()[8..]
+            ),
+        ),
+        (Method::GET, "/certs") => certs(&app),
+        (Method::GET, "/.well-known/openid-configuration") => openid_configuration(&app),
+        _ => maa_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "The requested resource was not found",
+        ),
+    }
+}
+
+async fn attest(app: Arc<App>, uri: Uri, body: Bytes) -> Response {
+    let fault = app.admin.take_fault("maa-attest");
+    if let Some(f) = &fault {
+        if let Some(resp) = generic_fault_response(f).await {
+            app.admin.log("maa", "fault", json!({"fault": f}));
+            return resp;
+        }
+    }
+    let expired = matches!(fault, Some(ref f) if f.kind == FaultKind::ExpiredToken);
+    if !uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .any(|kv| kv.starts_with("api-version=") && kv.len() > 12)
+    {
+        return maa_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            "The api-version query parameter is required",
+        );
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            app.admin.log(
+                "maa",
+                "attest-rejected",
+                json!({"reason": format!("body is not JSON: {e}")}),
+            );
+            return maa_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameter",
+                format!("The request body is not valid JSON: {e}"),
+            );
+        }
+    };
+    match attest_sevsnp(&request, &app.trusted_arks) {
+        Ok(outcome) => {
+            app.admin.count(|c| c.attestations += 1);
+            app.admin.log(
+                "maa",
+                "attested",
+                json!({
+                    "launchmeasurement": outcome.claims.get("x-ms-sevsnpvm-launchmeasurement"),
+                    "hostdata": outcome.claims.get("x-ms-sevsnpvm-hostdata"),
+                    "compliance": outcome.claims.get("x-ms-compliance-status"),
+                    "root": outcome.root,
+                    "expired_token_fault": expired,
+                }),
+            );
+            let token = issue_token(&app, outcome.claims, expired);
+            (StatusCode::OK, Json(json!({ "token": token }))).into_response()
+        }
+        Err(reason) => {
+            app.admin
+                .log("maa", "attest-rejected", json!({ "reason": reason }));
+            maa_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameter",
+                format!("Invalid SEV-SNP evidence: {reason}"),
+            )
+        }
+    }
+}
+
+fn certs(app: &App) -> Response {
+    Json(json!({
+        "keys": [{
+            "kid": signing_kid(&app.pki.maa_cert_der),
+            "kty": "RSA",
+            "x5c": [b64std(&app.pki.maa_cert_der)],
+        }]
+    }))
+    .into_response()
+}
+
+fn openid_configuration(app: &App) -> Response {
+    Json(json!({
+        "issuer": app.urls.maa,
+        "jwks_uri": format!("{}/certs", app.urls.maa),
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["token", "none"],
+        "revocation_endpoint": format!("{}/revocations/get?api-version=1.0", app.urls.maa),
+        "claims_supported": [
+            "iss", "iat", "nbf", "exp", "jti", "nonce", "x-ms-ver", "x-ms-attestation-type",
+            "x-ms-policy-hash", "x-ms-runtime", "x-ms-inittime", "x-ms-compliance-status",
+            "x-ms-sevsnpvm-authorkeydigest", "x-ms-sevsnpvm-bootloader-svn", "x-ms-sevsnpvm-familyId",
+            "x-ms-sevsnpvm-guestsvn", "x-ms-sevsnpvm-hostdata", "x-ms-sevsnpvm-idkeydigest",
+            "x-ms-sevsnpvm-imageId", "x-ms-sevsnpvm-is-debuggable", "x-ms-sevsnpvm-launchmeasurement",
+            "x-ms-sevsnpvm-microcode-svn", "x-ms-sevsnpvm-migration-allowed", "x-ms-sevsnpvm-reportdata",
+            "x-ms-sevsnpvm-reportid", "x-ms-sevsnpvm-smt-allowed", "x-ms-sevsnpvm-snpfw-svn",
+            "x-ms-sevsnpvm-tee-svn", "x-ms-sevsnpvm-vmpl"
+        ],
+    }))
+    .into_response()
+}

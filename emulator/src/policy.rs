@@ -1,0 +1,582 @@
+//! Azure Key Vault release-policy grammar (skr-protocol.md §7): parse, normalise, evaluate
+//! against attestation-token claims, and say which condition failed. Written for the emulator,
+//! independent of the module's evaluator, so that each can test the other.
+
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Equals,
+    NotEquals,
+    Less,
+    LessOrEquals,
+    Greater,
+    GreaterOrEquals,
+    Exists,
+}
+
+impl Op {
+    fn from_name(name: &str) -> Option<Op> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "equals" => Op::Equals,
+            "notequals" => Op::NotEquals,
+            "less" => Op::Less,
+            "lessorequals" => Op::LessOrEquals,
+            "greater" => Op::Greater,
+            "greaterorequals" => Op::GreaterOrEquals,
+            "exists" => Op::Exists,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Op::Equals => "equals",
+            Op::NotEquals => "notEquals",
+            Op::Less => "less",
+            Op::LessOrEquals => "lessOrEquals",
+            Op::Greater => "greater",
+            Op::GreaterOrEquals => "greaterOrEquals",
+            Op::Exists => "exists",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    AllOf(Vec<Node>),
+    AnyOf(Vec<Node>),
+    Claim { claim: String, op: Op, value: Value },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorityRule {
+    pub authority: String,
+    pub rule: Node,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub version: Option<String>,
+    pub authorities: Vec<AuthorityRule>,
+}
+
+const OPERATORS: [&str; 7] = [
+    "equals",
+    "notEquals",
+    "less",
+    "lessOrEquals",
+    "greater",
+    "greaterOrEquals",
+    "exists",
+];
+
+pub fn parse(policy: &Value) -> Result<Policy, String> {
+    let obj = policy
+        .as_object()
+        .ok_or("release policy must be a JSON object")?;
+    let version = match obj.get("version") {
+        None => None,
+        Some(Value::String(v)) => Some(v.clone()),
+        Some(_) => return Err("release policy version must be a string".into()),
+    };
+    if obj.contains_key("allOf") {
+        return Err(
+            "the top level of a release policy must be anyOf (over authorities), not allOf".into(),
+        );
+    }
+    let any = obj
+        .get("anyOf")
+        .and_then(Value::as_array)
+        .ok_or("release policy needs a top-level anyOf array of authorities")?;
+    if any.is_empty() {
+        return Err("release policy anyOf is empty".into());
+    }
+    let authorities = any
+        .iter()
+        .enumerate()
+        .map(|(i, a)| parse_authority(a).map_err(|e| format!("anyOf[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    for key in obj.keys() {
+        if !matches!(key.as_str(), "version" | "anyOf") {
+            return Err(format!(
+                "unknown member `{key}` at the top of the release policy"
+            ));
+        }
+    }
+    Ok(Policy {
+        version,
+        authorities,
+    })
+}
+
+fn parse_authority(value: &Value) -> Result<AuthorityRule, String> {
+    let obj = value
+        .as_object()
+        .ok_or("authority entry must be an object")?;
+    let authority = obj
+        .get("authority")
+        .and_then(Value::as_str)
+        .ok_or("authority entry needs an `authority` string")?
+        .to_string();
+    let rule = match (obj.get("allOf"), obj.get("anyOf")) {
+        (Some(_), Some(_)) => return Err("authority has both allOf and anyOf".into()),
+        (Some(all), None) => Node::AllOf(parse_list(all)?),
+        (None, Some(any)) => Node::AnyOf(parse_list(any)?),
+        (None, None) => return Err("authority needs allOf or anyOf".into()),
+    };
+    Ok(AuthorityRule { authority, rule })
+}
+
+fn parse_list(value: &Value) -> Result<Vec<Node>, String> {
+    let list = value.as_array().ok_or("allOf / anyOf must be an array")?;
+    if list.is_empty() {
+        return Err("allOf / anyOf is empty".into());
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, c)| parse_condition(c).map_err(|e| format!("[{i}]: {e}")))
+        .collect()
+}
+
+fn parse_condition(value: &Value) -> Result<Node, String> {
+    let obj = value.as_object().ok_or("condition must be an object")?;
+    if let Some(claim) = obj.get("claim") {
+        let claim = claim
+            .as_str()
+            .ok_or("`claim` must be a string")?
+            .to_string();
+        // Legacy form: {"claim", "condition": "equals", "value"} (7.4 REST spec example).
+        if let Some(cond) = obj.get("condition") {
+            let op = cond
+                .as_str()
+                .and_then(Op::from_name)
+                .ok_or_else(|| format!("unsupported condition {cond}"))?;
+            let value = obj.get("value").ok_or("legacy condition needs `value`")?;
+            return Ok(Node::Claim {
+                claim,
+                op,
+                value: scalar(value)?,
+            });
+        }
+        let ops: Vec<&str> = OPERATORS
+            .iter()
+            .copied()
+            .filter(|o| obj.contains_key(*o))
+            .collect();
+        if ops.len() != 1 {
+            return Err(format!(
+                "claim condition on `{claim}` needs exactly one operator of {OPERATORS:?}"
+            ));
+        }
+        for key in obj.keys() {
+            if key != "claim" && key != ops[0] {
+                return Err(format!(
+                    "unknown member `{key}` in the condition on `{claim}`"
+                ));
+            }
+        }
+        let op = Op::from_name(ops[0]).ok_or("operator")?;
+        return Ok(Node::Claim {
+            claim,
+            op,
+            value: scalar(&obj[ops[0]])?,
+        });
+    }
+    match (obj.get("allOf"), obj.get("anyOf")) {
+        (Some(all), None) => Ok(Node::AllOf(parse_list(all)?)),
+        (None, Some(any)) => Ok(Node::AnyOf(parse_list(any)?)),
+        (Some(_), Some(_)) => Err("condition has both allOf and anyOf".into()),
+        (None, None) => Err("condition needs `claim`, allOf or anyOf".into()),
+    }
+}
+
+fn scalar(value: &Value) -> Result<Value, String> {
+    match value {
+        Value::String(_) | Value::Bool(_) | Value::Number(_) => Ok(value.clone()),
+        other => Err(format!(
+            "condition value must be a string, number or boolean, not {other}"
+        )),
+    }
+}
+
+impl Policy {
+    /// The stored form: legacy conditions as operators, `"1.0"` as `"1.0.0"` (what a managed
+    /// HSM was observed to store).
+    pub fn to_json(&self) -> Value {
+        let mut top = Map::new();
+        if let Some(v) = &self.version {
+            let v = if v == "1.0" { "1.0.0" } else { v.as_str() };
+            top.insert("version".into(), json!(v));
+        }
+        let any: Vec<Value> = self
+            .authorities
+            .iter()
+            .map(|a| {
+                let mut m = Map::new();
+                m.insert("authority".into(), json!(a.authority));
+                match &a.rule {
+                    Node::AllOf(list) => m.insert("allOf".into(), nodes_json(list)),
+                    Node::AnyOf(list) => m.insert("anyOf".into(), nodes_json(list)),
+                    node => m.insert("allOf".into(), nodes_json(std::slice::from_ref(node))),
+                };
+                Value::Object(m)
+            })
+            .collect();
+        top.insert("anyOf".into(), Value::Array(any));
+        Value::Object(top)
+    }
+
+    /// Ok when some authority equal to `issuer` has its conditions met; otherwise the reason,
+    /// naming the first condition that failed.
+    pub fn evaluate(&self, issuer: &str, claims: &Value) -> Result<(), String> {
+        let issuer_norm = normalise_authority(issuer);
+        let mut failures = Vec::new();
+        for rule in &self.authorities {
+            if normalise_authority(&rule.authority) != issuer_norm {
+                continue;
+            }
+            match eval(&rule.rule, claims) {
+                Ok(()) => return Ok(()),
+                Err(reason) => failures.push(reason),
+            }
+        }
+        if failures.is_empty() {
+            let list: Vec<&str> = self
+                .authorities
+                .iter()
+                .map(|a| a.authority.as_str())
+                .collect();
+            return Err(format!(
+                "attestation token issuer {issuer} is not an authority of the release policy (authorities: {})",
+                list.join(", ")
+            ));
+        }
+        Err(failures.join("; "))
+    }
+}
+
+fn nodes_json(list: &[Node]) -> Value {
+    Value::Array(list.iter().map(node_json).collect())
+}
+
+fn node_json(node: &Node) -> Value {
+    match node {
+        Node::AllOf(list) => json!({ "allOf": nodes_json(list) }),
+        Node::AnyOf(list) => json!({ "anyOf": nodes_json(list) }),
+        Node::Claim { claim, op, value } => {
+            let mut m = Map::new();
+            m.insert("claim".into(), json!(claim));
+            m.insert(op.name().into(), value.clone());
+            Value::Object(m)
+        }
+    }
+}
+
+/// Authorities are compared like `iss`: one trailing slash and ASCII case do not matter.
+pub fn normalise_authority(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Exact member first (claim names may contain dots), then dot notation through objects.
+pub fn lookup<'a>(claims: &'a Value, name: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(name) {
+        return Some(v);
+    }
+    let mut current = claims;
+    for part in name.split('.') {
+        current = current.as_object()?.get(part)?;
+    }
+    Some(current)
+}
+
+/// The string form used for comparisons: AKV matches `"false"` with `false` and `"0"` with `0`.
+fn string_form(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn as_number(text: &str) -> Option<f64> {
+    let t = text.trim();
+    if t.is_empty() {
+        return None;
+    }
+    t.parse::<f64>().ok().filter(|f| f.is_finite())
+}
+
+fn eval(node: &Node, claims: &Value) -> Result<(), String> {
+    match node {
+        Node::AllOf(list) => {
+            for n in list {
+                eval(n, claims)?;
+            }
+            Ok(())
+        }
+        Node::AnyOf(list) => {
+            let mut reasons = Vec::new();
+            for n in list {
+                match eval(n, claims) {
+                    Ok(()) => return Ok(()),
+                    Err(r) => reasons.push(r),
+                }
+            }
+            Err(format!(
+                "no branch of anyOf is met ({})",
+                reasons.join(" | ")
+            ))
+        }
+        Node::Claim { claim, op, value } => eval_claim(claim, *op, value, claims),
+    }
+}
+
+fn eval_claim(claim: &str, op: Op, expected: &Value, claims: &Value) -> Result<(), String> {
+    let found = lookup(claims, claim);
+    if op == Op::Exists {
+        let want = string_form(expected).map(|s| s.eq_ignore_ascii_case("true")) == Some(true);
+        return match (want, found.is_some()) {
+            (true, true) | (false, false) => Ok(()),
+            (true, false) => Err(format!(
+                "claim {claim}: expected to exist, but it is missing"
+            )),
+            (false, true) => Err(format!(
+                "claim {claim}: expected not to exist, but it is present"
+            )),
+        };
+    }
+    let Some(found) = found else {
+        return Err(format!("claim {claim}: missing from the attestation token"));
+    };
+    let Some(actual) = string_form(found) else {
+        return Err(format!(
+            "claim {claim}: is an object or array, which cannot be compared"
+        ));
+    };
+    let want = string_form(expected).unwrap_or_default();
+    let numbers = as_number(&actual).zip(as_number(&want));
+    let ordering = match numbers {
+        Some((a, w)) => a.partial_cmp(&w),
+        None => Some(actual.cmp(&want)),
+    };
+    let equal = actual == want || numbers.map(|(a, w)| a == w).unwrap_or(false);
+    let met = match op {
+        Op::Equals => equal,
+        Op::NotEquals => !equal,
+        Op::Less => ordering == Some(std::cmp::Ordering::Less),
+        Op::LessOrEquals => equal || ordering == Some(std::cmp::Ordering::Less),
+        Op::Greater => ordering == Some(std::cmp::Ordering::Greater),
+        Op::GreaterOrEquals => equal || ordering == Some(std::cmp::Ordering::Greater),
+        Op::Exists => unreachable!("handled above"),
+    };
+    if met {
+        Ok(())
+    } else {
+        Err(format!(
+            "claim {claim}: expected {} {expected}, got {found}",
+            op.name()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAA: &str = "https://maa.example";
+
+    fn policy(conditions: Value) -> Policy {
+        parse(&json!({"version":"1.0.0","anyOf":[{"authority": MAA, "allOf": conditions}]}))
+            .unwrap()
+    }
+
+    fn claims() -> Value {
+        json!({
+            "iss": MAA,
+            "x-ms-attestation-type": "sevsnpvm",
+            "x-ms-sevsnpvm-is-debuggable": false,
+            "x-ms-sevsnpvm-vmpl": 0,
+            "x-ms-sevsnpvm-guestsvn": 3,
+            "x-ms-sevsnpvm-hostdata": "abcd",
+            "x-ms-isolation-tee": {"x-ms-attestation-type": "sevsnpvm", "x-ms-compliance-status": "azure-compliant-cvm"},
+            "x-ms-runtime": {"keys": [{"kid": "k"}]}
+        })
+    }
+
+    #[test]
+    fn operator_table() {
+        let c = claims();
+        let cases: Vec<(Value, bool)> = vec![
+            (
+                json!({"claim":"x-ms-attestation-type","equals":"sevsnpvm"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-attestation-type","equals":"SEVSNPVM"}),
+                false,
+            ),
+            (
+                json!({"claim":"x-ms-attestation-type","notEquals":"tdxvm"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-attestation-type","notEquals":"sevsnpvm"}),
+                false,
+            ),
+            // Coercion of booleans and numbers through their string form, both directions.
+            (
+                json!({"claim":"x-ms-sevsnpvm-is-debuggable","equals":"false"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-sevsnpvm-is-debuggable","equals":false}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-sevsnpvm-is-debuggable","equals":"true"}),
+                false,
+            ),
+            (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":"0"}), true),
+            (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":0}), true),
+            (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":"0.0"}), true),
+            (json!({"claim":"x-ms-sevsnpvm-guestsvn","less":4}), true),
+            (json!({"claim":"x-ms-sevsnpvm-guestsvn","less":"3"}), false),
+            (
+                json!({"claim":"x-ms-sevsnpvm-guestsvn","lessOrEquals":"3"}),
+                true,
+            ),
+            (json!({"claim":"x-ms-sevsnpvm-guestsvn","greater":2}), true),
+            (json!({"claim":"x-ms-sevsnpvm-guestsvn","greater":3}), false),
+            // Numeric, not lexicographic: "10" > 3.
+            (
+                json!({"claim":"x-ms-sevsnpvm-guestsvn","greaterOrEquals":"10"}),
+                false,
+            ),
+            (
+                json!({"claim":"x-ms-sevsnpvm-guestsvn","greaterOrEquals":3}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-sevsnpvm-hostdata","greater":"abcc"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-sevsnpvm-hostdata","exists":true}),
+                true,
+            ),
+            (json!({"claim":"x-ms-nothing","exists":true}), false),
+            (json!({"claim":"x-ms-nothing","exists":false}), true),
+            (
+                json!({"claim":"x-ms-sevsnpvm-hostdata","exists":"false"}),
+                false,
+            ),
+            // Missing claims make any comparison false, including notEquals.
+            (json!({"claim":"x-ms-nothing","equals":"x"}), false),
+            (json!({"claim":"x-ms-nothing","notEquals":"x"}), false),
+            // Dot paths into nested objects; objects themselves cannot be matched.
+            (
+                json!({"claim":"x-ms-isolation-tee.x-ms-compliance-status","equals":"azure-compliant-cvm"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-isolation-tee.x-ms-missing","equals":"x"}),
+                false,
+            ),
+            (json!({"claim":"x-ms-isolation-tee","equals":"x"}), false),
+            (json!({"claim":"x-ms-runtime.keys","equals":"x"}), false),
+            // Legacy form.
+            (
+                json!({"claim":"x-ms-attestation-type","condition":"equals","value":"sevsnpvm"}),
+                true,
+            ),
+            (
+                json!({"claim":"x-ms-attestation-type","condition":"equals","value":"tdxvm"}),
+                false,
+            ),
+            // Nesting.
+            (
+                json!({"anyOf":[{"claim":"x-ms-attestation-type","equals":"tdxvm"},{"claim":"x-ms-attestation-type","equals":"sevsnpvm"}]}),
+                true,
+            ),
+            (
+                json!({"anyOf":[{"claim":"x-ms-attestation-type","equals":"tdxvm"},{"claim":"x-ms-sevsnpvm-vmpl","equals":1}]}),
+                false,
+            ),
+            (
+                json!({"allOf":[{"claim":"x-ms-sevsnpvm-vmpl","equals":0},{"anyOf":[{"claim":"x-ms-nothing","exists":true},{"claim":"x-ms-sevsnpvm-guestsvn","equals":3}]}]}),
+                true,
+            ),
+            (
+                json!({"allOf":[{"claim":"x-ms-sevsnpvm-vmpl","equals":0},{"claim":"x-ms-sevsnpvm-guestsvn","equals":4}]}),
+                false,
+            ),
+        ];
+        for (cond, expected) in cases {
+            let p = policy(json!([cond.clone()]));
+            assert_eq!(p.evaluate(MAA, &c).is_ok(), expected, "condition {cond}");
+        }
+    }
+
+    #[test]
+    fn authority_matching() {
+        let p = parse(&json!({"anyOf":[{"authority":"https://maa.example/","allOf":[{"claim":"x-ms-sevsnpvm-vmpl","equals":0}]}]})).unwrap();
+        assert!(p.evaluate("https://maa.example", &claims()).is_ok());
+        assert!(p.evaluate("https://MAA.example/", &claims()).is_ok());
+        let err = p.evaluate("https://other.example", &claims()).unwrap_err();
+        assert!(err.contains("not an authority"), "{err}");
+        // Top-level anyOf over authorities: the second authority's rules apply to its tokens.
+        let two = parse(&json!({"anyOf":[
+            {"authority":"https://a","allOf":[{"claim":"x-ms-sevsnpvm-vmpl","equals":1}]},
+            {"authority":"https://maa.example","anyOf":[{"claim":"x-ms-sevsnpvm-vmpl","equals":0}]}]})).unwrap();
+        assert!(two.evaluate(MAA, &claims()).is_ok());
+        assert!(two.evaluate("https://a", &claims()).is_err());
+    }
+
+    #[test]
+    fn denial_names_the_failed_condition() {
+        let p = policy(json!([
+            {"claim":"x-ms-attestation-type","equals":"sevsnpvm"},
+            {"claim":"x-ms-sevsnpvm-hostdata","equals":"ffff"}
+        ]));
+        let reason = p.evaluate(MAA, &claims()).unwrap_err();
+        assert_eq!(
+            reason,
+            "claim x-ms-sevsnpvm-hostdata: expected equals \"ffff\", got \"abcd\""
+        );
+    }
+
+    #[test]
+    fn malformed_policies_are_rejected() {
+        for bad in [
+            json!([]),
+            json!({"version":"1.0.0"}),
+            json!({"anyOf":[]}),
+            json!({"allOf":[{"authority":MAA,"allOf":[{"claim":"a","equals":"b"}]}]}),
+            json!({"anyOf":[{"authority":MAA}]}),
+            json!({"anyOf":[{"allOf":[{"claim":"a","equals":"b"}]}]}),
+            json!({"anyOf":[{"authority":MAA,"allOf":[{"claim":"a","equals":"b"}],"anyOf":[{"claim":"a","equals":"b"}]}]}),
+            json!({"anyOf":[{"authority":MAA,"allOf":[{"claim":"a"}]}]}),
+            json!({"anyOf":[{"authority":MAA,"allOf":[{"claim":"a","equals":"b","less":"c"}]}]}),
+            json!({"anyOf":[{"authority":MAA,"allOf":[{"claim":"a","matches":"b"}]}]}),
+            json!({"anyOf":[{"authority":MAA,"allOf":[{"claim":"a","equals":{"x":1}}]}]}),
+        ] {
+            assert!(parse(&bad).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn legacy_form_is_stored_as_equals() {
+        let sent = json!({"version":"1.0","anyOf":[{"authority":MAA,"allOf":[{"claim":"sdk-test","condition":"equals","value":"true"}]}]});
+        let stored = parse(&sent).unwrap().to_json();
+        assert_eq!(
+            stored,
+            json!({"version":"1.0.0","anyOf":[{"authority":MAA,"allOf":[{"claim":"sdk-test","equals":"true"}]}]})
+        );
+        // The stored form parses back to the same policy.
+        assert_eq!(
+            parse(&stored).unwrap().authorities,
+            parse(&sent).unwrap().authorities
+        );
+    }
+}
