@@ -1,0 +1,344 @@
+//! The login path (`release_token`) against a running skr-emulator: the demo keys release and
+//! match their public keys, a policy denial names the claim, and injected faults map to their
+//! failure classes, each followed by a successful release.
+//!
+//! Needs the emulator binary: `cargo build -p skr-emulator` first.
+
+use cryptoki_sys::{CKR_FUNCTION_FAILED, CKR_FUNCTION_REJECTED, CKR_GENERAL_ERROR};
+use serde_json::{json, Value};
+use skr_pkcs11::config::{Config, TokenConfig};
+use skr_pkcs11::error::{Error, Step};
+use skr_pkcs11::release::{release_token, KeyMaterial, ReleasedKey, Session};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn emulator_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let bin = target.join("debug").join("skr-emulator");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the emulator first with `cargo build -p skr-emulator`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running emulator in a temporary directory; `down` on drop.
+struct Emulator {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Emulator {
+    fn up() -> Emulator {
+        let bin = emulator_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(&bin)
+            .args(["up", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skr-emulator up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Emulator { bin, dir }
+    }
+
+    fn config(&self) -> Config {
+        let mut cfg = Config::load(&self.dir.path().join("skr-pkcs11.toml")).unwrap();
+        // Quick retries keep the fault scenarios short.
+        cfg.release.backoff_ms = 20;
+        cfg
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .args(["down", "--dir"])
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// Admin API calls through the module's own HTTPS client (it trusts the emulator's CA).
+struct Admin {
+    session: Session,
+    base: String,
+}
+
+impl Admin {
+    fn new(cfg: &Config) -> Admin {
+        Admin {
+            session: Session::new(cfg).unwrap(),
+            base: cfg.platform.emulator_url.clone().unwrap(),
+        }
+    }
+    fn fault(&self, fault: Value) {
+        let r = self
+            .session
+            .http
+            .client
+            .post(format!("{}/admin/faults", self.base))
+            .json(&fault)
+            .send()
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "adding fault {fault}: {}",
+            r.status()
+        );
+    }
+    fn clear(&self) {
+        let r = self
+            .session
+            .http
+            .client
+            .delete(format!("{}/admin/faults", self.base))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    fn counters(&self) -> Value {
+        self.session
+            .http
+            .client
+            .get(format!("{}/admin/counters", self.base))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+fn token<'a>(cfg: &'a Config, label: &str) -> &'a TokenConfig {
+    cfg.tokens.iter().find(|t| t.label == label).unwrap()
+}
+
+fn expect_err(
+    r: skr_pkcs11::error::Result<(Vec<ReleasedKey>, skr_pkcs11::release::LoginTimings)>,
+) -> Error {
+    match r {
+        Ok((keys, _)) => panic!("expected a failure, released {} keys", keys.len()),
+        Err(e) => e,
+    }
+}
+
+/// The SubjectPublicKeyInfo of the first certificate of a PEM file.
+fn cert_spki(path: &Path) -> Vec<u8> {
+    use x509_cert::der::{DecodePem, Encode};
+    let pem = std::fs::read_to_string(path).unwrap();
+    let first = pem.split("-----END CERTIFICATE-----").next().unwrap();
+    let cert =
+        x509_cert::Certificate::from_pem(format!("{first}-----END CERTIFICATE-----\n")).unwrap();
+    cert.tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .unwrap()
+}
+
+fn released_demo_keys(cfg: &Config) -> Vec<ReleasedKey> {
+    let demo = token(cfg, "skr-demo");
+    let (keys, timings) = release_token(cfg, demo).unwrap_or_else(|e| panic!("demo release: {e}"));
+    assert_eq!(keys.len(), demo.keys.len());
+    assert!(timings.attestation > std::time::Duration::ZERO);
+    assert!(timings.release > std::time::Duration::ZERO);
+    keys
+}
+
+fn scenario_demo_keys_release_and_match(cfg: &Config, admin: &Admin) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair;
+    let before = admin.counters();
+    let demo = token(cfg, "skr-demo");
+    let keys = released_demo_keys(cfg);
+    let mut aes = None;
+    for k in &keys {
+        let kc = &demo.keys[k.index];
+        match (kc.label.as_str(), &k.material) {
+            ("tls-rsa", KeyMaterial::Pkcs8(der)) => {
+                // The released private key's public half is the certificate's key.
+                let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(der.as_slice()).unwrap();
+                let spki = kp.public_key().as_der().unwrap();
+                assert_eq!(spki.as_ref(), cert_spki(kc.certificate.as_ref().unwrap()));
+            }
+            ("tls-ec", KeyMaterial::Pkcs8(der)) => {
+                use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+                let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der.as_slice())
+                    .unwrap();
+                let spki = cert_spki(kc.certificate.as_ref().unwrap());
+                assert!(
+                    spki.ends_with(kp.public_key().as_ref()),
+                    "EC point differs from the certificate"
+                );
+            }
+            ("data-aes", KeyMaterial::Raw(key)) => {
+                assert_eq!(key.len(), 32);
+                aes = Some(key.as_slice().to_vec());
+            }
+            (label, _) => panic!("unexpected key {label} or material form"),
+        }
+    }
+    // A second login releases the same AES key (from the managed HSM, a second audience).
+    let again = released_demo_keys(cfg);
+    let aes2 = again.iter().find_map(|k| match &k.material {
+        KeyMaterial::Raw(k) => Some(k.as_slice().to_vec()),
+        _ => None,
+    });
+    assert_eq!(aes, aes2);
+    let after = admin.counters();
+    for name in ["tls-rsa", "tls-ec", "data-aes"] {
+        let n = |c: &Value| c["releases"][name].as_u64().unwrap_or(0);
+        assert_eq!(n(&after), n(&before) + 2, "releases of {name}: {after}");
+    }
+}
+
+fn scenario_denied_names_the_claim(cfg: &Config, _admin: &Admin) {
+    let e = expect_err(release_token(cfg, token(cfg, "skr-denied")));
+    assert_eq!(e.rv(), CKR_FUNCTION_REJECTED, "{e}");
+    assert_eq!(e.step(), Some(Step::Release));
+    assert!(e.message().contains("\"denied-rsa\""), "{e}");
+    assert!(
+        e.message().contains("x-ms-sevsnpvm-launchmeasurement"),
+        "{e}"
+    );
+    assert!(
+        e.hint()
+            .unwrap()
+            .contains("x-ms-sevsnpvm-launchmeasurement"),
+        "{e}"
+    );
+}
+
+fn scenario_maa_500_is_a_service_failure(cfg: &Config, admin: &Admin) {
+    let attempts = cfg.release.retries + 1;
+    admin.fault(json!({"endpoint":"maa-attest","kind":"status","status":500,"count":attempts}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+    assert_eq!(e.step(), Some(Step::Attestation));
+    assert!(
+        e.message()
+            .contains(&format!("after {attempts} attempt(s)")),
+        "{e}"
+    );
+    assert!(e.message().contains("500"), "{e}");
+}
+
+fn scenario_akv_429_then_success(cfg: &Config, admin: &Admin) {
+    admin.fault(json!({"endpoint":"akv-release","kind":"throttle","retry_after":1,"count":1}));
+    let started = std::time::Instant::now();
+    released_demo_keys(cfg);
+    // Retry-After was honoured.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}
+
+fn scenario_timeout(cfg: &Config, admin: &Admin) {
+    let mut cfg = cfg.clone();
+    cfg.release.timeout_seconds = 1;
+    cfg.release.retries = 0;
+    admin.fault(json!({"endpoint":"akv-release","kind":"delay","delay_ms":2500,"count":1}));
+    let e = expect_err(release_token(&cfg, token(&cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+    assert!(e.message().contains("timed out"), "{e}");
+    // Let the delayed request finish before the next scenario.
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+}
+
+fn integrity_fault(cfg: &Config, admin: &Admin, endpoint: &str, kind: &str, step: Step) {
+    admin.fault(json!({"endpoint":endpoint,"kind":kind,"count":1}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_GENERAL_ERROR, "{kind}: {e}");
+    assert_eq!(e.step(), Some(step), "{kind}: {e}");
+}
+
+fn scenario_malformed_jws(cfg: &Config, admin: &Admin) {
+    integrity_fault(cfg, admin, "akv-release", "malformed-body", Step::Release);
+}
+
+fn scenario_truncated_jws(cfg: &Config, admin: &Admin) {
+    integrity_fault(cfg, admin, "akv-release", "truncated-jws", Step::Release);
+}
+
+fn scenario_wrong_wrap_key(cfg: &Config, admin: &Admin) {
+    integrity_fault(cfg, admin, "akv-release", "wrong-wrap-key", Step::Unwrap);
+}
+
+fn scenario_expired_maa_token(cfg: &Config, admin: &Admin) {
+    admin.fault(json!({"endpoint":"maa-attest","kind":"expired-token","count":1}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_GENERAL_ERROR, "{e}");
+    assert_eq!(e.step(), Some(Step::Attestation));
+    assert!(e.message().contains("expired"), "{e}");
+}
+
+fn scenario_wrong_kid_is_a_service_failure(cfg: &Config, _admin: &Admin) {
+    let mut cfg = cfg.clone();
+    let demo = cfg
+        .tokens
+        .iter_mut()
+        .find(|t| t.label == "skr-demo")
+        .unwrap();
+    demo.keys.truncate(1);
+    demo.keys[0].kid = demo.keys[0].kid.replace("tls-rsa", "no-such-key");
+    let e = expect_err(release_token(&cfg, token(&cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+    assert!(e.hint().unwrap().contains("check kid in the config"), "{e}");
+}
+
+#[test]
+fn release_against_the_emulator() {
+    let emu = Emulator::up();
+    let cfg = emu.config();
+    let admin = Admin::new(&cfg);
+    type Scenario = fn(&Config, &Admin);
+    let scenarios: &[(&str, Scenario)] = &[
+        (
+            "demo keys release and match",
+            scenario_demo_keys_release_and_match,
+        ),
+        (
+            "denied key names the claim",
+            scenario_denied_names_the_claim,
+        ),
+        (
+            "MAA 500 after retries",
+            scenario_maa_500_is_a_service_failure,
+        ),
+        ("AKV 429 then success", scenario_akv_429_then_success),
+        ("timeout", scenario_timeout),
+        ("malformed release body", scenario_malformed_jws),
+        ("truncated JWS", scenario_truncated_jws),
+        ("wrong wrapping key", scenario_wrong_wrap_key),
+        ("expired MAA token", scenario_expired_maa_token),
+        ("unknown kid", scenario_wrong_kid_is_a_service_failure),
+    ];
+    let mut failures = Vec::new();
+    for (name, run) in scenarios {
+        admin.clear();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cfg, &admin)));
+        admin.clear();
+        if let Err(p) = outcome {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!("{name}: {msg}"));
+            continue;
+        }
+        // After every fault, a clean login works again.
+        if let Err(p) = std::panic::catch_unwind(|| released_demo_keys(&cfg)) {
+            failures.push(format!("{name}: the release after it failed: {p:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}",
+        failures.join("\n")
+    );
+}
