@@ -1,0 +1,710 @@
+//! p11-bench: PKCS#11 signing / decryption / encryption throughput of a module, side by side
+//! with a reference token (SoftHSMv2) holding the same keys and with the raw engine (aws-lc-rs,
+//! no PKCS#11), in one run so that only ratios count. Also the login breakdown of skr-pkcs11.
+//!
+//! Subcommands (scripts/bench.sh runs them all and writes the tables to docs/BENCHMARKS.md):
+//!   p11-bench keys   --dir KEYS                      generate the benchmark keys (PKCS#8 DER, AES raw)
+//!   p11-bench import --dir KEYS --env EMULATOR_ENV   import them into skr-emulator (vault / mHSM)
+//!   p11-bench ops    --module M --label L [--pin P] --reference R --reference-label L2 --reference-pin P2 --dir KEYS
+//!   p11-bench login  --config CONFIG --token L [--count N]
+
+use aws_lc_rs::{aead, rand as lrand, rsa as lrsa, signature as lsig};
+use clap::{Parser, Subcommand};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "PKCS#11 benchmarks: a module vs a reference token vs the raw engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate the benchmark keys into DIR.
+    Keys {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Import the keys of DIR into a running skr-emulator (its env file).
+    Import {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        env: PathBuf,
+    },
+    /// Throughput and latency table with ratios.
+    Ops {
+        #[arg(long)]
+        module: String,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        pin: Option<String>,
+        #[arg(long)]
+        reference: String,
+        #[arg(long)]
+        reference_label: String,
+        #[arg(long)]
+        reference_pin: Option<String>,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Measured seconds per round.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Module-side C_Login breakdown (calls the release path of the rlib directly).
+    Login {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+    },
+}
+
+const KEYS: [(&str, &str); 5] = [
+    ("bench-rsa2048", "rsa2048"),
+    ("bench-rsa3072", "rsa3072"),
+    ("bench-p256", "p256"),
+    ("bench-p384", "p384"),
+    ("bench-aes", "aes"),
+];
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Keys { dir } => keys(&dir),
+        Cmd::Import { dir, env } => import(&dir, &env),
+        Cmd::Ops {
+            module,
+            label,
+            pin,
+            reference,
+            reference_label,
+            reference_pin,
+            dir,
+            seconds,
+            rounds,
+        } => ops(
+            &Token { module, label, pin },
+            &Token {
+                module: reference,
+                label: reference_label,
+                pin: reference_pin,
+            },
+            &dir,
+            Duration::from_secs_f64(seconds),
+            rounds,
+        ),
+        Cmd::Login {
+            config,
+            token,
+            count,
+        } => login(&config, &token, count),
+    };
+    if let Err(e) = r {
+        eprintln!("p11-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn keys(dir: &Path) -> Res<()> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let w = |name: &str, b: &[u8]| std::fs::write(dir.join(name), b).map_err(|e| e.to_string());
+    for (name, size) in [
+        ("rsa2048.der", lrsa::KeySize::Rsa2048),
+        ("rsa3072.der", lrsa::KeySize::Rsa3072),
+    ] {
+        let k = lrsa::KeyPair::generate(size).map_err(|e| e.to_string())?;
+        w(
+            name,
+            aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&k)
+                .map_err(|e| e.to_string())?
+                .as_ref(),
+        )?;
+    }
+    let rng = lrand::SystemRandom::new();
+    for (name, alg) in [
+        ("p256.der", &lsig::ECDSA_P256_SHA256_ASN1_SIGNING),
+        ("p384.der", &lsig::ECDSA_P384_SHA384_ASN1_SIGNING),
+    ] {
+        let doc = lsig::EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|e| e.to_string())?;
+        w(name, doc.as_ref())?;
+    }
+    let mut aes = [0u8; 32];
+    lrand::fill(&mut aes).map_err(|e| e.to_string())?;
+    w("aes.bin", &aes)?;
+    println!("keys written to {}", dir.display());
+    Ok(())
+}
+
+fn b64u(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn read_env(p: &Path) -> Res<std::collections::HashMap<String, String>> {
+    let t = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ok(t.lines()
+        .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_string(),
+                v.trim().trim_matches('"').trim_matches('\'').to_string(),
+            )
+        })
+        .collect())
+}
+
+fn https_client(ca: &str) -> Res<reqwest::blocking::Client> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(cfg)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// PKCS#8 -> private JWK (RSA or EC) with the RustCrypto parsers.
+fn jwk_of(name: &str, der: &[u8]) -> Res<serde_json::Value> {
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+    if name.starts_with("rsa") {
+        let k = rsa::RsaPrivateKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
+        let p = k.primes();
+        let qi = k.qinv().and_then(|v| v.to_biguint()).ok_or("no qinv")?;
+        Ok(
+            serde_json::json!({"kty": "RSA-HSM", "n": b64u(&k.n().to_bytes_be()), "e": b64u(&k.e().to_bytes_be()),
+            "d": b64u(&k.d().to_bytes_be()), "p": b64u(&p[0].to_bytes_be()), "q": b64u(&p[1].to_bytes_be()),
+            "dp": b64u(&k.dp().ok_or("dp")?.to_bytes_be()), "dq": b64u(&k.dq().ok_or("dq")?.to_bytes_be()), "qi": b64u(&qi.to_bytes_be()),
+            "key_ops": ["sign", "verify", "encrypt", "decrypt"]}),
+        )
+    } else if name == "p256" {
+        let k = p256::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
+        let pt =
+            p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&k.public_key(), false);
+        Ok(
+            serde_json::json!({"kty": "EC-HSM", "crv": "P-256", "d": b64u(&k.to_bytes()), "x": b64u(pt.x().ok_or("x")?), "y": b64u(pt.y().ok_or("y")?), "key_ops": ["sign", "verify"]}),
+        )
+    } else {
+        let k = p384::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?;
+        let pt =
+            p384::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&k.public_key(), false);
+        Ok(
+            serde_json::json!({"kty": "EC-HSM", "crv": "P-384", "d": b64u(&k.to_bytes()), "x": b64u(pt.x().ok_or("x")?), "y": b64u(pt.y().ok_or("y")?), "key_ops": ["sign", "verify"]}),
+        )
+    }
+}
+
+fn import(dir: &Path, env: &Path) -> Res<()> {
+    let env = read_env(env)?;
+    let get = |k: &str| {
+        env.get(k)
+            .cloned()
+            .ok_or(format!("{k} missing from the env file"))
+    };
+    let (vault, mhsm, imds, ca) = (
+        get("SKR_EMULATOR_VAULT_URL")?,
+        get("SKR_EMULATOR_MHSM_URL")?,
+        get("SKR_EMULATOR_IMDS_URL")?,
+        get("SKR_EMULATOR_CA")?,
+    );
+    let http = https_client(&ca)?;
+    let token = |resource: &str| -> Res<String> {
+        let v: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("{imds}/metadata/identity/oauth2/token"))
+            .query(&[("api-version", "2018-02-01"), ("resource", resource)])
+            .header("Metadata", "true")
+            .send()
+            .and_then(|r| r.json())
+            .map_err(|e| e.to_string())?;
+        v["access_token"]
+            .as_str()
+            .map(String::from)
+            .ok_or("no access_token".into())
+    };
+    let (vt, mt) = (
+        token("https://vault.azure.net")?,
+        token("https://managedhsm.azure.net")?,
+    );
+    // Reuse the release policy of the emulator's demo key (same simulated TEE).
+    let demo: serde_json::Value = http
+        .get(format!("{vault}/keys/tls-rsa?api-version=7.4"))
+        .bearer_auth(&vt)
+        .send()
+        .and_then(|r| r.json())
+        .map_err(|e| e.to_string())?;
+    let policy = serde_json::json!({"contentType": demo["release_policy"]["contentType"], "data": demo["release_policy"]["data"]});
+    for (label, file) in KEYS {
+        let (base, bearer, key) = if file == "aes" {
+            let raw = std::fs::read(dir.join("aes.bin")).map_err(|e| e.to_string())?;
+            (
+                &mhsm,
+                &mt,
+                serde_json::json!({"kty": "oct-HSM", "k": b64u(&raw), "key_ops": ["encrypt", "decrypt"]}),
+            )
+        } else {
+            let der = std::fs::read(dir.join(format!("{file}.der"))).map_err(|e| e.to_string())?;
+            (&vault, &vt, jwk_of(file, &der)?)
+        };
+        let body = serde_json::json!({"key": key, "hsm": true, "attributes": {"exportable": true}, "release_policy": policy});
+        let r = http
+            .put(format!("{base}/keys/{label}?api-version=7.4"))
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "import {label}: {} {}",
+                r.status(),
+                r.text().unwrap_or_default()
+            ));
+        }
+        println!("imported {label} into {base}");
+    }
+    Ok(())
+}
+
+struct Token {
+    module: String,
+    label: String,
+    pin: Option<String>,
+}
+
+/// One benchmark operation on one thread: a closure doing exactly one operation.
+type Op = Box<dyn FnMut() -> Res<()> + Send>;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    RsaPkcs(usize),
+    RsaPss(usize),
+    OaepDecrypt,
+    Ecdsa(usize),
+    AesGcm4k,
+}
+
+impl Case {
+    fn name(self) -> String {
+        match self {
+            Case::RsaPkcs(b) => format!("RSA-{b} SHA256-RSA-PKCS sign"),
+            Case::RsaPss(b) => format!("RSA-{b} SHA256-RSA-PKCS-PSS sign"),
+            // SHA-1 OAEP: the only OAEP hash SoftHSMv2 accepts, so the reference can run it.
+            Case::OaepDecrypt => "RSA-2048 OAEP (SHA-1) decrypt".into(),
+            Case::Ecdsa(c) => format!("P-{c} ECDSA sign"),
+            Case::AesGcm4k => "AES-256-GCM encrypt 4 KiB".into(),
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Case::RsaPkcs(2048) | Case::RsaPss(2048) | Case::OaepDecrypt => "rsa2048",
+            Case::RsaPkcs(_) | Case::RsaPss(_) => "rsa3072",
+            Case::Ecdsa(256) => "p256",
+            Case::Ecdsa(_) => "p384",
+            Case::AesGcm4k => "aes",
+        }
+    }
+}
+
+const CASES: [Case; 8] = [
+    Case::RsaPkcs(2048),
+    Case::RsaPkcs(3072),
+    Case::RsaPss(2048),
+    Case::RsaPss(3072),
+    Case::OaepDecrypt,
+    Case::Ecdsa(256),
+    Case::Ecdsa(384),
+    Case::AesGcm4k,
+];
+
+struct Loaded {
+    p11: Pkcs11,
+    slot: cryptoki::slot::Slot,
+    pin: Option<String>,
+}
+
+fn load(t: &Token) -> Res<Arc<Loaded>> {
+    let p11 = Pkcs11::new(&t.module).map_err(|e| format!("load {}: {e}", t.module))?;
+    match p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // The same .so named twice (e.g. a module against itself) shares one initialisation.
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => {}
+        Err(e) => return Err(format!("C_Initialize {}: {e}", t.module)),
+    }
+    let slot = *p11
+        .get_slots_with_token()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|s| {
+            p11.get_token_info(**s)
+                .map(|i| i.label() == t.label)
+                .unwrap_or(false)
+        })
+        .ok_or(format!("no token {:?} in {}", t.label, t.module))?;
+    Ok(Arc::new(Loaded {
+        p11,
+        slot,
+        pin: t.pin.clone(),
+    }))
+}
+
+fn p11_session(l: &Loaded) -> Res<Session> {
+    let s = l.p11.open_ro_session(l.slot).map_err(|e| e.to_string())?;
+    match s.login(UserType::User, l.pin.clone().map(AuthPin::from).as_ref()) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+            Ok(s)
+        }
+        Err(e) => Err(format!("C_Login: {e}")),
+    }
+}
+
+fn p11_key(s: &Session, class: ObjectClass, label: &str) -> Res<ObjectHandle> {
+    s.find_objects(&[
+        Attribute::Class(class),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+    .map_err(|e| e.to_string())?
+    .first()
+    .copied()
+    .ok_or(format!("no {class:?} labelled {label}"))
+}
+
+struct Fixtures {
+    msg: Vec<u8>,
+    sha256: Vec<u8>,
+    sha384: Vec<u8>,
+    oaep_ct: Vec<u8>,
+    block: Vec<u8>,
+}
+
+fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
+    let s = p11_session(&l)?;
+    let label = KEYS
+        .iter()
+        .find(|(_, f)| *f == case.key())
+        .map(|(l, _)| *l)
+        .unwrap_or_default();
+    let class = if case == Case::AesGcm4k {
+        ObjectClass::SECRET_KEY
+    } else {
+        ObjectClass::PRIVATE_KEY
+    };
+    let key = p11_key(&s, class, label)?;
+    // ECDSA signs the digest that matches the curve (SHA-256 for P-256, SHA-384 for P-384).
+    let digest = if case == Case::Ecdsa(384) {
+        fx.sha384.clone()
+    } else {
+        fx.sha256.clone()
+    };
+    let (msg, ct, block) = (fx.msg.clone(), fx.oaep_ct.clone(), fx.block.clone());
+    let pss = PkcsPssParams {
+        hash_alg: MechanismType::SHA256,
+        mgf: PkcsMgfType::MGF1_SHA256,
+        s_len: 32.into(),
+    };
+    let _keep = l.clone();
+    Ok(Box::new(move || {
+        let _ = &_keep;
+        let e = |e: cryptoki::error::Error| e.to_string();
+        match case {
+            Case::RsaPkcs(_) => s
+                .sign(&Mechanism::Sha256RsaPkcs, key, &msg)
+                .map(drop)
+                .map_err(e),
+            Case::RsaPss(_) => s
+                .sign(&Mechanism::Sha256RsaPkcsPss(pss), key, &msg)
+                .map(drop)
+                .map_err(e),
+            Case::OaepDecrypt => {
+                let p = PkcsOaepParams::new(
+                    MechanismType::SHA1,
+                    PkcsMgfType::MGF1_SHA1,
+                    PkcsOaepSource::empty(),
+                );
+                s.decrypt(&Mechanism::RsaPkcsOaep(p), key, &ct)
+                    .map(drop)
+                    .map_err(e)
+            }
+            // CKM_ECDSA over a digest: the one ECDSA mechanism every token has.
+            Case::Ecdsa(_) => s.sign(&Mechanism::Ecdsa, key, &digest).map(drop).map_err(e),
+            Case::AesGcm4k => {
+                let mut iv = [1u8; 12];
+                let p = GcmParams::new(&mut iv, &[], 128.into()).map_err(|x| x.to_string())?;
+                s.encrypt(&Mechanism::AesGcm(p), key, &block)
+                    .map(drop)
+                    .map_err(e)
+            }
+        }
+    }))
+}
+
+fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
+    let rd = |f: &str| std::fs::read(dir.join(f)).map_err(|e| e.to_string());
+    let rng = lrand::SystemRandom::new();
+    let (msg, digest, ct, block) = (
+        fx.msg.clone(),
+        fx.sha256.clone(),
+        fx.oaep_ct.clone(),
+        fx.block.clone(),
+    );
+    Ok(match case {
+        Case::RsaPkcs(_) | Case::RsaPss(_) => {
+            let k = lrsa::KeyPair::from_pkcs8(&rd(&format!("{}.der", case.key()))?)
+                .map_err(|e| e.to_string())?;
+            let alg: &'static dyn lsig::RsaEncoding = if matches!(case, Case::RsaPkcs(_)) {
+                &lsig::RSA_PKCS1_SHA256
+            } else {
+                &lsig::RSA_PSS_SHA256
+            };
+            let mut sig = vec![0u8; k.public_modulus_len()];
+            Box::new(move || k.sign(alg, &rng, &msg, &mut sig).map_err(|e| e.to_string()))
+        }
+        Case::OaepDecrypt => {
+            let k = lrsa::OaepPrivateDecryptingKey::new(
+                lrsa::PrivateDecryptingKey::from_pkcs8(&rd("rsa2048.der")?)
+                    .map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; 256];
+            Box::new(move || {
+                k.decrypt(&lrsa::OAEP_SHA1_MGF1SHA1, &ct, &mut out, None)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Case::Ecdsa(c) => {
+            let alg = if c == 256 {
+                &lsig::ECDSA_P256_SHA256_FIXED_SIGNING
+            } else {
+                &lsig::ECDSA_P384_SHA384_FIXED_SIGNING
+            };
+            let k = lsig::EcdsaKeyPair::from_pkcs8(alg, &rd(&format!("{}.der", case.key()))?)
+                .map_err(|e| e.to_string())?;
+            let d = if c == 256 {
+                aws_lc_rs::digest::Digest::import_less_safe(&digest, &aws_lc_rs::digest::SHA256)
+            } else {
+                aws_lc_rs::digest::Digest::import_less_safe(&fx.sha384, &aws_lc_rs::digest::SHA384)
+            }
+            .map_err(|e| e.to_string())?;
+            let _ = msg;
+            Box::new(move || k.sign_digest(&d).map(drop).map_err(|e| e.to_string()))
+        }
+        Case::AesGcm4k => {
+            let key = aead::LessSafeKey::new(
+                aead::UnboundKey::new(&aead::AES_256_GCM, &rd("aes.bin")?)
+                    .map_err(|e| e.to_string())?,
+            );
+            Box::new(move || {
+                let mut buf = block.clone();
+                key.seal_in_place_separate_tag(
+                    aead::Nonce::assume_unique_for_key([1u8; 12]),
+                    aead::Aad::empty(),
+                    &mut buf,
+                )
+                .map(drop)
+                .map_err(|e| e.to_string())
+            })
+        }
+    })
+}
+
+struct Stats {
+    ops_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Run `threads` ops (each on its own thread / session) for `dur` after a warm-up; median of
+/// `rounds` rounds by throughput, with that round's latency percentiles.
+fn measure(
+    mut make: impl FnMut() -> Res<Op>,
+    threads: usize,
+    dur: Duration,
+    rounds: usize,
+) -> Res<Stats> {
+    let mut ops: Vec<Op> = (0..threads).map(|_| make()).collect::<Res<_>>()?;
+    let mut results = Vec::new();
+    for round in 0..=rounds {
+        let d = if round == 0 { dur / 4 } else { dur }; // round 0 = warm-up
+        let handles: Vec<_> = ops
+            .drain(..)
+            .map(|mut op| {
+                std::thread::spawn(move || {
+                    let mut lat = Vec::with_capacity(4096);
+                    let start = Instant::now();
+                    let mut err = None;
+                    while start.elapsed() < d {
+                        let t = Instant::now();
+                        if let Err(e) = op() {
+                            err = Some(e);
+                            break;
+                        }
+                        lat.push(t.elapsed());
+                    }
+                    (op, lat, start.elapsed(), err)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut total_ops = 0.0;
+        for h in handles {
+            let (op, lat, el, err) = h.join().map_err(|_| "benchmark thread panicked")?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            total_ops += lat.len() as f64 / el.as_secs_f64();
+            all.extend(lat);
+            ops.push(op);
+        }
+        if round > 0 {
+            all.sort();
+            let pct = |p: f64| {
+                all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or_default()
+            };
+            results.push(Stats {
+                ops_per_s: total_ops,
+                p50: pct(0.50),
+                p99: pct(0.99),
+            });
+        }
+    }
+    results.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+    Ok(results.swap_remove(results.len() / 2))
+}
+
+fn ops(module: &Token, reference: &Token, dir: &Path, dur: Duration, rounds: usize) -> Res<()> {
+    let msg = b"benchmark message: a TLS 1.3 CertificateVerify input is about this long".to_vec();
+    let sha256 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg)
+        .as_ref()
+        .to_vec();
+    let oaep_ct = {
+        let k = lrsa::PrivateDecryptingKey::from_pkcs8(
+            &std::fs::read(dir.join("rsa2048.der")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let pk = lrsa::OaepPublicEncryptingKey::new(k.public_key()).map_err(|e| e.to_string())?;
+        let mut out = vec![0u8; 256];
+        pk.encrypt(
+            &lrsa::OAEP_SHA1_MGF1SHA1,
+            b"a 32-byte data encryption key!!!",
+            &mut out,
+            None,
+        )
+        .map_err(|e| e.to_string())?
+        .to_vec()
+    };
+    let sha384 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, &msg)
+        .as_ref()
+        .to_vec();
+    let fx = Fixtures {
+        msg,
+        sha256,
+        sha384,
+        oaep_ct,
+        block: vec![0x5a; 4096],
+    };
+    let m = load(module)?;
+    let r = load(reference)?;
+    println!("| case | threads | skr-pkcs11 ops/s | p50 / p99 µs | reference ops/s | p50 / p99 µs | raw aws-lc-rs ops/s | module ÷ reference | module ÷ raw | module 2T ÷ 1T |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for case in CASES {
+        let mut one_thread = 0.0;
+        for threads in [1usize, 2] {
+            let sm = measure(|| p11_op(m.clone(), case, &fx), threads, dur, rounds)?;
+            let sr = measure(|| p11_op(r.clone(), case, &fx), threads, dur, rounds)?;
+            let sw = measure(|| raw_op(dir, case, &fx), threads, dur, rounds)?;
+            if threads == 1 {
+                one_thread = sm.ops_per_s;
+            }
+            let scale = if threads == 2 {
+                format!("{:.2}", sm.ops_per_s / one_thread)
+            } else {
+                "–".into()
+            };
+            println!(
+                "| {} | {threads} | {:.0} | {} / {} | {:.0} | {} / {} | {:.0} | {:.2} | {:.2} | {scale} |",
+                case.name(),
+                sm.ops_per_s,
+                sm.p50.as_micros(),
+                sm.p99.as_micros(),
+                sr.ops_per_s,
+                sr.p50.as_micros(),
+                sr.p99.as_micros(),
+                sw.ops_per_s,
+                sm.ops_per_s / sr.ops_per_s,
+                sm.ops_per_s / sw.ops_per_s,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn login(config: &Path, token: &str, count: usize) -> Res<()> {
+    let cfg = skr_pkcs11::config::Config::load(config).map_err(|e| e.to_string())?;
+    let tok = cfg
+        .tokens
+        .iter()
+        .find(|t| t.label == token)
+        .ok_or(format!("no token {token} in the config"))?;
+    let mut rows: Vec<(Duration, skr_pkcs11::release::LoginTimings)> = Vec::new();
+    for i in 0..=count {
+        let t = Instant::now();
+        let (keys, timings) =
+            skr_pkcs11::release::release_token(&cfg, tok).map_err(|e| e.to_string())?;
+        let total = t.elapsed();
+        drop(keys);
+        if i > 0 {
+            rows.push((total, timings)); // first login warms the TLS session caches and JWKS
+        }
+    }
+    rows.sort_by_key(|r| r.0);
+    let (total, t) = &rows[rows.len() / 2];
+    let ms = |d: &Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+    println!("| token | keys | login total ms (median of {count}) | transfer key | evidence | MAA | identity | AKV release (all keys) | unwrap |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {token} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        tok.keys.len(),
+        ms(total),
+        ms(&t.transfer_key),
+        ms(&t.evidence),
+        ms(&t.attestation),
+        ms(&t.identity),
+        ms(&t.release),
+        ms(&t.unwrap)
+    );
+    Ok(())
+}
