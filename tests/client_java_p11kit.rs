@@ -14,8 +14,14 @@ fn run(script: &str, marker: &str) {
         .env("SKR_EMU_DIR", emu.path())
         .output()
         .unwrap_or_else(|e| panic!("run {script}: {e}"));
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{script} failed\n--- stdout\n{o}\n--- stderr\n{e}");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed\n--- stdout\n{o}\n--- stderr\n{e}"
+    );
     assert!(o.contains(marker), "{script}: no '{marker}' in\n{o}");
 }
 

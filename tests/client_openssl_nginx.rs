@@ -16,8 +16,14 @@ fn openssl_engine_and_nginx_workers_use_token_keys_released_once() {
         .env("SKR_EMU_DIR", emu.path())
         .output()
         .expect("run openssl_nginx.sh (needs bash, openssl, libengine-pkcs11-openssl, nginx, curl, python3)");
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "openssl_nginx.sh failed\n--- stdout\n{o}\n--- stderr\n{e}");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "openssl_nginx.sh failed\n--- stdout\n{o}\n--- stderr\n{e}"
+    );
     assert!(o.contains("openssl engine: all checks passed"));
     assert!(o.contains("nginx: all checks passed"));
 }

@@ -15,7 +15,13 @@ fn pkcs11_tool_lists_signs_with_every_mechanism_decrypts_and_forks() {
         .env("SKR_EMU_DIR", emu.path())
         .output()
         .expect("run pkcs11_tool.sh (needs bash, opensc, openssl)");
-    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "pkcs11_tool.sh failed\n--- stdout\n{o}\n--- stderr\n{e}");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "pkcs11_tool.sh failed\n--- stdout\n{o}\n--- stderr\n{e}"
+    );
     assert!(o.contains("pkcs11-tool: all checks passed"));
 }
