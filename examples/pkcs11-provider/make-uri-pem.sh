@@ -7,11 +7,13 @@
 set -euo pipefail
 uri=$1; out=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+# OpenSSL's config syntax treats '#' as a comment and '$' as a variable: escape both.
+esc=$(printf '%s' "$uri" | sed -e 's/[#$\\]/\\&/g')
 cat > "$tmp/asn1.cnf" <<CNF
 asn1 = SEQUENCE:uri_seq
 [uri_seq]
-desc = VISIBLESTRING:PKCS#11 Provider URI v1.0
-uri = UTF8:$uri
+desc = VISIBLESTRING:PKCS\#11 Provider URI v1.0
+uri = UTF8:$esc
 CNF
 openssl asn1parse -genconf "$tmp/asn1.cnf" -noout -out "$tmp/uri.der"
 { echo "-----BEGIN PKCS#11 PROVIDER URI-----"; base64 -w 64 "$tmp/uri.der"; echo "-----END PKCS#11 PROVIDER URI-----"; } > "$out"
