@@ -302,7 +302,7 @@ fn published_examples_against_real_claim_sets() {
     assert!(matches!(
         evaluate(
             &policy("docs_skr_policy_examples_cvm_1"),
-            &snp["iss"].as_str().unwrap().to_string(),
+            snp["iss"].as_str().unwrap(),
             &snp
         ),
         Err(Explanation::NoAuthority { .. })

@@ -101,7 +101,7 @@ pub fn unwrap_key_hsm(
     }
     let k = transfer.modulus_len();
     // The KWP part is at least two 8-byte semiblocks.
-    if key_hsm.ciphertext.len() < k + 16 || (key_hsm.ciphertext.len() - k) % 8 != 0 {
+    if key_hsm.ciphertext.len() < k + 16 || !(key_hsm.ciphertext.len() - k).is_multiple_of(8) {
         return Err(bad(format!(
             "key_hsm ciphertext has {} bytes; expected {k} bytes of RSA-OAEP then a multiple of 8 (at least 16) of AES key wrap",
             key_hsm.ciphertext.len()
@@ -150,7 +150,7 @@ fn kwp_unwrap_ecb(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Option<usize> {
         _ => return None,
     };
     let key = DecryptingKey::ecb(UnboundCipherKey::new(alg, kek).ok()?).ok()?;
-    if wrapped.len() < 16 || wrapped.len() % 8 != 0 || out.len() < wrapped.len() - 8 {
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || out.len() < wrapped.len() - 8 {
         return None;
     }
     let n = wrapped.len() / 8 - 1;
