@@ -112,6 +112,7 @@ impl KeysFile {
 
 // ---- errors --------------------------------------------------------------------------------
 
+#[derive(Debug)]
 pub struct KvError {
     status: StatusCode,
     code: &'static str,
@@ -194,16 +195,17 @@ pub fn generate_material(
         }
         KeyFamily::Ec => {
             let crv = crv.unwrap_or("P-256");
-            let der =
-                match crv {
-                    "P-256" => p256::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
-                    "P-384" => p384::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
-                    "P-521" => p521::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
-                    other => return Err(bad(format!(
+            let der = match crv {
+                "P-256" => p256::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
+                "P-384" => p384::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
+                "P-521" => p521::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_der(),
+                other => {
+                    return Err(bad(format!(
                         "curve {other} is not supported by skr-emulator; use P-256, P-384 or P-521"
-                    ))),
+                    )))
                 }
-                .map_err(|e| bad(e.to_string()))?;
+            }
+            .map_err(|e| bad(e.to_string()))?;
             Ok((der.as_bytes().to_vec(), Some(crv.to_string())))
         }
         KeyFamily::Oct => {

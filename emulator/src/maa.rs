@@ -358,7 +358,19 @@ pub fn sorted(value: Value) -> Value {
 
 struct DataBlob {
     bytes: Vec<u8>,
-    json: Option<Value>,
+    is_json: bool,
+}
+
+impl DataBlob {
+    /// Parsed only after the binding check, so a tampered blob is reported as unbound.
+    fn json(&self, what: &str) -> Result<Option<Value>, String> {
+        if !self.is_json {
+            return Ok(None);
+        }
+        serde_json::from_slice(&self.bytes)
+            .map(Some)
+            .map_err(|e| format!("{what}: dataType is JSON but data is not JSON ({e})"))
+    }
 }
 
 fn parse_data(value: &Value, what: &str) -> Result<DataBlob, String> {
@@ -371,21 +383,19 @@ fn parse_data(value: &Value, what: &str) -> Result<DataBlob, String> {
         .get("dataType")
         .and_then(Value::as_str)
         .unwrap_or("Binary");
-    let json = if data_type.eq_ignore_ascii_case("json") {
-        Some(
-            serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{what}: dataType is JSON but data is not JSON ({e})"))?,
-        )
+    let is_json = if data_type.eq_ignore_ascii_case("json") {
+        true
     } else if data_type.eq_ignore_ascii_case("binary") {
-        None
+        false
     } else {
         return Err(format!(
             "{what}.dataType {data_type:?} is neither Binary nor JSON"
         ));
     };
-    Ok(DataBlob { bytes, json })
+    Ok(DataBlob { bytes, is_json })
 }
 
+#[derive(Debug)]
 pub struct AttestOutcome {
     pub claims: Map<String, Value>,
     /// Name of the trusted ARK the evidence chains to.
@@ -431,7 +441,7 @@ pub fn attest_sevsnp(
                 hex::encode(rd)
             ));
         }
-        if let Some(json) = blob.json {
+        if let Some(json) = blob.json("runtimeData")? {
             claims.insert("x-ms-runtime".into(), sorted(json));
         }
     }
@@ -445,7 +455,7 @@ pub fn attest_sevsnp(
                 hex::encode(view.host_data())
             ));
         }
-        if let Some(json) = blob.json {
+        if let Some(json) = blob.json("initTimeData")? {
             claims.insert("x-ms-inittime".into(), sorted(json));
         }
     }
@@ -621,4 +631,198 @@ fn openid_configuration(app: &App) -> Response {
         ],
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn testdata(path: &str) -> Vec<u8> {
+        let full = format!("{}/../testdata/{path}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+    }
+
+    fn amd_roots() -> Vec<(String, Certificate)> {
+        trusted_arks(&[])
+    }
+
+    fn aci_request(report: &[u8], padded: bool) -> Value {
+        let chain = testdata("aci/uvm_host_amd_certificate.pem");
+        let enc = |b: &[u8]| {
+            if padded {
+                base64::engine::general_purpose::URL_SAFE.encode(b)
+            } else {
+                b64url(b)
+            }
+        };
+        let evidence = json!({"SnpReport": enc(report), "VcekCertChain": enc(&chain)}).to_string();
+        json!({"report": enc(evidence.as_bytes())})
+    }
+
+    /// Microsoft's published request → token pair: every x-ms-sevsnpvm-* claim and
+    /// x-ms-runtime must come out exactly as in the token MAA issued.
+    #[test]
+    fn spec_example_reproduces_every_sevsnp_claim() {
+        let example: Value =
+            serde_json::from_slice(&testdata("maa/attest-sevsnpvm-example.json")).unwrap();
+        let request = &example["parameters"]["request"];
+        let token = example["responses"]["200"]["body"]["token"]
+            .as_str()
+            .unwrap();
+        let expected = crate::jwt::decode(token).unwrap().payload;
+        let outcome = attest_sevsnp(request, &amd_roots()).expect("the spec example attests");
+        assert_eq!(outcome.root, "AMD ARK-Milan");
+        let mut compared = 0;
+        for (name, value) in expected.as_object().unwrap() {
+            if name.starts_with("x-ms-sevsnpvm-")
+                || name == "x-ms-runtime"
+                || name == "x-ms-attestation-type"
+                || name == "x-ms-compliance-status"
+            {
+                assert_eq!(outcome.claims.get(name), Some(value), "claim {name}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 17 + 3);
+        // And no SEV-SNP claim the token lacks.
+        for name in outcome
+            .claims
+            .keys()
+            .filter(|n| n.starts_with("x-ms-sevsnpvm-"))
+        {
+            assert!(expected.get(name).is_some(), "extra claim {name}");
+        }
+        // Member order of x-ms-runtime is MAA's (sorted), as in the token's JSON text.
+        let runtime_text = outcome.claims["x-ms-runtime"].to_string();
+        assert!(
+            runtime_text.starts_with(
+                "{\"keys\":[{\"e\":\"AQAB\",\"key_ops\":[\"encrypt\"],\"kid\":\"HCLTransferKey\""
+            ),
+            "{runtime_text}"
+        );
+        // The exact runtime-data bytes are what the report binds.
+        let runtime = b64_lenient(request["runtimeData"]["data"].as_str().unwrap()).unwrap();
+        assert_eq!(runtime, testdata("maa/sevsnpvm-runtimedata.json"));
+    }
+
+    #[test]
+    fn spec_example_with_tampered_runtime_data_is_rejected() {
+        let example: Value =
+            serde_json::from_slice(&testdata("maa/attest-sevsnpvm-example.json")).unwrap();
+        let mut request = example["parameters"]["request"].clone();
+        let mut runtime = testdata("maa/sevsnpvm-runtimedata.json");
+        runtime[10] ^= 0x20;
+        request["runtimeData"]["data"] = json!(b64url(&runtime));
+        let err = attest_sevsnp(&request, &amd_roots()).unwrap_err();
+        assert!(err.contains("runtimeData does not match"), "{err}");
+    }
+
+    /// The real ACI report: its runtime data is not published (REPORT_DATA = SHA-256 of a JSON
+    /// we do not have), so it is attested without runtimeData, which skips only the binding.
+    #[test]
+    fn aci_report_attests_with_the_documented_claims() {
+        let report = testdata("aci/snp_report.bin");
+        let outcome =
+            attest_sevsnp(&aci_request(&report, true), &amd_roots()).expect("ACI report attests");
+        let c = &outcome.claims;
+        let policy = base64::engine::general_purpose::STANDARD
+            .decode(
+                String::from_utf8(testdata("aci/uvm_security_policy.base64"))
+                    .unwrap()
+                    .trim(),
+            )
+            .unwrap();
+        assert_eq!(
+            c["x-ms-sevsnpvm-hostdata"],
+            json!(hex::encode(Sha256::digest(&policy)))
+        );
+        assert_eq!(
+            c["x-ms-sevsnpvm-hostdata"],
+            json!("cadd74f71ebb8fbf9782baab649612520f3c416bc5ce9ac768808ddc8d9b031c")
+        );
+        assert_eq!(c["x-ms-compliance-status"], json!("azure-compliant-uvm"));
+        assert_eq!(c["x-ms-sevsnpvm-is-debuggable"], json!(false));
+        assert_eq!(c["x-ms-sevsnpvm-migration-allowed"], json!(false));
+        assert_eq!(c["x-ms-sevsnpvm-smt-allowed"], json!(true));
+        assert_eq!(c["x-ms-sevsnpvm-vmpl"], json!(0));
+        assert_eq!(c["x-ms-sevsnpvm-bootloader-svn"], json!(3));
+        assert_eq!(c["x-ms-sevsnpvm-tee-svn"], json!(0));
+        assert_eq!(c["x-ms-sevsnpvm-snpfw-svn"], json!(8));
+        assert_eq!(c["x-ms-sevsnpvm-microcode-svn"], json!(115));
+        assert_eq!(
+            c["x-ms-sevsnpvm-reportdata"],
+            json!("ee986ff2bd7e3f22e29f640918627816cf8e23b9d9c312767168eab68c861c710000000000000000000000000000000000000000000000000000000000000000")
+        );
+        assert!(c.get("x-ms-runtime").is_none());
+        // Any runtime data offered for it fails the binding check.
+        let mut with_runtime = aci_request(&report, false);
+        with_runtime["runtimeData"] = json!({"data": b64url(b"{\"keys\":[]}"), "dataType": "JSON"});
+        assert!(attest_sevsnp(&with_runtime, &amd_roots())
+            .unwrap_err()
+            .contains("REPORT_DATA"));
+    }
+
+    #[test]
+    fn aci_report_with_the_thim_chain_attests() {
+        let thim: Value =
+            serde_json::from_slice(&testdata("aci/uvm_host_amd_certificate.json")).unwrap();
+        let chain = format!(
+            "{}{}",
+            thim["vcekCert"].as_str().unwrap(),
+            thim["certificateChain"].as_str().unwrap()
+        );
+        let report = testdata("aci/snp_report.bin");
+        let evidence =
+            json!({"SnpReport": b64url(&report), "VcekCertChain": b64url(chain.as_bytes())})
+                .to_string();
+        attest_sevsnp(
+            &json!({"report": b64url(evidence.as_bytes())}),
+            &amd_roots(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn every_flipped_bit_class_is_rejected() {
+        let report = testdata("aci/snp_report.bin");
+        // Signed fields (measurement, host data, report data, TCB, chip id), the signature.
+        for offset in [0x08, 0x50, 0x95, 0xC0, 0x180, 0x1A0, 0x29F, 0x2A0, 0x2E8] {
+            let mut flipped = report.clone();
+            flipped[offset] ^= 0x01;
+            let err = attest_sevsnp(&aci_request(&flipped, false), &amd_roots()).unwrap_err();
+            assert!(
+                err.contains("signature")
+                    || err.contains("REPORTED_TCB")
+                    || err.contains("CHIP_ID"),
+                "offset {offset:#x}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn untrusted_root_and_broken_requests_are_rejected() {
+        let report = testdata("aci/snp_report.bin");
+        let err = attest_sevsnp(&aci_request(&report, false), &[]).unwrap_err();
+        assert!(err.contains("not a trusted AMD root"), "{err}");
+        assert!(attest_sevsnp(&json!({}), &amd_roots())
+            .unwrap_err()
+            .contains("no report"));
+        assert!(attest_sevsnp(&json!({"report": "!!"}), &amd_roots()).is_err());
+        let short = json!({"SnpReport": b64url(&report[..100]), "VcekCertChain": ""}).to_string();
+        assert!(
+            attest_sevsnp(&json!({"report": b64url(short.as_bytes())}), &amd_roots())
+                .unwrap_err()
+                .contains("1184")
+        );
+    }
+
+    #[test]
+    fn policy_hash_follows_maa_definition() {
+        let expected = b64url(&Sha256::digest(
+            b64url(ATTESTATION_POLICY.as_bytes()).as_bytes(),
+        ));
+        assert_eq!(policy_hash(), expected);
+        assert_eq!(policy_hash().len(), 43);
+    }
 }
