@@ -1,1 +1,381 @@
-fn main() {}
+//! `skr-pkcs11`: operator tool for the module's configuration and login path.
+//!
+//! * `doctor` — load the config, check the evidence source, reach MAA, identity and AKV; print a
+//!   table. Never prints tokens or keys.
+//! * `attest` — produce evidence, attest with MAA, verify the token, print its claims.
+//! * `release` — run the whole login path for a token; print what was released (kinds and
+//!   sizes only) and the step timings.
+//! * `policy check` — evaluate a release policy against a claim set locally.
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use skr_pkcs11::config::Config;
+use skr_pkcs11::error::Error;
+use skr_pkcs11::policy;
+use skr_pkcs11::release::{self, akv, evidence, identity, jws, unwrap, KeyMaterial, LoginTimings};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "skr-pkcs11",
+    version,
+    about = "Azure Secure Key Release PKCS#11 module: operator tool"
+)]
+struct Cli {
+    /// Config file (default: $SKR_PKCS11_CONFIG, then /etc/skr-pkcs11/config.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check the configuration and every service the login path needs.
+    Doctor,
+    /// Attest with MAA and print the verified token's claims (JSON).
+    Attest,
+    /// Release the keys of a token (default: the first) and report what came back.
+    Release {
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Release-policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Evaluate a policy (JSON, or base64/base64url as in release_policy.data) against claims
+    /// (a JSON claim object, a decoded {header, payload}, or a compact JWT).
+    Check {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        claims: PathBuf,
+        /// Token issuer (default: the claims' iss).
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Doctor => load(&cli).map(|cfg| doctor(&cfg)),
+        Cmd::Attest => load(&cli).and_then(|cfg| attest(&cfg)),
+        Cmd::Release { token } => load(&cli).and_then(|cfg| release_cmd(&cfg, token.as_deref())),
+        Cmd::Policy {
+            command:
+                PolicyCmd::Check {
+                    policy,
+                    claims,
+                    issuer,
+                },
+        } => policy_check(policy, claims, issuer.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, Error> {
+    match &cli.config {
+        Some(p) => Config::load(p),
+        None => Config::load_default(),
+    }
+}
+
+/// One row of the doctor's table.
+struct Check {
+    what: String,
+    ok: bool,
+    detail: String,
+}
+
+fn doctor(cfg: &Config) -> ExitCode {
+    let mut rows = vec![Check {
+        what: "config".into(),
+        ok: true,
+        detail: format!(
+            "{} ({} token(s), {} key(s))",
+            cfg.source_path.display(),
+            cfg.tokens.len(),
+            cfg.tokens.iter().map(|t| t.keys.len()).sum::<usize>()
+        ),
+    }];
+    let mut push = |what: &str, r: Result<String, Error>| {
+        let (ok, detail) = match r {
+            Ok(d) => (true, d),
+            Err(e) => (false, e.to_string()),
+        };
+        rows.push(Check {
+            what: what.to_string(),
+            ok,
+            detail,
+        });
+    };
+    let session = match release::Session::new(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            push("tls", Err(e));
+            print_table(&rows);
+            return ExitCode::FAILURE;
+        }
+    };
+    push(
+        "tls",
+        Ok(match &cfg.tls.ca_file {
+            Some(p) => format!("web roots + {}", p.display()),
+            None => "web roots".into(),
+        }),
+    );
+
+    // Evidence: an actual report over a probe value, and its collateral.
+    let mut timings = LoginTimings::default();
+    push(
+        "evidence",
+        evidence::provider(cfg, &session.http).and_then(|p| {
+            let rd = evidence::report_data_for(b"skr-pkcs11 doctor");
+            let ev = p.get_report(&rd)?;
+            evidence::check_report(&ev.report, &rd)?;
+            let chain = match ev.vcek_chain_pem {
+                Some(_) => "VCEK chain from the provider".to_string(),
+                None => {
+                    let c = evidence::collateral(cfg, &session.http)?;
+                    format!(
+                        "VCEK chain from {}{}",
+                        if evidence::security_context_dir(cfg).is_some() {
+                            "the security context"
+                        } else {
+                            "IMDS THIM"
+                        },
+                        if c.uvm_reference_info.is_some() {
+                            " + UVM endorsement"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            };
+            Ok(format!(
+                "{}: {}-byte report; {chain}",
+                p.name(),
+                ev.report.len()
+            ))
+        }),
+    );
+
+    // MAA: the full attestation, so that policy mismatches show up here too.
+    let attested = release::attest(cfg, &session, &mut timings);
+    let claims = match &attested {
+        Ok(a) => {
+            push(
+                "attestation",
+                Ok(format!(
+                    "{}: token verified (type {}, {:?})",
+                    a.issuer,
+                    a.claims["x-ms-attestation-type"].as_str().unwrap_or("?"),
+                    timings.attestation
+                )),
+            );
+            Some(a)
+        }
+        Err(e) => {
+            push("attestation", Err(e.clone()));
+            None
+        }
+    };
+
+    // Identity and AKV for every key.
+    let id = identity::Identity::new(&session.http, &cfg.identity);
+    let enc =
+        unwrap::WrapAlg::from_name(&cfg.release.enc).unwrap_or(unwrap::WrapAlg::RsaAesKeyWrap256);
+    let vault = akv::Akv::new(
+        &session.http,
+        &id,
+        &session.anchors,
+        &cfg.release.api_version,
+        enc,
+    );
+    let mut resources = std::collections::BTreeSet::new();
+    for t in &cfg.tokens {
+        for k in &t.keys {
+            let host = jws::url_host(&k.kid).unwrap_or_default();
+            resources.insert(identity::default_resource(&host));
+        }
+    }
+    for r in resources {
+        push(
+            &format!("identity {r}"),
+            id.token(r, false)
+                .map(|_| format!("{:?}: token received", cfg.identity.source)),
+        );
+    }
+    for t in &cfg.tokens {
+        for k in &t.keys {
+            let row = format!("key {}/{}", t.label, k.label);
+            push(
+                &row,
+                vault.get_key(k).and_then(|b| {
+                    let mut d = format!("{} key", b.public.kind());
+                    match (&b.policy_data, claims) {
+                        (None, _) => d.push_str("; no release policy (not exportable?)"),
+                        (Some(p), Some(a)) => match policy::parse_encoded(p) {
+                            Err(e) => d.push_str(&format!("; {e}")),
+                            Ok(p) => match policy::evaluate(&p, &a.issuer, &a.claims) {
+                                Ok(()) => d.push_str("; release policy met by this TEE"),
+                                Err(why) => {
+                                    return Err(Error::denied(
+                                        skr_pkcs11::error::Step::Release,
+                                        format!("{d}; release policy NOT met: {why}"),
+                                    ))
+                                }
+                            },
+                        },
+                        (Some(_), None) => {
+                            d.push_str("; release policy not evaluated (no attestation)")
+                        }
+                    }
+                    Ok(d)
+                }),
+            );
+        }
+    }
+    print_table(&rows);
+    if rows.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_table(rows: &[Check]) {
+    let width = rows.iter().map(|r| r.what.len()).max().unwrap_or(0);
+    for r in rows {
+        println!(
+            "{:<width$}  {:<4}  {}",
+            r.what,
+            if r.ok { "ok" } else { "FAIL" },
+            r.detail
+        );
+    }
+}
+
+fn attest(cfg: &Config) -> Result<ExitCode, Error> {
+    let session = release::Session::new(cfg)?;
+    let mut timings = LoginTimings::default();
+    let a = release::attest(cfg, &session, &mut timings)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&a.claims).expect("claims are JSON")
+    );
+    eprintln!(
+        "evidence: {}; token verified against {} (evidence {:?}, attestation {:?})",
+        a.evidence_source, a.issuer, timings.evidence, timings.attestation
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn release_cmd(cfg: &Config, label: Option<&str>) -> Result<ExitCode, Error> {
+    let token = match label {
+        Some(l) => cfg
+            .tokens
+            .iter()
+            .find(|t| t.label == l)
+            .ok_or_else(|| Error::config(format!("no token labelled {l:?} in the config")))?,
+        None => &cfg.tokens[0],
+    };
+    let (keys, t) = release::release_token(cfg, token)?;
+    for k in &keys {
+        let kc = &token.keys[k.index];
+        let (form, len) = match &k.material {
+            KeyMaterial::Pkcs8(s) => ("PKCS#8", s.len()),
+            KeyMaterial::Raw(s) => ("raw", s.len()),
+        };
+        println!(
+            "{:<24} {form:<7} {len:>5} bytes  checked against GET {}",
+            kc.label, kc.kid
+        );
+    }
+    println!(
+        "timings: transfer-key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?}",
+        t.transfer_key, t.evidence, t.attestation, t.identity, t.release, t.unwrap
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_json_or_base64(path: &Path) -> Result<Value, Error> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+    if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+        return Ok(v);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim();
+    // A compact JWT: its payload.
+    if let Ok(c) = jws::split_compact(text) {
+        return Ok(c.payload);
+    }
+    use base64::Engine;
+    let decoded = release::b64url_decode(text)
+        .or_else(|| base64::engine::general_purpose::STANDARD.decode(text).ok())
+        .ok_or_else(|| {
+            Error::config(format!(
+                "{}: neither JSON, a JWT, nor base64 of JSON",
+                path.display()
+            ))
+        })?;
+    serde_json::from_slice(&decoded).map_err(|e| {
+        Error::config(format!(
+            "{}: decoded content is not JSON: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn policy_check(
+    policy_path: &Path,
+    claims_path: &Path,
+    issuer: Option<&str>,
+) -> Result<ExitCode, Error> {
+    let p = read_json_or_base64(policy_path)?;
+    // A whole release_policy object or KeyBundle is accepted too.
+    let p = match p.pointer("/release_policy/data").or_else(|| p.get("data")) {
+        Some(Value::String(data)) => policy::parse_encoded(data),
+        _ => policy::parse_value(&p),
+    }
+    .map_err(|e| Error::config(format!("{}: {e}", policy_path.display())))?;
+    let claims = read_json_or_base64(claims_path)?;
+    let claims = match claims.get("payload") {
+        Some(payload) if payload.is_object() => payload.clone(),
+        _ => claims,
+    };
+    let iss = issuer
+        .map(str::to_string)
+        .or_else(|| {
+            claims
+                .get("iss")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .ok_or_else(|| Error::config("the claims have no iss; pass --issuer"))?;
+    match policy::evaluate(&p, &iss, &claims) {
+        Ok(()) => {
+            println!("policy met for issuer {iss}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            println!("policy NOT met: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
