@@ -125,7 +125,10 @@ fn expect_err(
 ) -> Error {
     match r {
         Ok((keys, _)) => panic!("expected a failure, released {} keys", keys.len()),
-        Err(e) => e,
+        Err(e) => {
+            eprintln!("  -> CK_RV {:#x}: {e}", e.rv());
+            e
+        }
     }
 }
 
@@ -319,6 +322,7 @@ fn release_against_the_emulator() {
     ];
     let mut failures = Vec::new();
     for (name, run) in scenarios {
+        eprintln!("scenario: {name}");
         admin.clear();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cfg, &admin)));
         admin.clear();
