@@ -106,10 +106,13 @@ impl<'a> Maa<'a> {
 
     /// Fetch `/certs` (or take it from the cache).
     fn signing_keys(&self, refresh: bool) -> Result<SigningKeys> {
+        // try_lock: a child forked while another thread held the lock must not deadlock;
+        // it just fetches again.
         if !refresh {
-            let cache = CERTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(keys) = cache.as_ref().and_then(|m| m.get(&self.url)) {
-                return Ok(keys.clone());
+            if let Ok(cache) = CERTS_CACHE.try_lock() {
+                if let Some(keys) = cache.as_ref().and_then(|m| m.get(&self.url)) {
+                    return Ok(keys.clone());
+                }
             }
         }
         let url = format!("{}/certs", self.url);
@@ -124,10 +127,11 @@ impl<'a> Maa<'a> {
             .with_hint("check attestation.url"));
         }
         let keys = parse_certs(&resp.body)?;
-        let mut cache = CERTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get_or_insert_with(HashMap::new)
-            .insert(self.url.clone(), keys.clone());
+        if let Ok(mut cache) = CERTS_CACHE.try_lock() {
+            cache
+                .get_or_insert_with(HashMap::new)
+                .insert(self.url.clone(), keys.clone());
+        }
         Ok(keys)
     }
 
