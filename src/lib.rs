@@ -5,6 +5,9 @@
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod ffi;
+pub mod logging;
 pub mod policy;
 pub mod release;
 pub mod secret;
+pub mod token;

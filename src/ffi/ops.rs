@@ -1,0 +1,638 @@
+//! Cryptographic functions: mechanism parameter decoding into owned values, the operation
+//! lifecycle (NULL-mechanism cancel, one active operation per kind, any error but
+//! CKR_BUFFER_TOO_SMALL ends it) and the size-query protocol.
+
+use super::{deliver, input, instance, p11_fn};
+use crate::crypto::mechanism::{mechanism_table, RawParam};
+use crate::crypto::ops::{AsymKey, CipherKey, CipherOp, DigestOp, SignOp, VerifyOp};
+use crate::crypto::Mechanism;
+use crate::error::{Error, Result};
+use crate::token::object::{Body, Object};
+use crate::token::session::{active, Active, Call};
+use crate::token::Token;
+use cryptoki_sys::*;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Largest OAEP label / GCM AAD / IV accepted.
+const MAX_PARAM_BYTES: CK_ULONG = 1 << 20;
+
+fn param_invalid(msg: &str) -> Error {
+    Error::new(CKR_MECHANISM_PARAM_INVALID, msg.to_string())
+}
+
+/// Copy a fixed-size parameter struct after checking its declared length.
+///
+/// # Safety
+/// `m.pParameter` is NULL or valid for `m.ulParameterLen` bytes.
+unsafe fn param_struct<T: Copy>(m: &CK_MECHANISM, what: &str) -> Result<T> {
+    if m.pParameter.is_null() || m.ulParameterLen as usize != std::mem::size_of::<T>() {
+        return Err(param_invalid(&format!(
+            "{what}: parameter must be a {}-byte structure",
+            std::mem::size_of::<T>()
+        )));
+    }
+    // SAFETY: non-NULL and exactly size_of::<T>() bytes per the caller.
+    Ok(unsafe { (m.pParameter as *const T).read_unaligned() })
+}
+
+/// # Safety
+/// `p` is NULL or valid for `len` bytes.
+unsafe fn param_bytes(p: *const u8, len: CK_ULONG, what: &str) -> Result<Vec<u8>> {
+    if len > MAX_PARAM_BYTES {
+        return Err(param_invalid(&format!("{what} is too long")));
+    }
+    // SAFETY: forwarded caller contract.
+    unsafe { input(p, len, what) }
+        .map(|s| s.to_vec())
+        .map_err(|_| param_invalid(&format!("{what}: NULL pointer with a length")))
+}
+
+/// Decode CK_MECHANISM and its parameter into an owned `Mechanism`.
+///
+/// # Safety
+/// `p` is non-NULL and points to a CK_MECHANISM whose parameter pointers are valid.
+pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanism> {
+    // SAFETY: caller contract.
+    let m = unsafe { p.read_unaligned() };
+    let raw = match m.mechanism {
+        CKM_RSA_PKCS_PSS
+        | CKM_SHA1_RSA_PKCS_PSS
+        | CKM_SHA224_RSA_PKCS_PSS
+        | CKM_SHA256_RSA_PKCS_PSS
+        | CKM_SHA384_RSA_PKCS_PSS
+        | CKM_SHA512_RSA_PKCS_PSS => {
+            // SAFETY: as above.
+            let pp: CK_RSA_PKCS_PSS_PARAMS = unsafe { param_struct(&m, "CK_RSA_PKCS_PSS_PARAMS")? };
+            RawParam::Pss {
+                hash_alg: pp.hashAlg,
+                mgf: pp.mgf,
+                salt_len: pp.sLen,
+            }
+        }
+        CKM_RSA_PKCS_OAEP => {
+            // SAFETY: as above.
+            let op: CK_RSA_PKCS_OAEP_PARAMS =
+                unsafe { param_struct(&m, "CK_RSA_PKCS_OAEP_PARAMS")? };
+            // SAFETY: pSourceData is valid for ulSourceDataLen bytes per the API.
+            let source_data = unsafe {
+                param_bytes(
+                    op.pSourceData as *const u8,
+                    op.ulSourceDataLen,
+                    "OAEP source data",
+                )?
+            };
+            RawParam::Oaep {
+                hash_alg: op.hashAlg,
+                mgf: op.mgf,
+                source: op.source,
+                source_data,
+            }
+        }
+        CKM_AES_GCM => {
+            // SAFETY: as above.
+            let g: CK_GCM_PARAMS = unsafe { param_struct(&m, "CK_GCM_PARAMS")? };
+            // SAFETY: pIv / pAAD are valid for their lengths per the API.
+            let iv = unsafe { param_bytes(g.pIv, g.ulIvLen, "GCM IV")? };
+            let aad = unsafe { param_bytes(g.pAAD, g.ulAADLen, "GCM AAD")? };
+            RawParam::Gcm {
+                iv,
+                aad,
+                tag_bits: g.ulTagBits,
+            }
+        }
+        _ if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
+        // SAFETY: as above.
+        _ => RawParam::Bytes(unsafe {
+            param_bytes(
+                m.pParameter as *const u8,
+                m.ulParameterLen,
+                "mechanism parameter",
+            )?
+        }),
+    };
+    Mechanism::from_raw(m.mechanism, raw)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Sign,
+    Verify,
+    Encrypt,
+    Decrypt,
+}
+
+impl Purpose {
+    fn flag(self) -> CK_FLAGS {
+        match self {
+            Purpose::Sign => CKF_SIGN,
+            Purpose::Verify => CKF_VERIFY,
+            Purpose::Encrypt => CKF_ENCRYPT,
+            Purpose::Decrypt => CKF_DECRYPT,
+        }
+    }
+}
+
+fn not_permitted(msg: &str) -> Error {
+    Error::new(CKR_KEY_FUNCTION_NOT_PERMITTED, msg.to_string())
+}
+
+/// The key object for an operation, checked against the mechanism and purpose.
+fn key_object(
+    t: &Token,
+    h: CK_OBJECT_HANDLE,
+    m: &Mechanism,
+    purpose: Purpose,
+) -> Result<Arc<Object>> {
+    let o = t.object(h).map_err(|_| {
+        Error::new(
+            CKR_KEY_HANDLE_INVALID,
+            format!("key handle {h} is not valid in this session"),
+        )
+    })?;
+    let ckm = m.ckm();
+    let listed = mechanism_table()
+        .iter()
+        .any(|&(x, _, _, f)| x == ckm && f & purpose.flag() != 0);
+    if !listed {
+        return Err(Error::new(
+            CKR_MECHANISM_INVALID,
+            format!("mechanism {ckm:#x} does not support this operation"),
+        ));
+    }
+    match (&o.body, purpose) {
+        (Body::Certificate(_), _) => {
+            return Err(Error::new(
+                CKR_KEY_HANDLE_INVALID,
+                "a certificate is not a key",
+            ))
+        }
+        (Body::PrivateKey { .. }, Purpose::Sign | Purpose::Decrypt)
+        | (Body::PublicKey(_), Purpose::Verify | Purpose::Encrypt)
+        | (Body::SecretKey(_), Purpose::Encrypt | Purpose::Decrypt) => {}
+        _ => return Err(not_permitted("the key cannot be used for this operation")),
+    }
+    if !o.allowed_mechanisms().contains(&ckm) {
+        return Err(Error::new(
+            CKR_MECHANISM_INVALID,
+            format!("mechanism {ckm:#x} is not allowed for this key"),
+        ));
+    }
+    if let (
+        Body::PrivateKey {
+            allow_rsa_pkcs_decrypt: false,
+            ..
+        },
+        Purpose::Decrypt,
+        Mechanism::RsaPkcs,
+    ) = (&o.body, purpose, m)
+    {
+        let e = Error::new(
+            CKR_MECHANISM_INVALID,
+            format!("CKM_RSA_PKCS decryption is disabled for key {:?}", o.label),
+        )
+        .with_hint("set allow_rsa_pkcs_decrypt = true for this key if TLS 1.2 RSA key exchange needs it (it is a padding oracle)");
+        log::warn!("C_DecryptInit: {e}");
+        return Err(e);
+    }
+    Ok(o)
+}
+
+fn asym(o: &Object) -> Result<Arc<AsymKey>> {
+    match &o.body {
+        Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => Ok(k.clone()),
+        _ => Err(Error::new(
+            CKR_KEY_TYPE_INCONSISTENT,
+            "not an RSA or EC key",
+        )),
+    }
+}
+
+fn cipher_key(o: &Object) -> Result<CipherKey> {
+    match &o.body {
+        Body::SecretKey(s) => Ok(CipherKey::Secret(s.clone())),
+        _ => asym(o).map(CipherKey::Asym),
+    }
+}
+
+fn op_active() -> Error {
+    Error::new(
+        CKR_OPERATION_ACTIVE,
+        "an operation of this kind is already active",
+    )
+}
+
+/// The common tail of every output-producing call (see `token::session`).
+///
+/// # Safety
+/// `out_buf` is NULL or valid for `*out_len` bytes; `out_len` is valid.
+unsafe fn produce_into<T>(
+    slot: &mut Option<Active<T>>,
+    t: &Token,
+    call: Call,
+    data: &[u8],
+    out_buf: *mut u8,
+    out_len: *mut CK_ULONG,
+    compute: impl FnOnce(&mut T) -> Result<Zeroizing<Vec<u8>>>,
+) -> Result<()> {
+    let (logged_in, epoch) = (t.is_logged_in(), t.epoch());
+    let result = (|| {
+        let a = active(slot, logged_in, epoch)?;
+        if call == Call::Update {
+            a.multipart = true;
+        }
+        let bytes = a.produce(call, data, compute)?;
+        // SAFETY: forwarded caller contract.
+        unsafe { deliver(out_buf, out_len, bytes) }
+    })();
+    match result {
+        Ok(true) => {
+            match call {
+                Call::Update => {
+                    if let Some(a) = slot.as_mut() {
+                        a.delivered()
+                    }
+                }
+                Call::Single | Call::Final => *slot = None,
+            }
+            Ok(())
+        }
+        // Size query: the operation and its computed output stay.
+        Ok(false) => Ok(()),
+        Err(e) if e.rv() == CKR_BUFFER_TOO_SMALL => Err(e),
+        Err(e) => {
+            *slot = None;
+            Err(e)
+        }
+    }
+}
+
+/// Whether an operation on this key object must end with the login.
+fn needs_login(t: &Token, o: &Object) -> bool {
+    o.is_private() || !t.is_permanent(o.handle)
+}
+
+p11_fn! {
+    fn C_SignInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        if p_mech.is_null() {
+            g.sign = None;
+            return Ok(());
+        }
+        if g.sign.is_some() {
+            return Err(op_active());
+        }
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let o = key_object(t, key, &m, Purpose::Sign)?;
+        let op = SignOp::new(m, asym(&o)?)?;
+        g.sign = Some(Active::new(op, needs_login(t, &o), t.epoch()));
+        Ok(())
+    }
+
+    fn C_Sign(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pData") } {
+            Ok(d) => d,
+            Err(e) => { g.sign = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, |op| {
+                op.update(data)?;
+                Ok(Zeroizing::new(op.finish()?))
+            })
+        }
+    }
+
+    fn C_SignUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        let r = (|| {
+            let a = active(&mut g.sign, t.is_logged_in(), t.epoch())?;
+            a.multipart = true;
+            // SAFETY: API input buffer.
+            a.op.update(unsafe { input(p_data, len, "pPart")? })
+        })();
+        if r.is_err() {
+            g.sign = None;
+        }
+        r
+    }
+
+    fn C_SignFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, |op| {
+                Ok(Zeroizing::new(op.finish()?))
+            })
+        }
+    }
+
+    fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        if p_mech.is_null() {
+            g.verify = None;
+            return Ok(());
+        }
+        if g.verify.is_some() {
+            return Err(op_active());
+        }
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let o = key_object(t, key, &m, Purpose::Verify)?;
+        let op = VerifyOp::new(m, asym(&o)?)?;
+        g.verify = Some(Active::new(op, needs_login(t, &o), t.epoch()));
+        Ok(())
+    }
+
+    fn C_Verify(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, len, sig_len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        let r = (|| {
+            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+            // SAFETY: API input buffers.
+            let data = unsafe { input(p_data, len, "pData")? };
+            let sig = unsafe { input(p_sig, sig_len, "pSignature")? };
+            a.op.update(data)?;
+            a.op.finish(sig)
+        })();
+        // Verification ends the operation whatever the outcome.
+        g.verify = None;
+        r
+    }
+
+    fn C_VerifyUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        let r = (|| {
+            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+            a.multipart = true;
+            // SAFETY: API input buffer.
+            a.op.update(unsafe { input(p_data, len, "pPart")? })
+        })();
+        if r.is_err() {
+            g.verify = None;
+        }
+        r
+    }
+
+    fn C_VerifyFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, sig_len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        let r = (|| {
+            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+            // SAFETY: API input buffer.
+            a.op.finish(unsafe { input(p_sig, sig_len, "pSignature")? })
+        })();
+        g.verify = None;
+        r
+    }
+
+    fn C_EncryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        if p_mech.is_null() {
+            g.encrypt = None;
+            return Ok(());
+        }
+        if g.encrypt.is_some() {
+            return Err(op_active());
+        }
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let o = key_object(t, key, &m, Purpose::Encrypt)?;
+        let op = CipherOp::new(m, cipher_key(&o)?, true)?;
+        g.encrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
+        Ok(())
+    }
+
+    fn C_Encrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pData") } {
+            Ok(d) => d,
+            Err(e) => { g.encrypt = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, |op| {
+                let mut o = op.update(data)?;
+                o.extend_from_slice(&op.finish()?);
+                Ok(o)
+            })
+        }
+    }
+
+    fn C_EncryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pPart") } {
+            Ok(d) => d,
+            Err(e) => { g.encrypt = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe { produce_into(&mut g.encrypt, t, Call::Update, data, p_out, p_out_len, |op| op.update(data)) }
+    }
+
+    fn C_EncryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API output buffer and length.
+        unsafe { produce_into(&mut g.encrypt, t, Call::Final, &[], p_out, p_out_len, |op| op.finish()) }
+    }
+
+    fn C_DecryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        if p_mech.is_null() {
+            g.decrypt = None;
+            return Ok(());
+        }
+        if g.decrypt.is_some() {
+            return Err(op_active());
+        }
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let o = key_object(t, key, &m, Purpose::Decrypt)?;
+        let op = CipherOp::new(m, cipher_key(&o)?, false)?;
+        g.decrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
+        Ok(())
+    }
+
+    fn C_Decrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pEncryptedData") } {
+            Ok(d) => d,
+            Err(e) => { g.decrypt = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, |op| {
+                let mut o = op.update(data)?;
+                o.extend_from_slice(&op.finish()?);
+                Ok(o)
+            })
+        }
+    }
+
+    fn C_DecryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pEncryptedPart") } {
+            Ok(d) => d,
+            Err(e) => { g.decrypt = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe { produce_into(&mut g.decrypt, t, Call::Update, data, p_out, p_out_len, |op| op.update(data)) }
+    }
+
+    fn C_DecryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API output buffer and length.
+        unsafe { produce_into(&mut g.decrypt, t, Call::Final, &[], p_out, p_out_len, |op| op.finish()) }
+    }
+
+    fn C_DigestInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM) [h] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        if p_mech.is_null() {
+            g.digest = None;
+            return Ok(());
+        }
+        if g.digest.is_some() {
+            return Err(op_active());
+        }
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let Mechanism::Digest(alg) = m else {
+            return Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism"));
+        };
+        g.digest = Some(Active::new(DigestOp::new(alg), false, t.epoch()));
+        Ok(())
+    }
+
+    fn C_Digest(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, "pData") } {
+            Ok(d) => d,
+            Err(e) => { g.digest = None; return Err(e); }
+        };
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, |op| {
+                op.update(data)?;
+                Ok(Zeroizing::new(op.finish()?))
+            })
+        }
+    }
+
+    fn C_DigestUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        let r = (|| {
+            let a = active(&mut g.digest, t.is_logged_in(), t.epoch())?;
+            a.multipart = true;
+            // SAFETY: API input buffer.
+            a.op.update(unsafe { input(p_data, len, "pPart")? })
+        })();
+        if r.is_err() {
+            g.digest = None;
+        }
+        r
+    }
+
+    fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) [h, key] {
+        instance()?.module.session(h)?;
+        Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, "key values are never digested"))
+    }
+
+    fn C_DigestFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+        let inst = instance()?;
+        let (s, t) = inst.module.session_token(h)?;
+        let mut g = s.lock();
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, |op| {
+                Ok(Zeroizing::new(op.finish()?))
+            })
+        }
+    }
+}
+
+/// Functions with no meaning for this token: CKR_FUNCTION_NOT_SUPPORTED once initialised.
+macro_rules! not_supported {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
+        p11_fn! {$(
+            fn $name($($arg: $ty),*) [] {
+                $(let _ = $arg;)*
+                instance()?;
+                Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, concat!(stringify!($name), " is not supported")))
+            }
+        )*}
+    };
+}
+
+not_supported! {
+    C_SignRecoverInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_SignRecover(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_VerifyRecoverInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_VerifyRecover(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_DigestEncryptUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_DecryptDigestUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_SignEncryptUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_DecryptVerifyUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_MessageEncryptInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_EncryptMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_EncryptMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG);
+    C_EncryptMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG, f: CK_FLAGS);
+    C_MessageEncryptFinal(h: CK_SESSION_HANDLE);
+    C_MessageDecryptInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_DecryptMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_DecryptMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG);
+    C_DecryptMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG, f: CK_FLAGS);
+    C_MessageDecryptFinal(h: CK_SESSION_HANDLE);
+    C_MessageSignInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_SignMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_SignMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG);
+    C_SignMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
+    C_MessageSignFinal(h: CK_SESSION_HANDLE);
+    C_MessageVerifyInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
+    C_VerifyMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, s: *mut CK_BYTE, sl: CK_ULONG);
+    C_VerifyMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG);
+    C_VerifyMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, s: *mut CK_BYTE, sl: CK_ULONG);
+    C_MessageVerifyFinal(h: CK_SESSION_HANDLE);
+}

@@ -1,0 +1,232 @@
+//! The module's `log` backend: stderr, syslog or a file as configured, never stdout (the host
+//! may use it). `SKR_PKCS11_LOG=<level>` overrides the configured level. Other crates' records
+//! (rustls, reqwest) pass only at warn and above unless the level is trace.
+//!
+//! Nothing secret is ever formatted into a record: PINs and key bytes are not logged anywhere
+//! in the module.
+
+use crate::config::Logging;
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once, RwLock};
+
+/// Environment variable overriding the configured level (error | warn | info | debug | trace).
+pub const LOG_ENV: &str = "SKR_PKCS11_LOG";
+
+enum Sink {
+    Stderr,
+    Syslog,
+    File(Mutex<std::fs::File>),
+}
+
+struct Logger {
+    sink: RwLock<Sink>,
+    level: AtomicUsize,
+}
+
+static LOGGER: Logger = Logger {
+    sink: RwLock::new(Sink::Stderr),
+    level: AtomicUsize::new(log::LevelFilter::Info as usize),
+};
+static INSTALL: Once = Once::new();
+static SYSLOG_OPEN: Once = Once::new();
+
+fn level_filter(n: usize) -> log::LevelFilter {
+    match n {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
+pub fn parse_level(s: &str) -> Option<log::LevelFilter> {
+    Some(match s.trim().to_ascii_lowercase().as_str() {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" | "warning" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// UTC timestamp without a date crate: days-from-civil inverted (H. Hinnant's algorithm).
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, md: &log::Metadata) -> bool {
+        let max = level_filter(self.level.load(Ordering::Relaxed));
+        if md.level() > max {
+            return false;
+        }
+        md.target().starts_with("skr_pkcs11")
+            || md.level() <= log::Level::Warn
+            || max == log::LevelFilter::Trace
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let sink = crate::token::read(&self.sink);
+        match &*sink {
+            Sink::Syslog => {
+                let prio = match record.level() {
+                    log::Level::Error => libc::LOG_ERR,
+                    log::Level::Warn => libc::LOG_WARNING,
+                    log::Level::Info => libc::LOG_INFO,
+                    _ => libc::LOG_DEBUG,
+                };
+                let msg = format!("{}", record.args()).replace('\0', " ");
+                if let Ok(c) = std::ffi::CString::new(msg) {
+                    // SAFETY: constant format string with one NUL-terminated argument.
+                    unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
+                }
+            }
+            Sink::Stderr => {
+                let line = format!(
+                    "{} skr-pkcs11[{}] {}: {}\n",
+                    timestamp(),
+                    std::process::id(),
+                    record.level(),
+                    record.args()
+                );
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+            Sink::File(f) => {
+                let line = format!(
+                    "{} skr-pkcs11[{}] {}: {}\n",
+                    timestamp(),
+                    std::process::id(),
+                    record.level(),
+                    record.args()
+                );
+                let _ = crate::token::lock(f).write_all(line.as_bytes());
+            }
+        }
+    }
+
+    fn flush(&self) {
+        if let Sink::File(f) = &*crate::token::read(&self.sink) {
+            let _ = crate::token::lock(f).flush();
+        }
+    }
+}
+
+fn install() {
+    INSTALL.call_once(|| {
+        // Fails only if the host linked the same `log` instance and set a logger (a Rust host
+        // using the rlib): its logger then receives our records, which is what it wants.
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Trace);
+        }
+    });
+}
+
+fn env_level() -> Option<log::LevelFilter> {
+    std::env::var(LOG_ENV).ok().and_then(|v| parse_level(&v))
+}
+
+/// Logging before the configuration is known: stderr, info (or the env override).
+pub fn init_default() {
+    install();
+    let level = env_level().unwrap_or(log::LevelFilter::Info);
+    LOGGER.level.store(level as usize, Ordering::Relaxed);
+}
+
+/// Apply the configured target and level. A bad target falls back to stderr with a warning
+/// (logging must never be the reason C_Initialize fails).
+pub fn init(cfg: &Logging) {
+    install();
+    let level = env_level()
+        .or_else(|| parse_level(&cfg.level))
+        .unwrap_or(log::LevelFilter::Info);
+    LOGGER.level.store(level as usize, Ordering::Relaxed);
+    let mut warning = None;
+    let sink = match cfg.target.as_str() {
+        "stderr" => Sink::Stderr,
+        "syslog" => {
+            SYSLOG_OPEN.call_once(|| {
+                // SAFETY: static NUL-terminated ident that lives for the whole process.
+                unsafe { libc::openlog(c"skr-pkcs11".as_ptr(), libc::LOG_PID, libc::LOG_USER) };
+            });
+            Sink::Syslog
+        }
+        t => match t.strip_prefix("file:") {
+            Some(path) => match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => Sink::File(Mutex::new(f)),
+                Err(e) => {
+                    warning = Some(format!(
+                        "cannot open log file {path}: {e}; logging to stderr. hint: fix logging.target in the config"
+                    ));
+                    Sink::Stderr
+                }
+            },
+            None => {
+                warning = Some(format!(
+                    "logging.target {t:?} is not stderr, syslog or file:/path; logging to stderr"
+                ));
+                Sink::Stderr
+            }
+        },
+    };
+    *crate::token::write(&LOGGER.sink) = sink;
+    if parse_level(&cfg.level).is_none() {
+        log::warn!(
+            "logging.level {:?} is not error, warn, info, debug or trace; using info",
+            cfg.level
+        );
+    }
+    if let Some(w) = warning {
+        log::warn!("{w}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse() {
+        assert_eq!(parse_level("DEBUG"), Some(log::LevelFilter::Debug));
+        assert_eq!(parse_level("warning"), Some(log::LevelFilter::Warn));
+        assert_eq!(parse_level("loud"), None);
+    }
+
+    #[test]
+    fn timestamp_shape() {
+        let t = timestamp();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        assert!(t.starts_with("20"), "{t}");
+    }
+}

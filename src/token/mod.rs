@@ -1,0 +1,646 @@
+//! Slots, tokens, sessions, login state and objects: pure state, no I/O. The C boundary
+//! (`ffi`) reads files and runs the release; this module only holds what they produced.
+//!
+//! Locks: the session map and each token's login state are held only for bookkeeping, never
+//! across the release or a crypto operation; each session has its own lock, held while an
+//! operation on it runs. A poisoned lock (a panic inside a call) is recovered, never fatal.
+
+pub mod attr;
+pub mod object;
+pub mod session;
+
+use crate::config::{Config, TokenConfig};
+use crate::crypto::ops::AsymKey;
+use crate::error::{Error, Result, Step};
+use crate::release::{KeyMaterial, ReleasedKey};
+use crate::secret::SecretBytes;
+use cryptoki_sys::*;
+use object::{new_object_handle, Body, CertInfo, Object};
+use session::Session;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Lock helpers that survive poisoning: the data behind these locks stays consistent at every
+/// await point, so a panic elsewhere must not brick the token.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| {
+        m.clear_poison();
+        p.into_inner()
+    })
+}
+pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| {
+        m.clear_poison();
+        p.into_inner()
+    })
+}
+
+static NEXT_SESSION_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+/// A released key after parsing: the AWS-LC key (in the locked arena) or the raw AES key.
+pub enum ParsedKey {
+    Asym(Arc<AsymKey>),
+    Secret(Arc<SecretBytes>),
+}
+
+/// The released keys of one token, by configured key index.
+pub struct Material {
+    pub keys: Vec<(usize, ParsedKey)>,
+}
+
+impl Material {
+    /// Parse what the release returned; every configured key must be there.
+    pub fn from_released(token: &TokenConfig, released: Vec<ReleasedKey>) -> Result<Material> {
+        let mut keys = Vec::with_capacity(released.len());
+        for r in released {
+            let cfg = token.keys.get(r.index).ok_or_else(|| {
+                Error::integrity(
+                    Step::Install,
+                    format!("released key index {} is not configured", r.index),
+                )
+            })?;
+            let parsed = match r.material {
+                KeyMaterial::Pkcs8(der) => {
+                    let k = AsymKey::from_pkcs8(der.as_slice()).map_err(|e| {
+                        Error::integrity(
+                            Step::Install,
+                            format!(
+                                "key {:?}: released key unusable: {}",
+                                cfg.label,
+                                e.message()
+                            ),
+                        )
+                    })?;
+                    ParsedKey::Asym(Arc::new(k))
+                }
+                KeyMaterial::Raw(bytes) => {
+                    if ![16, 24, 32].contains(&bytes.len()) {
+                        return Err(Error::integrity(
+                            Step::Install,
+                            format!(
+                                "key {:?}: released symmetric key of {} bytes is not AES",
+                                cfg.label,
+                                bytes.len()
+                            ),
+                        ));
+                    }
+                    ParsedKey::Secret(Arc::new(bytes))
+                }
+            };
+            keys.push((r.index, parsed));
+        }
+        for (i, k) in token.keys.iter().enumerate() {
+            if !keys.iter().any(|(j, _)| *j == i) {
+                return Err(Error::integrity(
+                    Step::Install,
+                    format!("key {:?} was not released", k.label),
+                ));
+            }
+        }
+        Ok(Material { keys })
+    }
+
+    /// Re-lock the raw key pages in a forked child (mlock is not inherited).
+    pub fn relock(&self) {
+        for (_, k) in &self.keys {
+            if let ParsedKey::Secret(s) = k {
+                s.relock();
+            }
+        }
+    }
+}
+
+/// Released keys kept for the process tree (fork = "keep"): a child that re-initialises logs
+/// in from here without a second release. Keyed by token label.
+static RETAINED: Mutex<Vec<(String, Arc<Material>)>> = Mutex::new(Vec::new());
+
+pub fn retained(label: &str) -> Option<Arc<Material>> {
+    lock(&RETAINED)
+        .iter()
+        .find(|(l, _)| l == label)
+        .map(|(_, m)| m.clone())
+}
+fn retain(label: &str, m: Arc<Material>) {
+    let mut r = lock(&RETAINED);
+    r.retain(|(l, _)| l != label);
+    r.push((label.to_string(), m));
+}
+fn forget(label: &str) {
+    // Drop outside the lock: freeing keys zeroes their memory.
+    let gone: Vec<_> = {
+        let mut r = lock(&RETAINED);
+        let (gone, keep) = r.drain(..).partition(|(l, _)| l == label);
+        *r = keep;
+        gone
+    };
+    drop(gone);
+}
+/// Wipe every retained key (C_Finalize in the process that released them, fork =
+/// "re-release" in a child).
+pub fn forget_all_retained() {
+    let gone: Vec<_> = lock(&RETAINED).drain(..).collect();
+    drop(gone);
+}
+/// A forked child keeps the inherited keys: lock their pages again.
+pub fn relock_retained() {
+    for (_, m) in lock(&RETAINED).iter() {
+        m.relock();
+    }
+    crate::secret::arena::relock_after_fork();
+}
+
+/// The objects a login adds.
+pub struct KeySet {
+    pub objects: Vec<Arc<Object>>,
+    pub material: Arc<Material>,
+}
+
+struct LoginState {
+    keys: Option<Arc<KeySet>>,
+    in_flight: bool,
+    attempt: u64,
+    /// Result of the last finished attempt, for callers that joined it.
+    outcome: Option<(u64, std::result::Result<(), Error>)>,
+}
+
+pub struct Token {
+    pub index: usize,
+    pub slot_id: CK_SLOT_ID,
+    pub config: TokenConfig,
+    /// Certificates and, for keys with a certificate, the public key from it.
+    public_objects: Vec<Arc<Object>>,
+    login: Mutex<LoginState>,
+    login_done: Condvar,
+    /// Bumped by every login and logout; operations remember it.
+    epoch: AtomicU64,
+}
+
+/// How a C_Login call proceeds.
+pub enum LoginStart<'a> {
+    AlreadyLoggedIn,
+    /// This caller runs the release and must `finish` the lease.
+    Lead(LoginLease<'a>),
+    /// Another caller's release finished while this one waited: its result.
+    Joined(Result<()>),
+}
+
+/// The right and duty to finish one login attempt. Dropped unfinished (a panic), it ends
+/// the attempt with an error so waiting callers never hang.
+pub struct LoginLease<'a> {
+    token: &'a Token,
+    attempt: u64,
+    done: bool,
+}
+
+impl LoginLease<'_> {
+    /// Install the keys (one short write) or record the failure; wake the joined callers.
+    pub fn finish(mut self, result: Result<Arc<Material>>) -> Result<Vec<String>> {
+        self.done = true;
+        let token = self.token;
+        let (outcome, warnings) = match result.and_then(|m| token.build_keyset(m)) {
+            Ok((ks, warnings)) => {
+                retain(&token.config.label, ks.material.clone());
+                let mut st = lock(&token.login);
+                st.keys = Some(Arc::new(ks));
+                token.epoch.fetch_add(1, Ordering::SeqCst);
+                (Ok(()), warnings)
+            }
+            Err(e) => (Err(e), vec![]),
+        };
+        let mut st = lock(&token.login);
+        st.in_flight = false;
+        st.outcome = Some((self.attempt, outcome.clone()));
+        drop(st);
+        token.login_done.notify_all();
+        outcome.map(|_| warnings)
+    }
+}
+
+impl Drop for LoginLease<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut st = lock(&self.token.login);
+            st.in_flight = false;
+            st.outcome = Some((
+                self.attempt,
+                Err(Error::general("login attempt aborted").with_step(Step::Install)),
+            ));
+            drop(st);
+            self.token.login_done.notify_all();
+        }
+    }
+}
+
+fn padded<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [b' '; N];
+    let b = s.as_bytes();
+    let n = b.len().min(N);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+impl Token {
+    fn new(index: usize, config: TokenConfig, pems: &HashMap<PathBuf, Vec<u8>>) -> Result<Token> {
+        let mut public_objects: Vec<Arc<Object>> = Vec::new();
+        let mut chain_seen: Vec<Vec<u8>> = Vec::new();
+        for (ki, k) in config.keys.iter().enumerate() {
+            let id = k.id_bytes()?;
+            let Some(path) = &k.certificate else { continue };
+            let pem = pems.get(path).ok_or_else(|| {
+                Error::config(format!(
+                    "key {:?}: certificate {} not loaded",
+                    k.label,
+                    path.display()
+                ))
+            })?;
+            let chain = CertInfo::chain_from_pem(pem).map_err(|e| {
+                Error::config(format!(
+                    "key {:?}: certificate {}: {}",
+                    k.label,
+                    path.display(),
+                    e.message()
+                ))
+            })?;
+            let leaf = chain[0].clone();
+            let public = AsymKey::from_spki(&leaf.spki).map_err(|e| {
+                Error::config(format!(
+                    "key {:?}: certificate {}: public key: {}",
+                    k.label,
+                    path.display(),
+                    e.message()
+                ))
+            })?;
+            public_objects.push(Arc::new(Object {
+                handle: new_object_handle(),
+                id: id.clone(),
+                label: k.label.clone(),
+                key_index: Some(ki),
+                subject: leaf.subject.clone(),
+                body: Body::PublicKey(Arc::new(public)),
+            }));
+            public_objects.push(Arc::new(Object {
+                handle: new_object_handle(),
+                id: id.clone(),
+                label: k.label.clone(),
+                key_index: Some(ki),
+                subject: leaf.subject.clone(),
+                body: Body::Certificate(leaf),
+            }));
+            // Chain certificates once per token, each with its own CKA_ID (SHA-1 of its
+            // SubjectPublicKeyInfo, the usual key identifier) so pairing by the key's id finds
+            // only the leaf.
+            for (n, c) in chain.into_iter().enumerate().skip(1) {
+                if chain_seen.contains(&c.der) {
+                    continue;
+                }
+                chain_seen.push(c.der.clone());
+                public_objects.push(Arc::new(Object {
+                    handle: new_object_handle(),
+                    id: crate::crypto::HashAlg::Sha1.digest(&c.spki),
+                    label: format!("{} chain {n}", k.label),
+                    key_index: None,
+                    subject: c.subject.clone(),
+                    body: Body::Certificate(c),
+                }));
+            }
+        }
+        Ok(Token {
+            index,
+            slot_id: index as CK_SLOT_ID + 1,
+            config,
+            public_objects,
+            login: Mutex::new(LoginState {
+                keys: None,
+                in_flight: false,
+                attempt: 0,
+                outcome: None,
+            }),
+            login_done: Condvar::new(),
+            epoch: AtomicU64::new(1),
+        })
+    }
+
+    /// CK_TOKEN_INFO.label: 32 bytes, space padded.
+    pub fn label_field(&self) -> [u8; 32] {
+        padded(&self.config.label)
+    }
+
+    /// CK_TOKEN_INFO.serialNumber: the configured serial, else 16 hex digits of the label's
+    /// SHA-256 (stable across processes and re-initialisation).
+    pub fn serial_field(&self) -> [u8; 16] {
+        match &self.config.serial {
+            Some(s) => padded(s),
+            None => {
+                let h = crate::crypto::HashAlg::Sha256.digest(self.config.label.as_bytes());
+                padded(&hex::encode(&h[..8]))
+            }
+        }
+    }
+
+    pub fn is_logged_in(&self) -> bool {
+        lock(&self.login).keys.is_some()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Start a login: already logged in, lead the release, or wait for the one in flight.
+    pub fn begin_login(&self) -> LoginStart<'_> {
+        let mut st = lock(&self.login);
+        if st.keys.is_some() {
+            return LoginStart::AlreadyLoggedIn;
+        }
+        if st.in_flight {
+            let waiting_for = st.attempt;
+            while st.in_flight && st.attempt == waiting_for {
+                st = self.login_done.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            return match &st.outcome {
+                Some((a, r)) if *a == waiting_for => LoginStart::Joined(r.clone()),
+                _ => LoginStart::Joined(Err(Error::general("login attempt aborted"))),
+            };
+        }
+        st.in_flight = true;
+        st.attempt += 1;
+        LoginStart::Lead(LoginLease {
+            token: self,
+            attempt: st.attempt,
+            done: false,
+        })
+    }
+
+    /// Objects for released material: private (and secret) keys with fresh handles, and the
+    /// public keys taken from the released keys (keeping the handle of the certificate-derived
+    /// public key object where there is one). Warnings name certificates that do not match.
+    fn build_keyset(&self, material: Arc<Material>) -> Result<(KeySet, Vec<String>)> {
+        let mut objects = Vec::new();
+        let mut warnings = Vec::new();
+        for (ki, parsed) in &material.keys {
+            let k = &self.config.keys[*ki];
+            let id = k.id_bytes()?;
+            let cert_pub = self
+                .public_objects
+                .iter()
+                .find(|o| o.key_index == Some(*ki) && matches!(o.body, Body::PublicKey(_)));
+            let subject = cert_pub.map(|o| o.subject.clone()).unwrap_or_default();
+            match parsed {
+                ParsedKey::Asym(key) => {
+                    if let Some(Body::PublicKey(cp)) = cert_pub.map(|o| &o.body) {
+                        if cp.info != key.info {
+                            warnings.push(format!(
+                                "key {:?}: its certificate's public key differs from the released key; hint: configure the certificate issued for {}",
+                                k.label, k.kid
+                            ));
+                        }
+                    }
+                    objects.push(Arc::new(Object {
+                        handle: new_object_handle(),
+                        id: id.clone(),
+                        label: k.label.clone(),
+                        key_index: Some(*ki),
+                        subject: subject.clone(),
+                        body: Body::PrivateKey {
+                            key: key.clone(),
+                            allow_rsa_pkcs_decrypt: k.allow_rsa_pkcs_decrypt,
+                        },
+                    }));
+                    objects.push(Arc::new(Object {
+                        handle: cert_pub.map(|o| o.handle).unwrap_or_else(new_object_handle),
+                        id,
+                        label: k.label.clone(),
+                        key_index: Some(*ki),
+                        subject,
+                        body: Body::PublicKey(key.clone()),
+                    }));
+                }
+                ParsedKey::Secret(s) => objects.push(Arc::new(Object {
+                    handle: new_object_handle(),
+                    id,
+                    label: k.label.clone(),
+                    key_index: Some(*ki),
+                    subject,
+                    body: Body::SecretKey(s.clone()),
+                })),
+            }
+        }
+        Ok((KeySet { objects, material }, warnings))
+    }
+
+    /// Drop the released keys of this token (logout, last session closed, C_Finalize).
+    /// Returns whether the token was logged in.
+    fn wipe(&self) -> bool {
+        let old = {
+            let mut st = lock(&self.login);
+            let old = st.keys.take();
+            if old.is_some() {
+                self.epoch.fetch_add(1, Ordering::SeqCst);
+            }
+            old
+        };
+        forget(&self.config.label);
+        old.is_some()
+    }
+
+    /// What a session of this token sees now.
+    pub fn visible_objects(&self) -> Vec<Arc<Object>> {
+        let keys = lock(&self.login).keys.clone();
+        match keys {
+            None => self.public_objects.clone(),
+            Some(ks) => {
+                let mut v: Vec<Arc<Object>> = self
+                    .public_objects
+                    .iter()
+                    .filter(|o| !ks.objects.iter().any(|k| k.handle == o.handle))
+                    .cloned()
+                    .collect();
+                v.extend(ks.objects.iter().cloned());
+                v.sort_by_key(|o| o.handle);
+                v
+            }
+        }
+    }
+
+    /// Whether the handle names an object that exists logged in or not (certificates and
+    /// certificate-backed public keys).
+    pub fn is_permanent(&self, handle: CK_OBJECT_HANDLE) -> bool {
+        self.public_objects.iter().any(|o| o.handle == handle)
+    }
+
+    pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+        self.visible_objects()
+            .into_iter()
+            .find(|o| o.handle == handle)
+            .ok_or_else(|| {
+                Error::new(
+                    CKR_OBJECT_HANDLE_INVALID,
+                    format!("object handle {handle} is not valid in this session"),
+                )
+            })
+    }
+}
+
+/// One initialisation of the module: its tokens and sessions.
+pub struct Module {
+    pub config: Arc<Config>,
+    pub tokens: Vec<Token>,
+    sessions: Mutex<HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>>,
+}
+
+/// An open session: its fixed facts readable without its lock, its state behind it.
+pub struct SessionEntry {
+    pub handle: CK_SESSION_HANDLE,
+    pub token: usize,
+    pub rw: bool,
+    state: Mutex<Session>,
+}
+
+impl SessionEntry {
+    /// The session state. A lock poisoned by a panic inside a call is recovered with every
+    /// operation of the session ended (their state may be half-updated).
+    pub fn lock(&self) -> MutexGuard<'_, Session> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                self.state.clear_poison();
+                let mut g = p.into_inner();
+                g.cancel_all();
+                g
+            }
+        }
+    }
+}
+
+impl Module {
+    /// Build from the config and the certificate files it names (read by the caller).
+    pub fn new(config: Arc<Config>, pems: &HashMap<PathBuf, Vec<u8>>) -> Result<Module> {
+        let tokens = config
+            .tokens
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, t)| Token::new(i, t, pems))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Module {
+            config,
+            tokens,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn slot_ids(&self) -> Vec<CK_SLOT_ID> {
+        self.tokens.iter().map(|t| t.slot_id).collect()
+    }
+
+    pub fn token(&self, slot: CK_SLOT_ID) -> Result<&Token> {
+        self.tokens
+            .iter()
+            .find(|t| t.slot_id == slot)
+            .ok_or_else(|| Error::new(CKR_SLOT_ID_INVALID, format!("no slot {slot}")))
+    }
+
+    pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
+        let token = self.token(slot)?;
+        if flags & CKF_SERIAL_SESSION == 0 {
+            return Err(Error::new(
+                CKR_SESSION_PARALLEL_NOT_SUPPORTED,
+                "CKF_SERIAL_SESSION is required",
+            ));
+        }
+        let h = NEXT_SESSION_HANDLE.fetch_add(1, Ordering::Relaxed) as CK_SESSION_HANDLE;
+        let rw = flags & CKF_RW_SESSION != 0;
+        let entry = SessionEntry {
+            handle: h,
+            token: token.index,
+            rw,
+            state: Mutex::new(Session::new(h, token.index, rw)),
+        };
+        lock(&self.sessions).insert(h, Arc::new(entry));
+        Ok(h)
+    }
+
+    pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<SessionEntry>> {
+        lock(&self.sessions).get(&h).cloned().ok_or_else(|| {
+            Error::new(
+                CKR_SESSION_HANDLE_INVALID,
+                format!("session handle {h} is not open"),
+            )
+        })
+    }
+
+    /// A session and its token.
+    pub fn session_token(&self, h: CK_SESSION_HANDLE) -> Result<(Arc<SessionEntry>, &Token)> {
+        let s = self.session(h)?;
+        let t = &self.tokens[s.token];
+        Ok((s, t))
+    }
+
+    pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let (token, last) = {
+            let mut map = lock(&self.sessions);
+            let s = map.remove(&h).ok_or_else(|| {
+                Error::new(
+                    CKR_SESSION_HANDLE_INVALID,
+                    format!("session handle {h} is not open"),
+                )
+            })?;
+            let t = s.token;
+            let last = !map.values().any(|o| o.token == t);
+            (t, last)
+        };
+        if last {
+            // PKCS#11: closing the last session of a token logs it out.
+            self.tokens[token].wipe();
+        }
+        Ok(())
+    }
+
+    pub fn close_all(&self, slot: CK_SLOT_ID) -> Result<()> {
+        let t = self.token(slot)?.index;
+        lock(&self.sessions).retain(|_, s| s.token != t);
+        self.tokens[t].wipe();
+        Ok(())
+    }
+
+    /// (open sessions, read-write sessions) of a token.
+    pub fn session_counts(&self, token: usize) -> (usize, usize) {
+        let map = lock(&self.sessions);
+        let mine: Vec<bool> = map
+            .values()
+            .filter(|s| s.token == token)
+            .map(|s| s.rw)
+            .collect();
+        (mine.len(), mine.iter().filter(|rw| **rw).count())
+    }
+
+    /// Log a token out: wipe its keys and end the operations that used them.
+    pub fn logout(&self, token: usize) -> Result<()> {
+        if !self.tokens[token].wipe() {
+            return Err(Error::new(
+                CKR_USER_NOT_LOGGED_IN,
+                "the token is not logged in",
+            ));
+        }
+        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        for s in sessions.iter().filter(|s| s.token == token) {
+            s.lock().end_private_operations();
+        }
+        Ok(())
+    }
+
+    /// Drop every session and wipe every token's keys (C_Finalize).
+    pub fn wipe_all(&self) {
+        lock(&self.sessions).clear();
+        for t in &self.tokens {
+            t.wipe();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

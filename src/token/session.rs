@@ -1,0 +1,253 @@
+//! Sessions and their active operations, and the output protocol every producing call shares:
+//! the output is computed once and kept until the caller fetches it, so a size query (NULL
+//! buffer) or CKR_BUFFER_TOO_SMALL leaves the operation alive and the retry returns exactly
+//! the same bytes (a randomised ECDSA signature included).
+
+use crate::crypto::ops::{CipherOp, DigestOp, SignOp, VerifyOp};
+use crate::crypto::HashAlg;
+use crate::error::{Error, Result};
+use cryptoki_sys::*;
+use zeroize::Zeroizing;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// C_Sign, C_Encrypt, C_Decrypt, C_Digest.
+    Single,
+    /// C_EncryptUpdate, C_DecryptUpdate.
+    Update,
+    /// C_SignFinal, C_EncryptFinal, C_DecryptFinal, C_DigestFinal.
+    Final,
+}
+
+struct Cached {
+    call: Call,
+    fingerprint: Vec<u8>,
+    output: Zeroizing<Vec<u8>>,
+}
+
+/// An operation in progress on a session.
+pub struct Active<T> {
+    pub op: T,
+    /// Uses a key visible only while logged in: ends with the login.
+    pub needs_login: bool,
+    /// The token's login epoch when the operation started.
+    pub epoch: u64,
+    /// Whether Update was called (C_Sign / C_Encrypt are then refused).
+    pub multipart: bool,
+    cached: Option<Cached>,
+}
+
+impl<T> Active<T> {
+    pub fn new(op: T, needs_login: bool, epoch: u64) -> Active<T> {
+        Active {
+            op,
+            needs_login,
+            epoch,
+            multipart: false,
+            cached: None,
+        }
+    }
+
+    /// The output of `call` on `input`: the kept one if this exact call was already computed
+    /// and not yet fetched, else `compute`'s (kept until `delivered`).
+    pub fn produce(
+        &mut self,
+        call: Call,
+        input: &[u8],
+        compute: impl FnOnce(&mut T) -> Result<Zeroizing<Vec<u8>>>,
+    ) -> Result<&[u8]> {
+        let fingerprint = HashAlg::Sha256.digest(input);
+        match &self.cached {
+            Some(c) if c.call == call && c.fingerprint == fingerprint => {}
+            Some(_) => {
+                return Err(Error::new(
+                    CKR_ARGUMENTS_BAD,
+                    "the call after a size query must repeat the same input",
+                ))
+            }
+            None => {
+                let output = compute(&mut self.op)?;
+                self.cached = Some(Cached {
+                    call,
+                    fingerprint,
+                    output,
+                });
+            }
+        }
+        Ok(&self.cached.as_ref().expect("just set").output)
+    }
+
+    /// The caller received the output: forget it.
+    pub fn delivered(&mut self) {
+        self.cached = None;
+    }
+}
+
+pub struct Find {
+    pub handles: Vec<CK_OBJECT_HANDLE>,
+    pub pos: usize,
+}
+
+impl Find {
+    pub fn next(&mut self, max: usize) -> Vec<CK_OBJECT_HANDLE> {
+        let end = (self.pos + max).min(self.handles.len());
+        let out = self.handles[self.pos..end].to_vec();
+        self.pos = end;
+        out
+    }
+}
+
+pub struct Session {
+    pub handle: CK_SESSION_HANDLE,
+    pub token: usize,
+    pub rw: bool,
+    pub find: Option<Find>,
+    pub sign: Option<Active<SignOp>>,
+    pub verify: Option<Active<VerifyOp>>,
+    pub encrypt: Option<Active<CipherOp>>,
+    pub decrypt: Option<Active<CipherOp>>,
+    pub digest: Option<Active<DigestOp>>,
+}
+
+impl Session {
+    pub fn new(handle: CK_SESSION_HANDLE, token: usize, rw: bool) -> Session {
+        Session {
+            handle,
+            token,
+            rw,
+            find: None,
+            sign: None,
+            verify: None,
+            encrypt: None,
+            decrypt: None,
+            digest: None,
+        }
+    }
+
+    /// End every operation (C_SessionCancel, and recovery after a panic inside a call).
+    pub fn cancel_all(&mut self) {
+        self.find = None;
+        self.sign = None;
+        self.verify = None;
+        self.encrypt = None;
+        self.decrypt = None;
+        self.digest = None;
+    }
+
+    /// End the operations that use logged-in keys (logout): their keys are being wiped.
+    pub fn end_private_operations(&mut self) {
+        fn end<T>(a: &mut Option<Active<T>>) {
+            if a.as_ref().is_some_and(|x| x.needs_login) {
+                *a = None;
+            }
+        }
+        end(&mut self.sign);
+        end(&mut self.verify);
+        end(&mut self.encrypt);
+        end(&mut self.decrypt);
+        // A find started while logged in may list private handles; they are invalid now.
+        self.find = None;
+    }
+}
+
+/// The active operation of one kind, checked against the current login: an operation on a
+/// logged-in key whose login ended is terminated here.
+pub fn active<'a, T>(
+    slot: &'a mut Option<Active<T>>,
+    logged_in: bool,
+    epoch: u64,
+) -> Result<&'a mut Active<T>> {
+    match slot {
+        None => Err(Error::new(
+            CKR_OPERATION_NOT_INITIALIZED,
+            "no operation of this kind is active",
+        )),
+        Some(a) if a.needs_login && a.epoch != epoch => {
+            *slot = None;
+            Err(if logged_in {
+                Error::new(
+                    CKR_KEY_HANDLE_INVALID,
+                    "the key of this operation was wiped",
+                )
+            } else {
+                Error::new(
+                    CKR_USER_NOT_LOGGED_IN,
+                    "the token was logged out during the operation",
+                )
+            })
+        }
+        Some(a) => Ok(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn produce_keeps_output_until_delivered() {
+        let mut a = Active::new(0u32, false, 1);
+        let mut runs = 0;
+        let out = a
+            .produce(Call::Single, b"x", |n| {
+                *n += 1;
+                runs += 1;
+                Ok(Zeroizing::new(vec![1, 2, 3]))
+            })
+            .unwrap()
+            .to_vec();
+        assert_eq!(out, vec![1, 2, 3]);
+        // Retry with the same input: the kept output, no second computation.
+        let again = a
+            .produce(Call::Single, b"x", |_| panic!("recomputed"))
+            .unwrap()
+            .to_vec();
+        assert_eq!(again, out);
+        assert_eq!(a.op, 1);
+        // A different input before fetching is refused.
+        assert_eq!(
+            a.produce(Call::Single, b"y", |_| panic!("recomputed"))
+                .unwrap_err()
+                .rv(),
+            CKR_ARGUMENTS_BAD
+        );
+        a.delivered();
+        a.produce(Call::Single, b"y", |_| Ok(Zeroizing::new(vec![9])))
+            .unwrap();
+        assert_eq!(runs, 1);
+    }
+
+    #[test]
+    fn operations_end_with_their_login() {
+        let mut slot = Some(Active::new((), true, 3));
+        assert!(active(&mut slot, true, 3).is_ok());
+        assert_eq!(
+            active(&mut slot, false, 4).unwrap_err().rv(),
+            CKR_USER_NOT_LOGGED_IN
+        );
+        assert!(slot.is_none());
+        let mut slot = Some(Active::new((), true, 3));
+        assert_eq!(
+            active(&mut slot, true, 5).unwrap_err().rv(),
+            CKR_KEY_HANDLE_INVALID
+        );
+        let mut public: Option<Active<()>> = Some(Active::new((), false, 3));
+        assert!(active(&mut public, false, 9).is_ok());
+        let mut none: Option<Active<()>> = None;
+        assert_eq!(
+            active(&mut none, true, 1).unwrap_err().rv(),
+            CKR_OPERATION_NOT_INITIALIZED
+        );
+    }
+
+    #[test]
+    fn find_pages() {
+        let mut f = Find {
+            handles: vec![1, 2, 3, 4, 5],
+            pos: 0,
+        };
+        assert_eq!(f.next(2), vec![1, 2]);
+        assert_eq!(f.next(10), vec![3, 4, 5]);
+        assert!(f.next(10).is_empty());
+    }
+}
