@@ -250,11 +250,30 @@ fn doctor(cfg: &Config) -> ExitCode {
             );
         }
     }
+    for (host, resource) in vault.learned_resources() {
+        push(
+            &format!("identity {resource}"),
+            Ok(format!(
+                "{}: token received (audience named by {host}'s 401 challenge)",
+                source_name(cfg)
+            )),
+        );
+    }
     print_table(&rows);
     if rows.iter().all(|r| r.ok) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn source_name(cfg: &Config) -> &'static str {
+    use skr_pkcs11::config::IdentitySource::*;
+    match cfg.identity.source {
+        Imds => "imds",
+        IdentityEndpoint => "identity-endpoint",
+        WorkloadIdentity => "workload-identity",
+        TokenFile => "token-file",
     }
 }
 

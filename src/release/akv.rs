@@ -57,6 +57,14 @@ impl<'a> Akv<'a> {
         }
     }
 
+    /// Audiences learned from 401 challenges: (host, resource).
+    pub fn learned_resources(&self) -> Vec<(String, String)> {
+        let m = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(h, r)| (h.clone(), r.clone())).collect();
+        v.sort();
+        v
+    }
+
     fn resource_for(&self, host: &str) -> String {
         self.learned
             .lock()

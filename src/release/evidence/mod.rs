@@ -325,6 +325,51 @@ mod tests {
         assert!(e.hint().unwrap().contains("UVM_SECURITY_CONTEXT_DIR"));
     }
 
+    fn config(evidence: &str) -> Config {
+        let text = format!(
+            "[platform]\nevidence = \"{evidence}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n[[token.key]]\nlabel = \"k\"\nid = \"01\"\nkid = \"https://kv.vault.azure.net/keys/k\"\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    /// On this host: a real report if an SNP guest device exists, else a device error with a
+    /// hint (never a fake report).
+    #[test]
+    fn device_providers_report_or_fail_with_device_error() {
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+        let rd = report_data_for(b"probe");
+        for (source, device) in [
+            ("sev-guest", sev_guest::DEVICE),
+            ("sev-legacy", sev_legacy::DEVICE),
+        ] {
+            let p = provider(&config(source), &http).unwrap();
+            assert_eq!(p.name(), source);
+            match p.get_report(&rd) {
+                Ok(ev) => {
+                    assert!(Path::new(device).exists());
+                    check_report(&ev.report, &rd).unwrap();
+                }
+                Err(e) => {
+                    assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR, "{e}");
+                    assert_eq!(e.step(), Some(Step::Evidence));
+                    assert!(e.message().starts_with(device), "{e}");
+                    assert!(e.hint().is_some());
+                }
+            }
+        }
+        let none =
+            !Path::new(sev_guest::DEVICE).exists() && !Path::new(sev_legacy::DEVICE).exists();
+        match provider(&config("auto"), &http) {
+            Ok(p) => assert!(!none && ["sev-guest", "sev-legacy"].contains(&p.name())),
+            Err(e) => {
+                assert!(none);
+                assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+                assert!(e.hint().unwrap().contains("emulated"), "{e}");
+            }
+        };
+    }
+
     #[test]
     fn maa_report_member_shape() {
         let m = maa_report_member(&[1, 2, 3], "PEM", Some(&[0xd2, 0x84]));
