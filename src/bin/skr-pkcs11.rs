@@ -217,7 +217,7 @@ fn doctor(cfg: &Config) -> ExitCode {
         push(
             &format!("identity {r}"),
             id.token(r, false)
-                .map(|_| format!("{:?}: token received", cfg.identity.source)),
+                .map(|_| format!("{}: token received", source_name(cfg))),
         );
     }
     for t in &cfg.tokens {
@@ -250,11 +250,11 @@ fn doctor(cfg: &Config) -> ExitCode {
             );
         }
     }
-    for (host, resource) in vault.learned_resources() {
+    for (origin, resource) in vault.learned_resources() {
         push(
             &format!("identity {resource}"),
             Ok(format!(
-                "{}: token received (audience named by {host}'s 401 challenge)",
+                "{}: token received (audience named by {origin}'s 401 challenge)",
                 source_name(cfg)
             )),
         );

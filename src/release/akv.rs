@@ -35,7 +35,8 @@ pub struct Akv<'a> {
     pub anchors: &'a TrustAnchors,
     pub api_version: String,
     pub enc: WrapAlg,
-    /// Audience learned from a 401 challenge, per vault host.
+    /// Audience learned from a 401 challenge, per service origin (scheme://host:port: a vault
+    /// and a managed HSM may share a host, as in the emulator).
     learned: Mutex<HashMap<String, String>>,
 }
 
@@ -57,7 +58,7 @@ impl<'a> Akv<'a> {
         }
     }
 
-    /// Audiences learned from 401 challenges: (host, resource).
+    /// Audiences learned from 401 challenges: (origin, resource).
     pub fn learned_resources(&self) -> Vec<(String, String)> {
         let m = self.learned.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = m.iter().map(|(h, r)| (h.clone(), r.clone())).collect();
@@ -65,11 +66,11 @@ impl<'a> Akv<'a> {
         v
     }
 
-    fn resource_for(&self, host: &str) -> String {
+    fn resource_for(&self, origin: &str, host: &str) -> String {
         self.learned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(host)
+            .get(origin)
             .cloned()
             .unwrap_or_else(|| default_resource(host).to_string())
     }
@@ -81,9 +82,11 @@ impl<'a> Akv<'a> {
         step: Step,
         what: &str,
         host: &str,
+        url_for_origin: &str,
         build: &dyn Fn(&str) -> reqwest::blocking::RequestBuilder,
     ) -> Result<Response> {
-        let mut resource = self.resource_for(host);
+        let origin = url_origin(url_for_origin);
+        let mut resource = self.resource_for(&origin, host);
         let mut token = self.identity.token(&resource, false)?;
         for attempt in 0..2 {
             let resp = self.http.send(step, what, &|| {
@@ -107,11 +110,11 @@ impl<'a> Akv<'a> {
                 .and_then(resource_from_challenge)
             {
                 if r != resource {
-                    log::info!("{what}: {host} asks for tokens of resource {r}");
+                    log::info!("{what}: {origin} asks for tokens of resource {r}");
                     self.learned
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(host.to_string(), r.clone());
+                        .insert(origin.clone(), r.clone());
                     resource = r;
                 }
             }
@@ -129,7 +132,7 @@ impl<'a> Akv<'a> {
             self.api_version
         );
         let what = format!("GET key {:?}", key.label);
-        let resp = self.authed(Step::Release, &what, &host, &|token| {
+        let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
             self.http.client.get(&url).bearer_auth(token)
         })?;
         if !resp.is_success() {
@@ -169,7 +172,7 @@ impl<'a> Akv<'a> {
         );
         let body = json!({ "target": att.token, "enc": self.enc.name(), "nonce": nonce });
         let what = format!("release of {:?}", key.label);
-        let resp = self.authed(Step::Release, &what, &host, &|token| {
+        let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
             self.http.client.post(&url).bearer_auth(token).json(&body)
         })?;
         if resp.status == 403 {
@@ -212,6 +215,13 @@ fn prefix(e: Error, what: &str) -> Error {
         out = out.with_hint(h.to_string());
     }
     out
+}
+
+/// `scheme://host[:port]` of a URL (the URL itself if it does not parse).
+fn url_origin(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_else(|_| url.to_string())
 }
 
 fn key_host(key: &KeyConfig) -> Result<String> {
