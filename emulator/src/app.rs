@@ -499,7 +499,7 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
         let path = dir.join(format!("{name}.pem"));
         let up_to_date = std::fs::read(&path)
             .ok()
-            .and_then(|pem| Certificate::load_pem_chain(&pem).ok())
+            .and_then(|pem| crate::maa::load_pem_chain(&pem).ok())
             .and_then(|chain| chain.into_iter().next())
             .map(|leaf| leaf.tbs_certificate.subject_public_key_info == spki)
             .unwrap_or(false);

@@ -136,6 +136,16 @@ fn spki_der(cert: &Certificate) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// `Certificate::load_pem_chain` panics on empty input (x509-cert 0.2.5), so guard it.
+pub fn load_pem_chain(input: &[u8]) -> Result<Vec<Certificate>, String> {
+    let text = std::str::from_utf8(input).map_err(|_| "not UTF-8 PEM text".to_string())?;
+    let trimmed = text.trim();
+    if !trimmed.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("no PEM certificate found".into());
+    }
+    Certificate::load_pem_chain(trimmed.as_bytes()).map_err(|e| e.to_string())
+}
+
 /// AMD's real ARKs (Milan, Genoa, Turin; from the sev crate) plus the emulator's own.
 pub fn trusted_arks(own_ark_der: &[u8]) -> Vec<(String, Certificate)> {
     let mut roots = Vec::new();
@@ -192,7 +202,7 @@ pub fn verify_evidence(
             "report is not signed by a VCEK (VLEK-signed reports are not supported)".into(),
         );
     }
-    let certs = Certificate::load_pem_chain(chain_pem)
+    let certs = load_pem_chain(chain_pem)
         .map_err(|e| format!("VcekCertChain is not a PEM certificate chain: {e}"))?;
     if certs.len() < 2 {
         return Err(format!(
