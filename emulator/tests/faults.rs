@@ -1,0 +1,238 @@
+//! The admin API: fault injection per endpoint, counters, the decision log. One emulator,
+//! one sequential scenario (faults are global to the emulator).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+async fn add_fault(emu: &Emu, c: &reqwest::Client, fault: Value) {
+    let r = send(
+        c.post(format!("{}/admin/faults", emu.platform))
+            .json(&fault),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{fault}: {}", r.text);
+}
+
+#[tokio::test]
+async fn faults_counters_and_log() {
+    let e = Emu::start_shared("faults");
+    let c = e.client();
+    let transfer = transfer_key();
+    let vt = access_token(&e, &c, "https://vault.azure.net").await;
+    let target = maa_token(&e, &c, &transfer).await;
+    let release_url = format!("{}/keys/tls-rsa/release?api-version=7.4", e.vault);
+    let release = || {
+        let c = c.clone();
+        let (u, vt, target) = (release_url.clone(), vt.clone(), target.clone());
+        async move {
+            send(
+                c.post(u)
+                    .bearer_auth(vt)
+                    .json(&json!({"target": target, "enc": "RSA_AES_KEY_WRAP_256"})),
+            )
+            .await
+        }
+    };
+    let released_plaintext = |r: &Response| -> Result<Vec<u8>, String> {
+        let (_, payload, _) = jws_parts(r.json()["value"].as_str().unwrap());
+        let key_hsm: Value = serde_json::from_slice(&unb64url(
+            payload["response"]["key"]["key"]["key_hsm"]
+                .as_str()
+                .unwrap(),
+        ))
+        .unwrap();
+        unwrap(
+            &transfer.key,
+            "RSA_AES_KEY_WRAP_256",
+            &unb64url(key_hsm["ciphertext"].as_str().unwrap()),
+        )
+    };
+
+    // Bad fault bodies are refused.
+    for bad in [
+        json!({"endpoint": "nowhere", "kind": "status"}),
+        json!({"endpoint": "maa-attest", "kind": "wrong-wrap-key"}),
+        json!({"endpoint": "akv-release", "kind": "explode"}),
+    ] {
+        let r = send(c.post(format!("{}/admin/faults", e.platform)).json(&bad)).await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+
+    send(c.post(format!("{}/admin/counters/reset", e.platform))).await;
+    let counters = send(c.get(format!("{}/admin/counters", e.platform)))
+        .await
+        .json();
+    assert_eq!(
+        counters,
+        json!({"attestations": 0, "tokens": 0, "releases": {}, "release_denied": {}})
+    );
+
+    // Throttle, then two 503s, in order, then normal service.
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "throttle", "retry_after": 7}),
+    )
+    .await;
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "status", "status": 503, "count": 2}),
+    )
+    .await;
+    let r = release().await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["retry-after"], "7");
+    assert_eq!(release().await.status, 503);
+    assert_eq!(release().await.status, 503);
+    let ok = release().await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    released_plaintext(&ok).expect("normal release unwraps");
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "malformed-body"}),
+    )
+    .await;
+    let r = release().await;
+    assert_eq!(r.status, 200);
+    assert!(
+        serde_json::from_str::<Value>(&r.text).is_err(),
+        "malformed: {}",
+        r.text
+    );
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "truncated-jws"}),
+    )
+    .await;
+    let r = release().await;
+    assert_eq!(r.status, 200);
+    let jws = r.json()["value"].as_str().unwrap().to_string();
+    let signature = jws.rsplit('.').next().unwrap();
+    assert!(
+        URL_SAFE_LEN_RSA2048 > signature.len(),
+        "signature cut: {} chars",
+        signature.len()
+    );
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "wrong-wrap-key"}),
+    )
+    .await;
+    let r = release().await;
+    assert_eq!(r.status, 200);
+    assert!(released_plaintext(&r).is_err(), "wrapped to another key");
+    released_plaintext(&release().await).expect("back to normal");
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-get", "kind": "delay", "delay_ms": 400}),
+    )
+    .await;
+    let started = Instant::now();
+    let r = send(
+        c.get(format!("{}/keys/tls-rsa?api-version=7.4", e.vault))
+            .bearer_auth(&vt),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "imds-token", "kind": "status", "status": 500}),
+    )
+    .await;
+    let r = send(c.get(format!("{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net", e.imds)).header("Metadata", "true")).await;
+    assert_eq!(r.status, 500);
+
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "platform-report", "kind": "throttle", "retry_after": 1}),
+    )
+    .await;
+    let r = send(
+        c.post(format!("{}/platform/snp/report", e.platform))
+            .json(&json!({"report_data": b64url(&[0u8; 64])})),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+
+    // An expired MAA token is refused by the vault.
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "maa-attest", "kind": "expired-token"}),
+    )
+    .await;
+    let expired = maa_token(&e, &c, &transfer).await;
+    let (_, claims, _) = jws_parts(&expired);
+    assert!(
+        claims["exp"].as_u64().unwrap()
+            < std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+    );
+    let r = send(
+        c.post(&release_url)
+            .bearer_auth(&vt)
+            .json(&json!({"target": expired})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("expired"), "{}", r.text);
+
+    // Clearing faults.
+    add_fault(
+        &e,
+        &c,
+        json!({"endpoint": "akv-release", "kind": "status", "count": 5}),
+    )
+    .await;
+    assert_eq!(
+        send(c.delete(format!("{}/admin/faults", e.platform)))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(release().await.status, 200);
+
+    let counters = send(c.get(format!("{}/admin/counters", e.platform)))
+        .await
+        .json();
+    assert_eq!(counters["attestations"], 1, "{counters}");
+    assert_eq!(counters["tokens"], 0, "the failed IMDS call is not counted");
+    // ok, truncated, wrong key, normal, final: faults that answer instead of the service do
+    // not count.
+    assert_eq!(counters["releases"]["tls-rsa"], 5, "{counters}");
+    assert_eq!(counters["release_denied"]["tls-rsa"], 1, "{counters}");
+
+    let log = send(c.get(format!("{}/admin/log", e.platform))).await.text;
+    let entries: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    assert!(entries.iter().any(|l| l["event"] == "fault"));
+    assert!(entries
+        .iter()
+        .any(|l| l["event"] == "released" && l["wrapping_kid"] == "transfer-key"));
+    assert!(entries.iter().any(
+        |l| l["event"] == "release-denied" && l["reason"].as_str().unwrap().contains("expired")
+    ));
+}
+
+/// base64url length of an RSA-2048 signature (256 bytes).
+const URL_SAFE_LEN_RSA2048: usize = 342;
