@@ -293,6 +293,62 @@ fn scenario_wrong_kid_is_a_service_failure(cfg: &Config, _admin: &Admin) {
     assert!(e.hint().unwrap().contains("check kid in the config"), "{e}");
 }
 
+fn scenario_imds_failure_is_an_identity_service_failure(cfg: &Config, admin: &Admin) {
+    let attempts = cfg.release.retries + 1;
+    admin.fault(json!({"endpoint":"imds-token","kind":"status","status":503,"count":attempts}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+    assert_eq!(e.step(), Some(Step::Identity), "{e}");
+}
+
+fn scenario_imds_400_points_at_the_identity(cfg: &Config, admin: &Admin) {
+    admin.fault(json!({"endpoint":"imds-token","kind":"status","status":400,"count":1}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+    assert_eq!(e.step(), Some(Step::Identity), "{e}");
+    assert!(e.hint().unwrap().contains("managed identity"), "{e}");
+}
+
+fn scenario_403_with_policy_met_points_at_permissions(cfg: &Config, admin: &Admin) {
+    admin.fault(json!({"endpoint":"akv-release","kind":"status","status":403,"count":1}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_REJECTED, "{e}");
+    assert!(
+        e.message().contains("although the release policy is met"),
+        "{e}"
+    );
+    assert!(e.hint().unwrap().contains("release permission"), "{e}");
+}
+
+fn scenario_repeated_401_is_denied(cfg: &Config, admin: &Admin) {
+    // One key, so that both injected 401s hit the same GET (first try and the retry with a
+    // refreshed token).
+    let mut cfg = cfg.clone();
+    let demo = cfg
+        .tokens
+        .iter_mut()
+        .find(|t| t.label == "skr-demo")
+        .unwrap();
+    demo.keys.truncate(1);
+    admin.fault(json!({"endpoint":"akv-get","kind":"status","status":401,"count":2}));
+    let e = expect_err(release_token(&cfg, token(&cfg, "skr-demo")));
+    assert_eq!(e.rv(), CKR_FUNCTION_REJECTED, "{e}");
+    assert!(e.message().contains("(401)"), "{e}");
+    // A single 401 is absorbed by one token refresh.
+    admin.fault(json!({"endpoint":"akv-get","kind":"status","status":401,"count":1}));
+    let (keys, _) = release_token(&cfg, token(&cfg, "skr-demo")).unwrap();
+    assert_eq!(keys.len(), 1);
+}
+
+fn scenario_platform_failure(cfg: &Config, admin: &Admin) {
+    let attempts = cfg.release.retries + 1;
+    admin
+        .fault(json!({"endpoint":"platform-report","kind":"status","status":500,"count":attempts}));
+    let e = expect_err(release_token(cfg, token(cfg, "skr-demo")));
+    assert_eq!(e.step(), Some(Step::Evidence), "{e}");
+    assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
+}
+
 #[test]
 fn release_against_the_emulator() {
     let emu = Emulator::up();
@@ -319,6 +375,17 @@ fn release_against_the_emulator() {
         ("wrong wrapping key", scenario_wrong_wrap_key),
         ("expired MAA token", scenario_expired_maa_token),
         ("unknown kid", scenario_wrong_kid_is_a_service_failure),
+        (
+            "IMDS 503",
+            scenario_imds_failure_is_an_identity_service_failure,
+        ),
+        ("IMDS 400", scenario_imds_400_points_at_the_identity),
+        (
+            "403 with the policy met",
+            scenario_403_with_policy_met_points_at_permissions,
+        ),
+        ("401 twice", scenario_repeated_401_is_denied),
+        ("platform 500", scenario_platform_failure),
     ];
     let mut failures = Vec::new();
     for (name, run) in scenarios {
