@@ -447,18 +447,18 @@ fn unauthorized(kind: Kind, message: Option<String>) -> Response {
     resp
 }
 
-fn check_bearer(svc: &Service, headers: &HeaderMap) -> Result<(), Response> {
+fn check_bearer(svc: &Service, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return Err(unauthorized(svc.kind, None));
+        return Err(Box::new(unauthorized(svc.kind, None)));
     };
     let Some(token) = auth
         .strip_prefix("Bearer ")
         .or_else(|| auth.strip_prefix("bearer "))
     else {
-        return Err(unauthorized(svc.kind, None));
+        return Err(Box::new(unauthorized(svc.kind, None)));
     };
     crate::imds::verify_access_token(&svc.app, token.trim(), svc.kind.audience())
-        .map_err(|m| unauthorized(svc.kind, Some(m)))
+        .map_err(|m| Box::new(unauthorized(svc.kind, Some(m))))
 }
 
 enum Route {
@@ -514,7 +514,7 @@ pub async fn dispatch(
         svc.app
             .admin
             .log(svc.kind.name(), "unauthorized", json!({"path": path}));
-        return resp;
+        return *resp;
     }
     let Some(api) = query_param(&uri, "api-version") else {
         return bad("The 'api-version' query parameter is required").into_response();

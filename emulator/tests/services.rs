@@ -974,11 +974,11 @@ async fn release_jws_is_signed_like_key_vault() {
     // The three URL forms: version-less, the SDKs' empty version, and versioned.
     for (path, requested) in [
         (
-            format!("/keys/tls-rsa/release"),
+            "/keys/tls-rsa/release".to_string(),
             format!("{}/keys/tls-rsa", e.vault),
         ),
         (
-            format!("/keys/tls-rsa//release"),
+            "/keys/tls-rsa//release".to_string(),
             format!("{}/keys/tls-rsa", e.vault),
         ),
         (
