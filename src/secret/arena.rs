@@ -272,7 +272,10 @@ fn usable_size(p: *mut u8) -> Option<usize> {
 }
 
 /// Zero and release a block. Pointers the arena does not own are ignored (returns false).
-pub fn free(p: *mut u8) -> bool {
+///
+/// # Safety
+/// `p` is NULL, not arena memory, or a live block from `alloc` not freed before.
+pub unsafe fn free(p: *mut u8) -> bool {
     if p.is_null() {
         return true;
     }
@@ -365,7 +368,8 @@ unsafe extern "C" fn hook_malloc(
 
 unsafe extern "C" fn hook_free(p: *mut libc::c_void, _f: *const libc::c_char, _l: libc::c_int) {
     let p = p as *mut u8;
-    if !free(p) {
+    // SAFETY: AWS-LC frees only what it allocated.
+    if !unsafe { free(p) } {
         // SAFETY: a pre-hook OPENSSL_malloc block: its size sits in the 8 bytes before it.
         unsafe {
             let base = p.sub(FOREIGN_PREFIX);
@@ -463,11 +467,11 @@ mod tests {
             ptr::write_bytes(a, 0xAB, 100);
         }
         assert!(usable_size(a).unwrap() >= 100);
-        assert!(free(a));
+        assert!(unsafe { free(a) });
         let b = alloc(100);
         // SAFETY: fresh allocation of 100 bytes.
         unsafe { assert!(std::slice::from_raw_parts(b, 100).iter().all(|&x| x == 0)) };
-        assert!(free(b));
+        assert!(unsafe { free(b) });
     }
 
     #[test]
@@ -477,7 +481,7 @@ mod tests {
         assert!(contains(p));
         // SAFETY: 200_000 bytes were allocated.
         unsafe { ptr::write_bytes(p, 1, 200_000) };
-        assert!(free(p));
+        assert!(unsafe { free(p) });
         assert!(!contains(p));
     }
 
@@ -485,7 +489,7 @@ mod tests {
     fn foreign_pointers_are_not_claimed() {
         let v = [0u8; 16];
         assert!(!contains(v.as_ptr()));
-        assert!(!free(v.as_ptr() as *mut u8));
+        assert!(!unsafe { free(v.as_ptr() as *mut u8) });
     }
 
     #[test]
@@ -511,7 +515,7 @@ mod tests {
                         let p = alloc(n);
                         // SAFETY: n bytes allocated.
                         unsafe { ptr::write_bytes(p, t as u8, n) };
-                        assert!(free(p));
+                        assert!(unsafe { free(p) });
                     }
                 })
             })

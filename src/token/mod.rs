@@ -643,4 +643,4 @@ impl Module {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -152,11 +152,11 @@ impl Session {
 
 /// The active operation of one kind, checked against the current login: an operation on a
 /// logged-in key whose login ended is terminated here.
-pub fn active<'a, T>(
-    slot: &'a mut Option<Active<T>>,
+pub fn active<T>(
+    slot: &mut Option<Active<T>>,
     logged_in: bool,
     epoch: u64,
-) -> Result<&'a mut Active<T>> {
+) -> Result<&mut Active<T>> {
     match slot {
         None => Err(Error::new(
             CKR_OPERATION_NOT_INITIALIZED,
@@ -222,20 +222,20 @@ mod tests {
         let mut slot = Some(Active::new((), true, 3));
         assert!(active(&mut slot, true, 3).is_ok());
         assert_eq!(
-            active(&mut slot, false, 4).unwrap_err().rv(),
+            active(&mut slot, false, 4).err().unwrap().rv(),
             CKR_USER_NOT_LOGGED_IN
         );
         assert!(slot.is_none());
         let mut slot = Some(Active::new((), true, 3));
         assert_eq!(
-            active(&mut slot, true, 5).unwrap_err().rv(),
+            active(&mut slot, true, 5).err().unwrap().rv(),
             CKR_KEY_HANDLE_INVALID
         );
         let mut public: Option<Active<()>> = Some(Active::new((), false, 3));
         assert!(active(&mut public, false, 9).is_ok());
         let mut none: Option<Active<()>> = None;
         assert_eq!(
-            active(&mut none, true, 1).unwrap_err().rv(),
+            active(&mut none, true, 1).err().unwrap().rv(),
             CKR_OPERATION_NOT_INITIALIZED
         );
     }
