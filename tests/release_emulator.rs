@@ -127,6 +127,9 @@ fn expect_err(
         Ok((keys, _)) => panic!("expected a failure, released {} keys", keys.len()),
         Err(e) => {
             eprintln!("  -> CK_RV {:#x}: {e}", e.rv());
+            // Every failure names its step and carries an operator hint.
+            assert!(e.step().is_some(), "{e}");
+            assert!(e.hint().is_some_and(|h| !h.is_empty()), "no hint: {e}");
             e
         }
     }

@@ -190,6 +190,17 @@ pub fn release_token(
     cfg: &Config,
     token: &TokenConfig,
 ) -> Result<(Vec<ReleasedKey>, LoginTimings)> {
+    release_token_inner(cfg, token).map_err(|e| {
+        let e = with_default_hint(e);
+        log::error!("token {:?}: login failed: {e}", token.label);
+        e
+    })
+}
+
+fn release_token_inner(
+    cfg: &Config,
+    token: &TokenConfig,
+) -> Result<(Vec<ReleasedKey>, LoginTimings)> {
     let mut timings = LoginTimings::default();
     if token.keys.is_empty() {
         return Err(Error::config(format!(
