@@ -579,4 +579,108 @@ mod tests {
             parse(&sent).unwrap().authorities
         );
     }
+    fn testdata(path: &str) -> Value {
+        let full = format!("{}/../testdata/{path}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_slice(&std::fs::read(&full).unwrap_or_else(|e| panic!("{full}: {e}")))
+            .unwrap()
+    }
+
+    #[test]
+    fn published_examples_parse_except_the_documented_defect() {
+        let examples = testdata("policy/published-examples.json");
+        let mut parsed = 0;
+        for (name, entry) in examples.as_object().unwrap() {
+            let Some(p) = entry.get("policy") else {
+                continue;
+            };
+            let result = parse(p);
+            if name == "docs_skr_policy_examples_cvm_2_vmid" {
+                // Top-level allOf: a documentation defect the grammar does not allow.
+                assert!(result.is_err(), "{name}");
+            } else {
+                result.unwrap_or_else(|e| panic!("{name}: {e}"));
+                parsed += 1;
+            }
+        }
+        assert_eq!(parsed, 13);
+        let pair = &examples["azure_sdk_js_recording_mhsm_create_sent_vs_stored"];
+        assert_eq!(parse(&pair["sent"]).unwrap().to_json(), pair["stored"]);
+        for file in [
+            "policy/cvm-platform-skr-policy.json",
+            "policy/cvm-datadisk-skr-policy.json",
+        ] {
+            parse(&testdata(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
+    #[test]
+    fn microsoft_policies_against_real_claim_sets() {
+        // CVM platform policy (top-level claims, trailing-slash authorities) vs a SEV-SNP token.
+        let platform = parse(&testdata("policy/cvm-platform-skr-policy.json")).unwrap();
+        let mut snp = testdata("maa/sevsnpvm-claims.docs.json");
+        assert!(platform
+            .evaluate("https://sharedeus.eus.attest.azure.net", &snp)
+            .is_ok());
+        assert!(platform
+            .evaluate("https://maasandbox0001.wus.attest.azure.net", &snp)
+            .unwrap_err()
+            .contains("not an authority"));
+        snp["x-ms-compliance-status"] = json!("azure-compliant-uvm");
+        let err = platform
+            .evaluate("https://sharedeus.eus.attest.azure.net", &snp)
+            .unwrap_err();
+        assert!(err.contains("x-ms-compliance-status"), "{err}");
+
+        // Data-disk policy on nested x-ms-isolation-tee claims vs the CVM (AzureGuest) token.
+        let datadisk = parse(&testdata("policy/cvm-datadisk-skr-policy.json")).unwrap();
+        let mut cvm = testdata("maa/azureguest-cvm-claims.json");
+        assert!(datadisk
+            .evaluate("https://sharedeus.eus.attest.azure.net/", &cvm)
+            .is_ok());
+        cvm["x-ms-isolation-tee"]["x-ms-attestation-type"] = json!("sgx");
+        let err = datadisk
+            .evaluate("https://sharedeus.eus.attest.azure.net/", &cvm)
+            .unwrap_err();
+        assert!(
+            err.contains("anyOf") && err.contains("x-ms-isolation-tee.x-ms-attestation-type"),
+            "{err}"
+        );
+
+        // The JS SDK's release: legacy form, string "true" vs boolean claim, authority with a
+        // trailing slash vs the mock issuer's iss.
+        let examples = testdata("policy/published-examples.json");
+        let sdk =
+            parse(&examples["azure_sdk_js_test_policy_condition_value_syntax"]["policy"]).unwrap();
+        let mock = testdata("akv/mock-attestation-target.decoded.json");
+        let mut claims = mock["payload"].clone();
+        assert_eq!(claims["sdk-test"], json!(true));
+        claims["iss"] = json!("https://malegeskr5.azurewebsites.net");
+        assert!(sdk
+            .evaluate("https://malegeskr5.azurewebsites.net", &claims)
+            .is_ok());
+        claims["sdk-test"] = json!(false);
+        assert!(sdk
+            .evaluate("https://malegeskr5.azurewebsites.net", &claims)
+            .is_err());
+
+        // The ACI documentation example against ACI-style claims.
+        let aci = parse(&examples["docs_skr_policy_examples_aci_1"]["policy"]).unwrap();
+        let mut claims = json!({
+            "x-ms-attestation-type": "sevsnpvm",
+            "x-ms-compliance-status": "azure-compliant-uvm",
+            "x-ms-sevsnpvm-hostdata": "532eaabd9574880dbf76b9b8cc00832c20a6ec113d682299550d7a6e0f345e25"
+        });
+        assert!(aci
+            .evaluate("https://fabrikam1.wus.attest.azure.net/", &claims)
+            .is_ok());
+        claims["x-ms-sevsnpvm-hostdata"] =
+            json!("cadd74f71ebb8fbf9782baab649612520f3c416bc5ce9ac768808ddc8d9b031c");
+        let err = aci
+            .evaluate("https://fabrikam1.wus.attest.azure.net", &claims)
+            .unwrap_err();
+        assert!(
+            err.starts_with("claim x-ms-sevsnpvm-hostdata: expected equals"),
+            "{err}"
+        );
+    }
 }
