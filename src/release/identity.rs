@@ -254,7 +254,10 @@ impl<'a> Identity<'a> {
                     "{who} could not issue a token for {resource} (400): {}",
                     resp.error_text()
                 ))
-                .with_hint("no managed identity is assigned to this VM/container, or identity.client_id/object_id/msi_res_id names one that is not attached"));
+                .with_hint(match self.cfg.source {
+                    IdentitySource::WorkloadIdentity => "Entra ID refused the federated token exchange; check the federated credential (issuer, subject = system:serviceaccount:<ns>:<sa>, audience api://AzureADTokenExchange) and AZURE_CLIENT_ID / AZURE_TENANT_ID",
+                    _ => "no managed identity is assigned to this VM/container, or identity.client_id/object_id/msi_res_id names one that is not attached",
+                }));
             }
             s => {
                 return Err(id_err_service(format!(
@@ -384,6 +387,123 @@ mod tests {
         assert!(first.starts_with("get /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3a%2f%2fvault.azure.net&client_id=cid-1"), "{first}");
         assert!(first.contains("\r\nmetadata: true\r\n"), "{first}");
         assert!(seen[1].contains("managedhsm.azure.net"));
+    }
+
+    /// A one-shot HTTP server: answers each of `replies` in turn, returns the raw requests.
+    fn serve(replies: Vec<(u16, String)>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in replies {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut req = String::new();
+                let mut line = String::new();
+                let mut len = 0usize;
+                while r.read_line(&mut line).unwrap() > 2 {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    req.push_str(&line);
+                    line.clear();
+                }
+                let mut body_in = vec![0u8; len];
+                r.read_exact(&mut body_in).unwrap();
+                req.push_str("\r\n");
+                req.push_str(&String::from_utf8_lossy(&body_in));
+                seen.push(req);
+                write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (port, h)
+    }
+
+    fn config(source: IdentitySource) -> IdentityConfig {
+        IdentityConfig {
+            source,
+            imds_url: None,
+            client_id: None,
+            object_id: None,
+            msi_res_id: None,
+            token_file: None,
+            authority_host: None,
+        }
+    }
+
+    /// Workload identity and IDENTITY_ENDPOINT read the environment: one test sets it for both,
+    /// with variables no other test reads.
+    #[test]
+    fn workload_identity_and_identity_endpoint_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let assertion = dir.path().join("federated-token");
+        std::fs::write(&assertion, "fed.jwt.sig\n").unwrap();
+        let ok = r#"{"token_type":"Bearer","expires_in":3599,"access_token":"at-wi"}"#.to_string();
+        let (port, server) = serve(vec![
+            (200, ok),
+            (401, r#"{"error":"invalid_client","error_description":"AADSTS700213: No matching federated identity record found"}"#.into()),
+        ]);
+        std::env::set_var("AZURE_CLIENT_ID", "11111111-2222");
+        std::env::set_var("AZURE_TENANT_ID", "tenant-x");
+        std::env::set_var("AZURE_FEDERATED_TOKEN_FILE", &assertion);
+        let mut cfg = config(IdentitySource::WorkloadIdentity);
+        cfg.authority_host = Some(format!("http://127.0.0.1:{port}/"));
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+        let id = Identity::new(&http, &cfg);
+        assert_eq!(id.token(MHSM_RESOURCE, false).unwrap().as_str(), "at-wi");
+        let e = id.token(VAULT_RESOURCE, false).unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_REJECTED);
+        assert!(e.message().contains("AADSTS700213"), "{}", e.message());
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("POST /tenant-x/oauth2/v2.0/token "),
+            "{}",
+            seen[0]
+        );
+        let form = seen[0].split("\r\n\r\n").nth(1).unwrap();
+        for field in [
+            "client_assertion=fed.jwt.sig",
+            "client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer",
+            "client_id=11111111-2222",
+            "grant_type=client_credentials",
+            "scope=https%3A%2F%2Fmanagedhsm.azure.net%2F.default",
+        ] {
+            assert!(form.contains(field), "{field} not in {form}");
+        }
+        assert!(seen[1].contains("scope=https%3A%2F%2Fvault.azure.net%2F.default"));
+
+        let (port, server) = serve(vec![(
+            200,
+            r#"{"access_token":"at-ep","expires_on":"1"}"#.into(),
+        )]);
+        std::env::set_var(
+            "IDENTITY_ENDPOINT",
+            format!("http://127.0.0.1:{port}/msi/token"),
+        );
+        std::env::set_var("IDENTITY_HEADER", "hdr-secret");
+        let cfg = config(IdentitySource::IdentityEndpoint);
+        let id = Identity::new(&http, &cfg);
+        assert_eq!(id.token(VAULT_RESOURCE, false).unwrap().as_str(), "at-ep");
+        let seen = server.join().unwrap();
+        let req = seen[0].to_ascii_lowercase();
+        assert!(
+            req.starts_with(
+                "get /msi/token?api-version=2019-08-01&resource=https%3a%2f%2fvault.azure.net "
+            ),
+            "{req}"
+        );
+        assert!(
+            req.contains("\r\nx-identity-header: hdr-secret\r\n"),
+            "{req}"
+        );
     }
 
     #[test]

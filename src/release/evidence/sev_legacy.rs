@@ -30,6 +30,9 @@ struct SnpGuestRequest {
 }
 
 const _: () = assert!(std::mem::size_of::<SnpGuestRequest>() == 40);
+// _IOWR('S', 1, 40 bytes): direction read|write, size, type 'S', number 1.
+const _: () =
+    assert!(SEV_SNP_GUEST_MSG_REPORT == (3 << 30) | (40 << 16) | ((b'S' as u32) << 8) | 1);
 const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, request_len) == 4);
 const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, request_uaddr) == 8);
 const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, response_len) == 16);
