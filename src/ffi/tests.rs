@@ -1124,3 +1124,167 @@ fn panics_become_general_error() {
     );
     assert_eq!(rv_name(CKR_BUFFER_TOO_SMALL), "CKR_BUFFER_TOO_SMALL");
 }
+
+/// Run one `#[ignore]`d scenario test in a fresh single-threaded copy of this test binary,
+/// so that fork() happens with no other test thread holding a lock.
+fn run_scenario(name: &str, env: &[(&str, &str)]) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--test-threads=1",
+        "--nocapture",
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{name} failed:\n{text}");
+    assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
+}
+
+#[test]
+fn fork_keep_and_re_release() {
+    run_scenario(
+        "ffi::tests::fork_scenario",
+        &[("SKR_TEST_FORK_POLICY", "keep")],
+    );
+    run_scenario(
+        "ffi::tests::fork_scenario",
+        &[("SKR_TEST_FORK_POLICY", "re-release")],
+    );
+}
+
+/// In the parent: log in and keep a session. In the child: the parent's session is invalid,
+/// C_Initialize succeeds (first without, then after C_Finalize), and C_Login either works
+/// from the inherited keys with no release ("keep": the config's services are unreachable,
+/// so a release would fail) or releases again and fails ("re-release").
+#[test]
+#[ignore = "run by fork_keep_and_re_release in a single-threaded process"]
+fn fork_scenario() {
+    let policy = std::env::var("SKR_TEST_FORK_POLICY").unwrap();
+    let live = Live::new("");
+    // Top-level key: it must come before the first table.
+    let text =
+        format!("fork = \"{policy}\"\n") + &std::fs::read_to_string(live.f.config_path()).unwrap();
+    std::fs::write(live.f.config_path(), text).unwrap();
+    assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
+    assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
+    live.login();
+    let parent_session = live.session(false);
+    let key = live.find(parent_session, CKO_PRIVATE_KEY, 2);
+    for finalize_first in [true, false] {
+        // SAFETY: fork in a single-threaded test process; the child only calls the module
+        // and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = std::panic::catch_unwind(|| child(&policy, parent_session, finalize_first))
+                .unwrap_or(99);
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "child crashed: {status:#x}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "child scenario step failed (finalize first: {finalize_first})"
+        );
+    }
+    // The parent is untouched: still logged in, still signing.
+    let hash = crate::crypto::HashAlg::Sha256.digest(b"parent");
+    let sig = sign(parent_session, &mut mech(CKM_ECDSA), key, &hash);
+    assert_eq!(sig.len(), 64);
+}
+
+fn child(policy: &str, parent_session: CK_SESSION_HANDLE, finalize_first: bool) -> i32 {
+    let mut info = std::mem::MaybeUninit::<CK_SESSION_INFO>::zeroed();
+    if call!(C_GetSessionInfo(parent_session, info.as_mut_ptr())) != CKR_CRYPTOKI_NOT_INITIALIZED {
+        return 1;
+    }
+    // pkcs11-provider finalises the parent's state first; libp11 and p11-kit do not.
+    if finalize_first && call!(C_Finalize(null_mut())) != CKR_OK {
+        return 2;
+    }
+    if call!(C_Initialize(null_mut())) != CKR_OK {
+        return 3;
+    }
+    let mut s = 0;
+    if call!(C_OpenSession(
+        1,
+        CKF_SERIAL_SESSION,
+        null_mut(),
+        None,
+        &mut s
+    )) != CKR_OK
+    {
+        return 4;
+    }
+    let rv = call!(C_Login(s, CKU_USER, null_mut(), 0));
+    match policy {
+        "keep" => {
+            if rv != CKR_OK {
+                return 5;
+            }
+            // Sign with the inherited EC key and check it with RustCrypto.
+            let mut class = CKO_PRIVATE_KEY;
+            let mut id = 2u8;
+            let mut tpl = [
+                CK_ATTRIBUTE {
+                    type_: CKA_CLASS,
+                    pValue: &mut class as *mut _ as *mut _,
+                    ulValueLen: 8,
+                },
+                CK_ATTRIBUTE {
+                    type_: CKA_ID,
+                    pValue: &mut id as *mut u8 as *mut _,
+                    ulValueLen: 1,
+                },
+            ];
+            let mut found = [0; 2];
+            let mut n = 0;
+            if call!(C_FindObjectsInit(s, tpl.as_mut_ptr(), 2)) != CKR_OK
+                || call!(C_FindObjects(s, found.as_mut_ptr(), 2, &mut n)) != CKR_OK
+                || n != 1
+            {
+                return 6;
+            }
+            let hash = crate::crypto::HashAlg::Sha256.digest(b"child");
+            let sig = sign(s, &mut mech(CKM_ECDSA), found[0], &hash);
+            let inst = instance().unwrap();
+            let o = inst.module.tokens[0].object(found[0]).unwrap();
+            let crate::token::object::Body::PrivateKey { key, .. } = &o.body else {
+                return 7;
+            };
+            let crate::crypto::pkey::PublicParts::Ec { point, .. } = &key.info.parts else {
+                return 7;
+            };
+            use p256::ecdsa::signature::hazmat::PrehashVerifier;
+            let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+            if vk
+                .verify_prehash(&hash, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+                .is_err()
+            {
+                return 8;
+            }
+            0
+        }
+        _ => {
+            // The inherited keys were wiped: the login had to release, and the services are
+            // unreachable.
+            if rv == CKR_OK
+                || crate::token::retained(&instance().unwrap().module.tokens[0].config.label)
+                    .is_some()
+            {
+                return 9;
+            }
+            0
+        }
+    }
+}

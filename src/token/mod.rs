@@ -162,6 +162,8 @@ pub struct KeySet {
 
 struct LoginState {
     keys: Option<Arc<KeySet>>,
+    /// The module was finalised: no login may install keys any more.
+    closed: bool,
     in_flight: bool,
     attempt: u64,
     /// Result of the last finished attempt, for callers that joined it.
@@ -204,11 +206,24 @@ impl LoginLease<'_> {
         let token = self.token;
         let (outcome, warnings) = match result.and_then(|m| token.build_keyset(m)) {
             Ok((ks, warnings)) => {
-                retain(&token.config.label, ks.material.clone());
                 let mut st = lock(&token.login);
-                st.keys = Some(Arc::new(ks));
-                token.epoch.fetch_add(1, Ordering::SeqCst);
-                (Ok(()), warnings)
+                if st.closed {
+                    // C_Finalize ran while the release was in flight: the keys go nowhere.
+                    drop(st);
+                    drop(ks);
+                    (
+                        Err(Error::new(
+                            CKR_CRYPTOKI_NOT_INITIALIZED,
+                            "C_Finalize was called during the login",
+                        )),
+                        vec![],
+                    )
+                } else {
+                    retain(&token.config.label, ks.material.clone());
+                    st.keys = Some(Arc::new(ks));
+                    token.epoch.fetch_add(1, Ordering::SeqCst);
+                    (Ok(()), warnings)
+                }
             }
             Err(e) => (Err(e), vec![]),
         };
@@ -316,6 +331,7 @@ impl Token {
             public_objects,
             login: Mutex::new(LoginState {
                 keys: None,
+                closed: false,
                 in_flight: false,
                 attempt: 0,
                 outcome: None,
@@ -637,6 +653,7 @@ impl Module {
     pub fn wipe_all(&self) {
         lock(&self.sessions).clear();
         for t in &self.tokens {
+            lock(&t.login).closed = true;
             t.wipe();
         }
     }

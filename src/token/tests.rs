@@ -556,3 +556,21 @@ fn token_fields_are_padded_and_stable() {
     assert_eq!(s, f.module().tokens[1].serial_field());
     assert!(s.iter().all(|b| b.is_ascii_hexdigit()));
 }
+
+#[test]
+fn a_login_finishing_after_finalize_installs_nothing() {
+    let f = Fixture::new("");
+    let m = f.module();
+    let t = &m.tokens[0];
+    let LoginStart::Lead(lease) = t.begin_login() else {
+        panic!()
+    };
+    m.wipe_all();
+    let material = Material::from_released(&t.config, f.released()).map(Arc::new);
+    assert_eq!(
+        lease.finish(material).unwrap_err().rv(),
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
+    assert!(!t.is_logged_in());
+    assert!(retained(&f.label).is_none(), "no key outlives C_Finalize");
+}
