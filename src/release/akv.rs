@@ -133,7 +133,7 @@ impl<'a> Akv<'a> {
         );
         let what = format!("GET key {:?}", key.label);
         let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
-            self.http.client.get(&url).bearer_auth(token)
+            self.http.client_for(&url).get(&url).bearer_auth(token)
         })?;
         if !resp.is_success() {
             return Err(status_error(Step::Release, &what, key, &resp));
@@ -173,7 +173,11 @@ impl<'a> Akv<'a> {
         let body = json!({ "target": att.token, "enc": self.enc.name(), "nonce": nonce });
         let what = format!("release of {:?}", key.label);
         let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
-            self.http.client.post(&url).bearer_auth(token).json(&body)
+            self.http
+                .client_for(&url)
+                .post(&url)
+                .bearer_auth(token)
+                .json(&body)
         })?;
         if resp.status == 403 {
             return Err(explain_403(key, &bundle, att, &resp));

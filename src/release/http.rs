@@ -95,6 +95,25 @@ impl Http {
         })
     }
 
+    /// The client for `url`: direct for loopback and link-local hosts (a local emulator, an
+    /// App Service identity endpoint, IMDS), where an environment proxy can only be wrong;
+    /// the proxy-aware client otherwise.
+    pub fn client_for(&self, url: &str) -> &Client {
+        let local = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .is_some_and(|h| match h.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_link_local(),
+                Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
+                Err(_) => h.eq_ignore_ascii_case("localhost"),
+            });
+        if local {
+            &self.direct
+        } else {
+            &self.client
+        }
+    }
+
     /// Send with retries on transport errors, timeouts, 408, 429 and 5xx. Other statuses are
     /// returned to the caller. `what` names the call in messages, e.g. `MAA attest`.
     pub fn send(
@@ -241,6 +260,23 @@ fn describe_transport(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_hosts_bypass_the_proxy() {
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let h = Http::new(&Release::default(), &anchors).unwrap();
+        for (url, direct) in [
+            ("https://127.0.0.1:8443/keys/a", true),
+            ("http://169.254.169.254/metadata", true),
+            ("https://[::1]:1/x", true),
+            ("http://localhost:5000/msi/token", true),
+            ("https://kv.vault.azure.net/keys/a", false),
+            ("https://10.0.0.1/x", false),
+        ] {
+            let chosen = h.client_for(url) as *const Client;
+            assert_eq!(chosen == &h.direct as *const Client, direct, "{url}");
+        }
+    }
 
     #[test]
     fn retry_after_forms() {

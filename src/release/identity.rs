@@ -211,7 +211,7 @@ impl<'a> Identity<'a> {
         let resp = self
             .http
             .send(Step::Identity, "workload identity token", &|| {
-                self.http.client.post(&url).form(&form)
+                self.http.client_for(&url).post(&url).form(&form)
             })?;
         self.token_response("Entra ID (workload identity)", resource, &resp)
     }

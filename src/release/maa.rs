@@ -70,7 +70,7 @@ impl<'a> Maa<'a> {
             "nonce": nonce,
         });
         let resp = self.http.send(Step::Attestation, "MAA attest", &|| {
-            self.http.client.post(&url).json(&body)
+            self.http.client_for(&url).post(&url).json(&body)
         })?;
         match resp.status {
             200..=299 => {}
@@ -117,7 +117,7 @@ impl<'a> Maa<'a> {
         }
         let url = format!("{}/certs", self.url);
         let resp = self.http.send(Step::Attestation, "MAA /certs", &|| {
-            self.http.client.get(&url)
+            self.http.client_for(&url).get(&url)
         })?;
         if !resp.is_success() {
             return Err(Error::service(

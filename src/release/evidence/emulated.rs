@@ -30,7 +30,7 @@ impl EvidenceProvider for EmulatedProvider<'_> {
         let resp = self
             .http
             .send(Step::Evidence, "emulated SNP platform", &|| {
-                self.http.client.post(&self.url).json(&body)
+                self.http.client_for(&self.url).post(&self.url).json(&body)
             })?;
         if !resp.is_success() {
             return Err(Error::evidence(
