@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use der::{Decode, Encode};
 use rsa::pkcs1::DecodeRsaPublicKey;
@@ -198,6 +198,34 @@ fn jwk_x5c_key(jwk: &Value) -> Option<rsa::RsaPublicKey> {
         .or_else(|| rsa::RsaPublicKey::from_pkcs1_der(spki.subject_public_key.raw_bytes()).ok())
 }
 
+/// Request log: every call, its service and the status it got (admin reads are not logged).
+async fn log_request(
+    State((app, service)): State<(Arc<App>, &'static str)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    if !path.starts_with("/admin/") {
+        app.admin.log(
+            service,
+            "request",
+            json!({"method": method, "path": path, "status": response.status().as_u16(),
+                   "ms": started.elapsed().as_millis() as u64}),
+        );
+    }
+    response
+}
+
+fn with_request_log(router: Router, app: &Arc<App>, service: &'static str) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        (app.clone(), service),
+        log_request,
+    ))
+}
+
 // ---- platform and admin endpoints ----------------------------------------------------------
 
 async fn platform_report(State(app): State<Arc<App>>, body: Bytes) -> Response {
@@ -321,6 +349,9 @@ pub fn check_dir(layout: &Layout) -> Result<(), String> {
             dir.display()
         )
     })?;
+    // The state holds private keys: owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(layout.state(), std::fs::Permissions::from_mode(0o700));
     let probe = layout.state().join(".write-probe");
     std::fs::write(&probe, b"").map_err(|e| format!("{} is not writable: {e}", dir.display()))?;
     let _ = std::fs::remove_file(probe);
@@ -741,6 +772,7 @@ async fn serve(
             kind: Kind::Vault,
         });
     let mhsm = Router::new()
+        .route("/{*path}", any(keyvault::dispatch))
         .fallback(keyvault::dispatch)
         .with_state(keyvault::Service {
             app: app.clone(),
@@ -748,10 +780,13 @@ async fn serve(
         });
     let mut tasks = Vec::new();
     for (listener, router) in [
-        (maa_l, maa),
-        (vault_l, vault),
-        (mhsm_l, mhsm),
-        (platform_l, platform_router(app.clone())),
+        (maa_l, with_request_log(maa, &app, "maa")),
+        (vault_l, with_request_log(vault, &app, "vault")),
+        (mhsm_l, with_request_log(mhsm, &app, "mhsm")),
+        (
+            platform_l,
+            with_request_log(platform_router(app.clone()), &app, "platform"),
+        ),
     ] {
         let server = axum_server::from_tcp_rustls(listener, tls.clone()).handle(handle.clone());
         tasks.push(tokio::spawn(server.serve(router.into_make_service())));
@@ -760,7 +795,8 @@ async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let imds_app = app.clone();
     let imds_task = tokio::spawn(async move {
-        axum::serve(imds_listener, imds_router(imds_app))
+        let router = with_request_log(imds_router(imds_app.clone()), &imds_app, "imds");
+        axum::serve(imds_listener, router)
             .with_graceful_shutdown(async {
                 let _ = stop_rx.await;
             })

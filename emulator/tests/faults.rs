@@ -226,6 +226,10 @@ async fn faults_counters_and_log() {
         .map(|l| serde_json::from_str(l).expect("JSON lines"))
         .collect();
     assert!(entries.iter().any(|l| l["event"] == "fault"));
+    assert!(entries.iter().any(|l| l["event"] == "request"
+        && l["service"] == "vault"
+        && l["path"] == "/keys/tls-rsa/release"
+        && l["status"] == 429));
     assert!(entries
         .iter()
         .any(|l| l["event"] == "released" && l["wrapping_kid"] == "transfer-key"));
