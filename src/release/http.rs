@@ -273,8 +273,7 @@ mod tests {
             ("https://kv.vault.azure.net/keys/a", false),
             ("https://10.0.0.1/x", false),
         ] {
-            let chosen = h.client_for(url) as *const Client;
-            assert_eq!(chosen == &h.direct as *const Client, direct, "{url}");
+            assert_eq!(std::ptr::eq(h.client_for(url), &h.direct), direct, "{url}");
         }
     }
 
