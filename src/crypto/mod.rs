@@ -6,6 +6,7 @@
 //! before anything here runs.
 
 pub mod aes;
+pub mod implicit;
 pub mod mechanism;
 pub mod ops;
 pub mod pkey;

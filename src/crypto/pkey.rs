@@ -446,6 +446,68 @@ impl EvpKey {
         }
     }
 
+    /// Raw RSA private operation (no padding; blinded and constant-time in AWS-LC): the
+    /// encoded message of a `k`-byte ciphertext, in locked memory.
+    pub fn rsa_decrypt_raw(&self, ct: &[u8]) -> Result<crate::secret::SecretBytes> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx live; the output buffer holds the modulus size AWS-LC reports.
+        unsafe {
+            if sys::EVP_PKEY_decrypt_init(ctx.0) != 1
+                || sys::EVP_PKEY_CTX_set_rsa_padding(ctx.0, sys::RSA_NO_PADDING) != 1
+            {
+                return Err(failed("raw decrypt init failed"));
+            }
+            let mut len = 0usize;
+            if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
+                return Err(failed("raw decrypt size query failed"));
+            }
+            let mut out = crate::secret::SecretBytes::zeroed(len);
+            let mut written = len;
+            if sys::EVP_PKEY_decrypt(
+                ctx.0,
+                out.as_mut_slice().as_mut_ptr(),
+                &mut written,
+                ct.as_ptr(),
+                ct.len(),
+            ) != 1
+                || written != len
+            {
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_ENCRYPTED_DATA_INVALID,
+                    "ciphertext is not smaller than the modulus",
+                ));
+            }
+            Ok(out)
+        }
+    }
+
+    /// SHA-256 of the private exponent as a big-endian integer of the modulus length: the
+    /// HMAC key of the implicit-rejection key derivation.
+    pub fn rsa_exponent_hash(&self, k: usize) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        // SAFETY: live private RSA key; d is written into locked memory of k bytes.
+        unsafe {
+            let rsa = sys::EVP_PKEY_get0_RSA(self.ptr.as_ptr());
+            if rsa.is_null() {
+                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an RSA key"));
+            }
+            let d = sys::RSA_get0_d(rsa);
+            if d.is_null() {
+                return Err(Error::new(
+                    CKR_KEY_TYPE_INCONSISTENT,
+                    "not a private RSA key",
+                ));
+            }
+            let mut buf = crate::secret::SecretBytes::zeroed(k);
+            if sys::BN_bn2bin_padded(buf.as_mut_slice().as_mut_ptr(), k, d) != 1 {
+                return Err(failed("private exponent longer than the modulus"));
+            }
+            Ok(zeroize::Zeroizing::new(
+                HashAlg::Sha256.digest(buf.as_slice()),
+            ))
+        }
+    }
+
     pub fn rsa_encrypt(&self, pt: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
         let ctx = self.ctx()?;
         // SAFETY: ctx live; output sized by the size query.

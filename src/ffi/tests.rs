@@ -1288,3 +1288,54 @@ fn child(policy: &str, parent_session: CK_SESSION_HANDLE, finalize_first: bool) 
         }
     }
 }
+
+#[test]
+fn the_c_header_matches_the_code() {
+    let h = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("include/skr_pkcs11.h"),
+    )
+    .unwrap();
+    let define = |name: &str| -> String {
+        let line = h
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(
+        define("SKR_PKCS11_CONFIG_ENV"),
+        format!("\"{}\"", crate::config::CONFIG_ENV)
+    );
+    assert_eq!(
+        define("SKR_PKCS11_DEFAULT_CONFIG_PATH"),
+        format!("\"{}\"", crate::config::DEFAULT_CONFIG_PATH)
+    );
+    assert_eq!(
+        define("SKR_PKCS11_LOG_ENV"),
+        format!("\"{}\"", crate::logging::LOG_ENV)
+    );
+    let rv = |name: &str| {
+        CK_RV::from_str_radix(define(name).trim_start_matches("0x").trim_end_matches("UL"), 16)
+            .unwrap()
+    };
+    use crate::error::Step;
+    assert_eq!(
+        rv("SKR_PKCS11_RV_ATTESTATION_FAILED"),
+        Error::evidence(Step::Attestation, "").rv()
+    );
+    assert_eq!(
+        rv("SKR_PKCS11_RV_SERVICE_FAILED"),
+        Error::service(Step::Release, "").rv()
+    );
+    assert_eq!(
+        rv("SKR_PKCS11_RV_RELEASE_DENIED"),
+        Error::denied(Step::Release, "").rv()
+    );
+    assert_eq!(
+        rv("SKR_PKCS11_RV_INTEGRITY_OR_CONFIG"),
+        Error::integrity(Step::Unwrap, "").rv()
+    );
+    assert_eq!(rv("SKR_PKCS11_RV_INTEGRITY_OR_CONFIG"), Error::config("").rv());
+    assert_eq!(rv("SKR_PKCS11_RV_PIN_INCORRECT"), CKR_PIN_INCORRECT);
+    assert_eq!(define("SKR_PKCS11_FIRST_SLOT_ID"), "1UL");
+}
