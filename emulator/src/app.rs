@@ -36,7 +36,10 @@ pub struct App {
     pub layout: Layout,
     pub urls: Urls,
     pub pki: Pki,
-    pub platform: PlatformConfig,
+    /// The simulated guest; `PUT /admin/platform` changes it at run time.
+    platform: std::sync::RwLock<PlatformConfig>,
+    /// The VCEK certificate for the current TCB and chip id.
+    vcek_der: std::sync::RwLock<Vec<u8>>,
     pub keys: Mutex<KeysFile>,
     pub admin: Admin,
     pub trusted_arks: Vec<(String, Certificate)>,
@@ -51,12 +54,31 @@ impl App {
         state::write_json(&self.layout.keys_file(), keys)
     }
 
+    pub fn platform(&self) -> PlatformConfig {
+        self.platform
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn vcek_der(&self) -> Vec<u8> {
+        self.vcek_der
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// VCEK, ASK, ARK as PEM: MAA's `VcekCertChain`.
+    pub fn vcek_chain_pem(&self) -> String {
+        pem_encode("CERTIFICATE", &self.vcek_der()) + &self.pki.thim_chain_pem()
+    }
+
     /// IMDS THIM response for the simulated host.
     pub fn thim_json(&self) -> Value {
-        let t = self.platform.tcb;
+        let t = self.platform().tcb;
         let tcbm = u64::from_le_bytes(snp::tcb_bytes_milan(t));
         json!({
-            "vcekCert": pem_encode("CERTIFICATE", &self.pki.vcek_der),
+            "vcekCert": pem_encode("CERTIFICATE", &self.vcek_der()),
             "tcbm": format!("{tcbm:016X}"),
             "certificateChain": self.pki.thim_chain_pem(),
             "cacheControl": "86400",
@@ -256,14 +278,14 @@ async fn platform_report(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let Ok(rd) = <[u8; 64]>::try_from(rd.as_slice()) else {
         return bad(format!("report_data is {} bytes, expected 64", rd.len()));
     };
-    match snp::build_report(&app.platform, &rd, &app.pki.vcek_key) {
+    match snp::build_report(&app.platform(), &rd, &app.pki.vcek_key) {
         Ok(report) => {
             app.admin.log(
                 "platform",
                 "report",
                 json!({"report_data": hex::encode(rd)}),
             );
-            Json(json!({"report": b64url(&report), "vcek_cert_chain": app.pki.vcek_chain_pem()}))
+            Json(json!({"report": b64url(&report), "vcek_cert_chain": app.vcek_chain_pem()}))
                 .into_response()
         }
         Err(e) => (
@@ -316,6 +338,49 @@ async fn admin_log(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+async fn admin_get_platform(State(app): State<Arc<App>>) -> Response {
+    Json(serde_json::to_value(app.platform()).unwrap_or_default()).into_response()
+}
+
+/// Merges the given `platform.json` members into the simulated guest, persists it, re-issues
+/// the VCEK when the TCB or chip id changed, and rewrites the security-context files.
+async fn admin_put_platform(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, Json(json!({"error": m}))).into_response();
+    let changes: Value = match serde_json::from_slice(&body) {
+        Ok(Value::Object(m)) => Value::Object(m),
+        Ok(_) => return bad("body must be a JSON object of platform.json members".into()),
+        Err(e) => return bad(format!("body is not JSON: {e}")),
+    };
+    let mut merged = serde_json::to_value(app.platform()).unwrap_or_default();
+    if let (Some(target), Some(source)) = (merged.as_object_mut(), changes.as_object()) {
+        for (k, v) in source {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    let updated: PlatformConfig = match serde_json::from_value(merged) {
+        Ok(p) => p,
+        Err(e) => return bad(format!("invalid platform: {e}")),
+    };
+    if let Err(e) = updated.validate() {
+        return bad(format!("invalid platform: {e}"));
+    }
+    let result = (|| -> Result<(), String> {
+        let pki = Pki::load_or_create(&app.layout, &updated)?;
+        state::write_json(&app.layout.platform_file(), &updated)?;
+        *app.platform.write().map_err(|_| "platform lock")? = updated.clone();
+        *app.vcek_der.write().map_err(|_| "VCEK lock")? = pki.vcek_der;
+        write_security_context(&app)
+    })();
+    match result {
+        Ok(()) => {
+            app.admin
+                .log("admin", "platform-changed", json!({"changes": changes}));
+            Json(serde_json::to_value(updated).unwrap_or_default()).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response(),
+    }
+}
+
 fn platform_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/platform/snp/report", post(platform_report))
@@ -326,6 +391,10 @@ fn platform_router(app: Arc<App>) -> Router {
             post(admin_add_fault).delete(admin_clear_faults),
         )
         .route("/admin/log", get(admin_log))
+        .route(
+            "/admin/platform",
+            get(admin_get_platform).put(admin_put_platform),
+        )
         .with_state(app)
 }
 
@@ -414,7 +483,7 @@ fn bind_ports(layout: &Layout) -> Result<(Ports, Vec<TcpListener>), String> {
 }
 
 fn demo_policy(app: &App, extra: Option<Value>) -> Result<Value, String> {
-    let host_data = app.platform.host_data()?;
+    let host_data = app.platform().host_data()?;
     let compliance = if host_data.iter().any(|b| *b != 0) {
         "azure-compliant-uvm"
     } else {
@@ -562,6 +631,30 @@ fn shell_value(text: &str) -> String {
     }
 }
 
+/// `DIR/security-context/`: THIM JSON, security policy and UVM reference info, each base64.
+fn write_security_context(app: &App) -> Result<(), String> {
+    let sc = app.layout.security_context_dir();
+    let w = |name: &str, text: String| {
+        let path = sc.join(name);
+        write_atomic(&path, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    std::fs::create_dir_all(&sc).map_err(|e| format!("cannot create {}: {e}", sc.display()))?;
+    w(
+        "host-amd-cert-base64",
+        b64std(app.thim_json().to_string().as_bytes()),
+    )?;
+    w(
+        "security-policy-base64",
+        b64std(app.platform().security_policy.as_bytes()),
+    )?;
+    w(
+        "reference-info-base64",
+        b64std(&crate::cose::reference_info(app)?),
+    )?;
+    Ok(())
+}
+
 fn write_files(app: &App) -> Result<(), String> {
     let l = &app.layout;
     let w = |path: std::path::PathBuf, text: &str| {
@@ -571,21 +664,8 @@ fn write_files(app: &App) -> Result<(), String> {
     w(l.ca_file(), &app.pki.ca_pem())?;
     write_demo_certs(app)?;
 
+    write_security_context(app)?;
     let sc = l.security_context_dir();
-    std::fs::create_dir_all(&sc).map_err(|e| format!("cannot create {}: {e}", sc.display()))?;
-    w(
-        sc.join("host-amd-cert-base64"),
-        &b64std(app.thim_json().to_string().as_bytes()),
-    )?;
-    w(
-        sc.join("security-policy-base64"),
-        &b64std(app.platform.security_policy.as_bytes()),
-    )?;
-    w(
-        sc.join("reference-info-base64"),
-        &b64std(&crate::cose::reference_info(app)?),
-    )?;
-
     let dir = l.dir.display().to_string();
     let env = [
         ("SKR_PKCS11_CONFIG", l.config_file().display().to_string()),
@@ -729,8 +809,9 @@ pub fn run_foreground(layout: Layout) -> Result<(), String> {
         admin: Admin::new(layout.log_file()),
         layout: layout.clone(),
         urls,
+        vcek_der: std::sync::RwLock::new(pki.vcek_der.clone()),
         pki,
-        platform,
+        platform: std::sync::RwLock::new(platform),
         keys: Mutex::new(keys),
         trusted_arks,
         http,

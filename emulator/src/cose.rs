@@ -56,9 +56,10 @@ pub fn reference_info(app: &App) -> Result<Vec<u8>, String> {
     protected.extend(tstr("application/json"));
     protected.extend(int(33));
     protected.extend(bstr(&app.pki.maa_cert_der));
+    let platform = app.platform();
     let payload = json!({
-        "x-ms-sevsnpvm-guestsvn": app.platform.guest_svn.to_string(),
-        "x-ms-sevsnpvm-launchmeasurement": app.platform.measurement,
+        "x-ms-sevsnpvm-guestsvn": platform.guest_svn.to_string(),
+        "x-ms-sevsnpvm-launchmeasurement": platform.measurement,
     })
     .to_string();
     let mut to_sign = head(4, 4);

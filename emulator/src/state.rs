@@ -308,14 +308,6 @@ impl Pki {
         crate::util::pem_encode("CERTIFICATE", &self.ca_der)
     }
 
-    /// VCEK, ASK, ARK as PEM: MAA's `VcekCertChain`.
-    pub fn vcek_chain_pem(&self) -> String {
-        [&self.vcek_der, &self.ask_der, &self.ark_der]
-            .iter()
-            .map(|d| crate::util::pem_encode("CERTIFICATE", d))
-            .collect()
-    }
-
     /// ASK then ARK, the THIM `certificateChain`.
     pub fn thim_chain_pem(&self) -> String {
         [&self.ask_der, &self.ark_der]

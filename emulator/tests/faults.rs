@@ -238,5 +238,74 @@ async fn faults_counters_and_log() {
     ));
 }
 
+/// `PUT /admin/platform`: the simulated guest changes at run time; MAA and the vault follow.
+#[tokio::test]
+async fn platform_changes_at_run_time() {
+    let e = Emu::start_shared("platform");
+    let c = e.client();
+    let transfer = transfer_key();
+    let vt = access_token(&e, &c, "https://vault.azure.net").await;
+    let url = format!("{}/admin/platform", e.platform);
+    let original = send(c.get(&url)).await.json();
+    assert_eq!(original["vmpl"], 0);
+    assert_eq!(original["policy"], 0x3001F);
+
+    for bad in [
+        json!({"bogus": 1}),
+        json!({"measurement": "zz"}),
+        json!([1]),
+    ] {
+        assert_eq!(send(c.put(&url).json(&bad)).await.status, 400, "{bad}");
+    }
+
+    // A debuggable guest: MAA says so and the demo policy refuses it.
+    let r = send(c.put(&url).json(&json!({"policy": 0x3001Fu64 | (1 << 19)}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let token = maa_token(&e, &c, &transfer).await;
+    let (_, claims, _) = jws_parts(&token);
+    assert_eq!(claims["x-ms-sevsnpvm-is-debuggable"], true);
+    let r = send(
+        c.post(format!("{}/keys/tls-rsa/release?api-version=7.4", e.vault))
+            .bearer_auth(&vt)
+            .json(&json!({"target": token})),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert!(r.text.contains("x-ms-sevsnpvm-is-debuggable"), "{}", r.text);
+
+    // A new TCB: the VCEK is re-issued, THIM and the security context follow, MAA verifies it.
+    let tcb = json!({"bootloader": 4, "tee": 1, "snp": 9, "microcode": 210});
+    let r = send(c.put(&url).json(&json!({"policy": 0x3001F, "tcb": tcb}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let thim = send(
+        c.get(format!("{}/metadata/THIM/amd/certification", e.imds))
+            .header("Metadata", "true"),
+    )
+    .await
+    .json();
+    assert_eq!(thim["tcbm"], "D209000000000104");
+    let sc = std::fs::read_to_string(e.dir.join("security-context/host-amd-cert-base64")).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&unb64(sc.trim())).unwrap(),
+        thim
+    );
+    let token = maa_token(&e, &c, &transfer).await;
+    let (_, claims, _) = jws_parts(&token);
+    assert_eq!(claims["x-ms-sevsnpvm-snpfw-svn"], 9);
+    assert_eq!(claims["x-ms-sevsnpvm-microcode-svn"], 210);
+    assert_eq!(claims["x-ms-sevsnpvm-is-debuggable"], false);
+    let r = send(
+        c.post(format!("{}/keys/tls-rsa/release?api-version=7.4", e.vault))
+            .bearer_auth(&vt)
+            .json(&json!({"target": token})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Persisted for the next start.
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(e.dir.join("state/platform.json")).unwrap()).unwrap();
+    assert_eq!(saved["tcb"], tcb);
+}
+
 /// base64url length of an RSA-2048 signature (256 bytes).
 const URL_SAFE_LEN_RSA2048: usize = 342;
