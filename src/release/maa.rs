@@ -3,7 +3,7 @@
 //! wrong MAA, a stale token or a token not carrying our key fails here with a clear message.
 
 use super::http::Http;
-use super::jws::split_compact;
+use super::jws::{split_compact, Compact};
 use super::transfer_key::{strip_leading_zeros, RsaPublicJwk};
 use super::{b64url, b64url_decode};
 use crate::error::{Error, Result, Step};
@@ -156,6 +156,14 @@ impl<'a> Maa<'a> {
                 "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
             )));
         }
+        self.verify_signature(&c)?;
+        check_claims(&c.payload, &self.url, expected, now)?;
+        Ok(c.payload)
+    }
+
+    /// RS256 by a key of the configured MAA's `/certs`: the key named by `kid` (cached), else
+    /// after one refresh the named key or any key of the fresh set.
+    fn verify_signature(&self, c: &Compact<'_>) -> Result<()> {
         let kid = c.header.get("kid").and_then(Value::as_str);
         let verify_with = |keys: &SigningKeys, only_kid: bool| -> Option<bool> {
             let mut tried = false;
@@ -182,12 +190,10 @@ impl<'a> Maa<'a> {
             verdict = verify_with(&keys, true).or_else(|| verify_with(&keys, false));
         }
         match verdict {
-            Some(true) => {}
-            Some(false) => return Err(bad("MAA token RS256 signature does not verify")),
-            None => return Err(bad("MAA /certs holds no signing key")),
+            Some(true) => Ok(()),
+            Some(false) => Err(bad("MAA token RS256 signature does not verify")),
+            None => Err(bad("MAA /certs holds no signing key")),
         }
-        check_claims(&c.payload, &self.url, expected, now)?;
-        Ok(c.payload)
     }
 }
 
@@ -442,6 +448,85 @@ mod tests {
         let e = maa.verify(&none, &exp).unwrap_err();
         assert!(e.message().contains("RS256"), "{}", e.message());
         assert!(maa.verify("garbage", &exp).is_err());
+    }
+
+    /// Serves `bodies` as `GET /certs` replies in turn; returns the number of requests served.
+    fn certs_server(bodies: Vec<String>) -> (String, std::thread::JoinHandle<usize>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        listener.set_nonblocking(false).unwrap();
+        let h = std::thread::spawn(move || {
+            let mut served = 0;
+            for body in bodies {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                assert!(line.starts_with("GET /certs "), "{line}");
+                while r.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                served += 1;
+            }
+            served
+        });
+        (url, h)
+    }
+
+    /// The signing-key logic with a real RS256 signature: the vault release JWS (signed by its
+    /// x5c[0]) stands in for a token; its header kid is the certificate's SHA-1 thumbprint.
+    #[test]
+    fn unknown_kid_refreshes_certs_once_then_tries_every_key() {
+        let jws = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/akv/vault-release-response.jws"
+        ))
+        .unwrap();
+        let c = split_compact(&jws).unwrap();
+        let leaf = c.header["x5c"][0].as_str().unwrap().to_string();
+        let other = c.header["x5c"][1].as_str().unwrap().to_string();
+        let jwks = |kid: &str, cert: &str| {
+            json!({"keys":[{"kid":kid,"kty":"RSA","x5c":[cert]}]}).to_string()
+        };
+        let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
+        let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();
+
+        // Cache holds a stale key under another kid: one refresh; the fresh set names the key
+        // differently, so every key is tried and the signature verifies.
+        let (url, server) = certs_server(vec![jwks("rotated", &leaf), jwks("x", &other)]);
+        let maa = Maa::new(&http, &url, "2022-08-01");
+        let stale = parse_certs(jwks("stale", &other).as_bytes()).unwrap();
+        CERTS_CACHE
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(maa.url.clone(), stale);
+        maa.verify_signature(&c).unwrap();
+        // Now the cache holds the fresh set; the kid is still unknown, so the next check
+        // refreshes again and this time gets only a wrong key: refused.
+        let e = maa.verify_signature(&c).unwrap_err();
+        assert!(e.message().contains("does not verify"), "{}", e.message());
+        assert_eq!(server.join().unwrap(), 2);
+
+        // A known kid is served from the cache: no request at all (the server answers none).
+        let (url, server) = certs_server(vec![]);
+        let maa = Maa::new(&http, &url, "2022-08-01");
+        let kid = c.header["kid"].as_str().unwrap();
+        let known = parse_certs(jwks(kid, &leaf).as_bytes()).unwrap();
+        CERTS_CACHE
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(maa.url.clone(), known);
+        maa.verify_signature(&c).unwrap();
+        assert_eq!(server.join().unwrap(), 0);
     }
 
     #[test]

@@ -296,3 +296,41 @@ fn real_vault_key_hsm_and_public_key_parse() {
     assert!(parse_key_hsm("not base64!").is_err());
     assert!(parse_key_hsm(&crate::release::b64url(b"{\"header\":{}}")).is_err());
 }
+
+/// The managed HSM variant: members sorted (also inside key_hsm), kty "RSA", versioned kid.
+#[test]
+fn real_mhsm_payload_parses_member_order_independently() {
+    let v: Value =
+        serde_json::from_slice(&testdata("akv/mhsm-release-response-payload.decoded.json"))
+            .unwrap();
+    let payload = &v["payload"];
+    let kid = payload["request"]["kid"].as_str().unwrap();
+    crate::release::jws::check_release_request(
+        &{
+            let mut p = payload.clone();
+            p["request"]["nonce"] = "n".into();
+            p
+        },
+        &kid.to_uppercase(),
+        "CKM_RSA_AES_KEY_WRAP",
+        "n",
+    )
+    .unwrap();
+    let key = &payload["response"]["key"]["key"];
+    assert_eq!(key["kty"], "RSA");
+    let hsm = parse_key_hsm(key["key_hsm"].as_str().unwrap()).unwrap();
+    // The sorted envelope starts with "ciphertext"; parsing does not depend on it.
+    let raw = b64url_decode(key["key_hsm"].as_str().unwrap()).unwrap();
+    assert!(raw.starts_with(b"{\"ciphertext\""));
+    assert_eq!(hsm.enc, "CKM_RSA_AES_KEY_WRAP");
+    assert_eq!(hsm.ciphertext.len(), 1480);
+    assert!(matches!(
+        PublicKeyInfo::from_jwk(key).unwrap(),
+        PublicKeyInfo::Rsa { ref e, .. } if e == &vec![1, 0, 1]
+    ));
+    // The stored release policy (with contentType) parses.
+    let data = payload["response"]["key"]["release_policy"]["data"]
+        .as_str()
+        .unwrap();
+    crate::policy::parse_encoded(data).unwrap();
+}
