@@ -827,6 +827,48 @@ mod tests {
         );
     }
 
+    fn chain_with_builtin_milan(vcek_der: &[u8]) -> String {
+        let vcek = Certificate::from_der(vcek_der).unwrap();
+        crate::util::pem_encode("CERTIFICATE", &vcek.to_der().unwrap())
+            + std::str::from_utf8(sev::certs::snp::builtin::milan::ASK).unwrap()
+            + std::str::from_utf8(sev::certs::snp::builtin::milan::ARK).unwrap()
+    }
+
+    fn request_for(report: &[u8], chain: &str) -> Value {
+        let evidence =
+            json!({"SnpReport": b64url(report), "VcekCertChain": b64url(chain.as_bytes())})
+                .to_string();
+        json!({"report": b64url(evidence.as_bytes())})
+    }
+
+    /// Two more real Milan reports (the sev crate's and Trustee's), each with its own VCEK.
+    #[test]
+    fn other_real_milan_reports_attest() {
+        let hex_text = String::from_utf8(testdata("snp/milan-v2-report.hex")).unwrap();
+        let report = hex::decode(hex_text.trim()).unwrap();
+        let chain = chain_with_builtin_milan(&testdata("snp/milan-v2-vcek.der"));
+        let outcome =
+            attest_sevsnp(&request_for(&report, &chain), &amd_roots()).expect("sev crate report");
+        assert_eq!(outcome.claims["x-ms-sevsnpvm-vmpl"], json!(0));
+        assert_eq!(outcome.claims["x-ms-sevsnpvm-smt-allowed"], json!(true));
+        assert_eq!(outcome.claims["x-ms-sevsnpvm-is-debuggable"], json!(false));
+
+        let report = testdata("snp/trustee-milan-v2-report.bin");
+        let chain = chain_with_builtin_milan(&testdata("snp/trustee-milan-v2-vcek.der"));
+        attest_sevsnp(&request_for(&report, &chain), &amd_roots()).expect("Trustee report");
+        // The same report with the other VCEK: hwID, TCB or signature must fail.
+        let wrong = chain_with_builtin_milan(&testdata("snp/milan-v2-vcek.der"));
+        assert!(attest_sevsnp(&request_for(&report, &wrong), &amd_roots()).is_err());
+    }
+
+    #[test]
+    fn vlek_signed_reports_are_refused_explicitly() {
+        let report = testdata("snp/trustee-milan-vlek-v3-report.bin");
+        let chain = chain_with_builtin_milan(&testdata("snp/trustee-milan-vlek.der"));
+        let err = attest_sevsnp(&request_for(&report, &chain), &amd_roots()).unwrap_err();
+        assert!(err.contains("VLEK"), "{err}");
+    }
+
     #[test]
     fn policy_hash_follows_maa_definition() {
         let expected = b64url(&Sha256::digest(

@@ -301,6 +301,37 @@ async fn platform_changes_at_run_time() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    // initTimeData binds to HOST_DATA: a guest whose "security policy" is JSON can send it.
+    let init = br#"{"workload":"demo","version":2}"#;
+    let r = send(
+        c.put(&url)
+            .json(&json!({"security_policy": std::str::from_utf8(init).unwrap()})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (report, chain) = platform_report(&e, &c, &[0u8; 64]).await;
+    let mut body = attest_body(&report, &chain, None, None);
+    body["initTimeData"] = json!({"data": b64url(init), "dataType": "JSON"});
+    let r = send(
+        c.post(format!("{}/attest/SevSnpVm?api-version=2022-08-01", e.maa))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, claims, _) = jws_parts(r.json()["token"].as_str().unwrap());
+    assert_eq!(
+        claims["x-ms-inittime"],
+        json!({"version": 2, "workload": "demo"})
+    );
+    body["initTimeData"] = json!({"data": b64url(b"{}"), "dataType": "JSON"});
+    let r = send(
+        c.post(format!("{}/attest/SevSnpVm?api-version=2022-08-01", e.maa))
+            .json(&body),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("HOST_DATA"), "{}", r.text);
+
     // Persisted for the next start.
     let saved: Value =
         serde_json::from_slice(&std::fs::read(e.dir.join("state/platform.json")).unwrap()).unwrap();
