@@ -1,8 +1,8 @@
 //! General-purpose, slot and token, session and login functions.
 
 use super::{
-    bad, input, instance, out, p11_fn, pad, read_len, register_atfork, rv_name, Instance,
-    FORK_GENERATION, LOGGED, STATE,
+    bad, c_struct, input, instance, out, out_struct, p11_fn, pad, read_len, register_atfork,
+    rv_name, Instance, FORK_GENERATION, LOGGED, STATE,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::mechanism_table;
@@ -183,15 +183,15 @@ p11_fn! {
 
     fn C_GetInfo(p_info: *mut CK_INFO) [] {
         instance()?;
-        let info = CK_INFO {
+        let info = c_struct!(CK_INFO {
             cryptokiVersion: CK_VERSION { major: 3, minor: 0 },
             manufacturerID: pad(MANUFACTURER),
             flags: 0,
             libraryDescription: pad(LIBRARY_DESCRIPTION),
             libraryVersion: version(),
-        };
+        });
         // SAFETY: API out-pointer.
-        unsafe { out(p_info, info, "pInfo") }
+        unsafe { out_struct(p_info, &info, "pInfo") }
     }
 
     fn C_GetSlotList(token_present: CK_BBOOL, p_slot_list: *mut CK_SLOT_ID, pul_count: *mut CK_ULONG) [token_present] {
@@ -216,15 +216,15 @@ p11_fn! {
     fn C_GetSlotInfo(slot: CK_SLOT_ID, p_info: *mut CK_SLOT_INFO) [slot] {
         let inst = instance()?;
         let t = inst.module.token(slot)?;
-        let info = CK_SLOT_INFO {
+        let info = c_struct!(CK_SLOT_INFO {
             slotDescription: pad(&format!("SKR slot {}", t.config.label)),
             manufacturerID: pad(MANUFACTURER),
             flags: CKF_TOKEN_PRESENT,
             hardwareVersion: version(),
             firmwareVersion: version(),
-        };
+        });
         // SAFETY: API out-pointer.
-        unsafe { out(p_info, info, "pInfo") }
+        unsafe { out_struct(p_info, &info, "pInfo") }
     }
 
     fn C_GetTokenInfo(slot: CK_SLOT_ID, p_info: *mut CK_TOKEN_INFO) [slot] {
@@ -241,12 +241,12 @@ p11_fn! {
         if t.config.pin.is_none() {
             flags |= CKF_PROTECTED_AUTHENTICATION_PATH;
         }
-        let info = CK_TOKEN_INFO {
+        let info = c_struct!(CK_TOKEN_INFO {
             label: t.label_field(),
             manufacturerID: pad(MANUFACTURER),
             model: pad(MODEL),
             serialNumber: t.serial_field(),
-            flags,
+            flags: flags,
             ulMaxSessionCount: CK_EFFECTIVELY_INFINITE,
             ulSessionCount: sessions as CK_ULONG,
             ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
@@ -260,9 +260,9 @@ p11_fn! {
             hardwareVersion: version(),
             firmwareVersion: version(),
             utcTime: [b' '; 16],
-        };
+        });
         // SAFETY: API out-pointer.
-        unsafe { out(p_info, info, "pInfo") }
+        unsafe { out_struct(p_info, &info, "pInfo") }
     }
 
     fn C_GetMechanismList(slot: CK_SLOT_ID, p_list: *mut CK_MECHANISM_TYPE, pul_count: *mut CK_ULONG) [slot] {
@@ -292,9 +292,9 @@ p11_fn! {
             .iter()
             .find(|m| m.0 == mech)
             .ok_or_else(|| Error::new(CKR_MECHANISM_INVALID, format!("mechanism {mech:#x} is not supported")))?;
-        let info = CK_MECHANISM_INFO { ulMinKeySize: min, ulMaxKeySize: max, flags };
+        let info = c_struct!(CK_MECHANISM_INFO { ulMinKeySize: min, ulMaxKeySize: max, flags: flags });
         // SAFETY: API out-pointer.
-        unsafe { out(p_info, info, "pInfo") }
+        unsafe { out_struct(p_info, &info, "pInfo") }
     }
 
     fn C_InitToken(slot: CK_SLOT_ID, _pin: *mut CK_UTF8CHAR, _pin_len: CK_ULONG, _label: *mut CK_UTF8CHAR) [slot] {
@@ -339,14 +339,14 @@ p11_fn! {
             (true, false) => CKS_RW_PUBLIC_SESSION,
             (true, true) => CKS_RW_USER_FUNCTIONS,
         };
-        let info = CK_SESSION_INFO {
+        let info = c_struct!(CK_SESSION_INFO {
             slotID: t.slot_id,
-            state,
+            state: state,
             flags: CKF_SERIAL_SESSION | if s.rw { CKF_RW_SESSION } else { 0 },
             ulDeviceError: 0,
-        };
+        });
         // SAFETY: API out-pointer.
-        unsafe { out(p_info, info, "pInfo") }
+        unsafe { out_struct(p_info, &info, "pInfo") }
     }
 
     fn C_SessionCancel(h: CK_SESSION_HANDLE, flags: CK_FLAGS) [h, flags] {

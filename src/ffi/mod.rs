@@ -36,28 +36,21 @@ macro_rules! p11_fn {
 }
 pub(crate) use p11_fn;
 
-/// Return codes that are part of normal client behaviour (size queries, probing attributes,
-/// repeated logins, verification outcomes): logged at debug only.
-fn routine(rv: CK_RV) -> bool {
-    matches!(
-        rv,
-        CKR_BUFFER_TOO_SMALL
-            | CKR_ATTRIBUTE_TYPE_INVALID
-            | CKR_ATTRIBUTE_SENSITIVE
-            | CKR_USER_ALREADY_LOGGED_IN
-            | CKR_USER_NOT_LOGGED_IN
-            | CKR_CRYPTOKI_ALREADY_INITIALIZED
-            | CKR_CRYPTOKI_NOT_INITIALIZED
-            | CKR_SIGNATURE_INVALID
-            | CKR_OPERATION_NOT_INITIALIZED
-            | CKR_FUNCTION_NOT_SUPPORTED
-            | CKR_TOKEN_WRITE_PROTECTED
-            | CKR_MECHANISM_INVALID
-            | CKR_NO_EVENT
-            | CKR_ARGUMENTS_BAD
-            | CKR_SESSION_HANDLE_INVALID
-            | CKR_OBJECT_HANDLE_INVALID
-    )
+/// How loudly a failure is logged. Only failures an operator must act on (the platform, a
+/// service, the configuration, a refused release, a bug) are errors; a wrong PIN is a
+/// warning; everything an application causes or probes for (size queries, attribute
+/// probing, invalid handles, repeated logins, verification outcomes) is debug.
+fn level(rv: CK_RV) -> log::Level {
+    match rv {
+        CKR_GENERAL_ERROR
+        | CKR_DEVICE_ERROR
+        | CKR_DEVICE_MEMORY
+        | CKR_FUNCTION_FAILED
+        | CKR_FUNCTION_REJECTED
+        | CKR_HOST_MEMORY => log::Level::Error,
+        CKR_PIN_INCORRECT => log::Level::Warn,
+        _ => log::Level::Debug,
+    }
 }
 
 /// Failures already logged in their own format (C_Login's one line per failure).
@@ -67,12 +60,8 @@ pub(crate) fn run(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_R
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(e)) => {
-            if e.hint() == Some(LOGGED) {
-                // Logged where it happened.
-            } else if routine(e.rv()) {
-                log::debug!("{name}: rv={} {}", rv_name(e.rv()), e);
-            } else {
-                log::error!("{name} failed: rv={} {}", rv_name(e.rv()), e);
+            if e.hint() != Some(LOGGED) {
+                log::log!(level(e.rv()), "{name} failed: rv={} {}", rv_name(e.rv()), e);
             }
             e.rv()
         }
@@ -224,6 +213,43 @@ pub(crate) unsafe fn out<T>(p: *mut T, v: T, what: &str) -> Result<()> {
     }
     // SAFETY: non-NULL and caller-provided for T; unaligned write tolerates packed callers.
     unsafe { p.write_unaligned(v) };
+    Ok(())
+}
+
+/// Build a C struct in zeroed memory, field by field, so its padding bytes are zero and the
+/// answer is byte-identical on every call (pkcs11-provider compares C_GetInfo bytes).
+macro_rules! c_struct {
+    ($t:ty { $($f:ident: $v:expr),* $(,)? }) => {{
+        let mut tmp = std::mem::MaybeUninit::<$t>::zeroed();
+        let p = tmp.as_mut_ptr();
+        // SAFETY: all-zero is a valid value of these plain C structs; each field is written
+        // in place, which leaves the padding as zeroed.
+        unsafe { $( std::ptr::addr_of_mut!((*p).$f).write($v); )* }
+        tmp
+    }};
+}
+pub(crate) use c_struct;
+
+/// Copy a struct made by `c_struct!` (padding included) to a caller's out-pointer.
+///
+/// # Safety
+/// `p` must be NULL or valid for a write of `T`.
+pub(crate) unsafe fn out_struct<T>(
+    p: *mut T,
+    v: &std::mem::MaybeUninit<T>,
+    what: &str,
+) -> Result<()> {
+    if p.is_null() {
+        return Err(bad(&format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL caller buffer of size_of::<T>() bytes; `v` is fully initialised bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            v.as_ptr() as *const u8,
+            p as *mut u8,
+            std::mem::size_of::<T>(),
+        )
+    };
     Ok(())
 }
 

@@ -1315,8 +1315,11 @@ fn the_c_header_matches_the_code() {
         format!("\"{}\"", crate::logging::LOG_ENV)
     );
     let rv = |name: &str| {
-        CK_RV::from_str_radix(define(name).trim_start_matches("0x").trim_end_matches("UL"), 16)
-            .unwrap()
+        CK_RV::from_str_radix(
+            define(name).trim_start_matches("0x").trim_end_matches("UL"),
+            16,
+        )
+        .unwrap()
     };
     use crate::error::Step;
     assert_eq!(
@@ -1335,7 +1338,10 @@ fn the_c_header_matches_the_code() {
         rv("SKR_PKCS11_RV_INTEGRITY_OR_CONFIG"),
         Error::integrity(Step::Unwrap, "").rv()
     );
-    assert_eq!(rv("SKR_PKCS11_RV_INTEGRITY_OR_CONFIG"), Error::config("").rv());
+    assert_eq!(
+        rv("SKR_PKCS11_RV_INTEGRITY_OR_CONFIG"),
+        Error::config("").rv()
+    );
     assert_eq!(rv("SKR_PKCS11_RV_PIN_INCORRECT"), CKR_PIN_INCORRECT);
     assert_eq!(define("SKR_PKCS11_FIRST_SLOT_ID"), "1UL");
 }
