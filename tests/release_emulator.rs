@@ -362,6 +362,30 @@ fn scenario_platform_failure(cfg: &Config, admin: &Admin) {
     assert_eq!(e.rv(), CKR_FUNCTION_FAILED, "{e}");
 }
 
+/// Collateral the other ways: IMDS THIM and the ACI-style security context the emulator
+/// writes; both give the same VCEK chain as the simulated platform.
+fn scenario_collateral_sources(cfg: &Config, _admin: &Admin) {
+    use skr_pkcs11::release::evidence;
+    let session = Session::new(cfg).unwrap();
+    let provider = evidence::provider(cfg, &session.http).unwrap();
+    let rd = evidence::report_data_for(b"collateral");
+    let ev = provider.get_report(&rd).unwrap();
+    evidence::check_report(&ev.report, &rd).unwrap();
+    let chain = ev.vcek_chain_pem.unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 3);
+    let mut no_ctx = cfg.clone();
+    no_ctx.platform.security_context_dir = None;
+    if std::env::var_os("UVM_SECURITY_CONTEXT_DIR").is_none() {
+        let thim = evidence::collateral(&no_ctx, &session.http).unwrap();
+        assert_eq!(thim.vcek_chain_pem.trim(), chain.trim());
+        assert!(thim.uvm_reference_info.is_none());
+        assert_eq!(thim.tcbm, evidence::reported_tcb(&ev.report));
+    }
+    let dir = cfg.base_dir.join("security-context");
+    let ctx = evidence::collateral_from_dir(&dir).unwrap();
+    assert_eq!(ctx.vcek_chain_pem.trim(), chain.trim());
+}
+
 #[test]
 fn release_against_the_emulator() {
     let emu = Emulator::up();
@@ -399,6 +423,7 @@ fn release_against_the_emulator() {
         ),
         ("401 twice", scenario_repeated_401_is_denied),
         ("platform 500", scenario_platform_failure),
+        ("collateral sources", scenario_collateral_sources),
     ];
     let mut failures = Vec::new();
     for (name, run) in scenarios {
