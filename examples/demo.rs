@@ -26,11 +26,16 @@ fn find(s: &Session, class: ObjectClass, label: &str) -> ObjectHandle {
 }
 
 fn spki(dir: &Path, name: &str) -> Vec<u8> {
-    use x509_cert::der::{Decode, DecodePem, Encode};
-    let pem = std::fs::read(dir.join("certs").join(format!("{name}.pem"))).expect("certificate");
-    let cert = x509_cert::Certificate::from_pem(&pem)
-        .or_else(|_| x509_cert::Certificate::from_der(&pem))
-        .expect("parse certificate");
+    use rustls_pki_types::pem::PemObject;
+    use x509_cert::der::{Decode, Encode};
+    // The file holds the leaf then its chain: the first certificate is the key's.
+    let path = dir.join("certs").join(format!("{name}.pem"));
+    let leaf = rustls_pki_types::CertificateDer::pem_file_iter(&path)
+        .expect("certificate file")
+        .next()
+        .expect("a certificate")
+        .expect("PEM certificate");
+    let cert = x509_cert::Certificate::from_der(&leaf).expect("parse certificate");
     cert.tbs_certificate
         .subject_public_key_info
         .to_der()
@@ -90,13 +95,13 @@ fn main() {
         "    logged in in {:?}; released keys now live only in locked, non-dumpable memory",
         t.elapsed()
     );
-    for (class, l) in [
-        (ObjectClass::PRIVATE_KEY, "tls-rsa"),
-        (ObjectClass::PRIVATE_KEY, "tls-ec"),
-        (ObjectClass::SECRET_KEY, "data-aes"),
+    for (class, what, l) in [
+        (ObjectClass::PRIVATE_KEY, "private key", "tls-rsa"),
+        (ObjectClass::PRIVATE_KEY, "private key", "tls-ec"),
+        (ObjectClass::SECRET_KEY, "secret key", "data-aes"),
     ] {
         let _ = find(&s, class, l);
-        println!("    found {class:?} \"{l}\"");
+        println!("    found {what} \"{l}\"");
     }
 
     step(4, "tls-rsa: SHA256-RSA-PKCS and RSA-PSS signatures, verified with RustCrypto from the certificate");
