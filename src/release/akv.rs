@@ -2,7 +2,7 @@
 //! {kid}/release` for the wrapped private key (skr-protocol §1, §2, §5, §6).
 
 use super::http::{Http, Response};
-use super::identity::{default_resource, resource_from_challenge, Identity};
+use super::identity::{default_resource, is_key_vault_audience, resource_from_challenge, Identity};
 use super::jws::{check_release_request, url_host, verify_release_jws, TrustAnchors};
 use super::transfer_key::TransferKey;
 use super::unwrap::{check_material, parse_key_hsm, unwrap_key_hsm, PublicKeyInfo, WrapAlg};
@@ -109,6 +109,13 @@ impl<'a> Akv<'a> {
                 .header("www-authenticate")
                 .and_then(resource_from_challenge)
             {
+                if !is_key_vault_audience(&r) {
+                    return Err(Error::denied(
+                        step,
+                        format!("{what}: {origin} asks for a token of {r:?}, which is not a Key Vault or Managed HSM audience; refused"),
+                    )
+                    .with_hint("the kid host is not behaving like Key Vault / Managed HSM; check the kid URLs in the config"));
+                }
                 if r != resource {
                     log::info!("{what}: {origin} asks for tokens of resource {r}");
                     self.learned

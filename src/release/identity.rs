@@ -49,6 +49,20 @@ pub fn resource_from_challenge(header: &str) -> Option<String> {
     None
 }
 
+/// Whether a challenge's `resource` is a Key Vault / Managed HSM audience
+/// (`https://vault.<cloud>` or `https://managedhsm.<cloud>`). A challenge may only redirect the
+/// module between these: a token for any other audience (e.g. Azure Resource Manager) must
+/// never be sent to a vault host, whatever that host asks for.
+pub fn is_key_vault_audience(resource: &str) -> bool {
+    let Some(rest) = resource.strip_prefix("https://") else {
+        return false;
+    };
+    let host = rest.trim_end_matches('/');
+    !host.contains(['/', ':', '@', '?', '#'])
+        && (host.starts_with("vault.") || host.starts_with("managedhsm."))
+        && host.len() > "vault.".len() + 2
+}
+
 pub struct Identity<'a> {
     http: &'a Http,
     cfg: &'a IdentityConfig,
@@ -300,6 +314,31 @@ fn env_required(name: &str, source: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_key_vault_audiences_are_followed() {
+        for ok in [
+            VAULT_RESOURCE,
+            MHSM_RESOURCE,
+            "https://vault.azure.cn",
+            "https://vault.usgovcloudapi.net/",
+            "https://managedhsm.azure.cn",
+        ] {
+            assert!(is_key_vault_audience(ok), "{ok}");
+        }
+        for bad in [
+            "https://management.azure.com",
+            "https://graph.microsoft.com",
+            "http://vault.azure.net",
+            "https://vault.azure.net.evil.com/x",
+            "https://vault.azure.net@evil.com",
+            "https://evil.com/vault.azure.net",
+            "vault.azure.net",
+            "https://vault.",
+        ] {
+            assert!(!is_key_vault_audience(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn resources_by_host_and_challenge() {
