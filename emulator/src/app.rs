@@ -229,7 +229,22 @@ async fn log_request(
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let started = Instant::now();
-    let response = next.run(request).await;
+    // A panicking handler becomes a 500 (and a log line) instead of a dropped connection.
+    let response = match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(e) => {
+            app.admin.log(
+                service,
+                "handler-panicked",
+                json!({"path": path, "error": e.to_string()}),
+            );
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"code": "InternalError", "message": "skr-emulator: the request handler failed; see DIR/emulator.log"}})),
+            )
+                .into_response()
+        }
+    };
     if !path.starts_with("/admin/") {
         app.admin.log(
             service,

@@ -462,6 +462,8 @@ fn check_bearer(svc: &Service, headers: &HeaderMap) -> Result<(), Box<Response>>
 }
 
 enum Route {
+    List,
+    Versions(String),
     Create(String),
     Import(String),
     Get(String, Option<String>),
@@ -470,6 +472,9 @@ enum Route {
 }
 
 fn route(method: &Method, path: &str) -> Option<Route> {
+    if method == Method::GET && (path == "/keys" || path == "/keys/") {
+        return Some(Route::List);
+    }
     let rest = path.strip_prefix("/keys/")?;
     let segs: Vec<&str> = rest.split('/').collect();
     let name = segs.first()?.to_string();
@@ -478,6 +483,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
         (&Method::POST, [_, "create"]) => Route::Create(name),
         (&Method::PUT, [_]) => Route::Import(name),
         (&Method::GET, [_]) => Route::Get(name, None),
+        (&Method::GET, [_, "versions"]) => Route::Versions(name),
         (&Method::GET, [_, v]) => Route::Get(name, version(v)),
         (&Method::PATCH, [_]) => Route::Update(name, None),
         (&Method::PATCH, [_, v]) => Route::Update(name, version(v)),
@@ -531,6 +537,8 @@ pub async fn dispatch(
             .map_err(|e| bad(format!("The request body is not valid JSON: {e}")))
     };
     let result = match r {
+        Route::List => list(&svc, None),
+        Route::Versions(name) => list(&svc, Some(&name)),
         Route::Create(name) => body_json().and_then(|b| create(&svc, &name, &b, skr_api)),
         Route::Import(name) => body_json().and_then(|b| import(&svc, &name, &b, skr_api)),
         Route::Get(name, version) => {
@@ -935,6 +943,44 @@ pub fn import(svc: &Service, name: &str, body: &Value, skr_api: bool) -> Result<
     add_version(svc, name, kty, crv, material, params, skr_api)
 }
 
+/// `GET /keys` (current version of each key) and `GET /keys/{name}/versions`: KeyItems, in
+/// one page (`nextLink` null).
+fn list(svc: &Service, name: Option<&str>) -> Result<Response, KvError> {
+    let mut keys = svc.app.keys.lock().map_err(|_| {
+        kv_err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "state lock",
+        )
+    })?;
+    let store = &keys.store(svc.kind).keys;
+    let item = |key_name: &str, v: &KeyVersion, versioned: bool| {
+        let kid = if versioned {
+            format!("{}/keys/{key_name}/{}", svc.base_url(), v.version)
+        } else {
+            format!("{}/keys/{key_name}", svc.base_url())
+        };
+        let mut out = json!({"kid": kid, "attributes": attributes_json(v, svc.kind)});
+        if let Some(tags) = &v.tags {
+            out["tags"] = Value::Object(tags.clone());
+        }
+        out
+    };
+    let value: Vec<Value> = match name {
+        None => store
+            .iter()
+            .filter_map(|(n, versions)| versions.last().map(|v| item(n, v, false)))
+            .collect(),
+        Some(n) => store
+            .get(n)
+            .ok_or_else(|| not_found(n, None))?
+            .iter()
+            .map(|v| item(n, v, true))
+            .collect(),
+    };
+    Ok(Json(json!({"value": value, "nextLink": null})).into_response())
+}
+
 fn get(svc: &Service, name: &str, version: Option<&str>) -> Result<Response, KvError> {
     let mut keys = svc.app.keys.lock().map_err(|_| {
         kv_err(
@@ -1277,6 +1323,10 @@ mod tests {
             Some(Route::Update(_, None))
         ));
         assert!(route(&Method::DELETE, "/keys/a").is_none());
+        assert!(matches!(route(&Method::GET, "/keys"), Some(Route::List)));
+        assert!(
+            matches!(route(&Method::GET, "/keys/a/versions"), Some(Route::Versions(n)) if n == "a")
+        );
         assert!(route(&Method::GET, "/secrets/a").is_none());
     }
 

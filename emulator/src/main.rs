@@ -50,6 +50,11 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Say whether the emulator for DIR runs (exit 0, with its env lines) or not (exit 3).
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf, String> {
@@ -159,6 +164,39 @@ fn main() -> ExitCode {
             }
         }),
         Cmd::Down { dir } => absolute(&dir).and_then(|dir| down(Layout::new(dir))),
+        Cmd::Status { dir } => {
+            let layout = match absolute(&dir) {
+                Ok(dir) => Layout::new(dir),
+                Err(e) => {
+                    eprintln!("skr-emulator: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            return match app::running_pid(&layout) {
+                Some(pid) if layout.ready_file().exists() => {
+                    println!(
+                        "skr-emulator is running for {} (pid {pid})",
+                        layout.dir.display()
+                    );
+                    print!(
+                        "{}",
+                        std::fs::read_to_string(layout.env_file()).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some(pid) => {
+                    println!(
+                        "skr-emulator is starting for {} (pid {pid})",
+                        layout.dir.display()
+                    );
+                    ExitCode::from(3)
+                }
+                None => {
+                    println!("skr-emulator is not running for {}", layout.dir.display());
+                    ExitCode::from(3)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

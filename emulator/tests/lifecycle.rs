@@ -107,6 +107,15 @@ async fn up_down_restart_and_errors() {
     let version = current_version(&emu, "tls-rsa").await;
     let ca = std::fs::read(dir.join("ca.pem")).unwrap();
 
+    let status = run(&["status"], &dir);
+    assert!(
+        status.ok
+            && status.stdout.contains("is running")
+            && status.stdout.contains("SKR_EMULATOR_VAULT_URL"),
+        "{}",
+        status.stdout
+    );
+
     // A second instance for the same directory is refused.
     let again = run(&["up"], &dir);
     assert!(!again.ok);
@@ -126,6 +135,12 @@ async fn up_down_restart_and_errors() {
     assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca);
     assert_eq!(current_version(&emu, "tls-rsa").await, version);
     assert!(run(&["down"], &dir).ok);
+    let status = run(&["status"], &dir);
+    assert!(
+        !status.ok && status.stdout.contains("not running"),
+        "{}",
+        status.stdout
+    );
     let not_running = run(&["down"], &dir);
     assert!(
         not_running.ok && not_running.stdout.contains("not running"),
