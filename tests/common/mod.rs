@@ -217,7 +217,8 @@ impl Emulator {
             "{}/metadata/identity/oauth2/token",
             self.var("SKR_EMULATOR_IMDS_URL")
         );
-        let r = reqwest::blocking::Client::new()
+        let r = self
+            .client()
             .get(&url)
             .query(&[("api-version", "2018-02-01"), ("resource", resource)])
             .header("Metadata", "true")

@@ -238,7 +238,7 @@ fn import(dir: &Path, env: &Path) -> Res<()> {
     );
     let http = https_client(&ca)?;
     let token = |resource: &str| -> Res<String> {
-        let v: serde_json::Value = reqwest::blocking::Client::new()
+        let v: serde_json::Value = http
             .get(format!("{imds}/metadata/identity/oauth2/token"))
             .query(&[("api-version", "2018-02-01"), ("resource", resource)])
             .header("Metadata", "true")
