@@ -386,6 +386,79 @@ fn scenario_collateral_sources(cfg: &Config, _admin: &Admin) {
     assert_eq!(ctx.vcek_chain_pem.trim(), chain.trim());
 }
 
+/// The CLI against the emulator: doctor flags the denied key by claim, attest prints verified
+/// claims, release reports sizes; none of them prints an access token or key bytes.
+fn scenario_cli_never_prints_secrets(cfg: &Config, _admin: &Admin) {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_skr-pkcs11"))
+            .arg("--config")
+            .arg(&cfg.source_path)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // Secrets to look for: an access token from the same IMDS, and the released AES key.
+    let session = Session::new(cfg).unwrap();
+    let access_token = skr_pkcs11::release::identity::Identity::new(&session.http, &cfg.identity)
+        .token(skr_pkcs11::release::identity::VAULT_RESOURCE, false)
+        .unwrap()
+        .as_str()
+        .to_string();
+    let aes = released_demo_keys(cfg)
+        .into_iter()
+        .find_map(|k| match k.material {
+            KeyMaterial::Raw(s) => Some(s.as_slice().to_vec()),
+            _ => None,
+        })
+        .unwrap();
+    let secrets = [
+        access_token.clone(),
+        access_token[..access_token.len().min(40)].to_string(),
+        hex::encode(&aes),
+        skr_pkcs11::release::b64url(&aes),
+    ];
+    let (code, doctor) = run(&["doctor"]);
+    assert_eq!(code, 1, "{doctor}");
+    assert!(
+        doctor.contains("key skr-denied/denied-rsa") && doctor.contains("FAIL"),
+        "{doctor}"
+    );
+    assert!(
+        doctor.contains("x-ms-sevsnpvm-launchmeasurement"),
+        "{doctor}"
+    );
+    assert!(
+        doctor.contains("key skr-demo/data-aes") && doctor.contains("release policy met"),
+        "{doctor}"
+    );
+    let (code, attest) = run(&["attest"]);
+    assert_eq!(code, 0, "{attest}");
+    let claims: Value = serde_json::from_str(attest.split("\nevidence:").next().unwrap()).unwrap();
+    assert_eq!(claims["x-ms-attestation-type"], "sevsnpvm");
+    let (code, release) = run(&["release", "--token", "skr-demo"]);
+    assert_eq!(code, 0, "{release}");
+    assert!(
+        release.contains("data-aes") && release.contains("32 bytes"),
+        "{release}"
+    );
+    let (code, denied) = run(&["release", "--token", "skr-denied"]);
+    assert_eq!(code, 2, "{denied}");
+    assert!(denied.contains("refused (403)"), "{denied}");
+    for out in [&doctor, &attest, &release, &denied] {
+        for s in &secrets {
+            assert!(!out.contains(s.as_str()), "a secret leaked into CLI output");
+        }
+    }
+}
+
 #[test]
 fn release_against_the_emulator() {
     let emu = Emulator::up();
@@ -424,6 +497,10 @@ fn release_against_the_emulator() {
         ("401 twice", scenario_repeated_401_is_denied),
         ("platform 500", scenario_platform_failure),
         ("collateral sources", scenario_collateral_sources),
+        (
+            "CLI never prints secrets",
+            scenario_cli_never_prints_secrets,
+        ),
     ];
     let mut failures = Vec::new();
     for (name, run) in scenarios {
