@@ -1142,6 +1142,16 @@ async fn release(
             "Operation release is not allowed on a disabled key.".into(),
         ));
     }
+    let now = now_secs();
+    if key.exp.is_some_and(|exp| exp < now) || key.nbf.is_some_and(|nbf| nbf > now) {
+        return Err(deny(
+            svc,
+            name,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Operation release is not allowed on a key outside its nbf / exp validity.".into(),
+        ));
+    }
     let Some(stored) = key.release_policy.clone().filter(|_| key.exportable) else {
         return Err(deny(
             svc,

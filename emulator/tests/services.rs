@@ -1248,6 +1248,41 @@ async fn release_request_errors() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.text);
+    // Disabled or expired keys are not released.
+    let policy = demo_policy(&c).await;
+    let created = send(c.post(format!("{}/keys/expired-key/create?api-version=7.4", e.vault)).bearer_auth(&vt)
+        .json(&json!({"kty": "EC-HSM", "attributes": {"exportable": true, "exp": 1_000_000_000u64}, "release_policy": {"data": b64url(policy.to_string().as_bytes())}}))).await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    let r = send(
+        c.post(format!(
+            "{}/keys/expired-key/release?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt)
+        .json(&json!({"target": target})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let patched = send(
+        c.patch(format!("{}/keys/expired-key?api-version=7.4", e.vault))
+            .bearer_auth(&vt)
+            .json(&json!({"attributes": {"exp": null, "enabled": false}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    assert_eq!(patched.json()["attributes"]["enabled"], false);
+    let r = send(
+        c.post(format!(
+            "{}/keys/expired-key/release?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt)
+        .json(&json!({"target": target})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("disabled"), "{}", r.text);
+
     // A token whose runtime data has no RSA encryption key cannot be released to.
     let runtime =
         br#"{"keys":[{"kid":"sig","kty":"RSA","key_ops":["verify"],"e":"AQAB","n":"AQAB"}]}"#;
