@@ -204,6 +204,10 @@ impl<'a> Akv<'a> {
                 .map_err(|e| prefix(e, &what))?;
         check_release_request(&payload, &key.kid, self.enc.name(), &nonce)
             .map_err(|e| prefix(e, &what))?;
+        // The signed public part (when present) must be the key GET described.
+        if let Some(signed) = payload.pointer("/response/key/key") {
+            check_signed_public(&what, signed, &bundle.public)?;
+        }
         let key_hsm = payload
             .pointer("/response/key/key/key_hsm")
             .and_then(Value::as_str)
@@ -214,6 +218,28 @@ impl<'a> Akv<'a> {
             unwrap_key_hsm(&envelope, transfer, self.enc).map_err(|e| prefix(e, &what))?;
         let material = check_material(&key.label, material, &bundle.public)?;
         Ok((ReleasedKey { index, material }, started.elapsed()))
+    }
+}
+
+/// Compare the public key inside the signed release payload with the one from `GET {kid}`.
+/// Symmetric keys have no public part; a payload without one is not an error (AKV always sends
+/// it for RSA and EC, but nothing depends on it beyond this cross-check).
+fn check_signed_public(what: &str, signed: &Value, from_get: &PublicKeyInfo) -> Result<()> {
+    let has_public = ["n", "x"].iter().any(|m| signed.get(*m).is_some());
+    if !has_public {
+        return Ok(());
+    }
+    match PublicKeyInfo::from_jwk(signed) {
+        Ok(p) if &p == from_get => Ok(()),
+        Ok(_) => Err(Error::integrity(
+            Step::Release,
+            format!("{what}: the signed release payload describes another public key than GET {{kid}}"),
+        )
+        .with_hint("the key changed between GET and release (a new version?) or a response was altered; retry the login, and pin a key version in kid if keys rotate")),
+        Err(m) => Err(Error::integrity(
+            Step::Release,
+            format!("{what}: signed release payload: {m}"),
+        )),
     }
 }
 
@@ -384,6 +410,26 @@ mod tests {
             e.message()
         );
         assert!(e.hint().unwrap().contains("release permission"));
+    }
+
+    #[test]
+    fn signed_public_part_must_match_get() {
+        let get = PublicKeyInfo::Rsa {
+            n: vec![0xc1, 2, 3],
+            e: vec![1, 0, 1],
+        };
+        let signed = json!({"kty":"RSA-HSM","n":crate::release::b64url(&[0xc1,2,3]),"e":"AAEAAQ","key_hsm":"x"});
+        check_signed_public("r", &signed, &get).unwrap();
+        let other = json!({"kty":"RSA","n":crate::release::b64url(&[0xc1,2,4]),"e":"AQAB"});
+        let e = check_signed_public("r", &other, &get).unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+        // oct: no public part to compare.
+        check_signed_public(
+            "r",
+            &json!({"kty":"oct-HSM","key_hsm":"x"}),
+            &PublicKeyInfo::Oct { key_size: None },
+        )
+        .unwrap();
     }
 
     #[test]

@@ -252,7 +252,9 @@ fn release_token_inner(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(Error::general("a release thread panicked").with_step(Step::Release))
+                    Err(Error::general("a release thread panicked")
+                        .with_step(Step::Release)
+                        .with_hint("internal error of the module; the log has the panic message, please report it"))
                 })
             })
             .collect()
