@@ -31,12 +31,23 @@ pub fn unb64(text: &str) -> Vec<u8> {
     STANDARD.decode(text).expect("base64")
 }
 
+/// A fresh directory under the target's tmp dir; directories of test processes that are gone
+/// are removed first, so runs do not accumulate state dirs.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "skr-emulator-test-{tag}-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ rand::random::<u32>() as u128
-    ));
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skr-emulator-tests");
+    std::fs::create_dir_all(&base).expect("test tmp dir");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid: Option<i32> = name.rsplit('-').nth(1).and_then(|p| p.parse().ok());
+            // SAFETY: signal 0 only probes whether the process exists.
+            if pid.is_some_and(|p| unsafe { libc::kill(p, 0) } != 0) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let unique: u32 = rand::random();
+    let dir = base.join(format!("{tag}-{}-{unique:08x}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
