@@ -169,7 +169,6 @@ impl<'a> Akv<'a> {
         att: &Attestation<'_>,
         transfer: &dyn TransferKey,
     ) -> Result<(ReleasedKey, Duration)> {
-        let bundle = self.get_key(key)?;
         let host = key_host(key)?;
         let nonce = super::random_nonce();
         let url = format!(
@@ -179,13 +178,25 @@ impl<'a> Akv<'a> {
         );
         let body = json!({ "target": att.token, "enc": self.enc.name(), "nonce": nonce });
         let what = format!("release of {:?}", key.label);
-        let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
-            self.http
-                .client_for(&url)
-                .post(&url)
-                .bearer_auth(token)
-                .json(&body)
-        })?;
+        // GET (public key, policy) and release run side by side: one round trip less per login.
+        // GET's failure wins: its 404 / 403 name the key problem as well as the release's would.
+        let (bundle, resp) = std::thread::scope(|s| {
+            let get = s.spawn(|| self.get_key(key));
+            let resp = self.authed(Step::Release, &what, &host, &url, &|token| {
+                self.http
+                    .client_for(&url)
+                    .post(&url)
+                    .bearer_auth(token)
+                    .json(&body)
+            });
+            let bundle = get.join().unwrap_or_else(|_| {
+                Err(Error::general(format!("{what}: the GET thread panicked"))
+                    .with_step(Step::Release))
+            });
+            (bundle, resp)
+        });
+        let bundle = bundle?;
+        let resp = resp?;
         if resp.status == 403 {
             return Err(explain_403(key, &bundle, att, &resp));
         }
