@@ -241,19 +241,16 @@ unsafe fn produce_into<T>(
         if call == Call::Update {
             a.multipart = true;
         }
-        let bytes = a.produce(call, data, compute)?;
         // SAFETY: forwarded caller contract.
-        unsafe { deliver(out_buf, out_len, bytes) }
+        a.produce(call, data, compute, |bytes| unsafe {
+            deliver(out_buf, out_len, bytes)
+        })
     })();
     match result {
+        // Taken: a single-part or final call ends the operation.
         Ok(true) => {
-            match call {
-                Call::Update => {
-                    if let Some(a) = slot.as_mut() {
-                        a.delivered()
-                    }
-                }
-                Call::Single | Call::Final => *slot = None,
+            if call != Call::Update {
+                *slot = None;
             }
             Ok(())
         }

@@ -1345,3 +1345,75 @@ fn the_c_header_matches_the_code() {
     assert_eq!(rv("SKR_PKCS11_RV_PIN_INCORRECT"), CKR_PIN_INCORRECT);
     assert_eq!(define("SKR_PKCS11_FIRST_SLOT_ID"), "1UL");
 }
+
+#[test]
+fn info_structs_have_zeroed_padding() {
+    let _live = Live::new("");
+    // Whatever the caller's buffer held, every byte of the answer is the module's.
+    let get = |fill: u8| {
+        let mut raw = [fill; std::mem::size_of::<CK_INFO>()];
+        assert_eq!(call!(C_GetInfo(raw.as_mut_ptr() as *mut CK_INFO)), CKR_OK);
+        raw
+    };
+    assert_eq!(get(0xAA), get(0x55));
+    let token = |fill: u8| {
+        let mut raw = [fill; std::mem::size_of::<CK_TOKEN_INFO>()];
+        assert_eq!(
+            call!(C_GetTokenInfo(1, raw.as_mut_ptr() as *mut CK_TOKEN_INFO)),
+            CKR_OK
+        );
+        raw
+    };
+    assert_eq!(token(0xAA), token(0x55));
+}
+
+#[test]
+fn threads_sign_concurrently_on_their_own_sessions() {
+    let live = Live::new("");
+    live.login();
+    let s0 = live.session(false);
+    let key = live.find(s0, CKO_PRIVATE_KEY, 2);
+    let point = {
+        let inst = instance().unwrap();
+        let o = inst.module.tokens[0].object(key).unwrap();
+        let crate::token::object::Body::PrivateKey { key, .. } = &o.body else {
+            panic!("not a private key")
+        };
+        let crate::crypto::pkey::PublicParts::Ec { point, .. } = &key.info.parts else {
+            panic!("not EC")
+        };
+        point.clone()
+    };
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let point = point.clone();
+            std::thread::spawn(move || {
+                let mut s = 0;
+                assert_eq!(
+                    call!(C_OpenSession(
+                        1,
+                        CKF_SERIAL_SESSION,
+                        null_mut(),
+                        None,
+                        &mut s
+                    )),
+                    CKR_OK
+                );
+                use p256::ecdsa::signature::hazmat::PrehashVerifier;
+                let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
+                for i in 0..25 {
+                    let hash = crate::crypto::HashAlg::Sha256.digest(format!("{t}/{i}").as_bytes());
+                    let sig = sign(s, &mut mech(CKM_ECDSA), key, &hash);
+                    vk.verify_prehash(&hash, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+                        .unwrap();
+                }
+                assert_eq!(call!(C_CloseSession(s)), CKR_OK);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let inst = instance().unwrap();
+    assert!(inst.module.tokens[0].is_logged_in(), "s0 is still open");
+}

@@ -48,38 +48,44 @@ impl<T> Active<T> {
         }
     }
 
-    /// The output of `call` on `input`: the kept one if this exact call was already computed
-    /// and not yet fetched, else `compute`'s (kept until `delivered`).
+    /// Compute the output of `call` on `input` (or take the one kept from an earlier size
+    /// query of this exact call) and hand it to `deliver`, which reports whether the caller
+    /// took it. Not taken (NULL buffer, or CKR_BUFFER_TOO_SMALL): the output is kept, with a
+    /// hash of the input so the retry must repeat it. Only that path hashes the input.
     pub fn produce(
         &mut self,
         call: Call,
         input: &[u8],
         compute: impl FnOnce(&mut T) -> Result<Zeroizing<Vec<u8>>>,
-    ) -> Result<&[u8]> {
-        let fingerprint = HashAlg::Sha256.digest(input);
-        match &self.cached {
-            Some(c) if c.call == call && c.fingerprint == fingerprint => {}
-            Some(_) => {
+        deliver: impl FnOnce(&[u8]) -> Result<bool>,
+    ) -> Result<bool> {
+        if let Some(c) = &self.cached {
+            if c.call != call || c.fingerprint != HashAlg::Sha256.digest(input) {
                 return Err(Error::new(
                     CKR_ARGUMENTS_BAD,
                     "the call after a size query must repeat the same input",
-                ))
+                ));
             }
-            None => {
-                let output = compute(&mut self.op)?;
-                self.cached = Some(Cached {
-                    call,
-                    fingerprint,
-                    output,
-                });
+            let taken = deliver(&c.output)?;
+            if taken {
+                self.cached = None;
             }
+            return Ok(taken);
         }
-        Ok(&self.cached.as_ref().expect("just set").output)
-    }
-
-    /// The caller received the output: forget it.
-    pub fn delivered(&mut self) {
-        self.cached = None;
+        let output = compute(&mut self.op)?;
+        let r = deliver(&output);
+        let keep = match &r {
+            Ok(taken) => !taken,
+            Err(e) => e.rv() == CKR_BUFFER_TOO_SMALL,
+        };
+        if keep {
+            self.cached = Some(Cached {
+                call,
+                fingerprint: HashAlg::Sha256.digest(input),
+                output,
+            });
+        }
+        r
     }
 }
 
@@ -188,33 +194,69 @@ mod tests {
     fn produce_keeps_output_until_delivered() {
         let mut a = Active::new(0u32, false, 1);
         let mut runs = 0;
-        let out = a
-            .produce(Call::Single, b"x", |n| {
-                *n += 1;
-                runs += 1;
-                Ok(Zeroizing::new(vec![1, 2, 3]))
-            })
-            .unwrap()
-            .to_vec();
-        assert_eq!(out, vec![1, 2, 3]);
-        // Retry with the same input: the kept output, no second computation.
-        let again = a
-            .produce(Call::Single, b"x", |_| panic!("recomputed"))
-            .unwrap()
-            .to_vec();
-        assert_eq!(again, out);
-        assert_eq!(a.op, 1);
+        let mut seen = vec![];
+        // Size query: computed, not taken, kept.
+        let taken = a
+            .produce(
+                Call::Single,
+                b"x",
+                |n| {
+                    *n += 1;
+                    runs += 1;
+                    Ok(Zeroizing::new(vec![1, 2, 3]))
+                },
+                |o| {
+                    seen = o.to_vec();
+                    Ok(false)
+                },
+            )
+            .unwrap();
+        assert!(!taken);
+        assert_eq!(seen, vec![1, 2, 3]);
+        // Short buffer: the same kept output, no second computation, still kept.
+        let e = a
+            .produce(
+                Call::Single,
+                b"x",
+                |_| panic!("recomputed"),
+                |_| Err(Error::new(CKR_BUFFER_TOO_SMALL, "short")),
+            )
+            .unwrap_err();
+        assert_eq!(e.rv(), CKR_BUFFER_TOO_SMALL);
         // A different input before fetching is refused.
         assert_eq!(
-            a.produce(Call::Single, b"y", |_| panic!("recomputed"))
+            a.produce(Call::Single, b"y", |_| panic!("recomputed"), |_| Ok(true))
                 .unwrap_err()
                 .rv(),
             CKR_ARGUMENTS_BAD
         );
-        a.delivered();
-        a.produce(Call::Single, b"y", |_| Ok(Zeroizing::new(vec![9])))
-            .unwrap();
-        assert_eq!(runs, 1);
+        // Fetched: the kept output, then forgotten.
+        let mut got = vec![];
+        assert!(a
+            .produce(
+                Call::Single,
+                b"x",
+                |_| panic!("recomputed"),
+                |o| {
+                    got = o.to_vec();
+                    Ok(true)
+                }
+            )
+            .unwrap());
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!((a.op, runs), (1, 1));
+        // Next call computes afresh.
+        assert!(a
+            .produce(
+                Call::Single,
+                b"y",
+                |_| Ok(Zeroizing::new(vec![9])),
+                |o| {
+                    assert_eq!(o, [9]);
+                    Ok(true)
+                }
+            )
+            .unwrap());
     }
 
     #[test]
