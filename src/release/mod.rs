@@ -215,13 +215,26 @@ fn release_token_inner(
         ))
     })?;
     let session = Session::new(cfg)?;
-    let attested = attest(cfg, &session, &mut timings)?;
 
-    // Identity for the audience of the first key's host; other audiences are fetched when a
-    // vault's 401 challenge names them.
+    // The access token does not depend on the attestation: get it (for the audience of the
+    // first key's host) while evidence and MAA run. Other audiences are fetched when a vault's
+    // 401 challenge names them. An attestation failure is reported first.
     let identity = identity::Identity::new(&session.http, &cfg.identity);
     let first_host = jws::url_host(&token.keys[0].kid).unwrap_or_default();
-    identity.token(identity::default_resource(&first_host), false)?;
+    let (attested, prefetch) = std::thread::scope(|s| {
+        let prefetch = s.spawn(|| {
+            identity
+                .token(identity::default_resource(&first_host), false)
+                .map(drop)
+        });
+        let attested = attest(cfg, &session, &mut timings);
+        let prefetch = prefetch.join().unwrap_or_else(|_| {
+            Err(Error::general("the identity thread panicked").with_step(Step::Identity))
+        });
+        (attested, prefetch)
+    });
+    let attested = attested?;
+    prefetch?;
     timings.identity = identity.spent();
 
     let t = Instant::now();
