@@ -329,6 +329,16 @@ mod tests {
     }
 
     #[test]
+    fn a_token_without_keys_fails_before_any_io() {
+        let text = "[platform]\nevidence = \"auto\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"empty\"\n";
+        let cfg = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let e = release_token(&cfg, &cfg.tokens[0]).unwrap_err();
+        assert_eq!(e.step(), Some(Step::Config));
+        assert!(e.message().contains("\"empty\" has no keys"), "{e}");
+        assert!(e.hint().is_some());
+    }
+
+    #[test]
     fn nonces_are_fresh() {
         let a = random_nonce();
         assert_eq!(a.len(), 32);
