@@ -43,6 +43,8 @@ pub struct App {
     pub keys: Mutex<KeysFile>,
     pub admin: Admin,
     pub trusted_arks: Vec<(String, Certificate)>,
+    /// Secret for the `IDENTITY_ENDPOINT` emulation (`DIR/identity/identity-header`).
+    identity_header: String,
     http: reqwest::Client,
     jwks_cache: tokio::sync::Mutex<HashMap<String, (Instant, Vec<Value>)>>,
 }
@@ -52,6 +54,10 @@ const JWKS_CACHE_TTL: Duration = Duration::from_secs(600);
 impl App {
     pub fn persist_keys(&self, keys: &KeysFile) -> Result<(), String> {
         state::write_json(&self.layout.keys_file(), keys)
+    }
+
+    pub fn identity_header(&self) -> String {
+        self.identity_header.clone()
     }
 
     pub fn platform(&self) -> PlatformConfig {
@@ -407,6 +413,10 @@ fn platform_router(app: Arc<App>) -> Router {
         )
         .route("/admin/log", get(admin_log))
         .route(
+            "/{tenant}/oauth2/v2.0/token",
+            post(crate::imds::entra_token),
+        )
+        .route(
             "/admin/platform",
             get(admin_get_platform).put(admin_put_platform),
         )
@@ -417,6 +427,7 @@ fn imds_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/metadata/identity/oauth2/token", get(crate::imds::token))
         .route("/metadata/THIM/amd/certification", get(crate::imds::thim))
+        .route("/msi/token", get(crate::imds::identity_endpoint))
         .with_state(app)
 }
 
@@ -646,6 +657,45 @@ fn shell_value(text: &str) -> String {
     }
 }
 
+/// The identity-endpoint secret, made once per directory.
+fn load_identity_header(layout: &Layout) -> Result<String, String> {
+    let dir = layout.dir.join("identity");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join("identity-header");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        _ => {
+            let secret = crate::util::random_hex(32);
+            write_atomic(&path, secret.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(secret)
+        }
+    }
+}
+
+/// `DIR/identity/`: a federated token (workload identity) and ready-made access tokens for
+/// the vault and the managed HSM (identity source `token-file`), valid 24 h from this start.
+fn write_identity_files(app: &App) -> Result<(), String> {
+    let dir = app.layout.dir.join("identity");
+    let w = |name: &str, text: String| {
+        let path = dir.join(name);
+        write_atomic(&path, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    w("federated-token", crate::imds::federated_token(app))?;
+    let client = crate::imds::SYSTEM_CLIENT_ID;
+    let object = crate::imds::SYSTEM_OBJECT_ID;
+    w(
+        "vault-token",
+        crate::imds::access_token_for(app, "https://vault.azure.net", client, object).0,
+    )?;
+    w(
+        "mhsm-token",
+        crate::imds::access_token_for(app, "https://managedhsm.azure.net", client, object).0,
+    )?;
+    Ok(())
+}
+
 /// `DIR/security-context/`: THIM JSON, security policy and UVM reference info, each base64.
 fn write_security_context(app: &App) -> Result<(), String> {
     let sc = app.layout.security_context_dir();
@@ -680,6 +730,7 @@ fn write_files(app: &App) -> Result<(), String> {
     write_demo_certs(app)?;
 
     write_security_context(app)?;
+    write_identity_files(app)?;
     let sc = l.security_context_dir();
     let dir = l.dir.display().to_string();
     let env = [
@@ -692,6 +743,12 @@ fn write_files(app: &App) -> Result<(), String> {
         ("SKR_EMULATOR_CA", l.ca_file().display().to_string()),
         ("SKR_EMULATOR_DIR", dir),
         ("UVM_SECURITY_CONTEXT_DIR", sc.display().to_string()),
+        (
+            "SKR_EMULATOR_IDENTITY_ENDPOINT",
+            format!("{}/msi/token", app.urls.imds),
+        ),
+        ("SKR_EMULATOR_AUTHORITY_HOST", app.urls.platform.clone()),
+        ("SKR_EMULATOR_TENANT_ID", crate::imds::TENANT_ID.to_string()),
     ]
     .iter()
     .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
@@ -829,6 +886,7 @@ pub fn run_foreground(layout: Layout) -> Result<(), String> {
         platform: std::sync::RwLock::new(platform),
         keys: Mutex::new(keys),
         trusted_arks,
+        identity_header: load_identity_header(&layout)?,
         http,
         jwks_cache: tokio::sync::Mutex::new(HashMap::new()),
     });

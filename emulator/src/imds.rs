@@ -169,6 +169,216 @@ pub async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) ->
     .into_response()
 }
 
+/// An Entra access token (RS256 by the emulator's Entra key) for `resource`.
+pub fn access_token_for(
+    app: &App,
+    resource: &str,
+    client_id: &str,
+    object_id: &str,
+) -> (String, u64, u64) {
+    let now = now_secs();
+    let exp = now + TOKEN_LIFETIME_SECS;
+    let header =
+        json!({"typ": "JWT", "alg": "RS256", "kid": entra_kid(app), "x5t": entra_kid(app)});
+    let claims = json!({
+        "aud": resource,
+        "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "iat": now, "nbf": now, "exp": exp,
+        "aio": "skr-emulator",
+        "appid": client_id, "appidacr": "2",
+        "idp": format!("https://sts.windows.net/{TENANT_ID}/"),
+        "oid": object_id, "sub": object_id, "tid": TENANT_ID,
+        "ver": "1.0",
+    });
+    (
+        crate::jwt::sign_rs256(&header, &claims, &app.pki.entra_key),
+        now,
+        exp,
+    )
+}
+
+/// App Service style `IDENTITY_ENDPOINT`: `GET /msi/token?api-version=2019-08-01&resource=…`
+/// with `X-IDENTITY-HEADER` = the secret in `DIR/identity/identity-header`. Same JSON as IMDS.
+pub async fn identity_endpoint(
+    State(app): State<Arc<App>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let expected = app.identity_header();
+    if headers
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok())
+        != Some(expected.as_str())
+    {
+        return imds_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "X-IDENTITY-HEADER is missing or does not match",
+        );
+    }
+    let params = query(&uri);
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    if get("api-version").filter(|v| !v.is_empty()).is_none() {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "api-version is required",
+        );
+    }
+    let Some(resource) =
+        get("resource").filter(|r| r.starts_with("https://") || r.starts_with("api://"))
+    else {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            "resource is missing or invalid",
+        );
+    };
+    let client_id = get("client_id").unwrap_or_else(|| SYSTEM_CLIENT_ID.to_string());
+    let (access_token, now, exp) = access_token_for(&app, &resource, &client_id, SYSTEM_OBJECT_ID);
+    app.admin.count(|c| c.tokens += 1);
+    app.admin
+        .log("identity-endpoint", "token", json!({"resource": resource}));
+    Json(json!({
+        "access_token": access_token,
+        "client_id": client_id,
+        "expires_in": TOKEN_LIFETIME_SECS.to_string(),
+        "expires_on": exp.to_string(),
+        "not_before": now.to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+    }))
+    .into_response()
+}
+
+/// The audience Entra requires of a federated (workload identity) assertion.
+pub const FEDERATION_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+fn entra_error(code: &str, description: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": code, "error_description": description, "error_codes": [], "timestamp": crate::util::rfc3339(now_secs())})),
+    )
+        .into_response()
+}
+
+/// Entra ID v2 token endpoint for AKS workload identity: `POST /{tenant}/oauth2/v2.0/token`
+/// (form) exchanging a federated service-account token (`DIR/identity/federated-token`,
+/// issued by the emulator's OIDC issuer) for an access token of `scope` = `<resource>/.default`.
+pub async fn entra_token(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let form: Vec<(String, String)> = text
+        .split('&')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        })
+        .collect();
+    let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    if tenant != TENANT_ID {
+        return entra_error(
+            "invalid_request",
+            &format!(
+                "AADSTS90002: Tenant '{tenant}' not found. The emulator's tenant is {TENANT_ID}."
+            ),
+        );
+    }
+    if get("grant_type").as_deref() != Some("client_credentials") {
+        return entra_error(
+            "unsupported_grant_type",
+            "AADSTS70003: grant_type must be client_credentials",
+        );
+    }
+    if get("client_assertion_type").as_deref()
+        != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    {
+        return entra_error("invalid_request", "AADSTS700024: client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    }
+    let Some(client_id) = get("client_id").filter(|c| !c.is_empty()) else {
+        return entra_error(
+            "invalid_request",
+            "AADSTS900144: The request body must contain the following parameter: 'client_id'.",
+        );
+    };
+    let Some(scope) = get("scope") else {
+        return entra_error(
+            "invalid_request",
+            "AADSTS900144: The request body must contain the following parameter: 'scope'.",
+        );
+    };
+    let Some(resource) = scope
+        .strip_suffix("/.default")
+        .filter(|r| r.starts_with("https://"))
+    else {
+        return entra_error(
+            "invalid_scope",
+            "AADSTS70011: The provided value for scope must be <resource>/.default",
+        );
+    };
+    let assertion = get("client_assertion").unwrap_or_default();
+    let checked = crate::jwt::decode(&assertion).and_then(|jws| {
+        jws.verify_rs256(&app.pki.entra_key.to_public_key())
+            .map_err(|_| "signature is not by the emulator's OIDC issuer".to_string())?;
+        let aud_ok = match jws.payload.get("aud") {
+            Some(Value::String(a)) => a == FEDERATION_AUDIENCE,
+            Some(Value::Array(list)) => {
+                list.iter().any(|a| a.as_str() == Some(FEDERATION_AUDIENCE))
+            }
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(format!("audience must be {FEDERATION_AUDIENCE}"));
+        }
+        if jws.payload.get("exp").and_then(Value::as_u64).unwrap_or(0) < now_secs() {
+            return Err("the assertion has expired".into());
+        }
+        Ok(())
+    });
+    if let Err(e) = checked {
+        return entra_error(
+            "invalid_client",
+            &format!("AADSTS700211: the client assertion is not valid: {e}"),
+        );
+    }
+    let (access_token, _, _) =
+        access_token_for(&app, resource, &client_id, &format!("oid-of-{client_id}"));
+    app.admin.count(|c| c.tokens += 1);
+    app.admin.log(
+        "entra",
+        "token",
+        json!({"resource": resource, "client_id": client_id}),
+    );
+    Json(json!({
+        "token_type": "Bearer",
+        "expires_in": TOKEN_LIFETIME_SECS,
+        "ext_expires_in": TOKEN_LIFETIME_SECS,
+        "access_token": access_token,
+    }))
+    .into_response()
+}
+
+/// A projected service-account token as AKS would mount it (for `AZURE_FEDERATED_TOKEN_FILE`).
+pub fn federated_token(app: &App) -> String {
+    let now = now_secs();
+    let header = json!({"alg": "RS256", "kid": entra_kid(app)});
+    let claims = json!({
+        "aud": [FEDERATION_AUDIENCE],
+        "iss": format!("{}/oidc", app.urls.platform),
+        "sub": "system:serviceaccount:default:skr-emulator",
+        "iat": now, "nbf": now, "exp": now + TOKEN_LIFETIME_SECS,
+    });
+    crate::jwt::sign_rs256(&header, &claims, &app.pki.entra_key)
+}
+
 /// Checks an access token as the vault does: signature by the emulator's Entra key, time, and
 /// audience (with or without a trailing slash). Err carries an AKV-style message.
 pub fn verify_access_token(app: &App, token: &str, audience: &str) -> Result<(), String> {

@@ -1329,3 +1329,176 @@ fn test_unwrap_matches_the_published_vector() {
     );
     assert!(unwrap(&key, "RSA_AES_KEY_WRAP_256", &ciphertext).is_err());
 }
+
+fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The other identity sources the module supports: App Service `IDENTITY_ENDPOINT`, AKS
+/// workload identity (Entra v2 token endpoint), and token files.
+#[tokio::test]
+async fn identity_endpoint_workload_identity_and_token_files() {
+    let e = emu();
+    let c = e.client();
+    let env = read_env(&e.dir);
+    let identity_dir = e.dir.join("identity");
+    let get_key = |token: String, base: String| {
+        let c = c.clone();
+        async move {
+            send(
+                c.get(format!("{base}/keys/tls-ec?api-version=7.4"))
+                    .bearer_auth(token),
+            )
+            .await
+            .status
+        }
+    };
+
+    let endpoint = &env["SKR_EMULATOR_IDENTITY_ENDPOINT"];
+    let secret = std::fs::read_to_string(identity_dir.join("identity-header")).unwrap();
+    let query = [
+        ("api-version", "2019-08-01"),
+        ("resource", "https://vault.azure.net"),
+    ];
+    assert_eq!(send(c.get(endpoint).query(&query)).await.status, 401);
+    assert_eq!(
+        send(
+            c.get(endpoint)
+                .query(&query)
+                .header("X-IDENTITY-HEADER", "wrong")
+        )
+        .await
+        .status,
+        401
+    );
+    let r = send(
+        c.get(endpoint)
+            .query(&query)
+            .header("X-IDENTITY-HEADER", secret.trim()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["resource"], "https://vault.azure.net");
+    assert_eq!(
+        get_key(
+            r.json()["access_token"].as_str().unwrap().to_string(),
+            e.vault.clone()
+        )
+        .await,
+        200
+    );
+
+    let url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        env["SKR_EMULATOR_AUTHORITY_HOST"], env["SKR_EMULATOR_TENANT_ID"]
+    );
+    let assertion = std::fs::read_to_string(identity_dir.join("federated-token")).unwrap();
+    let form = |assertion: &str, scope: &str| {
+        form_encode(&[
+            ("client_assertion", assertion),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_id", "11111111-2222-3333-4444-555555555555"),
+            ("grant_type", "client_credentials"),
+            ("scope", scope),
+        ])
+    };
+    let post = |url: String, body: String| {
+        let c = c.clone();
+        async move {
+            send(
+                c.post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body),
+            )
+            .await
+        }
+    };
+    let r = post(
+        url.clone(),
+        form(assertion.trim(), "https://managedhsm.azure.net/.default"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["token_type"], "Bearer");
+    assert!(r.json()["expires_in"].is_u64(), "Entra v2 sends numbers");
+    let token = r.json()["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        send(
+            c.get(format!("{}/keys/data-aes?api-version=7.4", e.mhsm))
+                .bearer_auth(&token)
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        get_key(token, e.vault.clone()).await,
+        401,
+        "audience is the managed HSM"
+    );
+
+    let forged = format!(
+        "{}.{}",
+        assertion.trim().rsplit_once('.').unwrap().0,
+        b64url(&[1u8; 256])
+    );
+    let r = post(
+        url.clone(),
+        form(&forged, "https://vault.azure.net/.default"),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_client");
+    let r = post(
+        url.clone(),
+        form(assertion.trim(), "https://vault.azure.net"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "scope needs /.default");
+    let wrong_tenant = url.replace(
+        &env["SKR_EMULATOR_TENANT_ID"],
+        "00000000-0000-0000-0000-000000000000",
+    );
+    assert_eq!(
+        post(
+            wrong_tenant,
+            form(assertion.trim(), "https://vault.azure.net/.default")
+        )
+        .await
+        .status,
+        400
+    );
+
+    let vault_file = std::fs::read_to_string(identity_dir.join("vault-token")).unwrap();
+    assert_eq!(
+        get_key(vault_file.trim().to_string(), e.vault.clone()).await,
+        200
+    );
+    let mhsm_file = std::fs::read_to_string(identity_dir.join("mhsm-token")).unwrap();
+    assert_eq!(
+        send(
+            c.get(format!("{}/keys/data-aes?api-version=7.4", e.mhsm))
+                .bearer_auth(mhsm_file.trim())
+        )
+        .await
+        .status,
+        200
+    );
+}
