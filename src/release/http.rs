@@ -336,6 +336,53 @@ mod tests {
         assert!(e.hint().is_some());
     }
 
+    /// 400 / 403 / 404 come back after one request (no retry); 408 is retried.
+    #[test]
+    fn client_errors_are_not_retried_but_408_is() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let statuses = [400u16, 403, 404, 408, 200];
+        let server = std::thread::spawn(move || {
+            let mut served = Vec::new();
+            for status in statuses {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                served.push(status);
+            }
+            served
+        });
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 3,
+            backoff_ms: 1,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        for want in [400, 403, 404] {
+            let r = h
+                .send(Step::Release, "AKV", &|| h.direct.get(&url))
+                .unwrap();
+            assert_eq!(r.status, want);
+        }
+        // 408 then 200: one call, two requests.
+        let r = h
+            .send(Step::Release, "AKV", &|| h.direct.get(&url))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(server.join().unwrap(), statuses.to_vec());
+    }
+
     #[test]
     fn retries_5xx_then_returns_success_and_caps_bodies() {
         use std::io::{BufRead, BufReader, Write};
