@@ -539,7 +539,22 @@ pub async fn dispatch(
     let result = match r {
         Route::List => list(&svc, None),
         Route::Versions(name) => list(&svc, Some(&name)),
-        Route::Create(name) => body_json().and_then(|b| create(&svc, &name, &b, skr_api)),
+        // Key generation (RSA-4096 takes seconds) runs off the async workers.
+        Route::Create(name) => match body_json() {
+            Ok(b) => {
+                let svc2 = svc.clone();
+                tokio::task::spawn_blocking(move || create(&svc2, &name, &b, skr_api))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(kv_err(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "InternalError",
+                            e.to_string(),
+                        ))
+                    })
+            }
+            Err(e) => Err(e),
+        },
         Route::Import(name) => body_json().and_then(|b| import(&svc, &name, &b, skr_api)),
         Route::Get(name, version) => {
             if let Some(f) = svc.app.admin.take_fault("akv-get") {
