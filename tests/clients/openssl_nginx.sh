@@ -26,6 +26,15 @@ openssl pkeyutl -verify -pubin -inkey "$W/rsa.pub" -pkeyopt digest:sha256 -pkeyo
 openssl pkeyutl -engine pkcs11 -keyform engine -inkey "$EC_URI" -sign -in "$W/hash" -out "$W/sig.ec"
 openssl pkeyutl -verify -pubin -inkey "$W/ec.pub" -in "$W/hash" -sigfile "$W/sig.ec" || fail "engine ECDSA signature"
 
+# --- decryption through the engine: PKCS#1 v1.5 (tls-rsa opts in) and OAEP
+printf 'premaster secret' > "$W/plain"
+openssl pkeyutl -encrypt -pubin -inkey "$W/rsa.pub" -in "$W/plain" -out "$W/ct.pkcs1"
+openssl pkeyutl -decrypt -engine pkcs11 -keyform engine -inkey "$RSA_URI" -in "$W/ct.pkcs1" -out "$W/pt.pkcs1"
+cmp -s "$W/plain" "$W/pt.pkcs1" || fail "engine RSA PKCS#1 decryption"
+openssl pkeyutl -encrypt -pubin -inkey "$W/rsa.pub" -pkeyopt rsa_padding_mode:oaep -in "$W/plain" -out "$W/ct.oaep"
+openssl pkeyutl -decrypt -engine pkcs11 -keyform engine -inkey "$RSA_URI" -pkeyopt rsa_padding_mode:oaep -in "$W/ct.oaep" -out "$W/pt.oaep"
+cmp -s "$W/plain" "$W/pt.oaep" || fail "engine RSA OAEP decryption"
+
 # --- openssl req -new -x509 signed by a token key: the certificate verifies against itself
 for k in rsa ec; do
   uri=$RSA_URI; [ $k = ec ] && uri=$EC_URI
@@ -43,7 +52,6 @@ USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
 sed -e "s#@USER_LINE@#$USER_LINE#" -e "s#@W@#$W#g" -e "s#@P_RSA@#$P_RSA#" -e "s#@P_EC@#$P_EC#" \
     -e "s#@CERTS@#$SKR_EMU_DIR/certs#g" "$(dirname "$0")/../../examples/nginx/nginx.conf" > "$W/nginx.conf"
 before_rsa=$(counter tls-rsa); before_ec=$(counter tls-ec)
-nginx -p "$W/nginx" -c "$W/nginx.conf" -t 2>&1 | tail -2 || true
 nginx -p "$W/nginx" -c "$W/nginx.conf" || fail "nginx did not start"
 trap 'kill "$(cat "$W/nginx.pid" 2>/dev/null)" 2>/dev/null || true' EXIT
 for i in $(seq 50); do [ -s "$W/nginx.pid" ] && break; sleep 0.1; done
@@ -64,8 +72,10 @@ for port_name in "$P_RSA:rsa" "$P_EC:ec"; do
     [ "$n" -ge 2 ] || fail "TLS $v with the $name key was served by $n worker(s), expected both"
   done
 done
-# TLS 1.2 with RSA key exchange: the premaster secret is decrypted by the token (CKM_RSA_PKCS).
-curl -sS --fail --cacert "$SKR_EMULATOR_CA" --resolve "localhost:$P_RSA:127.0.0.1" --tlsv1.2 --tls-max 1.2 --ciphers AES128-GCM-SHA256 "https://localhost:$P_RSA/" >/dev/null || fail "TLS 1.2 RSA key exchange"
+# (TLS 1.2 with RSA key exchange is not checked here: OpenSSL 3.0 hands engine keys the
+# RSA_PKCS1_WITH_TLS_PADDING mode, which its legacy path refuses before the token is asked —
+# "illegal or unsupported padding mode", the same with SoftHSMv2. The token's CKM_RSA_PKCS
+# decryption is checked through the engine with pkeyutl above.)
 # openssl s_client verifies the chain too.
 echo | openssl s_client -connect "127.0.0.1:$P_EC" -servername localhost -CAfile "$SKR_EMULATOR_CA" -verify_return_error -tls1_3 2>&1 | grep -q "Verify return code: 0" || fail "s_client TLS 1.3 with the EC key"
 
