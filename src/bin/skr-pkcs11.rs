@@ -26,6 +26,9 @@ struct Cli {
     /// Config file (default: $SKR_PKCS11_CONFIG, then /etc/skr-pkcs11/config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log the login path's steps (debug level) to stderr; default: warnings only.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -63,8 +66,38 @@ enum PolicyCmd {
     },
 }
 
+/// The module logs through `log`; the tool shows those records on stderr (never stdout, which
+/// carries the tool's own output).
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        // Debug detail only from the module itself, not from the TLS and HTTP crates.
+        // Without --verbose, errors are not logged: the tool prints the returned error once.
+        let verbose = log::max_level() >= log::LevelFilter::Debug;
+        m.level() <= log::max_level()
+            && (verbose || m.level() != log::Level::Error)
+            && (m.level() <= log::Level::Info || m.target().starts_with("skr_pkcs11"))
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("{:<5} {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(if cli.verbose {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        });
+    }
     let result = match &cli.command {
         Cmd::Doctor => load(&cli).map(|cfg| doctor(&cfg)),
         Cmd::Attest => load(&cli).and_then(|cfg| attest(&cfg)),
