@@ -957,11 +957,14 @@ async fn serve(
             .await
     });
 
-    let layout = app_layout_files(&app);
-    std::fs::write(&layout.0, std::process::id().to_string())
-        .map_err(|e| format!("cannot write {}: {e}", layout.0.display()))?;
-    std::fs::write(&layout.1, std::process::id().to_string())
-        .map_err(|e| format!("cannot write {}: {e}", layout.1.display()))?;
+    // Signal handlers first: a `down` right after start-up must find them installed.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let (pid_file, ready_file) = (app.layout.pid_file(), app.layout.ready_file());
+    for file in [&pid_file, &ready_file] {
+        std::fs::write(file, std::process::id().to_string())
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    }
     app.admin.log(
         "emulator",
         "started",
@@ -973,9 +976,6 @@ async fn serve(
         "skr-emulator running: MAA {} vault {} mHSM {} IMDS {} platform {}",
         app.urls.maa, app.urls.vault, app.urls.mhsm, app.urls.imds, app.urls.platform
     );
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = term.recv() => {},
         _ = tokio::signal::ctrl_c() => {},
@@ -987,11 +987,7 @@ async fn serve(
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), imds_task).await;
-    let _ = std::fs::remove_file(&layout.1);
-    let _ = std::fs::remove_file(&layout.0);
+    let _ = std::fs::remove_file(&ready_file);
+    let _ = std::fs::remove_file(&pid_file);
     Ok(())
-}
-
-fn app_layout_files(app: &App) -> (std::path::PathBuf, std::path::PathBuf) {
-    (app.layout.pid_file(), app.layout.ready_file())
 }

@@ -729,7 +729,6 @@ fn common_params(body: &Value) -> Result<CommonParams, KvError> {
 }
 
 /// Stores a new version after the SKR rules on exportable / release_policy (AKV.SKR.*).
-#[allow(clippy::too_many_arguments)]
 fn add_version(
     svc: &Service,
     name: &str,

@@ -405,6 +405,37 @@ fn parse_data(value: &Value, what: &str) -> Result<DataBlob, String> {
     Ok(DataBlob { bytes, is_json })
 }
 
+/// `Endorsements` (ACI / Kata): base64url JSON `{"Uvm": [base64url COSE_Sign1, …]}`. The
+/// structure is checked; the UVM endorsement signature (Microsoft's) is not verified.
+fn check_endorsements(value: Option<&Value>) -> Result<(), String> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let text = value
+        .as_str()
+        .ok_or("Endorsements must be a base64url string")?;
+    let json: Value =
+        serde_json::from_slice(&b64_lenient(text).map_err(|e| format!("Endorsements: {e}"))?)
+            .map_err(|e| format!("Endorsements is not JSON: {e}"))?;
+    let uvm = json
+        .get("Uvm")
+        .and_then(Value::as_array)
+        .ok_or("Endorsements has no Uvm array")?;
+    for (i, entry) in uvm.iter().enumerate() {
+        let bytes = entry
+            .as_str()
+            .ok_or(format!("Endorsements.Uvm[{i}] is not a string"))
+            .and_then(|t| b64_lenient(t).map_err(|e| format!("Endorsements.Uvm[{i}]: {e}")))?;
+        // COSE_Sign1: CBOR tag 18 around a four-element array.
+        if !bytes.starts_with(&[0xD2, 0x84]) {
+            return Err(format!(
+                "Endorsements.Uvm[{i}] is not a COSE_Sign1 document"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct AttestOutcome {
     pub claims: Map<String, Value>,
@@ -436,6 +467,7 @@ pub fn attest_sevsnp(
         .and_then(Value::as_str)
         .ok_or("report has no VcekCertChain")?;
     let chain = b64_lenient(chain).map_err(|e| format!("VcekCertChain: {e}"))?;
+    check_endorsements(evidence.get("Endorsements"))?;
     let verified = verify_evidence(&snp_report, &chain, roots)?;
     let view = Report(&verified.report);
 
@@ -771,6 +803,31 @@ mod tests {
         assert!(attest_sevsnp(&with_runtime, &amd_roots())
             .unwrap_err()
             .contains("REPORT_DATA"));
+    }
+
+    /// The sidecar's request: UVM reference info as `Endorsements`.
+    #[test]
+    fn aci_report_with_endorsements() {
+        let report = testdata("aci/snp_report.bin");
+        let chain = testdata("aci/uvm_host_amd_certificate.pem");
+        let reference = base64::engine::general_purpose::STANDARD
+            .decode(
+                String::from_utf8(testdata("aci/security-context/reference-info-base64"))
+                    .unwrap()
+                    .trim(),
+            )
+            .unwrap();
+        let endorsements =
+            |uvm: &[u8]| b64url(json!({"Uvm": [b64url(uvm)]}).to_string().as_bytes());
+        let request = |e: String| {
+            let evidence = json!({"SnpReport": b64url(&report), "VcekCertChain": b64url(&chain), "Endorsements": e}).to_string();
+            json!({"report": b64url(evidence.as_bytes())})
+        };
+        attest_sevsnp(&request(endorsements(&reference)), &amd_roots())
+            .expect("with UVM endorsement");
+        let err = attest_sevsnp(&request(endorsements(b"not cose")), &amd_roots()).unwrap_err();
+        assert!(err.contains("COSE_Sign1"), "{err}");
+        assert!(attest_sevsnp(&request(b64url(b"[]")), &amd_roots()).is_err());
     }
 
     #[test]
