@@ -24,10 +24,11 @@
 
 /*
  * C_Initialize reads the configuration and does no network I/O. pInitArgs->pReserved must
- * be NULL (it is never read). Mutex callbacks are accepted only together with
- * CKF_OS_LOCKING_OK (the module always uses its own OS locks; callbacks alone give
- * CKR_CANT_LOCK). CKF_LIBRARY_CANT_CREATE_OS_THREADS gives CKR_NEED_TO_CREATE_THREADS: the
- * key release in C_Login runs on a thread of its own.
+ * be NULL (it is never read). The module always locks with OS primitives: mutex callbacks
+ * (all four, with or without CKF_OS_LOCKING_OK) are accepted and never called; a partial set
+ * is CKR_ARGUMENTS_BAD. C_Login runs the key release on a thread of its own (so it works
+ * from inside an async runtime); with CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) it
+ * runs on the caller's thread instead.
  */
 
 /* ---- Slots and tokens ---- */

@@ -30,24 +30,29 @@ fn version() -> CK_VERSION {
 }
 
 /// What C_Initialize's arguments ask for, decoded without touching `pReserved`.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum InitArgs {
-    Default,
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) struct InitArgs {
+    /// CKF_LIBRARY_CANT_CREATE_OS_THREADS: run the release on the caller's thread.
+    pub no_threads: bool,
 }
 
 /// Decode and check CK_C_INITIALIZE_ARGS (pkcs11-clients.md §3.2).
 ///
-/// Locking: the module always uses its own OS locks. With CKF_OS_LOCKING_OK that is what
-/// the caller allowed, callbacks or not. Callbacks without CKF_OS_LOCKING_OK demand that the
-/// module lock only through them, which it cannot do: CKR_CANT_LOCK. A partial set of
-/// callbacks is CKR_ARGUMENTS_BAD. The login runs on a thread of its own, so
-/// CKF_LIBRARY_CANT_CREATE_OS_THREADS gives CKR_NEED_TO_CREATE_THREADS.
+/// Locking: the module always uses its own OS locks and never calls the application's mutex
+/// callbacks. They are accepted with or without CKF_OS_LOCKING_OK: p11-kit and GnuTLS pass
+/// callbacks without the flag and would not load a module answering CKR_CANT_LOCK, and OS
+/// locks give the application the thread safety it asked for. A partial set of callbacks is
+/// CKR_ARGUMENTS_BAD.
+///
+/// Threads: with CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) the module starts no
+/// thread of its own: C_Login runs the release on the caller's thread instead of a dedicated
+/// one (so such a caller must not call C_Login from inside an async runtime).
 ///
 /// # Safety
 /// `p` is NULL or points to a CK_C_INITIALIZE_ARGS.
 pub(crate) unsafe fn decode_init_args(p: *const CK_C_INITIALIZE_ARGS) -> Result<InitArgs> {
     if p.is_null() {
-        return Ok(InitArgs::Default);
+        return Ok(InitArgs { no_threads: false });
     }
     // SAFETY: non-NULL, caller-provided struct; copied, and pReserved is only compared.
     let a = unsafe { p.read_unaligned() };
@@ -66,19 +71,9 @@ pub(crate) unsafe fn decode_init_args(p: *const CK_C_INITIALIZE_ARGS) -> Result<
     if callbacks != 0 && callbacks != 4 {
         return Err(bad("give all four mutex callbacks or none"));
     }
-    if callbacks == 4 && a.flags & CKF_OS_LOCKING_OK == 0 {
-        return Err(Error::new(
-            CKR_CANT_LOCK,
-            "the module locks with OS primitives only; set CKF_OS_LOCKING_OK",
-        ));
-    }
-    if a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS != 0 {
-        return Err(Error::new(
-            CKR_NEED_TO_CREATE_THREADS,
-            "C_Login runs the key release on a thread of its own",
-        ));
-    }
-    Ok(InitArgs::Default)
+    Ok(InitArgs {
+        no_threads: a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS != 0,
+    })
 }
 
 /// Read every certificate file the config names (the only file I/O besides the config).
@@ -110,7 +105,7 @@ fn read_certificates(cfg: &Config) -> Result<HashMap<std::path::PathBuf, Vec<u8>
 }
 
 /// Build a fresh state from the configuration (C_Initialize, after argument checks).
-pub(crate) fn initialize_from(cfg: Config) -> Result<()> {
+pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
     crate::logging::init(&cfg.logging);
     let me = std::process::id();
     // A forked child that inherited released keys applies the fork policy once.
@@ -144,6 +139,7 @@ pub(crate) fn initialize_from(cfg: Config) -> Result<()> {
         module,
         pid: me,
         fork_generation: FORK_GENERATION.load(Ordering::SeqCst),
+        no_threads: args.no_threads,
     }));
     Ok(())
 }
@@ -154,12 +150,12 @@ p11_fn! {
         register_atfork();
         crate::logging::init_default();
         // SAFETY: the API passes NULL or a CK_C_INITIALIZE_ARGS.
-        unsafe { decode_init_args(p_init_args as *const CK_C_INITIALIZE_ARGS)? };
+        let args = unsafe { decode_init_args(p_init_args as *const CK_C_INITIALIZE_ARGS)? };
         if instance().is_ok() {
             return Err(Error::new(CKR_CRYPTOKI_ALREADY_INITIALIZED, "C_Initialize was already called"));
         }
         let cfg = Config::load_default()?;
-        initialize_from(cfg)
+        initialize_from(cfg, args)
     }
 
     fn C_Finalize(p_reserved: *mut std::ffi::c_void) [] {
@@ -480,7 +476,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     let (material, timings, inherited) = match token::retained(&t.config.label) {
         Some(m) => (Ok(m), None, true),
         None => {
-            let (r, timings) = release_on_thread(&inst.module.config, token_index);
+            let (r, timings) = run_release(&inst.module.config, token_index, !inst.no_threads);
             (r, timings, false)
         }
     };
@@ -529,20 +525,29 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     }
 }
 
-/// Run `release::release_token` on a thread of its own (the caller may be inside an async
-/// runtime) and parse what it returns. The thread is joined before returning.
-fn release_on_thread(
+/// Run `release::release_token` and parse what it returns: on a thread of its own (the caller
+/// may be inside an async runtime), joined before returning; or on the caller's thread when
+/// the application forbade new threads.
+fn run_release(
     cfg: &Arc<Config>,
     token_index: usize,
+    own_thread: bool,
 ) -> (Result<Arc<Material>>, Option<crate::release::LoginTimings>) {
     let cfg2 = cfg.clone();
+    let work = move || {
+        let tcfg = &cfg2.tokens[token_index];
+        crate::release::release_token(&cfg2, tcfg)
+            .and_then(|(keys, tm)| Ok((Material::from_released(tcfg, keys)?, tm)))
+    };
+    if !own_thread {
+        return match work() {
+            Ok((m, tm)) => (Ok(Arc::new(m)), Some(tm)),
+            Err(e) => (Err(e), None),
+        };
+    }
     let spawned = std::thread::Builder::new()
         .name("skr-login".into())
-        .spawn(move || {
-            let tcfg = &cfg2.tokens[token_index];
-            crate::release::release_token(&cfg2, tcfg)
-                .and_then(|(keys, tm)| Ok((Material::from_released(tcfg, keys)?, tm)))
-        });
+        .spawn(work);
     let joined = match spawned {
         Ok(handle) => handle.join(),
         Err(e) => {

@@ -139,6 +139,8 @@ pub(crate) struct Instance {
     pub module: Module,
     pub pid: u32,
     pub fork_generation: u64,
+    /// The application forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
+    pub no_threads: bool,
 }
 
 static STATE: RwLock<Option<Arc<Instance>>> = RwLock::new(None);

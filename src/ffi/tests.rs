@@ -306,20 +306,24 @@ fn initialize_argument_matrix_and_not_initialized() {
         init(args(CKF_OS_LOCKING_OK, false, true, 0)),
         CKR_ARGUMENTS_BAD
     );
-    assert_eq!(init(args(0, true, false, 0)), CKR_CANT_LOCK);
-    assert_eq!(
-        init(args(CKF_LIBRARY_CANT_CREATE_OS_THREADS, false, false, 0)),
-        CKR_NEED_TO_CREATE_THREADS
-    );
     assert_eq!(
         call!(C_GetInfo(info.as_mut_ptr())),
         CKR_CRYPTOKI_NOT_INITIALIZED
     );
     // Accepted forms.
+    // Callbacks are accepted with or without CKF_OS_LOCKING_OK and never called (they
+    // panic if called); the module locks with OS primitives.
     for a in [
         args(0, false, false, 0),
         args(CKF_OS_LOCKING_OK, false, false, 0),
         args(CKF_OS_LOCKING_OK, true, false, 0),
+        args(0, true, false, 0),
+        args(
+            CKF_LIBRARY_CANT_CREATE_OS_THREADS | CKF_OS_LOCKING_OK,
+            false,
+            false,
+            0,
+        ),
     ] {
         assert_eq!(init(a), CKR_OK);
         assert_eq!(
@@ -1416,4 +1420,40 @@ fn threads_sign_concurrently_on_their_own_sessions() {
     }
     let inst = instance().unwrap();
     assert!(inst.module.tokens[0].is_logged_in(), "s0 is still open");
+}
+
+#[test]
+fn without_own_threads_the_release_runs_on_the_callers_thread() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = call!(C_Finalize(null_mut()));
+    let f = Fixture::new("");
+    std::env::set_var(crate::config::CONFIG_ENV, f.config_path());
+    let mut a = CK_C_INITIALIZE_ARGS {
+        CreateMutex: None,
+        DestroyMutex: None,
+        LockMutex: None,
+        UnlockMutex: None,
+        flags: CKF_LIBRARY_CANT_CREATE_OS_THREADS,
+        pReserved: null_mut(),
+    };
+    assert_eq!(
+        call!(C_Initialize(&mut a as *mut _ as *mut std::ffi::c_void)),
+        CKR_OK
+    );
+    assert!(instance().unwrap().no_threads);
+    let mut s = 0;
+    assert_eq!(
+        call!(C_OpenSession(
+            1,
+            CKF_SERIAL_SESSION,
+            null_mut(),
+            None,
+            &mut s
+        )),
+        CKR_OK
+    );
+    // The services are unreachable: the inline release fails cleanly, the token stays out.
+    assert_ne!(call!(C_Login(s, CKU_USER, null_mut(), 0)), CKR_OK);
+    assert!(!instance().unwrap().module.tokens[0].is_logged_in());
+    assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
 }
