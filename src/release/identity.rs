@@ -5,7 +5,6 @@
 use super::http::{Http, Response};
 use crate::config::{Identity as IdentityConfig, IdentitySource};
 use crate::error::{Error, Result, Step};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -160,7 +159,7 @@ impl<'a> Identity<'a> {
             break;
         }
         let resp = resp.expect("loop sets resp");
-        self.token_response("IMDS", resource, &resp)
+        self.token_response("IMDS", resource, resp)
     }
 
     fn identity_endpoint(&self, resource: &str) -> Result<Zeroizing<String>> {
@@ -179,7 +178,7 @@ impl<'a> Identity<'a> {
                     .query(&query)
                     .header("X-IDENTITY-HEADER", header.as_str())
             })?;
-        self.token_response("IDENTITY_ENDPOINT", resource, &resp)
+        self.token_response("IDENTITY_ENDPOINT", resource, resp)
     }
 
     fn workload_identity(&self, resource: &str) -> Result<Zeroizing<String>> {
@@ -227,7 +226,7 @@ impl<'a> Identity<'a> {
             .send(Step::Identity, "workload identity token", &|| {
                 self.http.client_for(&url).post(&url).form(&form)
             })?;
-        self.token_response("Entra ID (workload identity)", resource, &resp)
+        self.token_response("Entra ID (workload identity)", resource, resp)
     }
 
     fn token_file(&self) -> Result<Zeroizing<String>> {
@@ -252,8 +251,11 @@ impl<'a> Identity<'a> {
         &self,
         who: &str,
         resource: &str,
-        resp: &Response,
+        resp: Response,
     ) -> Result<Zeroizing<String>> {
+        // The body holds the token: wipe it whatever happens.
+        let resp = WipeOnDrop(resp);
+        let resp = &resp.0;
         match resp.status {
             200..=299 => {}
             401 | 403 => {
@@ -281,19 +283,35 @@ impl<'a> Identity<'a> {
                 .with_hint("check identity.source and the identity endpoint settings"));
             }
         }
-        let v: Value = serde_json::from_slice(&resp.body).map_err(|_| {
-            Error::integrity(Step::Identity, format!("{who} token response is not JSON"))
-        })?;
-        v.get("access_token")
-            .and_then(Value::as_str)
+        // Only the token is kept (moved, not copied, into a wiping holder); the other members
+        // (numbers as strings or as numbers, depending on the source) are ignored.
+        #[derive(serde::Deserialize)]
+        struct TokenBody {
+            access_token: Option<String>,
+        }
+        let parsed: std::result::Result<TokenBody, _> = serde_json::from_slice(&resp.body);
+        let token = parsed
+            .map_err(|_| {
+                Error::integrity(Step::Identity, format!("{who} token response is not JSON"))
+            })?
+            .access_token
+            .map(Zeroizing::new)
             .filter(|t| !t.is_empty())
-            .map(|t| Zeroizing::new(t.to_string()))
             .ok_or_else(|| {
                 Error::integrity(
                     Step::Identity,
                     format!("{who} token response has no access_token"),
                 )
-            })
+            })?;
+        Ok(token)
+    }
+}
+
+struct WipeOnDrop(Response);
+
+impl Drop for WipeOnDrop {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0.body);
     }
 }
 
