@@ -226,6 +226,29 @@ fn jwk_x5c_key(jwk: &Value) -> Option<rsa::RsaPublicKey> {
         .or_else(|| rsa::RsaPublicKey::from_pkcs1_der(spki.subject_public_key.raw_bytes()).ok())
 }
 
+/// Polls a future, turning a panic into `Err(message)`.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.get_mut().0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into()))),
+        }
+    }
+}
+
 /// Request log: every call, its service and the status it got (admin reads are not logged).
 async fn log_request(
     State((app, service)): State<(Arc<App>, &'static str)>,
@@ -235,14 +258,15 @@ async fn log_request(
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let started = Instant::now();
-    // A panicking handler becomes a 500 (and a log line) instead of a dropped connection.
-    let response = match tokio::spawn(next.run(request)).await {
+    // A panicking handler becomes a 500 (and a log line) instead of a dropped connection. Not
+    // spawned: a request the client abandons is cancelled, as before, and never completes late.
+    let response = match CatchUnwind(Box::pin(next.run(request))).await {
         Ok(response) => response,
         Err(e) => {
             app.admin.log(
                 service,
                 "handler-panicked",
-                json!({"path": path, "error": e.to_string()}),
+                json!({"path": path, "error": e}),
             );
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -990,4 +1014,32 @@ async fn serve(
     let _ = std::fs::remove_file(&ready_file);
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn catch_unwind_turns_a_panic_into_an_error() {
+        let ok = CatchUnwind(Box::pin(async { 7 })).await;
+        assert_eq!(ok, Ok(7));
+        let failed = CatchUnwind(Box::pin(async {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+        }))
+        .await;
+        assert_eq!(failed, Err::<(), _>("handler bug".to_string()));
+    }
+
+    #[test]
+    fn shell_values_are_quoted_only_when_needed() {
+        assert_eq!(shell_value("/tmp/skr-1/env"), "/tmp/skr-1/env");
+        assert_eq!(
+            shell_value("https://127.0.0.1:443"),
+            "https://127.0.0.1:443"
+        );
+        assert_eq!(shell_value("/tmp/a b"), "'/tmp/a b'");
+        assert_eq!(shell_value("it's"), "'it'\\''s'");
+    }
 }
