@@ -54,8 +54,15 @@ impl Response {
             .or_else(|| v.get("message"))
             .or_else(|| v.get("error").filter(|e| e.is_string()))
             .and_then(|m| m.as_str());
+        let code = v.pointer("/error/code").and_then(|c| c.as_str());
         match msg {
-            Some(m) => m.chars().take(500).collect(),
+            Some(m) => {
+                let text = match code {
+                    Some(c) if !m.contains(c) => format!("{c}: {m}"),
+                    _ => m.to_string(),
+                };
+                text.chars().take(500).collect()
+            }
             None => String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
                 .chars()
                 .filter(|c| !c.is_control())
@@ -275,6 +282,27 @@ mod tests {
         ] {
             assert_eq!(std::ptr::eq(h.client_for(url), &h.direct), direct, "{url}");
         }
+    }
+
+    #[test]
+    fn error_texts_of_each_service() {
+        let r = |body: &str| Response {
+            status: 400,
+            headers: Default::default(),
+            body: body.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            r(r#"{"error":{"code":"InvalidParameter","message":"bad VCEK chain"}}"#).error_text(),
+            "InvalidParameter: bad VCEK chain"
+        );
+        assert_eq!(
+            r(r#"{"error":"invalid_resource","error_description":"AADSTS500011: no such resource"}"#).error_text(),
+            "AADSTS500011: no such resource"
+        );
+        assert_eq!(
+            r("<html>\nBad gateway</html>").error_text(),
+            "<html>Bad gateway</html>"
+        );
     }
 
     #[test]
