@@ -1457,3 +1457,37 @@ fn without_own_threads_the_release_runs_on_the_callers_thread() {
     assert!(!instance().unwrap().module.tokens[0].is_logged_in());
     assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
 }
+
+#[test]
+fn session_cancel_ends_the_chosen_operations() {
+    // Through the 3.0 table, where C_SessionCancel lives.
+    let cancel = |s, f| {
+        let mut i: *mut CK_INTERFACE = null_mut();
+        // SAFETY: valid out-pointer; the table is a static.
+        unsafe {
+            assert_eq!(C_GetInterface(null_mut(), null_mut(), &mut i, 0), CKR_OK);
+            let t = &*((*i).pFunctionList as *const CK_FUNCTION_LIST_3_0);
+            (t.C_SessionCancel.unwrap())(s, f)
+        }
+    };
+    let live = Live::new("");
+    live.login();
+    let s = live.session(false);
+    let key = live.find(s, CKO_PRIVATE_KEY, 2);
+    let mut m = mech(CKM_ECDSA_SHA256);
+    let mut d = mech(CKM_SHA256);
+    assert_eq!(call!(C_SignInit(s, &mut m, key)), CKR_OK);
+    assert_eq!(call!(C_DigestInit(s, &mut d)), CKR_OK);
+    assert_eq!(call!(C_FindObjectsInit(s, null_mut(), 0)), CKR_OK);
+    assert_eq!(cancel(s, CKF_SIGN | CKF_FIND_OBJECTS), CKR_OK);
+    let mut len = 0;
+    assert_eq!(
+        call!(C_SignFinal(s, null_mut(), &mut len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_eq!(call!(C_FindObjectsFinal(s)), CKR_OPERATION_NOT_INITIALIZED);
+    // The digest was not chosen: still active.
+    assert_eq!(call!(C_DigestFinal(s, null_mut(), &mut len)), CKR_OK);
+    assert_eq!(len, 32);
+    assert_eq!(cancel(999_999, CKF_SIGN), CKR_SESSION_HANDLE_INVALID);
+}
