@@ -626,7 +626,7 @@ pub fn bundle(base: &str, name: &str, kind: Kind, v: &KeyVersion) -> Value {
         out.insert("tags".into(), Value::Object(tags.clone()));
     }
     if let Some(p) = &v.release_policy {
-        out.insert("release_policy".into(), policy_json(p, true));
+        out.insert("release_policy".into(), policy_json(p, kind, false));
     }
     Value::Object(out)
 }
@@ -649,16 +649,29 @@ fn attributes_json(v: &KeyVersion, kind: Kind) -> Value {
     a
 }
 
-fn policy_json(p: &StoredPolicy, with_content_type: bool) -> Value {
+/// The policy as each service re-serialises it (observed in recordings): the vault writes
+/// `version` first and each member in grammar order, the managed HSM sorts members.
+fn policy_text(p: &StoredPolicy, kind: Kind) -> String {
+    match (kind, policy::parse(&p.policy)) {
+        (Kind::Vault, Ok(parsed)) => parsed.to_vault_text(),
+        _ => p.policy.to_string(),
+    }
+}
+
+/// `release_policy` of a KeyBundle (`in_release` false) or of the signed release payload, where
+/// the vault sends only `data` and the managed HSM `contentType` and `data`.
+fn policy_json(p: &StoredPolicy, kind: Kind, in_release: bool) -> Value {
     let mut m = Map::new();
-    if with_content_type {
+    if !in_release || kind == Kind::Mhsm {
         m.insert("contentType".into(), json!(p.content_type));
     }
     m.insert(
         "data".into(),
-        json!(b64url(p.policy.to_string().as_bytes())),
+        json!(b64url(policy_text(p, kind).as_bytes())),
     );
-    m.insert("immutable".into(), json!(p.immutable));
+    if !in_release || p.immutable {
+        m.insert("immutable".into(), json!(p.immutable));
+    }
     Value::Object(m)
 }
 
@@ -1259,7 +1272,7 @@ async fn release(
     // The vault omits contentType in the signed payload, the managed HSM includes it.
     response_key.insert(
         "release_policy".into(),
-        policy_json(&stored, svc.kind == Kind::Mhsm),
+        policy_json(&stored, svc.kind, true),
     );
     let requested_kid = match version {
         Some(v) => format!("{}/keys/{name}/{v}", svc.base_url()),

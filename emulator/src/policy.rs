@@ -226,6 +226,44 @@ impl Policy {
         Value::Object(top)
     }
 
+    /// Minified JSON in the vault's member order: `version`, then `anyOf`; `authority` before
+    /// its rule; `claim` before the operator.
+    pub fn to_vault_text(&self) -> String {
+        fn node(n: &Node) -> String {
+            match n {
+                Node::AllOf(list) => format!("{{\"allOf\":{}}}", list_text(list)),
+                Node::AnyOf(list) => format!("{{\"anyOf\":{}}}", list_text(list)),
+                Node::Claim { claim, op, value } => {
+                    format!("{{\"claim\":{},\"{}\":{value}}}", json!(claim), op.name())
+                }
+            }
+        }
+        fn list_text(list: &[Node]) -> String {
+            format!("[{}]", list.iter().map(node).collect::<Vec<_>>().join(","))
+        }
+        let authorities: Vec<String> = self
+            .authorities
+            .iter()
+            .map(|a| {
+                let (key, list) = match &a.rule {
+                    Node::AnyOf(list) => ("anyOf", list.clone()),
+                    Node::AllOf(list) => ("allOf", list.clone()),
+                    other => ("allOf", vec![other.clone()]),
+                };
+                format!(
+                    "{{\"authority\":{},\"{key}\":{}}}",
+                    json!(a.authority),
+                    list_text(&list)
+                )
+            })
+            .collect();
+        let any = format!("\"anyOf\":[{}]", authorities.join(","));
+        match self.to_json().get("version") {
+            Some(v) => format!("{{\"version\":{v},{any}}}"),
+            None => format!("{{{any}}}"),
+        }
+    }
+
     /// Ok when some authority equal to `issuer` has its conditions met; otherwise the reason,
     /// naming the first condition that failed.
     pub fn evaluate(&self, issuer: &str, claims: &Value) -> Result<(), String> {
@@ -563,6 +601,28 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "accepted {bad}");
         }
+    }
+
+    /// The vault recording's re-serialised policy, byte for byte.
+    #[test]
+    fn vault_text_matches_the_recorded_form() {
+        let p = parse(&json!({"anyOf":[{"allOf":[{"equals":"true","claim":"sdk-test"}],"authority":"https://malegeskrkvsite.azurewebsites.net"}],"version":"1.0.0"})).unwrap();
+        assert_eq!(
+            p.to_vault_text(),
+            r#"{"version":"1.0.0","anyOf":[{"authority":"https://malegeskrkvsite.azurewebsites.net","allOf":[{"claim":"sdk-test","equals":"true"}]}]}"#
+        );
+        let nested = parse(
+            &json!({"anyOf":[{"authority":"a","anyOf":[{"allOf":[{"claim":"x","greater":1}]}]}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            nested.to_vault_text(),
+            r#"{"anyOf":[{"authority":"a","anyOf":[{"allOf":[{"claim":"x","greater":1}]}]}]}"#
+        );
+        assert_eq!(
+            parse(&serde_json::from_str(&p.to_vault_text()).unwrap()).unwrap(),
+            p
+        );
     }
 
     #[test]
