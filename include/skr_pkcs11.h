@@ -28,7 +28,8 @@
  * (all four, with or without CKF_OS_LOCKING_OK) are accepted and never called; a partial set
  * is CKR_ARGUMENTS_BAD. C_Login runs the key release on a thread of its own (so it works
  * from inside an async runtime); with CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) it
- * runs on the caller's thread instead.
+ * runs on the caller's thread instead (the HTTP client still uses a helper thread during the
+ * login). No module thread outlives C_Login.
  */
 
 /* ---- Slots and tokens ---- */

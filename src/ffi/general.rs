@@ -44,9 +44,11 @@ pub(crate) struct InitArgs {
 /// locks give the application the thread safety it asked for. A partial set of callbacks is
 /// CKR_ARGUMENTS_BAD.
 ///
-/// Threads: with CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) the module starts no
-/// thread of its own: C_Login runs the release on the caller's thread instead of a dedicated
-/// one (so such a caller must not call C_Login from inside an async runtime).
+/// Threads: CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) is accepted rather than
+/// refused with CKR_NEED_TO_CREATE_THREADS, which would lock GnuTLS out: C_Login then runs
+/// the release on the caller's thread instead of a login thread (so such a caller must not
+/// call C_Login from inside an async runtime). The release path's blocking HTTP client still
+/// runs a helper thread while a login is in progress; no thread outlives C_Login.
 ///
 /// # Safety
 /// `p` is NULL or points to a CK_C_INITIALIZE_ARGS.
