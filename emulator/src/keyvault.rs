@@ -621,7 +621,7 @@ pub fn bundle(base: &str, name: &str, kind: Kind, v: &KeyVersion) -> Value {
     key.extend(public_jwk(v));
     let mut out = Map::new();
     out.insert("key".into(), Value::Object(key));
-    out.insert("attributes".into(), attributes_json(v, kind));
+    out.insert("attributes".into(), attributes_json(v));
     if let Some(tags) = &v.tags {
         out.insert("tags".into(), Value::Object(tags.clone()));
     }
@@ -631,13 +631,13 @@ pub fn bundle(base: &str, name: &str, kind: Kind, v: &KeyVersion) -> Value {
     Value::Object(out)
 }
 
-fn attributes_json(v: &KeyVersion, kind: Kind) -> Value {
+fn attributes_json(v: &KeyVersion) -> Value {
     let mut a = json!({
         "enabled": v.enabled,
         "created": v.created,
         "updated": v.updated,
         "recoveryLevel": "Recoverable+Purgeable",
-        "recoverableDays": if kind == Kind::Mhsm { 7 } else { 90 },
+        "recoverableDays": 90,
         "exportable": v.exportable,
     });
     if let Some(nbf) = v.nbf {
@@ -987,7 +987,7 @@ fn list(svc: &Service, name: Option<&str>) -> Result<Response, KvError> {
         } else {
             format!("{}/keys/{key_name}", svc.base_url())
         };
-        let mut out = json!({"kid": kid, "attributes": attributes_json(v, svc.kind)});
+        let mut out = json!({"kid": kid, "attributes": attributes_json(v)});
         if let Some(tags) = &v.tags {
             out["tags"] = Value::Object(tags.clone());
         }
@@ -1246,26 +1246,44 @@ async fn release(
         rsa_from_jwk(jwk).map_err(bad)?
     };
     let ciphertext = wrap(&wrapping_key, enc, &material(&key)).map_err(bad)?;
-    let key_hsm = json!({
-        "schema_version": "1.0",
-        "header": {"kid": wrap_kid, "alg": "dir", "enc": enc.name()},
-        "ciphertext": b64url(&ciphertext),
-    });
+    // Member order as recorded: the vault writes schema_version, header, ciphertext; the
+    // managed HSM sorts members (what serde_json's map does).
+    let key_hsm = match svc.kind {
+        Kind::Vault => format!(
+            "{{\"schema_version\":\"1.0\",\"header\":{{\"kid\":{},\"alg\":\"dir\",\"enc\":\"{}\"}},\"ciphertext\":\"{}\"}}",
+            json!(wrap_kid),
+            enc.name(),
+            b64url(&ciphertext)
+        ),
+        Kind::Mhsm => json!({
+            "schema_version": "1.0",
+            "header": {"kid": wrap_kid, "alg": "dir", "enc": enc.name()},
+            "ciphertext": b64url(&ciphertext),
+        })
+        .to_string(),
+    };
     let mut released_key = Map::new();
     released_key.insert(
         "kid".into(),
         json!(format!("{}/keys/{name}/{}", svc.base_url(), key.version)),
     );
-    released_key.insert("kty".into(), json!(key.kty));
+    // The managed HSM names RSA / EC keys without "-HSM" in release payloads (recorded).
+    let released_kty = match svc.kind {
+        Kind::Mhsm => key.kty.trim_end_matches("-HSM").to_string(),
+        Kind::Vault => key.kty.clone(),
+    };
+    let released_kty = if released_kty == "oct" {
+        key.kty.clone()
+    } else {
+        released_kty
+    };
+    released_key.insert("kty".into(), json!(released_kty));
     released_key.insert("key_ops".into(), json!(key.key_ops));
     released_key.extend(public_jwk(&key));
-    released_key.insert(
-        "key_hsm".into(),
-        json!(b64url(key_hsm.to_string().as_bytes())),
-    );
+    released_key.insert("key_hsm".into(), json!(b64url(key_hsm.as_bytes())));
     let mut response_key = Map::new();
     response_key.insert("key".into(), Value::Object(released_key));
-    response_key.insert("attributes".into(), attributes_json(&key, svc.kind));
+    response_key.insert("attributes".into(), attributes_json(&key));
     if let Some(tags) = &key.tags {
         response_key.insert("tags".into(), Value::Object(tags.clone()));
     }
