@@ -1017,6 +1017,28 @@ async fn release_jws_is_signed_like_key_vault() {
                 .is_none(),
             "vault omits contentType"
         );
+        let key_hsm_text = String::from_utf8(unb64url(
+            payload["response"]["key"]["key"]["key_hsm"]
+                .as_str()
+                .unwrap(),
+        ))
+        .unwrap();
+        assert!(
+            key_hsm_text.starts_with(
+                r#"{"schema_version":"1.0","header":{"kid":"transfer-key","alg":"dir""#
+            ),
+            "{key_hsm_text}"
+        );
+        let policy_text = String::from_utf8(unb64url(
+            payload["response"]["key"]["release_policy"]["data"]
+                .as_str()
+                .unwrap(),
+        ))
+        .unwrap();
+        assert!(
+            policy_text.starts_with(r#"{"version":"1.0.0","anyOf":[{"authority":"#),
+            "{policy_text}"
+        );
         assert_eq!(header["alg"], "RS256");
         assert_eq!(header["typ"], "JWT");
         let x5c: Vec<Vec<u8>> = header["x5c"]
