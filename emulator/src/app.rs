@@ -491,10 +491,28 @@ pub fn running_pid(layout: &Layout) -> Option<i32> {
 
 const PORT_NAMES: [&str; 5] = ["MAA", "Key Vault", "Managed HSM", "IMDS", "platform"];
 
-fn bind_ports(layout: &Layout) -> Result<(Ports, Vec<TcpListener>), String> {
+/// Binds the five ports: `--base-port` (base … base+4) when given, else those of the previous
+/// start, else free ones. Returns the ports, the listeners and the previous ports.
+fn bind_ports(
+    layout: &Layout,
+    base_port: Option<u16>,
+) -> Result<(Ports, Vec<TcpListener>, Option<Ports>), String> {
     let saved: Option<Ports> = state::read_json(&layout.ports_file())?;
+    let wanted = match base_port {
+        Some(b) if b == 0 || b > u16::MAX - 4 => {
+            return Err(format!("--base-port {b} leaves no room for five ports"))
+        }
+        Some(b) => Some(Ports {
+            maa: b,
+            vault: b + 1,
+            mhsm: b + 2,
+            imds: b + 3,
+            platform: b + 4,
+        }),
+        None => saved,
+    };
     let mut listeners = Vec::new();
-    match saved {
+    let ports = match wanted {
         Some(p) => {
             for (name, port) in PORT_NAMES
                 .iter()
@@ -503,13 +521,13 @@ fn bind_ports(layout: &Layout) -> Result<(Ports, Vec<TcpListener>), String> {
                 let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
                     format!(
                         "cannot listen on 127.0.0.1:{port} for {name} ({e}). Another process uses the port; stop it, \
-                         or delete {} to choose new ports (then recreate keys whose release policy names the old MAA URL)",
+                         or start with another --base-port, or delete {} to choose free ports",
                         layout.ports_file().display()
                     )
                 })?;
                 listeners.push(l);
             }
-            Ok((p, listeners))
+            p
         }
         None => {
             for _ in 0..5 {
@@ -519,17 +537,70 @@ fn bind_ports(layout: &Layout) -> Result<(Ports, Vec<TcpListener>), String> {
                 );
             }
             let port = |i: usize| listeners[i].local_addr().map(|a| a.port()).unwrap_or(0);
-            let p = Ports {
+            Ports {
                 maa: port(0),
                 vault: port(1),
                 mhsm: port(2),
                 imds: port(3),
                 platform: port(4),
-            };
-            state::write_json(&layout.ports_file(), &p)?;
-            Ok((p, listeners))
+            }
+        }
+    };
+    if saved != Some(ports) {
+        state::write_json(&layout.ports_file(), &ports)?;
+    }
+    Ok((ports, listeners, saved))
+}
+
+/// When the MAA port changed, release policies that named the emulator's previous MAA URL
+/// follow it (they meant "this emulator's MAA"); other authorities are left alone.
+fn follow_maa_url(app: &App, previous: Option<Ports>) -> Result<(), String> {
+    let Some(previous) = previous else {
+        return Ok(());
+    };
+    let old_url = format!("https://127.0.0.1:{}", previous.maa);
+    if crate::policy::normalise_authority(&old_url)
+        == crate::policy::normalise_authority(&app.urls.maa)
+    {
+        return Ok(());
+    }
+    let mut keys = app.keys.lock().map_err(|_| "state lock")?;
+    let mut changed = Vec::new();
+    for kind in [Kind::Vault, Kind::Mhsm] {
+        for (name, versions) in keys.store(kind).keys.iter_mut() {
+            for version in versions.iter_mut() {
+                let Some(stored) = version.release_policy.as_mut() else {
+                    continue;
+                };
+                let Ok(mut parsed) = crate::policy::parse(&stored.policy) else {
+                    continue;
+                };
+                let mut hit = false;
+                for rule in parsed.authorities.iter_mut() {
+                    if crate::policy::normalise_authority(&rule.authority)
+                        == crate::policy::normalise_authority(&old_url)
+                    {
+                        rule.authority = app.urls.maa.clone();
+                        hit = true;
+                    }
+                }
+                if hit {
+                    stored.policy = parsed.to_json();
+                    changed.push(format!("{name}/{}", version.version));
+                }
+            }
         }
     }
+    if !changed.is_empty() {
+        app.persist_keys(&keys)?;
+        drop(keys);
+        app.admin.log(
+            "emulator",
+            "policies-follow-maa-url",
+            json!({"from": old_url, "to": app.urls.maa, "key_versions": changed}),
+        );
+    }
+    Ok(())
 }
 
 fn demo_policy(app: &App, extra: Option<Value>) -> Result<Value, String> {
@@ -869,7 +940,7 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
 }
 
 /// Runs the emulator in this process until SIGTERM / SIGINT.
-pub fn run_foreground(layout: Layout) -> Result<(), String> {
+pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), String> {
     check_dir(&layout)?;
     if let Some(pid) = running_pid(&layout) {
         if pid != std::process::id() as i32 {
@@ -885,7 +956,7 @@ pub fn run_foreground(layout: Layout) -> Result<(), String> {
     let keys: KeysFile = state::read_json(&layout.keys_file())?.unwrap_or_default();
     let _: Option<Ports> = state::read_json(&layout.ports_file())?;
     let pki = Pki::load_or_create(&layout, &platform)?;
-    let (ports, listeners) = bind_ports(&layout)?;
+    let (ports, listeners, previous_ports) = bind_ports(&layout, base_port)?;
     let (server_tls, client_tls) = tls_configs(&pki)?;
     let https = |p: u16| format!("https://127.0.0.1:{p}");
     let urls = Urls {
@@ -914,6 +985,7 @@ pub fn run_foreground(layout: Layout) -> Result<(), String> {
         http,
         jwks_cache: tokio::sync::Mutex::new(HashMap::new()),
     });
+    follow_maa_url(&app, previous_ports)?;
     provision_demo_keys(&app)?;
     write_files(&app)?;
 

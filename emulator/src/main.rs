@@ -41,6 +41,11 @@ enum Cmd {
         /// Stay in the foreground instead of detaching.
         #[arg(long)]
         foreground: bool,
+        /// Listen on BASE (MAA), BASE+1 (vault), BASE+2 (managed HSM), BASE+3 (IMDS) and
+        /// BASE+4 (platform); remembered for later starts. Default: the previous ports, or free
+        /// ones on the first start.
+        #[arg(long)]
+        base_port: Option<u16>,
         /// Seconds to wait for a detached emulator to become ready.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
@@ -67,7 +72,7 @@ fn absolute(dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
-fn up_detached(layout: Layout, timeout: Duration) -> Result<(), String> {
+fn up_detached(layout: Layout, base_port: Option<u16>, timeout: Duration) -> Result<(), String> {
     app::check_dir(&layout)?;
     if let Some(pid) = app::running_pid(&layout) {
         return Err(format!(
@@ -80,9 +85,11 @@ fn up_detached(layout: Layout, timeout: Duration) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", layout.stderr_file().display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["up", "--foreground", "--dir"])
-        .arg(&layout.dir)
-        .stdin(Stdio::null())
+    cmd.args(["up", "--foreground", "--dir"]).arg(&layout.dir);
+    if let Some(base) = base_port {
+        cmd.arg("--base-port").arg(base.to_string());
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
     // SAFETY: setsid is async-signal-safe; it detaches the child from our session and terminal.
@@ -154,13 +161,14 @@ fn main() -> ExitCode {
         Cmd::Up {
             dir,
             foreground,
+            base_port,
             timeout,
         } => absolute(&dir).and_then(|dir| {
             let layout = Layout::new(dir);
             if foreground {
-                app::run_foreground(layout)
+                app::run_foreground(layout, base_port)
             } else {
-                up_detached(layout, Duration::from_secs(timeout))
+                up_detached(layout, base_port, Duration::from_secs(timeout))
             }
         }),
         Cmd::Down { dir } => absolute(&dir).and_then(|dir| down(Layout::new(dir))),

@@ -335,7 +335,7 @@ fn vcek_matches(der: &[u8], tcb: pki::Tcb, chip_id: &[u8; 64]) -> bool {
 
 /// Ports chosen on the first start and reused afterwards, so URLs (and the release policies'
 /// MAA authority) stay stable across restarts.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ports {
     pub maa: u16,

@@ -46,7 +46,14 @@ async fn current_version(emu: &Emu, name: &str) -> String {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    r.json()["key"]["kid"].as_str().unwrap().to_string()
+    // The version id only: the host part moves with --base-port.
+    r.json()["key"]["kid"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
@@ -166,6 +173,48 @@ async fn up_down_restart_and_errors() {
         keys_before
     );
 
+    // New fixed ports: URLs move, and policies naming the old MAA URL follow it.
+    let base = free_port_range();
+    let moved = run(&["up", "--base-port", &base.to_string()], &dir);
+    assert!(moved.ok, "{}", moved.stderr);
+    let moved_emu = Emu::from_dir(&dir);
+    assert_eq!(moved_emu.maa, format!("https://127.0.0.1:{base}"));
+    assert_eq!(
+        moved_emu.platform,
+        format!("https://127.0.0.1:{}", base + 4)
+    );
+    assert_eq!(current_version(&moved_emu, "tls-rsa").await, version);
+    let c = moved_emu.client();
+    let token = access_token(&moved_emu, &c, "https://vault.azure.net").await;
+    let bundle = send(
+        c.get(format!(
+            "{}/keys/denied-rsa?api-version=7.4",
+            moved_emu.vault
+        ))
+        .bearer_auth(&token),
+    )
+    .await
+    .json();
+    let policy: serde_json::Value = serde_json::from_slice(&unb64url(
+        bundle["release_policy"]["data"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(policy["anyOf"][0]["authority"], moved_emu.maa);
+    let transfer = transfer_key();
+    let target = maa_token(&moved_emu, &c, &transfer).await;
+    let r = send(
+        c.post(format!(
+            "{}/keys/tls-ec/release?api-version=7.4",
+            moved_emu.vault
+        ))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"target": target})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(run(&["down"], &dir).ok);
+    let keys_before = std::fs::read(dir.join("state/keys.json")).unwrap();
+
     // A corrupt state file: named in the error and left as it was.
     std::fs::write(dir.join("state/keys.json"), b"{ not json").unwrap();
     let corrupt = run(&["up"], &dir);
@@ -203,10 +252,29 @@ async fn up_down_restart_and_errors() {
         bad_dir.stderr
     );
 
-    // And after all that, the state still starts.
+    // And after all that, the state still starts, on the remembered ports.
     let up = run(&["up"], &dir);
     assert!(up.ok, "{}", up.stderr);
-    assert_eq!(current_version(&emu, "tls-rsa").await, version);
+    assert_eq!(current_version(&moved_emu, "tls-rsa").await, version);
     assert!(run(&["down"], &dir).ok);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Five consecutive free ports (probed; another process could still take one meanwhile).
+fn free_port_range() -> u16 {
+    for _ in 0..50 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if base > 60000 {
+            continue;
+        }
+        let all: Vec<_> = (base..base + 5)
+            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        if all.iter().all(|l| l.is_ok()) {
+            return base;
+        }
+    }
+    panic!("no five consecutive free ports");
 }
