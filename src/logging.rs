@@ -93,7 +93,9 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let sink = crate::token::read(&self.sink);
+        let Some(sink) = read_bounded(&self.sink) else {
+            return;
+        };
         match &*sink {
             Sink::Syslog => {
                 let prio = match record.level() {
@@ -126,14 +128,56 @@ impl log::Log for Logger {
                     record.level(),
                     record.args()
                 );
-                let _ = crate::token::lock(f).write_all(line.as_bytes());
+                // Bounded: in a forked child the parent's writer may have held it at fork.
+                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                    let _ = f.write_all(line.as_bytes());
+                }
             }
         }
     }
 
     fn flush(&self) {
-        if let Sink::File(f) = &*crate::token::read(&self.sink) {
-            let _ = crate::token::lock(f).flush();
+        if let Some(sink) = read_bounded(&self.sink) {
+            if let Sink::File(f) = &*sink {
+                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                    let _ = f.flush();
+                }
+            }
+        }
+    }
+}
+
+/// The logger's locks are held only while one line is written; the bound matters only in a
+/// forked child whose parent was writing at the moment of fork: drop the line, never hang.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn read_bounded(l: &RwLock<Sink>) -> Option<std::sync::RwLockReadGuard<'_, Sink>> {
+    let start = std::time::Instant::now();
+    loop {
+        match l.try_read() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                std::thread::yield_now()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
+fn write_bounded(l: &RwLock<Sink>) -> Option<std::sync::RwLockWriteGuard<'_, Sink>> {
+    let start = std::time::Instant::now();
+    loop {
+        match l.try_write() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                l.clear_poison();
+                return Some(p.into_inner());
+            }
+            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
         }
     }
 }
@@ -199,7 +243,13 @@ pub fn init(cfg: &Logging) {
             }
         },
     };
-    *crate::token::write(&LOGGER.sink) = sink;
+    match write_bounded(&LOGGER.sink) {
+        Some(mut g) => *g = sink,
+        None => {
+            warning =
+                Some("logging target unchanged: its lock is held (forked while logging)".into())
+        }
+    }
     if parse_level(&cfg.level).is_none() {
         log::warn!(
             "logging.level {:?} is not error, warn, info, debug or trace; using info",

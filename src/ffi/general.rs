@@ -1,8 +1,8 @@
 //! General-purpose, slot and token, session and login functions.
 
 use super::{
-    bad, c_struct, input, instance, out, out_struct, p11_fn, pad, read_len, register_atfork,
-    rv_name, Instance, FORK_GENERATION, LOGGED, STATE,
+    bad, c_struct, drop_inherited_states, input, instance, out, out_struct, p11_fn, pad, read_len,
+    register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::mechanism_table;
@@ -127,7 +127,9 @@ pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
     RETAINED_OWNER.store(me, Ordering::SeqCst);
     let pems = read_certificates(&cfg)?;
     let module = Module::new(Arc::new(cfg), &pems)?;
-    let mut g = token::write(&STATE);
+    // The parent's states (if any) are dropped: their sessions and handles are not ours.
+    drop_inherited_states();
+    let mut g = token::write(state());
     if let Some(i) = &*g {
         if !i.forked() {
             return Err(Error::new(
@@ -136,7 +138,6 @@ pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
             ));
         }
     }
-    // The parent's state (if any) is dropped: its sessions and handles are not ours.
     *g = Some(Arc::new(Instance {
         module,
         pid: me,
@@ -164,13 +165,17 @@ p11_fn! {
         if !p_reserved.is_null() {
             return Err(bad("pReserved must be NULL"));
         }
-        let taken = token::write(&STATE).take();
+        let taken = token::write(state()).take();
         let Some(inst) = taken else {
+            // A child finalising its parent's state (pkcs11-provider does, before
+            // re-initialising): drop per-process state only; the inherited keys wait for
+            // C_Initialize to apply the fork policy.
+            if drop_inherited_states() {
+                return Ok(());
+            }
             return Err(Error::new(CKR_CRYPTOKI_NOT_INITIALIZED, "C_Initialize has not been called"));
         };
         if inst.forked() {
-            // A child finalising its parent's state: drop per-process state only; the
-            // inherited keys wait for C_Initialize to apply the fork policy.
             return Ok(());
         }
         inst.module.wipe_all();

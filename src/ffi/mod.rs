@@ -143,9 +143,35 @@ pub(crate) struct Instance {
     pub no_threads: bool,
 }
 
-static STATE: RwLock<Option<Arc<Instance>>> = RwLock::new(None);
+/// One state slot per fork generation. A forked child works in the next slot, so it never
+/// waits on a lock that one of its parent's threads happened to hold at the moment of fork
+/// (that thread does not exist in the child and would never release it).
+const SLOTS: usize = 64;
+type Slot = RwLock<Option<Arc<Instance>>>;
+static STATE: [Slot; SLOTS] = [const { RwLock::new(None) }; SLOTS];
 /// Bumped in a forked child by the atfork handler (an atomic add: no lock, no allocation).
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// This process's state slot.
+pub(crate) fn state() -> &'static Slot {
+    &STATE[(FORK_GENERATION.load(Ordering::SeqCst) % SLOTS as u64) as usize]
+}
+
+/// Drop the states a parent left in the other slots (their sessions, handles and key
+/// references), without waiting on their locks. Returns whether there was one (a slot held
+/// at fork time counts: it was in use).
+pub(crate) fn drop_inherited_states() -> bool {
+    let current = state() as *const Slot;
+    let mut found = false;
+    for slot in STATE.iter().filter(|s| !std::ptr::eq(*s, current)) {
+        match slot.try_write() {
+            Ok(mut g) => found |= g.take().is_some(),
+            Err(std::sync::TryLockError::Poisoned(p)) => found |= p.into_inner().take().is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => found = true,
+        }
+    }
+    found
+}
 static ATFORK: Once = Once::new();
 
 extern "C" fn atfork_child() {
@@ -170,7 +196,7 @@ impl Instance {
 /// The live state, or CKR_CRYPTOKI_NOT_INITIALIZED (also in a forked child that has not
 /// called C_Initialize: the parent's sessions and handles are not valid there).
 pub(crate) fn instance() -> Result<Arc<Instance>> {
-    let g = token::read(&STATE);
+    let g = token::read(state());
     match &*g {
         Some(i) if !i.forked() => Ok(i.clone()),
         Some(_) => Err(Error::new(

@@ -1163,7 +1163,8 @@ fn fork_keep_and_re_release() {
 }
 
 /// In the parent: log in and keep a session. In the child: the parent's session is invalid,
-/// C_Initialize succeeds (first without, then after C_Finalize), and C_Login either works
+/// C_Initialize succeeds (after C_Finalize, or without; also when a parent thread held the
+/// state lock at fork time), and C_Login either works
 /// from the inherited keys with no release ("keep": the config's services are unreachable,
 /// so a release would fail) or releases again and fails ("re-release").
 #[test]
@@ -1180,12 +1181,26 @@ fn fork_scenario() {
     live.login();
     let parent_session = live.session(false);
     let key = live.find(parent_session, CKO_PRIVATE_KEY, 2);
-    for finalize_first in [true, false] {
-        // SAFETY: fork in a single-threaded test process; the child only calls the module
-        // and leaves with _exit.
+    // The third child is forked while another parent thread sits inside the module's state
+    // lock: the child must not hang on it (that thread does not exist in the child).
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _g = crate::token::read(state());
+        held_tx.send(()).unwrap();
+        hold_rx.recv().unwrap();
+    });
+    for (n, finalize_first) in [(0, true), (1, false), (2, false)] {
+        if n == 2 {
+            held_rx.recv().unwrap();
+        }
+        // SAFETY: the child only calls the module and leaves with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
+            // A hang (a lock held forever) kills the child instead of the test run.
+            // SAFETY: alarm has no preconditions.
+            unsafe { libc::alarm(20) };
             let code = std::panic::catch_unwind(|| child(&policy, parent_session, finalize_first))
                 .unwrap_or(99);
             // SAFETY: leave the child without running the parent's destructors.
@@ -1195,12 +1210,10 @@ fn fork_scenario() {
         // SAFETY: our child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         assert!(libc::WIFEXITED(status), "child crashed: {status:#x}");
-        assert_eq!(
-            libc::WEXITSTATUS(status),
-            0,
-            "child scenario step failed (finalize first: {finalize_first})"
-        );
+        assert_eq!(libc::WEXITSTATUS(status), 0, "child scenario {n} failed");
     }
+    hold_tx.send(()).unwrap();
+    holder.join().unwrap();
     // The parent is untouched: still logged in, still signing.
     let hash = crate::crypto::HashAlg::Sha256.digest(b"parent");
     let sig = sign(parent_session, &mut mech(CKM_ECDSA), key, &hash);

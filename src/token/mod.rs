@@ -30,6 +30,33 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         p.into_inner()
     })
 }
+/// A lock that a forked child may find held forever (a parent's thread held it at the moment
+/// of fork): give up after `limit` instead of hanging the process.
+pub fn lock_bounded<T>(m: &Mutex<T>, limit: std::time::Duration) -> Option<MutexGuard<'_, T>> {
+    let start = std::time::Instant::now();
+    let mut spins = 0u32;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                m.clear_poison();
+                return Some(p.into_inner());
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if start.elapsed() > limit {
+                    return None;
+                }
+                spins += 1;
+                if spins < 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+    }
+}
+
 pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|p| p.into_inner())
 }
@@ -117,39 +144,55 @@ impl Material {
 
 /// Released keys kept for the process tree (fork = "keep"): a child that re-initialises logs
 /// in from here without a second release. Keyed by token label.
-static RETAINED: Mutex<Vec<(String, Arc<Material>)>> = Mutex::new(Vec::new());
+/// (token label, its released keys).
+type RetainedList = Vec<(String, Arc<Material>)>;
+static RETAINED: Mutex<RetainedList> = Mutex::new(Vec::new());
+/// Held only for list bookkeeping; the bound matters only in a forked child whose parent had
+/// a thread inside at the moment of fork (then the child behaves as if nothing was retained).
+const RETAINED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn retained_list() -> Option<MutexGuard<'static, RetainedList>> {
+    lock_bounded(&RETAINED, RETAINED_WAIT)
+}
 
 pub fn retained(label: &str) -> Option<Arc<Material>> {
-    lock(&RETAINED)
+    retained_list()?
         .iter()
         .find(|(l, _)| l == label)
         .map(|(_, m)| m.clone())
 }
 fn retain(label: &str, m: Arc<Material>) {
-    let mut r = lock(&RETAINED);
-    r.retain(|(l, _)| l != label);
-    r.push((label.to_string(), m));
+    if let Some(mut r) = retained_list() {
+        r.retain(|(l, _)| l != label);
+        r.push((label.to_string(), m));
+    }
 }
 fn forget(label: &str) {
     // Drop outside the lock: freeing keys zeroes their memory.
-    let gone: Vec<_> = {
-        let mut r = lock(&RETAINED);
-        let (gone, keep) = r.drain(..).partition(|(l, _)| l == label);
-        *r = keep;
-        gone
+    let gone: Vec<_> = match retained_list() {
+        Some(mut r) => {
+            let (gone, keep) = r.drain(..).partition(|(l, _)| l == label);
+            *r = keep;
+            gone
+        }
+        None => vec![],
     };
     drop(gone);
 }
 /// Wipe every retained key (C_Finalize in the process that released them, fork =
 /// "re-release" in a child).
 pub fn forget_all_retained() {
-    let gone: Vec<_> = lock(&RETAINED).drain(..).collect();
+    let gone: Vec<_> = retained_list()
+        .map(|mut r| r.drain(..).collect())
+        .unwrap_or_default();
     drop(gone);
 }
 /// A forked child keeps the inherited keys: lock their pages again.
 pub fn relock_retained() {
-    for (_, m) in lock(&RETAINED).iter() {
-        m.relock();
+    if let Some(r) = retained_list() {
+        for (_, m) in r.iter() {
+            m.relock();
+        }
     }
     crate::secret::arena::relock_after_fork();
 }
