@@ -117,7 +117,7 @@ impl<'a> Akv<'a> {
                     .with_hint("the kid host is not behaving like Key Vault / Managed HSM; check the kid URLs in the config"));
                 }
                 if r != resource {
-                    log::info!("{what}: {origin} asks for tokens of resource {r}");
+                    log::debug!("{what}: {origin} asks for tokens of resource {r}");
                     self.learned
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

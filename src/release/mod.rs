@@ -190,11 +190,8 @@ pub fn release_token(
     cfg: &Config,
     token: &TokenConfig,
 ) -> Result<(Vec<ReleasedKey>, LoginTimings)> {
-    release_token_inner(cfg, token).map_err(|e| {
-        let e = with_default_hint(e);
-        log::error!("token {:?}: login failed: {e}", token.label);
-        e
-    })
+    // No log line here: the caller (C_Login, the CLI) reports the failure once, with its CK_RV.
+    release_token_inner(cfg, token).map_err(with_default_hint)
 }
 
 fn release_token_inner(
@@ -286,7 +283,8 @@ fn release_token_inner(
     timings.release = phase.saturating_sub(late_identity);
     // The transfer key is dropped (and wiped) here, with the session.
     drop(attested);
-    log::info!(
+    // C_Login logs the outcome at info; this detail is for debugging the release itself.
+    log::debug!(
         "token {:?}: released {} key(s) via {} (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
         token.label,
         released.len(),
