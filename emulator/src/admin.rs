@@ -90,8 +90,22 @@ impl Fault {
     }
 }
 
+/// Opt-in service limits, like Key Vault's "CREATE key and RELEASE key … 10 transactions per
+/// 10 seconds for HSM-protected keys". Off unless set through `PUT /admin/limits`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Key create + release calls per 10 s on the vault.
+    #[serde(default)]
+    pub vault_create_release_per_10s: Option<u32>,
+    /// The same on the managed HSM.
+    #[serde(default)]
+    pub mhsm_create_release_per_10s: Option<u32>,
+}
+
 pub struct Admin {
     pub counters: Mutex<Counters>,
+    limits: Mutex<(Limits, BTreeMap<String, VecDeque<std::time::Instant>>)>,
     faults: Mutex<VecDeque<Fault>>,
     log: Mutex<Vec<String>>,
     log_file: PathBuf,
@@ -101,6 +115,7 @@ impl Admin {
     pub fn new(log_file: PathBuf) -> Self {
         Admin {
             counters: Mutex::new(Counters::default()),
+            limits: Mutex::new((Limits::default(), BTreeMap::new())),
             faults: Mutex::new(VecDeque::new()),
             log: Mutex::new(Vec::new()),
             log_file,
@@ -124,6 +139,43 @@ impl Admin {
         if let Ok(mut c) = self.counters.lock() {
             *c = Counters::default();
         }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits.lock().map(|l| l.0.clone()).unwrap_or_default()
+    }
+
+    pub fn set_limits(&self, limits: Limits) {
+        if let Ok(mut l) = self.limits.lock() {
+            *l = (limits, BTreeMap::new());
+        }
+    }
+
+    /// Counts one create / release call of `service` ("vault" or "mhsm"); `Some(seconds)` when
+    /// the 10-second window is full (the call is refused and not counted).
+    pub fn throttle(&self, service: &str) -> Option<u64> {
+        let mut guard = self.limits.lock().ok()?;
+        let (limits, windows) = &mut *guard;
+        let limit = match service {
+            "vault" => limits.vault_create_release_per_10s,
+            _ => limits.mhsm_create_release_per_10s,
+        }?;
+        let window = std::time::Duration::from_secs(10);
+        let now = std::time::Instant::now();
+        let calls = windows.entry(service.to_string()).or_default();
+        while calls
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            calls.pop_front();
+        }
+        if calls.len() as u64 >= u64::from(limit) {
+            let oldest = calls.front().copied().unwrap_or(now);
+            let wait = window.saturating_sub(now.duration_since(oldest));
+            return Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+        }
+        calls.push_back(now);
+        None
     }
 
     pub fn add_fault(&self, fault: Fault) {
@@ -265,6 +317,23 @@ mod tests {
             FaultKind::ExpiredToken
         );
         assert!(admin.take_fault("maa-attest").is_none());
+    }
+
+    #[test]
+    fn limits_refuse_beyond_the_window() {
+        let admin = Admin::new(
+            std::env::temp_dir().join(format!("skr-emu-limits-{}.log", std::process::id())),
+        );
+        assert_eq!(admin.throttle("vault"), None, "off by default");
+        admin.set_limits(Limits {
+            vault_create_release_per_10s: Some(2),
+            mhsm_create_release_per_10s: None,
+        });
+        assert_eq!(admin.throttle("vault"), None);
+        assert_eq!(admin.throttle("vault"), None);
+        let wait = admin.throttle("vault").expect("third call refused");
+        assert!((1..=10).contains(&wait), "{wait}");
+        assert_eq!(admin.throttle("mhsm"), None);
     }
 
     #[test]

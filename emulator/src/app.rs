@@ -370,6 +370,26 @@ async fn admin_add_fault(State(app): State<Arc<App>>, body: Bytes) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
+async fn admin_get_limits(State(app): State<Arc<App>>) -> Response {
+    Json(serde_json::to_value(app.admin.limits()).unwrap_or_default()).into_response()
+}
+
+async fn admin_put_limits(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<crate::admin::Limits>(&body) {
+        Ok(limits) => {
+            app.admin
+                .log("admin", "limits-set", json!({"limits": limits}));
+            app.admin.set_limits(limits);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("bad limits: {e}")})),
+        )
+            .into_response(),
+    }
+}
+
 async fn admin_clear_faults(State(app): State<Arc<App>>) -> Response {
     app.admin.clear_faults();
     StatusCode::NO_CONTENT.into_response()
@@ -436,6 +456,7 @@ fn platform_router(app: Arc<App>) -> Router {
             post(admin_add_fault).delete(admin_clear_faults),
         )
         .route("/admin/log", get(admin_log))
+        .route("/admin/limits", get(admin_get_limits).put(admin_put_limits))
         .route(
             "/{tenant}/oauth2/v2.0/token",
             post(crate::imds::entra_token),

@@ -536,14 +536,34 @@ pub async fn dispatch(
         serde_json::from_slice(&body)
             .map_err(|e| bad(format!("The request body is not valid JSON: {e}")))
     };
+    // Opt-in: create and release share Key Vault's throttling category.
+    if matches!(r, Route::Create(_) | Route::Release(..)) {
+        if let Some(retry_after) = svc.app.admin.throttle(svc.kind.name()) {
+            svc.app.admin.log(
+                svc.kind.name(),
+                "throttled",
+                json!({"path": path, "retry_after": retry_after}),
+            );
+            let mut resp = kv_err(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Throttled",
+                "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached",
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                resp.headers_mut().insert("retry-after", v);
+            }
+            return resp;
+        }
+    }
     let result = match r {
         Route::List => list(&svc, None),
         Route::Versions(name) => list(&svc, Some(&name)),
         // Key generation (RSA-4096 takes seconds) runs off the async workers.
         Route::Create(name) => match body_json() {
-            Ok(b) => {
-                let svc2 = svc.clone();
-                tokio::task::spawn_blocking(move || create(&svc2, &name, &b, skr_api))
+            Ok(request) => {
+                let worker_svc = svc.clone();
+                tokio::task::spawn_blocking(move || create(&worker_svc, &name, &request, skr_api))
                     .await
                     .unwrap_or_else(|e| {
                         Err(kv_err(

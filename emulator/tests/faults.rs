@@ -336,6 +336,51 @@ async fn platform_changes_at_run_time() {
     let saved: Value =
         serde_json::from_slice(&std::fs::read(e.dir.join("state/platform.json")).unwrap()).unwrap();
     assert_eq!(saved["tcb"], tcb);
+
+    // Opt-in Key Vault throttling: create + release share 10-second windows.
+    let limits = format!("{}/admin/limits", e.platform);
+    assert_eq!(
+        send(
+            c.put(&limits)
+                .json(&json!({"vault_create_release_per_10s": 2}))
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        send(c.get(&limits)).await.json()["vault_create_release_per_10s"],
+        2
+    );
+    assert_eq!(
+        send(c.put(&limits).json(&json!({"unknown": 1})))
+            .await
+            .status,
+        400
+    );
+    let release = || {
+        let c = c.clone();
+        let (url, vt, token) = (
+            format!("{}/keys/tls-ec/release?api-version=7.4", e.vault),
+            vt.clone(),
+            token.clone(),
+        );
+        async move { send(c.post(url).bearer_auth(vt).json(&json!({"target": token}))).await }
+    };
+    assert_eq!(release().await.status, 200);
+    assert_eq!(release().await.status, 200);
+    let throttled = release().await;
+    assert_eq!(throttled.status, 429);
+    let wait: u64 = throttled.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&wait), "{wait}");
+    assert_eq!(throttled.json()["error"]["code"], "Throttled");
+    // The managed HSM has its own (unset) limit; clearing the vault's lifts it.
+    assert_eq!(send(c.put(&limits).json(&json!({}))).await.status, 204);
+    assert_eq!(release().await.status, 200);
 }
 
 /// base64url length of an RSA-2048 signature (256 bytes).
