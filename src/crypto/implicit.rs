@@ -1,5 +1,8 @@
-//! RSA PKCS#1 v1.5 decryption with implicit rejection (draft-irtf-cfrg-rsa-guidance,
-//! "implicit rejection"; the scheme OpenSSL 3.2 uses by default). A ciphertext with bad
+//! RSA PKCS#1 v1.5 decryption with implicit rejection, modelled on the construction of
+//! draft-irtf-cfrg-rsa-guidance (KDK = HMAC(SHA-256(d), c); synthetic message and length
+//! from an HMAC-SHA256 PRF; not checked against that draft's test vectors, so the synthetic
+//! bytes may differ from other implementations' — which only matters for interop tests,
+//! not for the security property). A ciphertext with bad
 //! padding does not fail: it decrypts to a synthetic message derived from the private key
 //! and the ciphertext, so the caller (and an attacker timing it) cannot tell good padding
 //! from bad — the Bleichenbacher/Marvin padding oracle is closed. The padding check and the

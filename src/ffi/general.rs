@@ -21,6 +21,8 @@ static RETAINED_OWNER: AtomicU32 = AtomicU32::new(0);
 pub(crate) const MANUFACTURER: &str = "skr-pkcs11";
 const LIBRARY_DESCRIPTION: &str = "SKR PKCS#11 (keys released to a TEE)";
 const MODEL: &str = "SKR TEE token";
+/// Longest local PIN accepted (CK_TOKEN_INFO.ulMaxPinLen).
+const MAX_PIN_LEN: CK_ULONG = 255;
 
 fn version() -> CK_VERSION {
     CK_VERSION {
@@ -254,7 +256,7 @@ p11_fn! {
             ulSessionCount: sessions as CK_ULONG,
             ulMaxRwSessionCount: CK_EFFECTIVELY_INFINITE,
             ulRwSessionCount: rw as CK_ULONG,
-            ulMaxPinLen: 255,
+            ulMaxPinLen: MAX_PIN_LEN,
             ulMinPinLen: 0,
             ulTotalPublicMemory: CK_UNAVAILABLE_INFORMATION,
             ulFreePublicMemory: CK_UNAVAILABLE_INFORMATION,
@@ -390,7 +392,7 @@ p11_fn! {
             return Err(Error::new(CKR_USER_ALREADY_LOGGED_IN, "the token is already logged in"));
         }
         if let Some(expected) = &t.config.pin {
-            if pin_len > 4096 {
+            if pin_len > MAX_PIN_LEN {
                 return Err(Error::new(CKR_PIN_LEN_RANGE, "PIN too long"));
             }
             // SAFETY: API input buffer of pin_len bytes.
