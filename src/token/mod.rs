@@ -469,13 +469,21 @@ impl Token {
                             allow_rsa_pkcs_decrypt: k.allow_rsa_pkcs_decrypt,
                         },
                     }));
+                    // A public-only key: operations on the public object never hold the
+                    // private key, so a logout wipes it even while such an operation runs.
+                    let public = Arc::new(AsymKey::from_spki(&key.info.spki_der).map_err(|e| {
+                        Error::integrity(
+                            Step::Install,
+                            format!("key {:?}: public half unusable: {}", k.label, e.message()),
+                        )
+                    })?);
                     objects.push(Arc::new(Object {
                         handle: cert_pub.map(|o| o.handle).unwrap_or_else(new_object_handle),
                         id,
                         label: k.label.clone(),
                         key_index: Some(*ki),
                         subject,
-                        body: Body::PublicKey(key.clone()),
+                        body: Body::PublicKey(public),
                     }));
                 }
                 ParsedKey::Secret(s) => objects.push(Arc::new(Object {

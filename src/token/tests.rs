@@ -574,3 +574,21 @@ fn a_login_finishing_after_finalize_installs_nothing() {
     assert!(!t.is_logged_in());
     assert!(retained(&f.label).is_none(), "no key outlives C_Finalize");
 }
+
+#[test]
+fn public_objects_never_hold_private_keys() {
+    let f = Fixture::new("");
+    let m = f.module();
+    let t = &m.tokens[0];
+    login_with(t, f.released()).unwrap();
+    for o in t.visible_objects() {
+        if let Body::PublicKey(k) = &o.body {
+            assert!(
+                !k.evp.is_private(),
+                "public object {:?} holds a private key",
+                o.label
+            );
+        }
+    }
+    m.logout(0).unwrap();
+}
