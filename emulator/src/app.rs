@@ -498,6 +498,29 @@ pub fn check_dir(layout: &Layout) -> Result<(), String> {
     Ok(())
 }
 
+fn lock_state(layout: &Layout) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = layout.state().join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = running_pid(layout)
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        return Err(format!(
+            "skr-emulator is already running for {}{pid}; run `skr-emulator down --dir {}` first",
+            layout.dir.display(),
+            layout.dir.display()
+        ));
+    }
+    Ok(file)
+}
+
 /// The pid of a live emulator owning this directory, if any.
 pub fn running_pid(layout: &Layout) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(layout.pid_file())
@@ -963,15 +986,9 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
 /// Runs the emulator in this process until SIGTERM / SIGINT.
 pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), String> {
     check_dir(&layout)?;
-    if let Some(pid) = running_pid(&layout) {
-        if pid != std::process::id() as i32 {
-            return Err(format!(
-                "skr-emulator is already running for {} (pid {pid}); run `skr-emulator down --dir {}` first",
-                layout.dir.display(),
-                layout.dir.display()
-            ));
-        }
-    }
+    // Held for the life of the process: two emulators never share a state directory, even
+    // when started at the same moment.
+    let _state_lock = lock_state(&layout)?;
     // Read every state file before changing anything, so a corrupt one stops us cleanly.
     let platform = state::load_platform(&layout)?;
     let keys: KeysFile = state::read_json(&layout.keys_file())?.unwrap_or_default();

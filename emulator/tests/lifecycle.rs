@@ -127,6 +127,13 @@ async fn up_down_restart_and_errors() {
     let again = run(&["up"], &dir);
     assert!(!again.ok);
     assert!(again.stderr.contains("already running"), "{}", again.stderr);
+    let foreground = run(&["up", "--foreground"], &dir);
+    assert!(!foreground.ok);
+    assert!(
+        foreground.stderr.contains("already running"),
+        "{}",
+        foreground.stderr
+    );
 
     // Down, then up again: same ports, same CA, same key versions.
     let down = run(&["down"], &dir);
