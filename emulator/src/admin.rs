@@ -103,6 +103,9 @@ pub struct Limits {
     pub mhsm_create_release_per_10s: Option<u32>,
 }
 
+/// Lines of the decision log kept for `GET /admin/log`.
+const MEMORY_LOG_LINES: usize = 20_000;
+
 pub struct Admin {
     pub counters: Mutex<Counters>,
     limits: Mutex<(Limits, BTreeMap<String, VecDeque<std::time::Instant>>)>,
@@ -222,6 +225,10 @@ impl Admin {
             let _ = writeln!(file, "{line}");
         }
         if let Ok(mut log) = self.log.lock() {
+            // Memory stays bounded in long sessions; DIR/emulator.log keeps everything.
+            if log.len() >= MEMORY_LOG_LINES {
+                log.drain(..MEMORY_LOG_LINES / 10);
+            }
             log.push(line);
         }
     }
