@@ -732,3 +732,111 @@ pub(crate) mod tests {
         v.finish(&sig).unwrap();
     }
 }
+
+#[cfg(test)]
+mod every_hash {
+    use super::tests::{ec_pkcs8, rsa_pkcs8};
+    use super::*;
+    use crate::crypto::{OaepParams, PssParams};
+    use rsa::pkcs8::DecodePrivateKey;
+
+    fn rsa() -> (Arc<AsymKey>, rsa::RsaPrivateKey) {
+        (
+            Arc::new(AsymKey::from_pkcs8(rsa_pkcs8()).unwrap()),
+            rsa::RsaPrivateKey::from_pkcs8_der(rsa_pkcs8()).unwrap(),
+        )
+    }
+
+    fn pss_scheme(h: HashAlg, salt: usize) -> rsa::Pss {
+        match h {
+            HashAlg::Sha1 => rsa::Pss::new_with_salt::<sha1::Sha1>(salt),
+            HashAlg::Sha224 => rsa::Pss::new_with_salt::<sha2::Sha224>(salt),
+            HashAlg::Sha256 => rsa::Pss::new_with_salt::<sha2::Sha256>(salt),
+            HashAlg::Sha384 => rsa::Pss::new_with_salt::<sha2::Sha384>(salt),
+            HashAlg::Sha512 => rsa::Pss::new_with_salt::<sha2::Sha512>(salt),
+        }
+    }
+
+    fn oaep_scheme(h: HashAlg) -> rsa::Oaep {
+        match h {
+            HashAlg::Sha1 => rsa::Oaep::new_with_label::<sha1::Sha1, _>("L"),
+            HashAlg::Sha224 => rsa::Oaep::new_with_label::<sha2::Sha224, _>("L"),
+            HashAlg::Sha256 => rsa::Oaep::new_with_label::<sha2::Sha256, _>("L"),
+            HashAlg::Sha384 => rsa::Oaep::new_with_label::<sha2::Sha384, _>("L"),
+            HashAlg::Sha512 => rsa::Oaep::new_with_label::<sha2::Sha512, _>("L"),
+        }
+    }
+
+    #[test]
+    fn rsa_pss_hashed_with_every_hash_verifies_with_rustcrypto() {
+        let (k, other) = rsa();
+        let public = other.to_public_key();
+        for h in HashAlg::ALL {
+            let p = PssParams {
+                hash: h,
+                mgf: h,
+                salt_len: h.output_len(),
+            };
+            let mut op = SignOp::new(Mechanism::RsaPssHash(p), k.clone()).unwrap();
+            op.update(b"every ").unwrap();
+            op.update(b"hash").unwrap();
+            let sig = op.finish().unwrap();
+            public
+                .verify(
+                    pss_scheme(h, h.output_len()),
+                    &h.digest(b"every hash"),
+                    &sig,
+                )
+                .unwrap_or_else(|e| panic!("{h:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rsa_oaep_with_every_hash_round_trips_with_rustcrypto() {
+        let (k, other) = rsa();
+        let public = other.to_public_key();
+        for h in HashAlg::ALL {
+            let m = Mechanism::RsaOaep(OaepParams {
+                hash: h,
+                mgf: h,
+                label: b"L".to_vec(),
+            });
+            let ct = public
+                .encrypt(&mut rand::thread_rng(), oaep_scheme(h), b"oaep")
+                .unwrap();
+            let mut d = CipherOp::new(m.clone(), CipherKey::Asym(k.clone()), false).unwrap();
+            d.update(&ct).unwrap();
+            assert_eq!(&d.finish().unwrap()[..], b"oaep", "{h:?}");
+            let mut e = CipherOp::new(m, CipherKey::Asym(k.clone()), true).unwrap();
+            e.update(b"back").unwrap();
+            let ct = e.finish().unwrap();
+            assert_eq!(
+                other.decrypt(oaep_scheme(h), &ct).unwrap(),
+                b"back",
+                "{h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ecdsa_hashed_with_every_hash_verifies_with_rustcrypto() {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
+        let PublicParts::Ec { point, .. } = &k.info.parts else {
+            panic!("not EC")
+        };
+        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+        for h in HashAlg::ALL {
+            let mut op = SignOp::new(Mechanism::EcdsaHash(h), k.clone()).unwrap();
+            op.update(b"ec").unwrap();
+            op.update(b"dsa").unwrap();
+            let sig = op.finish().unwrap();
+            vk.verify_prehash(
+                &h.digest(b"ecdsa"),
+                &p256::ecdsa::Signature::from_slice(&sig).unwrap(),
+            )
+            .unwrap_or_else(|e| panic!("{h:?}: {e}"));
+        }
+    }
+}
