@@ -5,6 +5,8 @@
 //! across the release or a crypto operation; each session has its own lock, held while an
 //! operation on it runs. A poisoned lock (a panic inside a call) is recovered, never fatal.
 
+#![forbid(unsafe_code)]
+
 pub mod attr;
 pub mod object;
 pub mod session;
