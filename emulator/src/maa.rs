@@ -850,6 +850,34 @@ mod tests {
         .unwrap();
     }
 
+    /// The sidecar's security-context sample carries the VCEK of another chip: refused.
+    #[test]
+    fn aci_report_with_another_chips_vcek_is_rejected() {
+        let text =
+            String::from_utf8(testdata("aci/security-context/host-amd-cert-base64")).unwrap();
+        let thim: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .unwrap(),
+        )
+        .unwrap();
+        let chain = format!(
+            "{}{}",
+            thim["vcekCert"].as_str().unwrap(),
+            thim["certificateChain"].as_str().unwrap()
+        );
+        let report = testdata("aci/snp_report.bin");
+        let evidence =
+            json!({"SnpReport": b64url(&report), "VcekCertChain": b64url(chain.as_bytes())})
+                .to_string();
+        let err = attest_sevsnp(
+            &json!({"report": b64url(evidence.as_bytes())}),
+            &amd_roots(),
+        )
+        .unwrap_err();
+        assert!(err.contains("hwID does not match"), "{err}");
+    }
+
     #[test]
     fn every_flipped_bit_class_is_rejected() {
         let report = testdata("aci/snp_report.bin");
