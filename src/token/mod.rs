@@ -24,8 +24,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Lock helpers that survive poisoning: the data behind these locks stays consistent at every
-/// await point, so a panic elsewhere must not brick the token.
+/// Lock helpers that survive poisoning: every change behind these locks is a single
+/// assignment, insert or removal, so a panic cannot leave the data half-changed, and a panic
+/// elsewhere must not brick the token.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| {
         m.clear_poison();
