@@ -1,5 +1,5 @@
 //! AES-GCM (one shot over the whole message: GCM decryption must see the tag before releasing
-//! plaintext, so multipart calls collect their input) and AES-CBC with PKCS#7 padding
+//! plaintext, so multipart calls collect their input; any IV length, tags of 96..128 bits) and AES-CBC with PKCS#7 padding
 //! (streaming, the cipher context lives in AWS-LC memory, i.e. the locked arena).
 
 use super::GcmParams;
@@ -47,8 +47,17 @@ fn nonce(p: &GcmParams) -> Result<aead::Nonce> {
         .map_err(|_| Error::new(CKR_MECHANISM_PARAM_INVALID, "AES-GCM IV must be 12 bytes"))
 }
 
-/// Ciphertext ‖ 16-byte tag, as PKCS#11 returns it.
+/// aws-lc-rs' AEAD takes 12-byte IVs and 16-byte tags; other lengths use the raw cipher.
+fn standard(p: &GcmParams) -> bool {
+    p.iv.len() == 12 && p.tag_bits == 128
+}
+
+/// Ciphertext ‖ tag, as PKCS#11 returns it.
 pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
+    if !standard(p) {
+        return super::pkey::aes_gcm_raw(true, key, &p.iv, &p.aad, pt, p.tag_bits / 8)
+            .map(|v| v.to_vec());
+    }
     let k = gcm_key(key)?;
     let mut buf = pt.to_vec();
     let tag = k
@@ -59,6 +68,9 @@ pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    if !standard(p) {
+        return super::pkey::aes_gcm_raw(false, key, &p.iv, &p.aad, ct, p.tag_bits / 8);
+    }
     if ct.len() < 16 {
         return Err(Error::new(
             CKR_ENCRYPTED_DATA_LEN_RANGE,
@@ -198,6 +210,58 @@ mod tests {
             gcm_open(&key, &p, &bad).unwrap_err().rv(),
             CKR_ENCRYPTED_DATA_INVALID
         );
+    }
+
+    #[test]
+    fn gcm_other_iv_and_tag_lengths_match_rustcrypto() {
+        use aes_gcm::aead::consts::{U12, U16};
+        type Gcm16Iv12Tag = aes_gcm::AesGcm<aes_gcm::aes::Aes256, U16, U12>;
+        let key = [5u8; 32];
+        let p = GcmParams {
+            iv: vec![1; 16],
+            aad: b"aad".to_vec(),
+            tag_bits: 96,
+        };
+        let ct = gcm_seal(&key, &p, b"non-standard sizes").unwrap();
+        assert_eq!(ct.len(), 18 + 12);
+        let other = Gcm16Iv12Tag::new_from_slice(&key).unwrap();
+        #[allow(deprecated)] // aes-gcm 0.10's nonce type
+        let nonce = aes_gcm::aead::generic_array::GenericArray::from([1u8; 16]);
+        let pt = other
+            .decrypt(
+                &nonce,
+                Payload {
+                    msg: &ct,
+                    aad: b"aad",
+                },
+            )
+            .unwrap();
+        assert_eq!(pt, b"non-standard sizes");
+        let ct2 = other
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: b"and back",
+                    aad: b"aad",
+                },
+            )
+            .unwrap();
+        assert_eq!(&gcm_open(&key, &p, &ct2).unwrap()[..], b"and back");
+        let mut bad = ct2.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            gcm_open(&key, &p, &bad).unwrap_err().rv(),
+            CKR_ENCRYPTED_DATA_INVALID
+        );
+        // The standard sizes agree between both paths.
+        let std = GcmParams {
+            iv: vec![2; 12],
+            aad: vec![],
+            tag_bits: 128,
+        };
+        let a = gcm_seal(&key, &std, b"same").unwrap();
+        let b = crate::crypto::pkey::aes_gcm_raw(true, &key, &std.iv, &[], b"same", 16).unwrap();
+        assert_eq!(a, b.to_vec());
     }
 
     #[test]

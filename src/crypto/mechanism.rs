@@ -223,16 +223,17 @@ impl Mechanism {
                 let RawParam::Gcm { iv, aad, tag_bits } = param else {
                     return Err(param_invalid("AES-GCM needs CK_GCM_PARAMS"));
                 };
-                // aws-lc-rs seals with 96-bit nonces and 128-bit tags only.
-                if iv.len() != 12 {
+                // Any IV of 1..=256 bytes; tags of 96..=128 bits (NIST SP 800-38D: shorter
+                // tags only for special uses, which no client of this token has).
+                if iv.is_empty() || iv.len() > 256 {
                     return Err(param_invalid(format!(
-                        "AES-GCM IV must be 12 bytes, got {}",
+                        "AES-GCM IV must be 1..256 bytes, got {}",
                         iv.len()
                     )));
                 }
-                if tag_bits != 128 {
+                if !(96..=128).contains(&tag_bits) || tag_bits % 8 != 0 {
                     return Err(param_invalid(format!(
-                        "AES-GCM tag must be 128 bits, got {tag_bits}"
+                        "AES-GCM tag must be 96, 104, 112, 120 or 128 bits, got {tag_bits}"
                     )));
                 }
                 Mechanism::AesGcm(GcmParams {
@@ -376,12 +377,27 @@ mod tests {
         let g = RawParam::Gcm {
             iv: vec![0; 12],
             aad: vec![],
-            tag_bits: 96,
+            tag_bits: 64,
         };
         assert_eq!(
             Mechanism::from_raw(CKM_AES_GCM, g).unwrap_err().rv(),
             CKR_MECHANISM_PARAM_INVALID
         );
+        let g = RawParam::Gcm {
+            iv: vec![],
+            aad: vec![],
+            tag_bits: 128,
+        };
+        assert_eq!(
+            Mechanism::from_raw(CKM_AES_GCM, g).unwrap_err().rv(),
+            CKR_MECHANISM_PARAM_INVALID
+        );
+        let g = RawParam::Gcm {
+            iv: vec![0; 16],
+            aad: vec![],
+            tag_bits: 96,
+        };
+        assert!(Mechanism::from_raw(CKM_AES_GCM, g).is_ok());
         assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 16])).is_ok());
         assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 15])).is_err());
     }

@@ -602,3 +602,137 @@ unsafe fn bn_bytes(bn: *const sys::BIGNUM) -> Vec<u8> {
         v
     }
 }
+
+struct CipherCtx(*mut sys::EVP_CIPHER_CTX);
+impl Drop for CipherCtx {
+    fn drop(&mut self) {
+        // SAFETY: owned context; EVP_CIPHER_CTX_free cleanses it.
+        unsafe { sys::EVP_CIPHER_CTX_free(self.0) }
+    }
+}
+
+/// AES-GCM through the raw cipher API, for the IV and tag lengths aws-lc-rs' AEAD interface
+/// does not take (it fixes 12-byte IVs and 16-byte tags). Encrypt returns ciphertext ‖ tag;
+/// decrypt takes ciphertext ‖ tag and checks the tag before returning anything.
+pub fn aes_gcm_raw(
+    encrypt: bool,
+    key: &[u8],
+    iv: &[u8],
+    aad: &[u8],
+    input: &[u8],
+    tag_len: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let data = if encrypt {
+        input
+    } else {
+        if input.len() < tag_len {
+            return Err(Error::new(
+                CKR_ENCRYPTED_DATA_LEN_RANGE,
+                "AES-GCM input shorter than the tag",
+            ));
+        }
+        &input[..input.len() - tag_len]
+    };
+    let to_int = |n: usize| {
+        i32::try_from(n).map_err(|_| Error::new(CKR_DATA_LEN_RANGE, "AES-GCM input too long"))
+    };
+    let (iv_len, aad_len, data_len) = (to_int(iv.len())?, to_int(aad.len())?, to_int(data.len())?);
+    // SAFETY: static cipher tables; the context is owned and freed by CipherCtx; every buffer
+    // passed is valid for the length given; the output has room for the input (GCM adds no
+    // bytes before the tag) plus one block.
+    unsafe {
+        let cipher = match key.len() {
+            16 => sys::EVP_aes_128_gcm(),
+            24 => sys::EVP_aes_192_gcm(),
+            32 => sys::EVP_aes_256_gcm(),
+            n => {
+                return Err(Error::new(
+                    CKR_KEY_SIZE_RANGE,
+                    format!("AES key of {n} bytes"),
+                ))
+            }
+        };
+        let ctx = CipherCtx(sys::EVP_CIPHER_CTX_new());
+        if ctx.0.is_null() {
+            return Err(failed("out of memory"));
+        }
+        let init = if encrypt {
+            sys::EVP_EncryptInit_ex
+        } else {
+            sys::EVP_DecryptInit_ex
+        };
+        let update = if encrypt {
+            sys::EVP_EncryptUpdate
+        } else {
+            sys::EVP_DecryptUpdate
+        };
+        if init(ctx.0, cipher, ptr::null_mut(), ptr::null(), ptr::null()) != 1
+            || sys::EVP_CIPHER_CTX_ctrl(ctx.0, sys::EVP_CTRL_GCM_SET_IVLEN, iv_len, ptr::null_mut())
+                != 1
+            || init(
+                ctx.0,
+                ptr::null(),
+                ptr::null_mut(),
+                key.as_ptr(),
+                iv.as_ptr(),
+            ) != 1
+        {
+            return Err(Error::new(
+                CKR_MECHANISM_PARAM_INVALID,
+                "AES-GCM refused the IV",
+            ));
+        }
+        let mut n = 0i32;
+        if !aad.is_empty() && update(ctx.0, ptr::null_mut(), &mut n, aad.as_ptr(), aad_len) != 1 {
+            return Err(failed("AES-GCM AAD failed"));
+        }
+        let mut out = zeroize::Zeroizing::new(vec![0u8; data.len() + 16 + tag_len]);
+        let mut written = 0usize;
+        if !data.is_empty() {
+            if update(ctx.0, out.as_mut_ptr(), &mut n, data.as_ptr(), data_len) != 1 {
+                return Err(failed("AES-GCM update failed"));
+            }
+            written = n as usize;
+        }
+        if encrypt {
+            if sys::EVP_EncryptFinal_ex(ctx.0, out.as_mut_ptr().add(written), &mut n) != 1 {
+                return Err(failed("AES-GCM final failed"));
+            }
+            written += n as usize;
+            if sys::EVP_CIPHER_CTX_ctrl(
+                ctx.0,
+                sys::EVP_CTRL_GCM_GET_TAG,
+                tag_len as i32,
+                out.as_mut_ptr().add(written) as *mut libc::c_void,
+            ) != 1
+            {
+                return Err(failed("AES-GCM tag failed"));
+            }
+            written += tag_len;
+        } else {
+            let mut tag = input[input.len() - tag_len..].to_vec();
+            if sys::EVP_CIPHER_CTX_ctrl(
+                ctx.0,
+                sys::EVP_CTRL_GCM_SET_TAG,
+                tag_len as i32,
+                tag.as_mut_ptr() as *mut libc::c_void,
+            ) != 1
+            {
+                return Err(Error::new(
+                    CKR_MECHANISM_PARAM_INVALID,
+                    "AES-GCM tag length refused",
+                ));
+            }
+            if sys::EVP_DecryptFinal_ex(ctx.0, out.as_mut_ptr().add(written), &mut n) != 1 {
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_ENCRYPTED_DATA_INVALID,
+                    "AES-GCM tag mismatch",
+                ));
+            }
+            written += n as usize;
+        }
+        out.truncate(written);
+        Ok(out)
+    }
+}
