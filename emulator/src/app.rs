@@ -81,8 +81,7 @@ impl App {
 
     /// IMDS THIM response for the simulated host.
     pub fn thim_json(&self) -> Value {
-        let t = self.platform().tcb;
-        let tcbm = u64::from_le_bytes(snp::tcb_bytes_milan(t));
+        let tcbm = u64::from_le_bytes(self.platform().tcb_bytes());
         json!({
             "vcekCert": pem_encode("CERTIFICATE", &self.vcek_der()),
             "tcbm": format!("{tcbm:016X}"),

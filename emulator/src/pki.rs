@@ -188,9 +188,12 @@ pub fn issue_self_signed_rsa(key: &rsa::RsaPrivateKey, subject_cn: &str) -> PkiR
 const AMD_SUBJECT_SUFFIX: &str =
     "OU=Engineering,C=US,L=Santa Clara,ST=CA,O=Advanced Micro Devices (skr-emulator simulation)";
 
-/// Reported TCB of the simulated platform (Milan layout).
+/// Reported TCB of the simulated platform; `fmc` exists on Turin only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tcb {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fmc: Option<u8>,
     pub bootloader: u8,
     pub tee: u8,
     pub snp: u8,
@@ -297,6 +300,7 @@ amd_extension!(ExtBlSpl, OID_AMD_BL_SPL);
 amd_extension!(ExtTeeSpl, OID_AMD_TEE_SPL);
 amd_extension!(ExtSnpSpl, OID_AMD_SNP_SPL);
 amd_extension!(ExtUcodeSpl, OID_AMD_UCODE_SPL);
+amd_extension!(ExtFmcSpl, OID_AMD_FMC_SPL);
 amd_extension!(ExtHwId, OID_AMD_HWID);
 
 fn der_integer(value: u32) -> PkiResult<Vec<u8>> {
@@ -304,12 +308,14 @@ fn der_integer(value: u32) -> PkiResult<Vec<u8>> {
 }
 
 /// The VCEK for one chip at one TCB (AMD issues a new one per TCB), serial number 0 like AMD's.
+/// `hwid` is the whole CHIP_ID (64 bytes), or its first 8 bytes on Turin.
 pub fn issue_vcek(
     ask: &Certificate,
     ask_key: &rsa::RsaPrivateKey,
     vcek_key: &p384::ecdsa::SigningKey,
+    product_name: &str,
     tcb: Tcb,
-    chip_id: &[u8; 64],
+    hwid: &[u8],
 ) -> PkiResult<Certificate> {
     let signer = amd_pss_signer(ask_key);
     let now = SystemTime::now();
@@ -329,7 +335,7 @@ pub fn issue_vcek(
         &signer,
     )
     .map_err(err("VCEK builder"))?;
-    let product = Ia5String::new("Milan-B0")
+    let product = Ia5String::new(product_name)
         .and_then(|s| s.to_der())
         .map_err(err("productName"))?;
     builder
@@ -350,8 +356,13 @@ pub fn issue_vcek(
     builder
         .add_extension(&ExtUcodeSpl(der_integer(tcb.microcode.into())?))
         .map_err(err("ext"))?;
+    if let Some(fmc) = tcb.fmc {
+        builder
+            .add_extension(&ExtFmcSpl(der_integer(fmc.into())?))
+            .map_err(err("ext"))?;
+    }
     builder
-        .add_extension(&ExtHwId(chip_id.to_vec()))
+        .add_extension(&ExtHwId(hwid.to_vec()))
         .map_err(err("ext"))?;
     builder
         .build_with_rng::<rsa::pss::Signature>(&mut rand::rngs::OsRng)

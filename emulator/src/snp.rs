@@ -43,6 +43,9 @@ pub struct PlatformConfig {
     /// CHIP_ID, 64 bytes hex; equals the VCEK's hwID.
     pub chip_id: String,
     pub platform_info: u64,
+    /// Processor generation: decides CPUID, the TCB layout (Turin adds FMC) and the VCEK.
+    #[serde(default)]
+    pub generation: Generation,
 }
 
 impl PlatformConfig {
@@ -60,6 +63,7 @@ impl PlatformConfig {
             author_key_digest: hex::encode([0u8; 48]),
             report_id: crate::util::random_hex(32),
             tcb: Tcb {
+                fmc: None,
                 bootloader: 3,
                 tee: 0,
                 snp: 8,
@@ -67,6 +71,7 @@ impl PlatformConfig {
             },
             chip_id: crate::util::random_hex(64),
             platform_info: 0x3,
+            generation: Generation::Milan,
         }
     }
 
@@ -81,6 +86,50 @@ impl PlatformConfig {
         fixed_hex::<64>("chip_id", &self.chip_id)
     }
 
+    /// CHIP_ID as the report carries it: Turin uses only the first 8 bytes.
+    pub fn reported_chip_id(&self) -> Result<[u8; 64], String> {
+        let mut chip = self.chip_id_bytes()?;
+        if self.generation == Generation::Turin {
+            chip[8..].fill(0);
+        }
+        Ok(chip)
+    }
+
+    /// The VCEK's hwID extension for this chip.
+    pub fn vcek_hwid(&self) -> Result<Vec<u8>, String> {
+        let chip = self.reported_chip_id()?;
+        Ok(match self.generation {
+            Generation::Turin => chip[..8].to_vec(),
+            _ => chip.to_vec(),
+        })
+    }
+
+    pub fn product_name(&self) -> &'static str {
+        match self.generation {
+            Generation::Milan => "Milan-B0",
+            Generation::Genoa => "Genoa-B1",
+            Generation::Turin => "Turin-B0",
+        }
+    }
+
+    /// TCB_VERSION bytes in this generation's layout.
+    pub fn tcb_bytes(&self) -> [u8; 8] {
+        let t = self.tcb;
+        match self.generation {
+            Generation::Turin => [
+                t.fmc.unwrap_or(0),
+                t.bootloader,
+                t.tee,
+                t.snp,
+                0,
+                0,
+                0,
+                t.microcode,
+            ],
+            _ => [t.bootloader, t.tee, 0, 0, 0, 0, t.snp, t.microcode],
+        }
+    }
+
     /// Checks every field, so that a bad edit is reported at start, not at the first report.
     pub fn validate(&self) -> Result<(), String> {
         fixed_hex::<48>("measurement", &self.measurement)?;
@@ -91,6 +140,13 @@ impl PlatformConfig {
         fixed_hex::<48>("author_key_digest", &self.author_key_digest)?;
         fixed_hex::<32>("report_id", &self.report_id)?;
         self.chip_id_bytes()?;
+        match (self.generation, self.tcb.fmc) {
+            (Generation::Turin, None) => return Err("tcb.fmc is required on Turin".into()),
+            (Generation::Milan | Generation::Genoa, Some(_)) => {
+                return Err("tcb.fmc exists on Turin only".into())
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -105,18 +161,14 @@ pub fn fixed_hex<const N: usize>(field: &str, text: &str) -> Result<[u8; N], Str
         .map_err(|b: Vec<u8>| format!("{field}: {} bytes, expected {N}", b.len()))
 }
 
-pub fn tcb_bytes_milan(tcb: Tcb) -> [u8; 8] {
-    [tcb.bootloader, tcb.tee, 0, 0, 0, 0, tcb.snp, tcb.microcode]
-}
-
-/// Builds and signs a version-3 Milan report, as the PSP would for this guest.
+/// Builds and signs a version-3 report, as the PSP would for this guest.
 pub fn build_report(
     cfg: &PlatformConfig,
     report_data: &[u8; 64],
     vcek: &p384::ecdsa::SigningKey,
 ) -> Result<Vec<u8>, String> {
     let mut r = vec![0u8; REPORT_LEN];
-    let tcb = tcb_bytes_milan(cfg.tcb);
+    let tcb = cfg.tcb_bytes();
     r[0x00..0x04].copy_from_slice(&3u32.to_le_bytes());
     r[0x04..0x08].copy_from_slice(&cfg.guest_svn.to_le_bytes());
     r[0x08..0x10].copy_from_slice(&cfg.policy.to_le_bytes());
@@ -139,11 +191,14 @@ pub fn build_report(
     // No migration agent: REPORT_ID_MA is all ones.
     r[0x160..0x180].fill(0xFF);
     r[0x180..0x188].copy_from_slice(&tcb);
-    // CPUID family 0x19 model 0x01 stepping 1: Milan B1.
-    r[0x188] = 0x19;
-    r[0x189] = 0x01;
-    r[0x18A] = 0x01;
-    r[0x1A0..0x1E0].copy_from_slice(&cfg.chip_id_bytes()?);
+    // CPUID family / model / stepping of the generation.
+    let cpuid = match cfg.generation {
+        Generation::Milan => [0x19, 0x01, 0x01],
+        Generation::Genoa => [0x19, 0x11, 0x01],
+        Generation::Turin => [0x1A, 0x02, 0x01],
+    };
+    r[0x188..0x18B].copy_from_slice(&cpuid);
+    r[0x1A0..0x1E0].copy_from_slice(&cfg.reported_chip_id()?);
     r[0x1E0..0x1E8].copy_from_slice(&tcb);
     // CURRENT and COMMITTED firmware version 1.55.21 (build, minor, major).
     r[0x1E8..0x1EB].copy_from_slice(&[21, 55, 1]);
@@ -205,8 +260,9 @@ pub fn verify_report_signature(
 }
 
 /// Processor generation; decides the TCB_VERSION layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Generation {
+    #[default]
     Milan,
     Genoa,
     Turin,
@@ -357,6 +413,29 @@ mod tests {
         assert_eq!((tcb.bootloader, tcb.snp, tcb.microcode), (3, 8, 115));
         report[0x95] ^= 1;
         assert!(verify_report_signature(&report, key.verifying_key()).is_err());
+    }
+
+    #[test]
+    fn turin_and_genoa_reports() {
+        let key = p384::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let mut cfg = PlatformConfig::generate();
+        cfg.generation = Generation::Turin;
+        assert!(cfg.validate().unwrap_err().contains("fmc"));
+        cfg.tcb.fmc = Some(2);
+        cfg.validate().unwrap();
+        let report = build_report(&cfg, &[0u8; 64], &key).unwrap();
+        let view = Report(&report);
+        assert_eq!(view.generation(None), Generation::Turin);
+        assert!(view.chip_id()[8..].iter().all(|b| *b == 0));
+        let tcb = decode_tcb(view.reported_tcb(), Generation::Turin);
+        assert_eq!(
+            (tcb.fmc, tcb.bootloader, tcb.snp, tcb.microcode),
+            (Some(2), 3, 8, 115)
+        );
+        cfg.generation = Generation::Genoa;
+        cfg.tcb.fmc = None;
+        let report = build_report(&cfg, &[0u8; 64], &key).unwrap();
+        assert_eq!(Report(&report).generation(None), Generation::Genoa);
     }
 
     #[test]

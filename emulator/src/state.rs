@@ -274,12 +274,18 @@ impl Pki {
                 key
             }
         };
-        let chip_id = platform.chip_id_bytes()?;
         // AMD issues one VCEK per chip and TCB: re-issue when platform.json changed either.
         let vcek_der = match items.get("vcek_cert")? {
-            Some(c) if vcek_matches(&c, platform.tcb, &chip_id) => c,
+            Some(c) if vcek_matches(&c, platform) => c,
             _ => {
-                let cert = pki::issue_vcek(&ask, &ask_key, &vcek_key, platform.tcb, &chip_id)?;
+                let cert = pki::issue_vcek(
+                    &ask,
+                    &ask_key,
+                    &vcek_key,
+                    platform.product_name(),
+                    platform.tcb,
+                    &platform.vcek_hwid()?,
+                )?;
                 let der = pki::cert_der(&cert)?;
                 items.put("vcek_cert", &der);
                 der
@@ -317,13 +323,16 @@ impl Pki {
     }
 }
 
-fn vcek_matches(der: &[u8], tcb: pki::Tcb, chip_id: &[u8; 64]) -> bool {
-    let Ok(cert) = pki::parse_cert(der) else {
+fn vcek_matches(der: &[u8], platform: &PlatformConfig) -> bool {
+    let (Ok(cert), Ok(hwid)) = (pki::parse_cert(der), platform.vcek_hwid()) else {
         return false;
     };
+    let tcb = platform.tcb;
     match crate::maa::vcek_extensions(&cert) {
         Ok(ext) => {
-            ext.hwid.as_deref() == Some(&chip_id[..])
+            ext.hwid.as_deref() == Some(&hwid[..])
+                && ext.product.as_deref() == Some(platform.product_name())
+                && ext.spl(pki::OID_AMD_FMC_SPL) == tcb.fmc
                 && ext.spl(pki::OID_AMD_BL_SPL) == Some(tcb.bootloader)
                 && ext.spl(pki::OID_AMD_TEE_SPL) == Some(tcb.tee)
                 && ext.spl(pki::OID_AMD_SNP_SPL) == Some(tcb.snp)

@@ -337,6 +337,70 @@ async fn platform_changes_at_run_time() {
         serde_json::from_slice(&std::fs::read(e.dir.join("state/platform.json")).unwrap()).unwrap();
     assert_eq!(saved["tcb"], tcb);
 
+    // Other generations: Turin (FMC in the TCB, 8-byte chip id) and Genoa attest and release.
+    assert_eq!(
+        send(c.put(&url).json(&json!({"generation": "Turin"})))
+            .await
+            .status,
+        400,
+        "Turin needs tcb.fmc"
+    );
+    for (generation, tcb) in [
+        (
+            "Turin",
+            json!({"fmc": 1, "bootloader": 2, "tee": 0, "snp": 3, "microcode": 5}),
+        ),
+        (
+            "Genoa",
+            json!({"bootloader": 7, "tee": 0, "snp": 21, "microcode": 72}),
+        ),
+    ] {
+        let r = send(
+            c.put(&url)
+                .json(&json!({"generation": generation, "tcb": tcb, "security_policy": original["security_policy"]})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{generation}: {}", r.text);
+        let (report, chain) = platform_report(&e, &c, &[0u8; 64]).await;
+        let chip = &report[0x1A0..0x1E0];
+        assert_eq!(chip[8..].iter().all(|b| *b == 0), generation == "Turin");
+        let vcek = x509_cert::Certificate::load_pem_chain(chain.as_bytes())
+            .unwrap()
+            .remove(0);
+        let hwid = vcek
+            .tbs_certificate
+            .extensions
+            .iter()
+            .flatten()
+            .find(|x| x.extn_id.to_string() == "1.3.6.1.4.1.3704.1.4")
+            .unwrap();
+        assert_eq!(
+            hwid.extn_value.as_bytes().len(),
+            if generation == "Turin" { 8 } else { 64 }
+        );
+        let token = maa_token(&e, &c, &transfer).await;
+        let (_, claims, _) = jws_parts(&token);
+        assert_eq!(
+            claims["x-ms-sevsnpvm-bootloader-svn"], tcb["bootloader"],
+            "{generation}"
+        );
+        assert_eq!(
+            claims["x-ms-sevsnpvm-snpfw-svn"], tcb["snp"],
+            "{generation}"
+        );
+        assert_eq!(
+            claims["x-ms-sevsnpvm-microcode-svn"], tcb["microcode"],
+            "{generation}"
+        );
+        let r = send(
+            c.post(format!("{}/keys/tls-rsa/release?api-version=7.4", e.vault))
+                .bearer_auth(&vt)
+                .json(&json!({"target": token})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{generation}: {}", r.text);
+    }
+
     // Opt-in Key Vault throttling: create + release share 10-second windows.
     let limits = format!("{}/admin/limits", e.platform);
     assert_eq!(
