@@ -397,7 +397,13 @@ p11_fn! {
             }
             // SAFETY: API input buffer of pin_len bytes.
             let pin = unsafe { input(p_pin, pin_len, "pPin")? };
-            check_pin(pin, expected.as_bytes())?;
+            check_pin(pin, expected.as_bytes()).map_err(|e| {
+                Error::new(
+                    e.rv(),
+                    format!("token {:?}: {}", t.config.label, e.message()),
+                )
+                .with_hint("pass the pin set in the token's config (or remove it to use the protected authentication path)")
+            })?;
         }
         login(&inst, t.index)
     }
