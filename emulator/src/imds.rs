@@ -28,8 +28,11 @@ fn imds_error(status: StatusCode, error: &str, description: &str) -> Response {
         .into_response()
 }
 
+/// IMDS wants `Metadata: true` and refuses requests that came through a proxy
+/// (`X-Forwarded-For`), as the real one does.
 fn metadata_ok(headers: &HeaderMap) -> bool {
     headers.get("metadata").and_then(|v| v.to_str().ok()) == Some("true")
+        && !headers.contains_key("x-forwarded-for")
 }
 
 fn query(uri: &Uri) -> Vec<(String, String)> {

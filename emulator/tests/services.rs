@@ -85,6 +85,18 @@ async fn imds_token_shape_and_errors() {
         .to_lowercase()
         .contains("metadata"));
 
+    let proxied = send(
+        c.get(&url)
+            .query(&[
+                ("api-version", "2018-02-01"),
+                ("resource", "https://vault.azure.net"),
+            ])
+            .header("Metadata", "true")
+            .header("X-Forwarded-For", "10.0.0.1"),
+    )
+    .await;
+    assert_eq!(proxied.status, 400, "a proxied request is refused");
+
     let no_resource = send(
         c.get(&url)
             .query(&[("api-version", "2018-02-01")])
