@@ -1504,3 +1504,42 @@ fn session_cancel_ends_the_chosen_operations() {
     assert_eq!(len, 32);
     assert_eq!(cancel(999_999, CKF_SIGN), CKR_SESSION_HANDLE_INVALID);
 }
+
+/// Throughput through the function table next to aws-lc-rs alone (run with --ignored
+/// --nocapture; numbers, not assertions beyond sanity: debug build of this crate).
+#[test]
+#[ignore = "measurement"]
+fn measure_sign_throughput() {
+    let live = Live::new("");
+    live.login();
+    let s = live.session(false);
+    let key = live.find(s, CKO_PRIVATE_KEY, 1);
+    let n = 300;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let sig = sign(
+            s,
+            &mut mech(CKM_SHA256_RSA_PKCS),
+            key,
+            format!("{i}").as_bytes(),
+        );
+        assert_eq!(sig.len(), 256);
+    }
+    let module = n as f64 / t.elapsed().as_secs_f64();
+    let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(&live.f.rsa).unwrap();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let mut sig = vec![0u8; 256];
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        kp.sign(
+            &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+            &rng,
+            format!("{i}").as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+    }
+    let direct = n as f64 / t.elapsed().as_secs_f64();
+    eprintln!("RSA-2048 SHA256-RSA-PKCS: module {module:.0}/s, aws-lc-rs alone {direct:.0}/s");
+    assert!(module > 0.0 && direct > 0.0);
+}
