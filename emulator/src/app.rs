@@ -257,8 +257,9 @@ async fn log_request(
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let started = Instant::now();
-    // A panicking handler becomes a 500 (and a log line) instead of a dropped connection. Not
-    // spawned: a request the client abandons is cancelled, as before, and never completes late.
+    // A panicking handler becomes a 500 (and a log line) instead of a dropped connection.
+    // Polled in place, not spawned, so a request the client abandons is cancelled rather than
+    // completing later (and changing counters) behind a test's back.
     let response = match CatchUnwind(Box::pin(next.run(request))).await {
         Ok(response) => response,
         Err(e) => {
