@@ -395,6 +395,9 @@ async fn maa_rejects_bad_evidence_with_invalid_parameter() {
             .json(&json!({})),
     )
     .await;
+    let unknown = send(c.get(format!("{}/attest/nothing", e.maa))).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["code"], "NotFound");
     assert_eq!(tdx.status, 400);
 }
 
@@ -914,6 +917,47 @@ async fn release_round_trips_for_every_key_type_and_enc() {
         .unwrap()
         .len(),
         32
+    );
+
+    // EC import: the released PKCS#8 holds the imported scalar.
+    let ec_key = p384::SecretKey::random(&mut rand::rngs::OsRng);
+    let point = ec_key.public_key().to_encoded_point(false);
+    let ec_jwk = json!({"kty": "EC-HSM", "crv": "P-384", "d": b64url(&ec_key.to_bytes()),
+        "x": b64url(point.x().unwrap()), "y": b64url(point.y().unwrap())});
+    let imported = send(c.put(format!("{}/keys/imported-ec?api-version=7.4", e.vault)).bearer_auth(&vt).json(&json!({
+        "key": ec_jwk, "attributes": {"exportable": true}, "release_policy": {"data": policy_b64(&policy)}}))).await;
+    assert_eq!(imported.status, 200, "{}", imported.text);
+    assert_eq!(imported.json()["key"]["x"], ec_jwk["x"]);
+    assert!(
+        imported.json()["key"].get("d").is_none(),
+        "no private part in a KeyBundle"
+    );
+    let r = send(
+        c.post(format!(
+            "{}/keys/imported-ec/release?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt)
+        .json(&json!({"target": target, "enc": "RSA_AES_KEY_WRAP_384"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, payload, _) = jws_parts(r.json()["value"].as_str().unwrap());
+    let key_hsm: Value = serde_json::from_slice(&unb64url(
+        payload["response"]["key"]["key"]["key_hsm"]
+            .as_str()
+            .unwrap(),
+    ))
+    .unwrap();
+    let plain = unwrap(
+        &transfer.key,
+        "RSA_AES_KEY_WRAP_384",
+        &unb64url(key_hsm["ciphertext"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        p384::SecretKey::from_pkcs8_der(&plain).unwrap().to_bytes(),
+        ec_key.to_bytes()
     );
 
     let rsa_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
