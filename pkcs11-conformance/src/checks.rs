@@ -323,7 +323,7 @@ fn initialize_matrix(t: &Target) -> Outcome {
     let mut notes = Vec::new();
     // pReserved must be checked, never dereferenced (pkcs11test passes (void*)1).
     let mut a = init_args(0, 0);
-    a.pReserved = 1 as *mut c_void;
+    a.pReserved = ptr::without_provenance_mut(1); // (void*)1, as pkcs11test passes
     let rv = m.initialize(Some(&mut a));
     if rv == CKR_OK {
         let _ = m.finalize();
@@ -385,7 +385,7 @@ fn initialize_matrix(t: &Target) -> Outcome {
 fn finalize_rules(t: &Target) -> Outcome {
     let m = &t.module;
     expect("C_Initialize", m.initialize(None), &[CKR_OK])?;
-    let rv = m.finalize_raw(1 as *mut c_void);
+    let rv = m.finalize_raw(ptr::without_provenance_mut(1));
     expect("C_Finalize((void*)1)", rv, &[CKR_ARGUMENTS_BAD])?;
     expect("C_Finalize(NULL)", m.finalize(), &[CKR_OK])?;
     expect(

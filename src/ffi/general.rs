@@ -19,7 +19,8 @@ use std::time::Instant;
 static RETAINED_OWNER: AtomicU32 = AtomicU32::new(0);
 
 pub(crate) const MANUFACTURER: &str = "skr-pkcs11";
-const LIBRARY_DESCRIPTION: &str = "SKR PKCS#11 (keys released to a TEE)";
+// At most 32 bytes: the CK_INFO field is fixed-size and space padded.
+const LIBRARY_DESCRIPTION: &str = "Keys released to an attested TEE";
 const MODEL: &str = "SKR TEE token";
 /// Longest local PIN accepted (CK_TOKEN_INFO.ulMaxPinLen).
 const MAX_PIN_LEN: CK_ULONG = 255;
