@@ -177,3 +177,43 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
     writeln!(stdin, "exit").unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_zero_memlock_limit_warns_but_login_and_signing_still_work() {
+    let emu = Emulator::shared();
+    let holder = common::workspace_root().join("target/debug/examples/hold_logged_in");
+    // util-linux: RLIMIT_MEMLOCK = 0 (as a container might set it), and no CAP_IPC_LOCK
+    // (which lets root lock memory whatever the limit) for the holder.
+    let mut child = Command::new("prlimit")
+        .args(["--memlock=0:0", "--", "setpriv", "--bounding-set=-ipc_lock", "--"])
+        .arg(&holder)
+        .args([
+            common::module_path().to_str().unwrap(),
+            "skr-demo",
+            "tls-rsa",
+        ])
+        .env("SKR_PKCS11_CONFIG", emu.config_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    writeln!(child.stdin.take().unwrap(), "exit").unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "login and signing must work without mlock; stderr:\n{err}"
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("mlock") && l.contains("RLIMIT_MEMLOCK")),
+        "one warning naming mlock and the limit to raise:\n{err}"
+    );
+}
