@@ -63,7 +63,7 @@ pkcs11 = pkcs11_section
 engine_id = pkcs11
 dynamic_path = $ENGINE_SO
 MODULE_PATH = ${src/file/$MOD}
-init = 0
+init = 1
 CNF
   local user=""; [ "$(id -u)" = 0 ] && user="user root;"
   cat > "$W/nginx.conf" <<CONF
