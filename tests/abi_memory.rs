@@ -185,7 +185,13 @@ fn a_zero_memlock_limit_warns_but_login_and_signing_still_work() {
     // util-linux: RLIMIT_MEMLOCK = 0 (as a container might set it), and no CAP_IPC_LOCK
     // (which lets root lock memory whatever the limit) for the holder.
     let mut child = Command::new("prlimit")
-        .args(["--memlock=0:0", "--", "setpriv", "--bounding-set=-ipc_lock", "--"])
+        .args([
+            "--memlock=0:0",
+            "--",
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--",
+        ])
         .arg(&holder)
         .args([
             common::module_path().to_str().unwrap(),
