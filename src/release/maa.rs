@@ -294,15 +294,16 @@ pub fn check_claims(
             "MAA token does not echo our nonce: a replayed or foreign token",
         ));
     }
-    if let Some(rd) = claims
+    // Required, not merely checked when present: every SevSnpVm token carries it, and a token
+    // without it would not bind the attested report to this login's runtime data.
+    let rd = claims
         .get("x-ms-sevsnpvm-reportdata")
         .and_then(Value::as_str)
-    {
-        if !rd.eq_ignore_ascii_case(&hex::encode(expected.report_data)) {
-            return Err(bad(
-                "MAA token x-ms-sevsnpvm-reportdata is not the REPORT_DATA of our report",
-            ));
-        }
+        .ok_or_else(|| bad("MAA token has no x-ms-sevsnpvm-reportdata"))?;
+    if !rd.eq_ignore_ascii_case(&hex::encode(expected.report_data)) {
+        return Err(bad(
+            "MAA token x-ms-sevsnpvm-reportdata is not the REPORT_DATA of our report",
+        ));
     }
     let keys = claims
         .pointer("/x-ms-runtime/keys")
@@ -410,6 +411,13 @@ mod tests {
             transfer_key: &key,
         };
         assert!(msg(check_claims(&claims, url, &r2, iat)).contains("reportdata"));
+        // No REPORT_DATA claim at all: nothing binds the report to our runtime data.
+        let mut no_rd = claims.clone();
+        no_rd
+            .as_object_mut()
+            .unwrap()
+            .remove("x-ms-sevsnpvm-reportdata");
+        assert!(msg(check_claims(&no_rd, url, &exp, iat)).contains("reportdata"));
         // Attestation type.
         let mut t = claims.clone();
         t["x-ms-attestation-type"] = "sgx".into();
