@@ -1,8 +1,8 @@
 //! General-purpose, slot and token, session and login functions.
 
 use super::{
-    bad, c_struct, drop_inherited_states, input, instance, out, out_struct, p11_fn, pad, read_len,
-    register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
+    bad, c_struct, deliver_list, drop_inherited_states, input, instance, out, out_struct, p11_fn,
+    pad, register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::mechanism_table;
@@ -203,20 +203,8 @@ p11_fn! {
     fn C_GetSlotList(token_present: CK_BBOOL, p_slot_list: *mut CK_SLOT_ID, pul_count: *mut CK_ULONG) [token_present] {
         let inst = instance()?;
         let slots = inst.module.slot_ids();
-        // SAFETY: API in/out pointers.
-        let have = unsafe { read_len(pul_count, "pulCount")? };
-        unsafe { out(pul_count, slots.len() as CK_ULONG, "pulCount")? };
-        if p_slot_list.is_null() {
-            return Ok(());
-        }
-        if (have as usize) < slots.len() {
-            return Err(Error::new(CKR_BUFFER_TOO_SMALL, "slot list buffer too small"));
-        }
-        for (i, s) in slots.iter().enumerate() {
-            // SAFETY: the caller's list holds `have` ≥ slots.len() entries.
-            unsafe { p_slot_list.add(i).write_unaligned(*s) };
-        }
-        Ok(())
+        // SAFETY: API list and count pointers.
+        unsafe { deliver_list(p_slot_list, pul_count, &slots, "slot list") }
     }
 
     fn C_GetSlotInfo(slot: CK_SLOT_ID, p_info: *mut CK_SLOT_INFO) [slot] {
@@ -275,20 +263,8 @@ p11_fn! {
         let inst = instance()?;
         inst.module.token(slot)?;
         let mechs: Vec<CK_MECHANISM_TYPE> = mechanism_table().iter().map(|m| m.0).collect();
-        // SAFETY: API in/out pointers.
-        let have = unsafe { read_len(pul_count, "pulCount")? };
-        unsafe { out(pul_count, mechs.len() as CK_ULONG, "pulCount")? };
-        if p_list.is_null() {
-            return Ok(());
-        }
-        if (have as usize) < mechs.len() {
-            return Err(Error::new(CKR_BUFFER_TOO_SMALL, "mechanism list buffer too small"));
-        }
-        for (i, m) in mechs.iter().enumerate() {
-            // SAFETY: the caller's list holds `have` ≥ mechs.len() entries.
-            unsafe { p_list.add(i).write_unaligned(*m) };
-        }
-        Ok(())
+        // SAFETY: API list and count pointers.
+        unsafe { deliver_list(p_list, pul_count, &mechs, "mechanism list") }
     }
 
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mech: CK_MECHANISM_TYPE, p_info: *mut CK_MECHANISM_INFO) [slot, mech] {

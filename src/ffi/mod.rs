@@ -318,6 +318,41 @@ pub(crate) unsafe fn deliver(buf: *mut u8, len: *mut CK_ULONG, data: &[u8]) -> R
     Ok(true)
 }
 
+/// The size-query protocol for a list of fixed-size entries (slots, mechanisms, interfaces):
+/// NULL list → count only; a list shorter than needed → count and CKR_BUFFER_TOO_SMALL; else
+/// the entries.
+///
+/// # Safety
+/// `list` must be NULL or valid for `*count` entries; `count` valid for read and write.
+pub(crate) unsafe fn deliver_list<T: Copy>(
+    list: *mut T,
+    count: *mut CK_ULONG,
+    entries: &[T],
+    what: &str,
+) -> Result<()> {
+    // SAFETY: forwarded caller contract.
+    let have = unsafe { read_len(count, "pulCount")? };
+    // SAFETY: as above.
+    unsafe { out(count, entries.len() as CK_ULONG, "pulCount")? };
+    if list.is_null() {
+        return Ok(());
+    }
+    if have < entries.len() as CK_ULONG {
+        return Err(Error::new(
+            CKR_BUFFER_TOO_SMALL,
+            format!(
+                "{what}: {} entries needed, the list holds {have}",
+                entries.len()
+            ),
+        ));
+    }
+    for (i, e) in entries.iter().enumerate() {
+        // SAFETY: the caller's list holds `have` ≥ entries.len() entries.
+        unsafe { list.add(i).write_unaligned(*e) };
+    }
+    Ok(())
+}
+
 /// Copy a fixed-size field (space-padded by the caller of this helper).
 pub(crate) fn pad<const N: usize>(s: &str) -> [u8; N] {
     let mut o = [b' '; N];

@@ -7,8 +7,7 @@
 use super::general::*;
 use super::objects::*;
 use super::ops::*;
-use super::{bad, out, read_len, run};
-use crate::error::Error;
+use super::{bad, deliver_list, out, run};
 use cryptoki_sys::*;
 
 pub(crate) static FUNCTION_LIST_240: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
@@ -236,29 +235,9 @@ pub unsafe extern "C" fn C_GetInterfaceList(
 ) -> CK_RV {
     run("C_GetInterfaceList", || {
         crate::secret::arena::install();
-        let all = interfaces();
-        // SAFETY: API in/out pointers.
-        let have = unsafe { read_len(pul_count, "pulCount")? };
-        unsafe { out(pul_count, all.len() as CK_ULONG, "pulCount")? };
-        if p_list.is_null() {
-            return Ok(());
-        }
-        if (have as usize) < all.len() {
-            return Err(Error::new(
-                CKR_BUFFER_TOO_SMALL,
-                "interface list buffer too small",
-            ));
-        }
-        for (i, iface) in all.iter().enumerate() {
-            let copy = CK_INTERFACE {
-                pInterfaceName: iface.0.pInterfaceName,
-                pFunctionList: iface.0.pFunctionList,
-                flags: iface.0.flags,
-            };
-            // SAFETY: the caller's list holds `have` ≥ 2 entries.
-            unsafe { p_list.add(i).write_unaligned(copy) };
-        }
-        Ok(())
+        let all = interfaces().map(|i| i.0);
+        // SAFETY: API list and count pointers.
+        unsafe { deliver_list(p_list, pul_count, &all, "interface list") }
     })
 }
 
