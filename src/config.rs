@@ -185,6 +185,30 @@ pub enum ForkPolicy {
     ReRelease,
 }
 
+/// A token's local PIN: wiped when dropped, and never shown by `Debug` (a `{:?}` of the
+/// configuration must not print it).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Pin(String);
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl Pin {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pin(redacted)")
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
@@ -193,7 +217,7 @@ pub struct TokenConfig {
     /// Token serial (≤ 16 bytes); default derived from the label.
     pub serial: Option<String>,
     /// Optional local PIN check before release (plain text compared in constant time).
-    pub pin: Option<String>,
+    pub pin: Option<Pin>,
     #[serde(rename = "key", default)]
     pub keys: Vec<KeyConfig>,
 }
@@ -440,6 +464,16 @@ label = "tls-rsa"
 id = "01"
 kid = "https://127.0.0.1:4/keys/tls-rsa"
 "#;
+
+    #[test]
+    fn pin_is_read_but_never_shown_by_debug() {
+        let text = GOOD.replace("label = \"skr\"", "label = \"skr\"\npin = \"s3cr3t-pin\"");
+        let c = Config::parse(&text, Path::new("c.toml")).unwrap();
+        assert_eq!(c.tokens[0].pin.as_ref().unwrap().as_bytes(), b"s3cr3t-pin");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-pin"), "{shown}");
+        assert!(shown.contains("Pin(redacted)"));
+    }
 
     #[test]
     fn good_config_parses_with_defaults() {
