@@ -187,31 +187,38 @@ impl App {
                 "the token signature does not verify with any signing key of {issuer}"
             )));
         }
-        let now = now_secs();
-        let exp = jws.payload.get("exp").and_then(Value::as_u64);
-        match exp {
-            Some(exp) if exp + 60 < now => {
-                return Err(TargetError::Untrusted(format!(
-                    "the attestation token expired at {}",
-                    crate::util::rfc3339(exp)
-                )))
-            }
-            None => {
-                return Err(TargetError::Untrusted(
-                    "the attestation token has no exp".into(),
-                ))
-            }
-            _ => {}
-        }
-        if let Some(nbf) = jws.payload.get("nbf").and_then(Value::as_u64) {
-            if nbf > now + 60 {
-                return Err(TargetError::Untrusted(
-                    "the attestation token is not valid yet (nbf)".into(),
-                ));
-            }
-        }
+        check_token_times(&jws.payload, now_secs())?;
         Ok(jws.payload)
     }
+}
+
+/// `exp` (required) and `nbf` of an attestation token against `now`, with 60 s of skew. The
+/// token's issuer is whoever the token names, so its numbers are attacker-chosen: no
+/// arithmetic here may overflow.
+fn check_token_times(payload: &Value, now: u64) -> Result<(), TargetError> {
+    const SKEW: u64 = 60;
+    match payload.get("exp").and_then(Value::as_u64) {
+        Some(exp) if exp.saturating_add(SKEW) < now => {
+            return Err(TargetError::Untrusted(format!(
+                "the attestation token expired at {}",
+                crate::util::rfc3339(exp)
+            )))
+        }
+        None => {
+            return Err(TargetError::Untrusted(
+                "the attestation token has no exp".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(nbf) = payload.get("nbf").and_then(Value::as_u64) {
+        if nbf > now.saturating_add(SKEW) {
+            return Err(TargetError::Untrusted(
+                "the attestation token is not valid yet (nbf)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The RSA key of a JWKS entry's `x5c[0]` (AKV requires x5c).
@@ -1129,6 +1136,22 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_times_never_overflow_on_issuer_chosen_numbers() {
+        let untrusted =
+            |p: Value, now| matches!(check_token_times(&p, now), Err(TargetError::Untrusted(_)));
+        let now = 1_700_000_000;
+        assert!(check_token_times(&json!({"exp": now + 10}), now).is_ok());
+        assert!(check_token_times(&json!({"exp": now - 60}), now).is_ok());
+        assert!(untrusted(json!({"exp": now - 61}), now));
+        assert!(untrusted(json!({}), now));
+        assert!(untrusted(json!({"exp": now + 10, "nbf": now + 61}), now));
+        // Extremes: far-future exp is valid; nothing panics near u64::MAX.
+        assert!(check_token_times(&json!({"exp": u64::MAX}), now).is_ok());
+        assert!(check_token_times(&json!({"exp": u64::MAX}), u64::MAX).is_ok());
+        assert!(untrusted(json!({"exp": u64::MAX, "nbf": u64::MAX}), now));
+    }
 
     #[tokio::test]
     async fn catch_unwind_turns_a_panic_into_an_error() {
