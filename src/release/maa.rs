@@ -266,17 +266,18 @@ pub fn check_claims(
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or_else(|| bad("MAA token has no exp"))?;
-    if now > exp + CLOCK_SKEW_SECS {
+    // Saturating: exp / nbf are whatever the token says, and must not overflow here.
+    if now > exp.saturating_add(CLOCK_SKEW_SECS) {
         return Err(bad(format!(
             "MAA token expired {} s ago (exp {exp})",
-            now - exp
+            now.saturating_sub(exp)
         )));
     }
     if let Some(nbf) = claims.get("nbf").and_then(Value::as_i64) {
-        if now + CLOCK_SKEW_SECS < nbf {
+        if now.saturating_add(CLOCK_SKEW_SECS) < nbf {
             return Err(bad(format!(
                 "MAA token is not valid before {nbf}, {} s in the future",
-                nbf - now
+                nbf.saturating_sub(now)
             )));
         }
     }
@@ -382,6 +383,14 @@ mod tests {
         check_claims(&claims, url, &exp, e + CLOCK_SKEW_SECS).unwrap();
         assert!(msg(check_claims(&claims, url, &exp, e + CLOCK_SKEW_SECS + 1)).contains("expired"));
         assert!(msg(check_claims(&claims, url, &exp, iat - 120)).contains("not valid before"));
+        // Extreme numbers are judged, never overflow.
+        let mut far = claims.clone();
+        far["exp"] = i64::MAX.into();
+        check_claims(&far, url, &exp, iat).unwrap();
+        far["nbf"] = i64::MAX.into();
+        assert!(msg(check_claims(&far, url, &exp, i64::MIN)).contains("not valid before"));
+        far["exp"] = i64::MIN.into();
+        assert!(msg(check_claims(&far, url, &exp, iat)).contains("expired"));
         // Nonce.
         let other_nonce = Expected { nonce: "x", ..exp };
         assert!(msg(check_claims(&claims, url, &other_nonce, iat)).contains("nonce"));
