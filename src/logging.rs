@@ -78,6 +78,25 @@ fn timestamp() -> String {
     )
 }
 
+/// A record's text on one line: messages may quote service responses (error texts, claim
+/// values), whose line breaks or control characters must not split a record or forge another.
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// One line of the stderr and file sinks.
+fn line(record: &log::Record) -> String {
+    format!(
+        "{} skr-pkcs11[{}] {}: {}\n",
+        timestamp(),
+        std::process::id(),
+        record.level(),
+        one_line(&record.args().to_string())
+    )
+}
+
 impl log::Log for Logger {
     fn enabled(&self, md: &log::Metadata) -> bool {
         let max = level_filter(self.level.load(Ordering::Relaxed));
@@ -104,30 +123,16 @@ impl log::Log for Logger {
                     log::Level::Info => libc::LOG_INFO,
                     _ => libc::LOG_DEBUG,
                 };
-                let msg = format!("{}", record.args()).replace('\0', " ");
-                if let Ok(c) = std::ffi::CString::new(msg) {
+                if let Ok(c) = std::ffi::CString::new(one_line(&record.args().to_string())) {
                     // SAFETY: constant format string with one NUL-terminated argument.
                     unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
                 }
             }
             Sink::Stderr => {
-                let line = format!(
-                    "{} skr-pkcs11[{}] {}: {}\n",
-                    timestamp(),
-                    std::process::id(),
-                    record.level(),
-                    record.args()
-                );
-                let _ = std::io::stderr().write_all(line.as_bytes());
+                let _ = std::io::stderr().write_all(line(record).as_bytes());
             }
             Sink::File(f) => {
-                let line = format!(
-                    "{} skr-pkcs11[{}] {}: {}\n",
-                    timestamp(),
-                    std::process::id(),
-                    record.level(),
-                    record.args()
-                );
+                let line = line(record);
                 // Bounded: in a forked child the parent's writer may have held it at fork.
                 if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
                     let _ = f.write_all(line.as_bytes());
@@ -270,6 +275,23 @@ mod tests {
         assert_eq!(parse_level("DEBUG"), Some(log::LevelFilter::Debug));
         assert_eq!(parse_level("warning"), Some(log::LevelFilter::Warn));
         assert_eq!(parse_level("loud"), None);
+    }
+
+    #[test]
+    fn a_record_is_one_line_whatever_it_quotes() {
+        let l = line(
+            &log::Record::builder()
+                .args(format_args!(
+                    "AKV says: denied\n2026-01-01T00:00:00Z skr-pkcs11[1] INFO: forged\r\0x"
+                ))
+                .level(log::Level::Error)
+                .build(),
+        );
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        assert!(
+            l.ends_with("denied 2026-01-01T00:00:00Z skr-pkcs11[1] INFO: forged  x\n"),
+            "{l:?}"
+        );
     }
 
     #[test]
