@@ -350,6 +350,23 @@ impl Config {
                 self.release.enc
             )));
         }
+        // The module trusts whatever key set these hosts serve (MAA's /certs) or hands them a
+        // credential (the workload identity's client assertion): never over plain HTTP.
+        if !self.attestation.url.starts_with("https://") {
+            return Err(Error::config(format!(
+                "{}: attestation.url {:?} must be an https:// URL",
+                at(&self.attestation.url),
+                self.attestation.url
+            )));
+        }
+        if let Some(h) = &self.identity.authority_host {
+            if !h.starts_with("https://") {
+                return Err(Error::config(format!(
+                    "{}: identity.authority_host {h:?} must be an https:// URL",
+                    at(h)
+                )));
+            }
+        }
         let selectors = [
             &self.identity.client_id,
             &self.identity.object_id,
@@ -464,6 +481,32 @@ label = "tls-rsa"
 id = "01"
 kid = "https://127.0.0.1:4/keys/tls-rsa"
 "#;
+
+    #[test]
+    fn maa_and_authority_host_must_be_https() {
+        let e = Config::parse(
+            &GOOD.replace(
+                "url = \"https://127.0.0.1:2\"",
+                "url = \"http://127.0.0.1:2\"",
+            ),
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.message().contains("c.toml:6: attestation.url"),
+            "{}",
+            e.message()
+        );
+        let e = Config::parse(
+            &GOOD.replace(
+                "source = \"imds\"",
+                "source = \"workload-identity\"\nauthority_host = \"http://login.example\"",
+            ),
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
+        assert!(e.message().contains("authority_host"), "{}", e.message());
+    }
 
     #[test]
     fn pin_is_read_but_never_shown_by_debug() {
