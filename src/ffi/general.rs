@@ -2,12 +2,12 @@
 
 use super::{
     bad, c_struct, deliver_list, drop_inherited_states, input, instance, out, out_struct, p11_fn,
-    pad, register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
+    register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::mechanism_table;
 use crate::error::{Error, Result, Step};
-use crate::token::{self, LoginStart, Material, Module};
+use crate::token::{self, padded, LoginStart, Material, Module};
 use cryptoki_sys::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -191,9 +191,9 @@ p11_fn! {
         instance()?;
         let info = c_struct!(CK_INFO {
             cryptokiVersion: CK_VERSION { major: 3, minor: 0 },
-            manufacturerID: pad(MANUFACTURER),
+            manufacturerID: padded(MANUFACTURER),
             flags: 0,
-            libraryDescription: pad(LIBRARY_DESCRIPTION),
+            libraryDescription: padded(LIBRARY_DESCRIPTION),
             libraryVersion: version(),
         });
         // SAFETY: API out-pointer.
@@ -211,8 +211,8 @@ p11_fn! {
         let inst = instance()?;
         let t = inst.module.token(slot)?;
         let info = c_struct!(CK_SLOT_INFO {
-            slotDescription: pad(&format!("SKR slot {}", t.config.label)),
-            manufacturerID: pad(MANUFACTURER),
+            slotDescription: padded(&format!("SKR slot {}", t.config.label)),
+            manufacturerID: padded(MANUFACTURER),
             flags: CKF_TOKEN_PRESENT,
             hardwareVersion: version(),
             firmwareVersion: version(),
@@ -237,8 +237,8 @@ p11_fn! {
         }
         let info = c_struct!(CK_TOKEN_INFO {
             label: t.label_field(),
-            manufacturerID: pad(MANUFACTURER),
-            model: pad(MODEL),
+            manufacturerID: padded(MANUFACTURER),
+            model: padded(MODEL),
             serialNumber: t.serial_field(),
             flags: flags,
             ulMaxSessionCount: CK_EFFECTIVELY_INFINITE,

@@ -353,14 +353,5 @@ pub(crate) unsafe fn deliver_list<T: Copy>(
     Ok(())
 }
 
-/// Copy a fixed-size field (space-padded by the caller of this helper).
-pub(crate) fn pad<const N: usize>(s: &str) -> [u8; N] {
-    let mut o = [b' '; N];
-    let b = s.as_bytes();
-    let n = b.len().min(N);
-    o[..n].copy_from_slice(&b[..n]);
-    o
-}
-
 #[cfg(test)]
 mod tests;

@@ -297,7 +297,9 @@ impl Drop for LoginLease<'_> {
     }
 }
 
-fn padded<const N: usize>(s: &str) -> [u8; N] {
+/// A fixed-size, space-padded text field of the PKCS#11 info structs (truncated at N bytes;
+/// config validation keeps labels and serials within their fields).
+pub fn padded<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [b' '; N];
     let b = s.as_bytes();
     let n = b.len().min(N);
