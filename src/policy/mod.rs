@@ -244,6 +244,22 @@ fn one_combinator<'a>(
     }
 }
 
+/// An empty group is refused, as skr-emulator refuses it: an empty allOf would be met by any
+/// token of the authority ([uncertain] what AKV does with one; refusing is the safe reading).
+fn not_empty(
+    combinator: Combinator,
+    conditions: &[Condition],
+    what: &str,
+) -> Result<(), PolicyError> {
+    if conditions.is_empty() {
+        return Err(PolicyError(format!(
+            "{what}: {} has no conditions",
+            combinator.name()
+        )));
+    }
+    Ok(())
+}
+
 fn parse_rule(v: &Value, index: usize) -> Result<AuthorityRule, PolicyError> {
     let what = format!("authority #{}", index + 1);
     let obj = v
@@ -259,6 +275,7 @@ fn parse_rule(v: &Value, index: usize) -> Result<AuthorityRule, PolicyError> {
         .iter()
         .map(|c| parse_condition(c, &what))
         .collect::<Result<Vec<_>, _>>()?;
+    not_empty(combinator, &conditions, &what)?;
     Ok(AuthorityRule {
         authority,
         combinator,
@@ -276,6 +293,7 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
             .iter()
             .map(|c| parse_condition(c, what))
             .collect::<Result<Vec<_>, _>>()?;
+        not_empty(combinator, &inner, what)?;
         return Ok(Condition::Group(combinator, inner));
     };
     let claim = claim

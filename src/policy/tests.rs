@@ -213,6 +213,14 @@ fn malformed_policies_are_refused_with_reason() {
         ),
         (json!({"anyOf":[{"authority":"a"}]}), "needs allOf or anyOf"),
         (
+            json!({"anyOf":[{"authority":"a","allOf":[]}]}),
+            "allOf has no conditions",
+        ),
+        (
+            json!({"anyOf":[{"authority":"a","allOf":[{"anyOf":[]}]}]}),
+            "anyOf has no conditions",
+        ),
+        (
             json!({"anyOf":[{"authority":"a","allOf":[{"claim":"c","like":"x"}]}]}),
             "unknown operator",
         ),
