@@ -50,8 +50,9 @@ pub(crate) struct InitArgs {
 /// Threads: CKF_LIBRARY_CANT_CREATE_OS_THREADS (GnuTLS sets it) is accepted rather than
 /// refused with CKR_NEED_TO_CREATE_THREADS, which would lock GnuTLS out: C_Login then runs
 /// the release on the caller's thread instead of a login thread (so such a caller must not
-/// call C_Login from inside an async runtime). The release path's blocking HTTP client still
-/// runs a helper thread while a login is in progress; no thread outlives C_Login.
+/// call C_Login from inside an async runtime). The release itself still starts short-lived
+/// threads (the blocking HTTP clients' runtime, the identity prefetch, a GET and a release per
+/// key); none outlives C_Login.
 ///
 /// # Safety
 /// `p` is NULL or points to a CK_C_INITIALIZE_ARGS.
