@@ -4,9 +4,9 @@
 
 use super::GcmParams;
 use crate::error::{Error, Result};
+use crate::secret::Wiped;
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
 use cryptoki_sys::*;
-use zeroize::Zeroizing;
 
 fn cipher_alg(key: &[u8]) -> Result<&'static cipher::Algorithm> {
     Ok(match key.len() {
@@ -67,7 +67,7 @@ pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
     if !standard(p) {
         return super::pkey::aes_gcm_raw(false, key, &p.iv, &p.aad, ct, p.tag_bits / 8);
     }
@@ -78,7 +78,7 @@ pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Zeroizing<Vec<u8
         ));
     }
     let k = gcm_key(key)?;
-    let mut buf = Zeroizing::new(ct.to_vec());
+    let mut buf = Wiped::new(ct.to_vec());
     let n = k
         .open_in_place(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
         .map_err(|_| Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-GCM tag mismatch"))?
@@ -140,9 +140,9 @@ impl CbcDecrypt {
             .map_err(|_| cbc_failed())?;
         Ok(CbcDecrypt(Some(k)))
     }
-    pub fn update(&mut self, input: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    pub fn update(&mut self, input: &[u8]) -> Result<Wiped> {
         let k = self.0.as_mut().ok_or_else(cbc_failed)?;
-        let mut out = Zeroizing::new(vec![0u8; input.len() + 16]);
+        let mut out = Wiped::new(vec![0u8; input.len() + 16]);
         let n = k
             .update(input, &mut out)
             .map_err(|_| cbc_failed())?
@@ -151,9 +151,9 @@ impl CbcDecrypt {
         out.truncate(n);
         Ok(out)
     }
-    pub fn finish(&mut self) -> Result<Zeroizing<Vec<u8>>> {
+    pub fn finish(&mut self) -> Result<Wiped> {
         let k = self.0.take().ok_or_else(cbc_failed)?;
-        let mut out = Zeroizing::new(vec![0u8; 16]);
+        let mut out = Wiped::new(vec![0u8; 16]);
         let n = k
             .finish(&mut out)
             .map_err(|_| {

@@ -10,17 +10,17 @@
 
 use super::pkey::EvpKey;
 use crate::error::{Error, Result};
+use crate::secret::Wiped;
 use aws_lc_rs::hmac;
 use cryptoki_sys::*;
-use zeroize::Zeroizing;
 
 /// Candidate lengths drawn for the synthetic message (the draft's value).
 const LENGTH_CANDIDATES: usize = 128;
 
 /// IRPRF: HMAC-SHA256(kdk, BE16(i) ‖ label ‖ BE16(bits)) for i = 0, 1, … truncated.
-fn prf(kdk: &hmac::Key, label: &[u8], out_len: usize) -> Zeroizing<Vec<u8>> {
+fn prf(kdk: &hmac::Key, label: &[u8], out_len: usize) -> Wiped {
     let bits = (out_len * 8) as u16;
-    let mut out = Zeroizing::new(Vec::with_capacity(out_len + 32));
+    let mut out = Wiped::new(Vec::with_capacity(out_len + 32));
     let mut i: u16 = 0;
     while out.len() < out_len {
         let mut ctx = hmac::Context::with_key(kdk);
@@ -52,7 +52,7 @@ fn ct_select(mask: u32, a: u32, b: u32) -> u32 {
 
 /// Decrypt a `k`-byte ciphertext; always succeeds for well-formed input (length k, value
 /// below the modulus), returning the message or the synthetic one.
-pub fn pkcs1_decrypt(key: &EvpKey, k: usize, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+pub fn pkcs1_decrypt(key: &EvpKey, k: usize, ct: &[u8]) -> Result<Wiped> {
     if ct.len() != k || k < 11 + 2 {
         return Err(Error::new(
             CKR_ENCRYPTED_DATA_LEN_RANGE,
@@ -63,7 +63,7 @@ pub fn pkcs1_decrypt(key: &EvpKey, k: usize, ct: &[u8]) -> Result<Zeroizing<Vec<
     let em = em.as_slice();
     // Key derivation key: HMAC-SHA256(SHA-256(d), ciphertext).
     let d_hash = key.rsa_exponent_hash(k)?;
-    let kdk = Zeroizing::new(
+    let kdk = Wiped::new(
         hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &d_hash), ct)
             .as_ref()
             .to_vec(),
@@ -97,11 +97,11 @@ pub fn pkcs1_decrypt(key: &EvpKey, k: usize, ct: &[u8]) -> Result<Zeroizing<Vec<
     let real_len = (k as u32).wrapping_sub(zero_index + 1);
     let out_len = ct_select(good, real_len, synthetic_len) as usize;
     // Both messages sit at the tail of their k-byte buffers: select byte by byte.
-    let mut out = Zeroizing::new(vec![0u8; k]);
+    let mut out = Wiped::new(vec![0u8; k]);
     for i in 0..k {
         out[i] = ct_select(good, u32::from(em[i]), u32::from(synthetic[i])) as u8;
     }
-    Ok(Zeroizing::new(out[k - out_len..].to_vec()))
+    Ok(Wiped::new(out[k - out_len..].to_vec()))
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use super::pkey::{EvpKey, PublicInfo, PublicParts, RsaPad};
 use super::{HashAlg, Hasher, Mechanism};
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
+use crate::secret::Wiped;
 use cryptoki_sys::*;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 /// An asymmetric key usable for operations: the parsed AWS-LC key and its public half.
 pub struct AsymKey {
@@ -62,7 +62,7 @@ fn not_for(op: &str, m: &Mechanism) -> Error {
 
 enum Input {
     Hash(Hasher),
-    Collect(Zeroizing<Vec<u8>>),
+    Collect(Wiped),
 }
 
 impl Input {
@@ -70,7 +70,7 @@ impl Input {
         match m {
             Mechanism::RsaPkcsHash(h) | Mechanism::EcdsaHash(h) => Input::Hash(Hasher::new(*h)),
             Mechanism::RsaPssHash(p) => Input::Hash(Hasher::new(p.hash)),
-            _ => Input::Collect(Zeroizing::new(Vec::new())),
+            _ => Input::Collect(Wiped::new(Vec::new())),
         }
     }
     fn update(&mut self, data: &[u8]) -> Result<()> {
@@ -86,9 +86,9 @@ impl Input {
         Ok(())
     }
     /// The bytes the signature primitive sees: the hash, or the collected raw input.
-    fn take(&mut self) -> Zeroizing<Vec<u8>> {
-        match std::mem::replace(self, Input::Collect(Zeroizing::new(Vec::new()))) {
-            Input::Hash(h) => Zeroizing::new(h.finish()),
+    fn take(&mut self) -> Wiped {
+        match std::mem::replace(self, Input::Collect(Wiped::new(Vec::new()))) {
+            Input::Hash(h) => Wiped::new(h.finish()),
             Input::Collect(v) => v,
         }
     }
@@ -139,14 +139,10 @@ fn rsa_pad(m: &Mechanism) -> RsaPad<'_> {
 
 /// The primitive's input from the hash or raw data: DigestInfo for hashed PKCS#1, with length
 /// checks for the raw mechanisms.
-fn primitive_input(
-    m: &Mechanism,
-    key: &AsymKey,
-    data: Zeroizing<Vec<u8>>,
-) -> Result<Zeroizing<Vec<u8>>> {
+fn primitive_input(m: &Mechanism, key: &AsymKey, data: Wiped) -> Result<Wiped> {
     match m {
         Mechanism::RsaPkcsHash(h) => {
-            let mut v = Zeroizing::new(h.digest_info_prefix().to_vec());
+            let mut v = Wiped::new(h.digest_info_prefix().to_vec());
             v.extend_from_slice(&data);
             Ok(v)
         }
@@ -282,7 +278,7 @@ pub enum CipherKey {
 
 enum CipherState {
     /// RSA PKCS#1 / OAEP and AES-GCM: the whole input, processed at the end.
-    Collect(Zeroizing<Vec<u8>>),
+    Collect(Wiped),
     CbcEnc(CbcEncrypt),
     CbcDec(CbcDecrypt),
 }
@@ -302,10 +298,10 @@ impl CipherOp {
                 if !encrypt && !k.evp.is_private() {
                     return Err(inconsistent("decryption with a public key"));
                 }
-                CipherState::Collect(Zeroizing::new(Vec::new()))
+                CipherState::Collect(Wiped::new(Vec::new()))
             }
             (Mechanism::AesGcm(_), CipherKey::Secret(_)) => {
-                CipherState::Collect(Zeroizing::new(Vec::new()))
+                CipherState::Collect(Wiped::new(Vec::new()))
             }
             (Mechanism::AesCbcPad(iv), CipherKey::Secret(s)) => {
                 if encrypt {
@@ -333,31 +329,31 @@ impl CipherOp {
     }
 
     /// Multipart input; returns whatever output is ready (nothing for collected mechanisms).
-    pub fn update(&mut self, data: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    pub fn update(&mut self, data: &[u8]) -> Result<Wiped> {
         match &mut self.state {
             CipherState::Collect(v) => {
                 if v.len() + data.len() > MAX_COLLECT {
                     return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
                 }
                 v.extend_from_slice(data);
-                Ok(Zeroizing::new(Vec::new()))
+                Ok(Wiped::new(Vec::new()))
             }
-            CipherState::CbcEnc(e) => Ok(Zeroizing::new(e.update(data)?)),
+            CipherState::CbcEnc(e) => Ok(Wiped::new(e.update(data)?)),
             CipherState::CbcDec(d) => d.update(data),
         }
     }
 
     /// The remaining output; the operation is spent afterwards.
-    pub fn finish(&mut self) -> Result<Zeroizing<Vec<u8>>> {
+    pub fn finish(&mut self) -> Result<Wiped> {
         match &mut self.state {
-            CipherState::CbcEnc(e) => Ok(Zeroizing::new(e.finish()?)),
+            CipherState::CbcEnc(e) => Ok(Wiped::new(e.finish()?)),
             CipherState::CbcDec(d) => d.finish(),
             CipherState::Collect(v) => {
                 let input = std::mem::take(v);
                 match (&self.mech, &self.key) {
                     (Mechanism::AesGcm(p), CipherKey::Secret(s)) => {
                         if self.encrypt {
-                            Ok(Zeroizing::new(aes::gcm_seal(s.as_slice(), p, &input)?))
+                            Ok(Wiped::new(aes::gcm_seal(s.as_slice(), p, &input)?))
                         } else {
                             aes::gcm_open(s.as_slice(), p, &input)
                         }
@@ -381,7 +377,7 @@ impl CipherOp {
                                     ),
                                 ));
                             }
-                            Ok(Zeroizing::new(k.evp.rsa_encrypt(&input, &pad)?))
+                            Ok(Wiped::new(k.evp.rsa_encrypt(&input, &pad)?))
                         } else {
                             if input.len() != klen {
                                 return Err(Error::new(
@@ -397,7 +393,7 @@ impl CipherOp {
                                 return super::implicit::pkcs1_decrypt(&k.evp, klen, &input);
                             }
                             let pt = k.evp.rsa_decrypt(&input, &pad)?;
-                            Ok(Zeroizing::new(pt.as_slice().to_vec()))
+                            Ok(Wiped::new(pt.as_slice().to_vec()))
                         }
                     }
                     _ => Err(Error::general("cipher state does not match its key")),

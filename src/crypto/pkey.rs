@@ -412,7 +412,7 @@ impl EvpKey {
 
     /// RSA decrypt (PKCS#1 v1.5 or OAEP). AWS-LC's unpadding is constant-time; a padding
     /// failure becomes CKR_ENCRYPTED_DATA_INVALID.
-    pub fn rsa_decrypt(&self, ct: &[u8], pad: &RsaPad) -> Result<crate::secret::SecretBytes> {
+    pub fn rsa_decrypt(&self, ct: &[u8], pad: &RsaPad) -> Result<crate::secret::LockedBuf> {
         let ctx = self.ctx()?;
         // SAFETY: ctx live; the output is written into locked memory of modulus size.
         unsafe {
@@ -424,7 +424,7 @@ impl EvpKey {
             if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
                 return Err(failed("decrypt size query failed"));
             }
-            let mut out = crate::secret::SecretBytes::zeroed(len);
+            let mut out = crate::secret::LockedBuf::zeroed(len);
             let mut written = len;
             if sys::EVP_PKEY_decrypt(
                 ctx.0,
@@ -440,7 +440,7 @@ impl EvpKey {
                     "RSA decryption failed",
                 ));
             }
-            Ok(crate::secret::SecretBytes::from_slice(
+            Ok(crate::secret::LockedBuf::from_slice(
                 &out.as_slice()[..written],
             ))
         }
@@ -448,7 +448,7 @@ impl EvpKey {
 
     /// Raw RSA private operation (no padding; blinded and constant-time in AWS-LC): the
     /// encoded message of a `k`-byte ciphertext, in locked memory.
-    pub fn rsa_decrypt_raw(&self, ct: &[u8]) -> Result<crate::secret::SecretBytes> {
+    pub fn rsa_decrypt_raw(&self, ct: &[u8]) -> Result<crate::secret::LockedBuf> {
         let ctx = self.ctx()?;
         // SAFETY: ctx live; the output buffer holds the modulus size AWS-LC reports.
         unsafe {
@@ -461,7 +461,7 @@ impl EvpKey {
             if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
                 return Err(failed("raw decrypt size query failed"));
             }
-            let mut out = crate::secret::SecretBytes::zeroed(len);
+            let mut out = crate::secret::LockedBuf::zeroed(len);
             let mut written = len;
             if sys::EVP_PKEY_decrypt(
                 ctx.0,
@@ -484,7 +484,7 @@ impl EvpKey {
 
     /// SHA-256 of the private exponent as a big-endian integer of the modulus length: the
     /// HMAC key of the implicit-rejection key derivation.
-    pub fn rsa_exponent_hash(&self, k: usize) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    pub fn rsa_exponent_hash(&self, k: usize) -> Result<crate::secret::Wiped> {
         // SAFETY: live private RSA key; d is written into locked memory of k bytes.
         unsafe {
             let rsa = sys::EVP_PKEY_get0_RSA(self.ptr.as_ptr());
@@ -498,11 +498,11 @@ impl EvpKey {
                     "not a private RSA key",
                 ));
             }
-            let mut buf = crate::secret::SecretBytes::zeroed(k);
+            let mut buf = crate::secret::LockedBuf::zeroed(k);
             if sys::BN_bn2bin_padded(buf.as_mut_slice().as_mut_ptr(), k, d) != 1 {
                 return Err(failed("private exponent longer than the modulus"));
             }
-            Ok(zeroize::Zeroizing::new(
+            Ok(crate::secret::Wiped::new(
                 HashAlg::Sha256.digest(buf.as_slice()),
             ))
         }
@@ -621,7 +621,7 @@ pub fn aes_gcm_raw(
     aad: &[u8],
     input: &[u8],
     tag_len: usize,
-) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+) -> Result<crate::secret::Wiped> {
     let data = if encrypt {
         input
     } else {
@@ -686,7 +686,7 @@ pub fn aes_gcm_raw(
         if !aad.is_empty() && update(ctx.0, ptr::null_mut(), &mut n, aad.as_ptr(), aad_len) != 1 {
             return Err(failed("AES-GCM AAD failed"));
         }
-        let mut out = zeroize::Zeroizing::new(vec![0u8; data.len() + 16 + tag_len]);
+        let mut out = crate::secret::Wiped::new(vec![0u8; data.len() + 16 + tag_len]);
         let mut written = 0usize;
         if !data.is_empty() {
             if update(ctx.0, out.as_mut_ptr(), &mut n, data.as_ptr(), data_len) != 1 {

@@ -146,6 +146,7 @@ pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
         module,
         pid: me,
         fork_generation: FORK_GENERATION.load(Ordering::SeqCst),
+        fork_mark: crate::secret::fork_mark(),
         no_threads: args.no_threads,
     }));
     Ok(())

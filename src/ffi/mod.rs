@@ -139,6 +139,9 @@ pub(crate) struct Instance {
     pub module: Module,
     pub pid: u32,
     pub fork_generation: u64,
+    /// This state's mark in the fork witness page (`secret::fork_mark`), None without
+    /// MADV_WIPEONFORK.
+    pub fork_mark: Option<u64>,
     /// The application forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
     pub no_threads: bool,
 }
@@ -189,7 +192,10 @@ impl Instance {
     /// Whether this state was created in a parent of the current process.
     fn forked(&self) -> bool {
         self.fork_generation != FORK_GENERATION.load(Ordering::SeqCst)
-            || self.pid != std::process::id()
+            || match self.fork_mark {
+                Some(m) => !crate::secret::fork_marked(m),
+                None => self.pid != std::process::id(),
+            }
     }
 }
 

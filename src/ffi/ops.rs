@@ -7,12 +7,12 @@ use crate::crypto::mechanism::{mechanism_table, RawParam};
 use crate::crypto::ops::{AsymKey, CipherKey, CipherOp, DigestOp, SignOp, VerifyOp};
 use crate::crypto::Mechanism;
 use crate::error::{Error, Result};
+use crate::secret::Wiped;
 use crate::token::object::{Body, Object};
 use crate::token::session::{active, Active, Call};
 use crate::token::Token;
 use cryptoki_sys::*;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 /// Largest OAEP label / GCM AAD / IV accepted.
 const MAX_PARAM_BYTES: CK_ULONG = 1 << 20;
@@ -233,7 +233,7 @@ unsafe fn produce_into<T>(
     data: &[u8],
     out_buf: *mut u8,
     out_len: *mut CK_ULONG,
-    compute: impl FnOnce(&mut T) -> Result<Zeroizing<Vec<u8>>>,
+    compute: impl FnOnce(&mut T) -> Result<Wiped>,
 ) -> Result<()> {
     let (logged_in, epoch) = (t.is_logged_in(), t.epoch());
     let result = (|| {
@@ -302,7 +302,7 @@ p11_fn! {
         unsafe {
             produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, |op| {
                 op.update(data)?;
-                Ok(Zeroizing::new(op.finish()?))
+                Ok(Wiped::new(op.finish()?))
             })
         }
     }
@@ -330,7 +330,7 @@ p11_fn! {
         // SAFETY: API output buffer and length.
         unsafe {
             produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, |op| {
-                Ok(Zeroizing::new(op.finish()?))
+                Ok(Wiped::new(op.finish()?))
             })
         }
     }
@@ -551,7 +551,7 @@ p11_fn! {
         unsafe {
             produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, |op| {
                 op.update(data)?;
-                Ok(Zeroizing::new(op.finish()?))
+                Ok(Wiped::new(op.finish()?))
             })
         }
     }
@@ -584,7 +584,7 @@ p11_fn! {
         // SAFETY: API output buffer and length.
         unsafe {
             produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, |op| {
-                Ok(Zeroizing::new(op.finish()?))
+                Ok(Wiped::new(op.finish()?))
             })
         }
     }

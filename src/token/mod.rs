@@ -545,9 +545,21 @@ impl Token {
     }
 
     pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
-        self.visible_objects()
-            .into_iter()
-            .find(|o| o.handle == handle)
+        // What `visible_objects` would find, without building and sorting that list on every
+        // C_*Init: a logged-in key object shadows the public object of the same handle.
+        let found = {
+            let st = lock(&self.login);
+            st.keys
+                .as_ref()
+                .and_then(|ks| ks.objects.iter().find(|o| o.handle == handle).cloned())
+        };
+        found
+            .or_else(|| {
+                self.public_objects
+                    .iter()
+                    .find(|o| o.handle == handle)
+                    .cloned()
+            })
             .ok_or_else(|| {
                 Error::new(
                     CKR_OBJECT_HANDLE_INVALID,
