@@ -1208,6 +1208,36 @@ async fn release(
             "Operation release is not allowed on a non-exportable key.".into(),
         ));
     };
+    let parsed = policy::parse(&stored.policy)
+        .map_err(|e| kv_err(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e))?;
+    // Only issuers the policy names are ever contacted: the token's (still unverified) `iss`
+    // must be one of the policy's authorities before its metadata and keys are fetched.
+    let claimed_issuer = match crate::jwt::decode(target) {
+        Ok(j) => j
+            .payload
+            .get("iss")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        Err(m) => {
+            return Err(bad(format!(
+                "The target is not a valid attestation token: {m}"
+            )))
+        }
+    };
+    if !parsed.authorities.iter().any(|a| {
+        policy::normalise_authority(&a.authority) == policy::normalise_authority(&claimed_issuer)
+    }) {
+        return Err(deny(
+            svc,
+            name,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "Target environment attestation statement cannot be verified against the key's release policy: issuer {claimed_issuer:?} is not an authority of the policy"
+            ),
+        ));
+    }
     // The exact wording of AKV's denial messages is not public (skr-protocol.md §5.2); these
     // keep the service's 403 and add the reason, which is what a developer needs.
     let claims = match svc.app.verify_attestation_token(target).await {
@@ -1232,8 +1262,6 @@ async fn release(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let parsed = policy::parse(&stored.policy)
-        .map_err(|e| kv_err(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e))?;
     if let Err(reason) = parsed.evaluate(&issuer, &claims) {
         return Err(deny(
             svc,

@@ -394,18 +394,19 @@ fn eval_claim(claim: &str, op: Op, expected: &Value, claims: &Value) -> Result<(
     };
     let want = string_form(expected).unwrap_or_default();
     let numbers = as_number(&actual).zip(as_number(&want));
-    let ordering = match numbers {
-        Some((a, w)) => a.partial_cmp(&w),
-        None => Some(actual.cmp(&want)),
-    };
+    // Ordering operators compare numbers only: how AKV orders strings is undocumented
+    // ([uncertain] in skr-protocol §7.5), so a non-number is "not met" — the safe reading,
+    // and the one the module's local explanation uses.
+    let ordering = numbers.and_then(|(a, w)| a.partial_cmp(&w));
     let equal = actual == want || numbers.map(|(a, w)| a == w).unwrap_or(false);
+    use std::cmp::Ordering::{Equal, Greater, Less};
     let met = match op {
         Op::Equals => equal,
         Op::NotEquals => !equal,
-        Op::Less => ordering == Some(std::cmp::Ordering::Less),
-        Op::LessOrEquals => equal || ordering == Some(std::cmp::Ordering::Less),
-        Op::Greater => ordering == Some(std::cmp::Ordering::Greater),
-        Op::GreaterOrEquals => equal || ordering == Some(std::cmp::Ordering::Greater),
+        Op::Less => ordering == Some(Less),
+        Op::LessOrEquals => matches!(ordering, Some(Less | Equal)),
+        Op::Greater => ordering == Some(Greater),
+        Op::GreaterOrEquals => matches!(ordering, Some(Greater | Equal)),
         Op::Exists => unreachable!("handled above"),
     };
     if met {
@@ -495,9 +496,10 @@ mod tests {
                 json!({"claim":"x-ms-sevsnpvm-guestsvn","greaterOrEquals":3}),
                 true,
             ),
+            // Strings are not ordered (safe reading of an undocumented rule).
             (
                 json!({"claim":"x-ms-sevsnpvm-hostdata","greater":"abcc"}),
-                true,
+                false,
             ),
             (
                 json!({"claim":"x-ms-sevsnpvm-hostdata","exists":true}),

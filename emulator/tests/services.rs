@@ -1311,6 +1311,29 @@ async fn release_request_errors() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
+    // A token from an issuer the policy does not name is refused before that issuer is
+    // contacted (an unreachable host proves no fetch happened: the answer is immediate).
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let foreign = format!(
+        "{}.{}.c2ln",
+        b64(&json!({"alg": "RS256", "jku": "https://issuer.invalid/certs"})),
+        b64(&json!({"iss": "https://issuer.invalid", "exp": 4_000_000_000u64}))
+    );
+    let r = send(
+        c.post(format!("{url}?api-version=7.4"))
+            .bearer_auth(&vt)
+            .json(&json!({"target": foreign})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(
+        r.text.contains("is not an authority of the policy"),
+        "{}",
+        r.text
+    );
     let r = send(
         c.post(format!("{}/keys/nope/release?api-version=7.4", e.vault))
             .bearer_auth(&vt)
