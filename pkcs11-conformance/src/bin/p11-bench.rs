@@ -63,6 +63,15 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only the cases whose name contains this (e.g. "P-256", "AES"), for profiling.
+        #[arg(long)]
+        only: Option<String>,
+        /// Thread counts to run (default 1 and 2).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 2])]
+        threads: Vec<usize>,
+        /// Skip the reference token and the raw engine (profiling the module alone).
+        #[arg(long)]
+        module_only: bool,
     },
     /// Module-side C_Login breakdown (calls the release path of the rlib directly).
     Login {
@@ -72,6 +81,10 @@ enum Cmd {
         token: String,
         #[arg(long, default_value_t = 10)]
         count: usize,
+        /// skr-emulator's directory: its request log (DIR/emulator.log) gives the emulator's
+        /// own handling time, which is subtracted to get the module side.
+        #[arg(long)]
+        emulator_log: Option<PathBuf>,
     },
 }
 
@@ -98,6 +111,9 @@ fn main() {
             dir,
             seconds,
             rounds,
+            only,
+            threads,
+            module_only,
         } => ops(
             &Token { module, label, pin },
             &Token {
@@ -106,14 +122,20 @@ fn main() {
                 pin: reference_pin,
             },
             &dir,
-            Duration::from_secs_f64(seconds),
-            rounds,
+            &Run {
+                dur: Duration::from_secs_f64(seconds),
+                rounds,
+                only,
+                threads,
+                module_only,
+            },
         ),
         Cmd::Login {
             config,
             token,
             count,
-        } => login(&config, &token, count),
+            emulator_log,
+        } => login(&config, &token, count, emulator_log.as_deref()),
     };
     if let Err(e) = r {
         eprintln!("p11-bench: {e}");
@@ -539,6 +561,7 @@ fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
     })
 }
 
+#[derive(Clone)]
 struct Stats {
     ops_per_s: f64,
     p50: Duration,
@@ -605,7 +628,16 @@ fn measure(
     Ok(results.swap_remove(results.len() / 2))
 }
 
-fn ops(module: &Token, reference: &Token, dir: &Path, dur: Duration, rounds: usize) -> Res<()> {
+struct Run {
+    dur: Duration,
+    rounds: usize,
+    only: Option<String>,
+    threads: Vec<usize>,
+    module_only: bool,
+}
+
+fn ops(module: &Token, reference: &Token, dir: &Path, run: &Run) -> Res<()> {
+    let (dur, rounds) = (run.dur, run.rounds);
     let msg = b"benchmark message: a TLS 1.3 CertificateVerify input is about this long".to_vec();
     let sha256 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg)
         .as_ref()
@@ -637,25 +669,48 @@ fn ops(module: &Token, reference: &Token, dir: &Path, dur: Duration, rounds: usi
         block: vec![0x5a; 4096],
     };
     let m = load(module)?;
-    let r = load(reference)?;
-    println!("| case | threads | skr-pkcs11 ops/s | p50 / p99 µs | reference ops/s | p50 / p99 µs | raw aws-lc-rs ops/s | module ÷ reference | module ÷ raw | module 2T ÷ 1T |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let r = if run.module_only {
+        None
+    } else {
+        Some(load(reference)?)
+    };
+    println!("| case | threads | skr-pkcs11 ops/s | p50 / p99 µs | reference ops/s | p50 / p99 µs | raw aws-lc-rs ops/s | module ÷ reference | module ÷ raw | module 2T ÷ 1T | raw 2T ÷ 1T |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let none = Stats {
+        ops_per_s: f64::NAN,
+        p50: Duration::ZERO,
+        p99: Duration::ZERO,
+    };
     for case in CASES {
-        let mut one_thread = 0.0;
-        for threads in [1usize, 2] {
+        if run
+            .only
+            .as_ref()
+            .is_some_and(|o| !case.name().contains(o.as_str()))
+        {
+            continue;
+        }
+        let (mut one_thread, mut raw_one_thread) = (f64::NAN, f64::NAN);
+        for &threads in &run.threads {
             let sm = measure(|| p11_op(m.clone(), case, &fx), threads, dur, rounds)?;
-            let sr = measure(|| p11_op(r.clone(), case, &fx), threads, dur, rounds)?;
-            let sw = measure(|| raw_op(dir, case, &fx), threads, dur, rounds)?;
+            let (sr, sw) = match &r {
+                Some(r) => (
+                    measure(|| p11_op(r.clone(), case, &fx), threads, dur, rounds)?,
+                    measure(|| raw_op(dir, case, &fx), threads, dur, rounds)?,
+                ),
+                None => (none.clone(), none.clone()),
+            };
             if threads == 1 {
-                one_thread = sm.ops_per_s;
+                (one_thread, raw_one_thread) = (sm.ops_per_s, sw.ops_per_s);
             }
-            let scale = if threads == 2 {
-                format!("{:.2}", sm.ops_per_s / one_thread)
-            } else {
-                "–".into()
+            let scale = |v: f64, one: f64| {
+                if threads > 1 && one.is_finite() && v.is_finite() {
+                    format!("{:.2}", v / one)
+                } else {
+                    "–".into()
+                }
             };
             println!(
-                "| {} | {threads} | {:.0} | {} / {} | {:.0} | {} / {} | {:.0} | {:.2} | {:.2} | {scale} |",
+                "| {} | {threads} | {:.0} | {} / {} | {:.0} | {} / {} | {:.0} | {:.2} | {:.2} | {} | {} |",
                 case.name(),
                 sm.ops_per_s,
                 sm.p50.as_micros(),
@@ -666,45 +721,155 @@ fn ops(module: &Token, reference: &Token, dir: &Path, dur: Duration, rounds: usi
                 sw.ops_per_s,
                 sm.ops_per_s / sr.ops_per_s,
                 sm.ops_per_s / sw.ops_per_s,
+                scale(sm.ops_per_s, one_thread),
+                scale(sw.ops_per_s, raw_one_thread),
             );
         }
     }
     Ok(())
 }
 
-fn login(config: &Path, token: &str, count: usize) -> Res<()> {
+/// The emulator's handling time of the requests of one login, from its request log: per
+/// step, and on the login's critical path (platform + MAA, then the slowest key's requests;
+/// the identity requests run beside evidence and MAA except a second audience's token).
+#[derive(Default, Clone, Copy)]
+struct EmuTime {
+    evidence: Duration,
+    maa: Duration,
+    identity: Duration,
+    release_sum: Duration,
+    critical: Duration,
+    requests: usize,
+}
+
+fn emulator_time(log: &Path, from: u64) -> Res<EmuTime> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    f.seek(std::io::SeekFrom::Start(from))
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let mut t = EmuTime::default();
+    let mut per_key: std::collections::HashMap<String, Duration> = Default::default();
+    let mut late_identity = Duration::ZERO;
+    let mut seen_release = false;
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["event"] != "request" {
+            continue;
+        }
+        let us = v["us"]
+            .as_u64()
+            .ok_or("the emulator log has no \"us\" field (rebuild skr-emulator)")?;
+        let d = Duration::from_micros(us);
+        t.requests += 1;
+        let path = v["path"].as_str().unwrap_or_default();
+        match v["service"].as_str().unwrap_or_default() {
+            "platform" => t.evidence += d,
+            "maa" => t.maa += d,
+            "imds" => {
+                t.identity += d;
+                if seen_release {
+                    late_identity += d;
+                }
+            }
+            "vault" | "mhsm" => {
+                seen_release = true;
+                t.release_sum += d;
+                let key = path.split('/').nth(2).unwrap_or_default().to_string();
+                *per_key.entry(key).or_default() += d;
+            }
+            _ => {}
+        }
+    }
+    t.critical =
+        t.evidence + t.maa + per_key.values().max().copied().unwrap_or_default() + late_identity;
+    Ok(t)
+}
+
+fn login(config: &Path, token: &str, count: usize, emu: Option<&Path>) -> Res<()> {
     let cfg = skr_pkcs11::config::Config::load(config).map_err(|e| e.to_string())?;
     let tok = cfg
         .tokens
         .iter()
         .find(|t| t.label == token)
         .ok_or(format!("no token {token} in the config"))?;
-    let mut rows: Vec<(Duration, skr_pkcs11::release::LoginTimings)> = Vec::new();
+    let log = emu.map(|d| d.join("emulator.log"));
+    type Row = (
+        Duration,
+        skr_pkcs11::release::LoginTimings,
+        EmuTime,
+        Duration,
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let mut first = None;
     for i in 0..=count {
-        let t = Instant::now();
+        let from = match &log {
+            Some(l) => std::fs::metadata(l).map(|m| m.len()).unwrap_or(0),
+            None => 0,
+        };
+        let (c0, t) = (cpu_time(), Instant::now());
         let (keys, timings) =
             skr_pkcs11::release::release_token(&cfg, tok).map_err(|e| e.to_string())?;
-        let total = t.elapsed();
+        let (total, cpu) = (t.elapsed(), cpu_time().saturating_sub(c0));
         drop(keys);
-        if i > 0 {
-            rows.push((total, timings)); // first login warms the TLS session caches and JWKS
+        // The emulator appends its log line after the response is sent: let it land.
+        std::thread::sleep(Duration::from_millis(20));
+        let e = match &log {
+            Some(l) => emulator_time(l, from)?,
+            None => EmuTime::default(),
+        };
+        if i == 0 {
+            // The process's first login also pays one-time costs (AWS-LC's entropy source
+            // initialisation, TLS session caches, the MAA signing keys): shown apart.
+            first = Some(total);
+        } else {
+            rows.push((total, timings, e, cpu));
         }
     }
     rows.sort_by_key(|r| r.0);
-    let (total, t) = &rows[rows.len() / 2];
+    let (total, t, e, cpu) = &rows[rows.len() / 2];
     let ms = |d: &Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
-    println!("| token | keys | login total ms (median of {count}) | transfer key | evidence | MAA | identity | AKV release (all keys) | unwrap |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    let both = |d: &Duration, em: &Duration| {
+        if log.is_some() {
+            format!("{} ({})", ms(d), ms(em))
+        } else {
+            ms(d)
+        }
+    };
+    println!("Median of {count} logins (the first login of the process, not counted: {} ms). Per step: wall time seen by the module (of which the emulator's own handling, from its request log). Module side = total − the emulator's handling on the critical path.", first.map(|d| ms(&d)).unwrap_or_default());
+    println!();
+    println!("| token | keys | login total ms | module side ms | module CPU ms (all threads) | transfer key | evidence | MAA | identity (beside evidence + MAA) | AKV release, all keys (sum over keys) | unwrap |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {token} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {token} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         tok.keys.len(),
         ms(total),
+        if log.is_some() {
+            ms(&total.saturating_sub(e.critical))
+        } else {
+            "–".into()
+        },
+        ms(cpu),
         ms(&t.transfer_key),
-        ms(&t.evidence),
-        ms(&t.attestation),
-        ms(&t.identity),
-        ms(&t.release),
+        both(&t.evidence, &e.evidence),
+        both(&t.attestation, &e.maa),
+        both(&t.identity, &e.identity),
+        both(&t.release, &e.release_sum),
         ms(&t.unwrap)
     );
     Ok(())
+}
+
+/// CPU time of this process (all threads): the module's work, the emulator excluded.
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
