@@ -7,4 +7,10 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 # Build every binary and the cdylib first: the integration tests drive them as a user would.
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (cargo's own last line is a doc-test run's).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
