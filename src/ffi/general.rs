@@ -2,7 +2,7 @@
 
 use super::{
     bad, c_struct, deliver_list, drop_inherited_states, input, instance, out, out_struct, p11_fn,
-    register_atfork, rv_name, state, Instance, FORK_GENERATION, LOGGED,
+    register_atfork, rv_name, state, state_changed, Instance, FORK_GENERATION, LOGGED,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::mechanism_table;
@@ -149,6 +149,7 @@ pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
         fork_mark: crate::secret::fork_mark(),
         no_threads: args.no_threads,
     }));
+    state_changed();
     Ok(())
 }
 
@@ -170,7 +171,12 @@ p11_fn! {
         if !p_reserved.is_null() {
             return Err(bad("pReserved must be NULL"));
         }
-        let taken = token::write(state()).take();
+        let taken = {
+            let mut g = token::write(state());
+            let taken = g.take();
+            state_changed();
+            taken
+        };
         let Some(inst) = taken else {
             // A child finalising its parent's state (pkcs11-provider does, before
             // re-initialising): drop per-process state only; the inherited keys wait for

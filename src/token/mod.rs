@@ -21,7 +21,7 @@ use object::{new_object_handle, Body, CertInfo, Object};
 use session::Session;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Lock helpers that survive poisoning: every change behind these locks is a single
@@ -226,6 +226,10 @@ pub struct Token {
     login_done: Condvar,
     /// Bumped by every login and logout; operations remember it.
     epoch: AtomicU64,
+    /// `login.keys.is_some()`, written under the login lock with `keys`, read without it:
+    /// every C_Sign / C_Encrypt asks, and taking the token's mutex for it made the two
+    /// sessions of one token contend on every call.
+    logged_in: AtomicBool,
 }
 
 /// How a C_Login call proceeds.
@@ -267,6 +271,7 @@ impl LoginLease<'_> {
                 } else {
                     retain(&token.config.label, ks.material.clone());
                     st.keys = Some(Arc::new(ks));
+                    token.logged_in.store(true, Ordering::SeqCst);
                     token.epoch.fetch_add(1, Ordering::SeqCst);
                     (Ok(()), warnings)
                 }
@@ -386,6 +391,7 @@ impl Token {
             }),
             login_done: Condvar::new(),
             epoch: AtomicU64::new(1),
+            logged_in: AtomicBool::new(false),
         })
     }
 
@@ -407,7 +413,7 @@ impl Token {
     }
 
     pub fn is_logged_in(&self) -> bool {
-        lock(&self.login).keys.is_some()
+        self.logged_in.load(Ordering::SeqCst)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -510,6 +516,7 @@ impl Token {
         let old = {
             let mut st = lock(&self.login);
             let old = st.keys.take();
+            self.logged_in.store(false, Ordering::SeqCst);
             if old.is_some() {
                 self.epoch.fetch_add(1, Ordering::SeqCst);
             }
@@ -569,11 +576,23 @@ impl Token {
     }
 }
 
+const SESSION_SHARDS: usize = 16;
+
+#[repr(align(64))]
+struct SessionShard(RwLock<HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>>);
+
 /// One initialisation of the module: its tokens and sessions.
 pub struct Module {
     pub config: Arc<Config>,
     pub tokens: Vec<Token>,
-    sessions: Mutex<HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>>,
+    /// Looked up on every call: sharded by handle (consecutive handles land in different
+    /// shards, each on a cache line of its own), so two threads working on their own sessions
+    /// do not bounce one lock word between cores (11 % of a 2-thread AES-GCM profile with a
+    /// single map).
+    sessions: [SessionShard; SESSION_SHARDS],
+    /// Serialises opening and closing (rare), so "the token's last session" is decided on a
+    /// consistent view of all shards.
+    membership: Mutex<()>,
 }
 
 /// An open session: its fixed facts readable without its lock, its state behind it.
@@ -613,7 +632,8 @@ impl Module {
         Ok(Module {
             config,
             tokens,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: std::array::from_fn(|_| SessionShard(RwLock::new(HashMap::new()))),
+            membership: Mutex::new(()),
         })
     }
 
@@ -644,12 +664,27 @@ impl Module {
             rw,
             state: Mutex::new(Session::new(h, token.index, rw)),
         };
-        lock(&self.sessions).insert(h, Arc::new(entry));
+        let _m = lock(&self.membership);
+        write(self.shard(h)).insert(h, Arc::new(entry));
         Ok(h)
     }
 
+    fn shard(
+        &self,
+        h: CK_SESSION_HANDLE,
+    ) -> &RwLock<HashMap<CK_SESSION_HANDLE, Arc<SessionEntry>>> {
+        &self.sessions[(h as usize) % SESSION_SHARDS].0
+    }
+
+    fn all_sessions(&self) -> Vec<Arc<SessionEntry>> {
+        self.sessions
+            .iter()
+            .flat_map(|s| read(&s.0).values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<SessionEntry>> {
-        lock(&self.sessions).get(&h).cloned().ok_or_else(|| {
+        read(self.shard(h)).get(&h).cloned().ok_or_else(|| {
             Error::new(
                 CKR_SESSION_HANDLE_INVALID,
                 format!("session handle {h} is not open"),
@@ -666,15 +701,18 @@ impl Module {
 
     pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         let (token, last) = {
-            let mut map = lock(&self.sessions);
-            let s = map.remove(&h).ok_or_else(|| {
+            let _m = lock(&self.membership);
+            let s = write(self.shard(h)).remove(&h).ok_or_else(|| {
                 Error::new(
                     CKR_SESSION_HANDLE_INVALID,
                     format!("session handle {h} is not open"),
                 )
             })?;
             let t = s.token;
-            let last = !map.values().any(|o| o.token == t);
+            let last = !self
+                .sessions
+                .iter()
+                .any(|m| read(&m.0).values().any(|o| o.token == t));
             (t, last)
         };
         if last {
@@ -686,16 +724,21 @@ impl Module {
 
     pub fn close_all(&self, slot: CK_SLOT_ID) -> Result<()> {
         let t = self.token(slot)?.index;
-        lock(&self.sessions).retain(|_, s| s.token != t);
+        {
+            let _m = lock(&self.membership);
+            for m in &self.sessions {
+                write(&m.0).retain(|_, s| s.token != t);
+            }
+        }
         self.tokens[t].wipe();
         Ok(())
     }
 
     /// (open sessions, read-write sessions) of a token.
     pub fn session_counts(&self, token: usize) -> (usize, usize) {
-        let map = lock(&self.sessions);
-        let mine: Vec<bool> = map
-            .values()
+        let all = self.all_sessions();
+        let mine: Vec<bool> = all
+            .iter()
             .filter(|s| s.token == token)
             .map(|s| s.rw)
             .collect();
@@ -710,7 +753,7 @@ impl Module {
                 "the token is not logged in",
             ));
         }
-        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        let sessions = self.all_sessions();
         for s in sessions.iter().filter(|s| s.token == token) {
             s.lock().end_private_operations();
         }
@@ -719,7 +762,12 @@ impl Module {
 
     /// Drop every session and wipe every token's keys (C_Finalize).
     pub fn wipe_all(&self) {
-        lock(&self.sessions).clear();
+        {
+            let _m = lock(&self.membership);
+            for m in &self.sessions {
+                write(&m.0).clear();
+            }
+        }
         for t in &self.tokens {
             lock(&t.login).closed = true;
             t.wipe();
