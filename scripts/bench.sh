@@ -49,7 +49,7 @@ echo; echo "== PKCS#11 operations (median of $ROUNDS rounds of ${SECS}s; referen
 fi
 if has login; then
 echo; echo "== C_Login breakdown, module side (skr-emulator on loopback)"
-"$T/p11-bench" login --config "$cfg" --token skr-demo --count 10 --emulator-log "$W/emu"
+"$T/p11-bench-login" --config "$cfg" --token skr-demo --count 10 --emulator-log "$W/emu"
 fi
 
 has nginx || exit 0

@@ -1,12 +1,13 @@
 //! p11-bench: PKCS#11 signing / decryption / encryption throughput of a module, side by side
 //! with a reference token (SoftHSMv2) holding the same keys and with the raw engine (aws-lc-rs,
-//! no PKCS#11), in one run so that only ratios count. Also the login breakdown of skr-pkcs11.
+//! no PKCS#11), in one run so that only ratios count. The login breakdown is `p11-bench-login`:
+//! this binary must not link skr-pkcs11, whose locked-memory arena would otherwise serve the
+//! "raw" engine's allocations too (it is installed from `.init_array` wherever it is linked).
 //!
 //! Subcommands (scripts/bench.sh runs them all and writes the tables to docs/BENCHMARKS.md):
 //!   p11-bench keys   --dir KEYS                      generate the benchmark keys (PKCS#8 DER, AES raw)
 //!   p11-bench import --dir KEYS --env EMULATOR_ENV   import them into skr-emulator (vault / mHSM)
 //!   p11-bench ops    --module M --label L [--pin P] --reference R --reference-label L2 --reference-pin P2 --dir KEYS
-//!   p11-bench login  --config CONFIG --token L [--count N]
 
 use aws_lc_rs::{aead, rand as lrand, rsa as lrsa, signature as lsig};
 use clap::{Parser, Subcommand};
@@ -73,19 +74,6 @@ enum Cmd {
         #[arg(long)]
         module_only: bool,
     },
-    /// Module-side C_Login breakdown (calls the release path of the rlib directly).
-    Login {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        token: String,
-        #[arg(long, default_value_t = 10)]
-        count: usize,
-        /// skr-emulator's directory: its request log (DIR/emulator.log) gives the emulator's
-        /// own handling time, which is subtracted to get the module side.
-        #[arg(long)]
-        emulator_log: Option<PathBuf>,
-    },
 }
 
 const KEYS: [(&str, &str); 5] = [
@@ -130,12 +118,6 @@ fn main() {
                 module_only,
             },
         ),
-        Cmd::Login {
-            config,
-            token,
-            count,
-            emulator_log,
-        } => login(&config, &token, count, emulator_log.as_deref()),
     };
     if let Err(e) = r {
         eprintln!("p11-bench: {e}");
@@ -727,149 +709,4 @@ fn ops(module: &Token, reference: &Token, dir: &Path, run: &Run) -> Res<()> {
         }
     }
     Ok(())
-}
-
-/// The emulator's handling time of the requests of one login, from its request log: per
-/// step, and on the login's critical path (platform + MAA, then the slowest key's requests;
-/// the identity requests run beside evidence and MAA except a second audience's token).
-#[derive(Default, Clone, Copy)]
-struct EmuTime {
-    evidence: Duration,
-    maa: Duration,
-    identity: Duration,
-    release_sum: Duration,
-    critical: Duration,
-    requests: usize,
-}
-
-fn emulator_time(log: &Path, from: u64) -> Res<EmuTime> {
-    use std::io::{Read, Seek};
-    let mut f = std::fs::File::open(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    f.seek(std::io::SeekFrom::Start(from))
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    f.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let mut t = EmuTime::default();
-    let mut per_key: std::collections::HashMap<String, Duration> = Default::default();
-    let mut late_identity = Duration::ZERO;
-    let mut seen_release = false;
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["event"] != "request" {
-            continue;
-        }
-        let us = v["us"]
-            .as_u64()
-            .ok_or("the emulator log has no \"us\" field (rebuild skr-emulator)")?;
-        let d = Duration::from_micros(us);
-        t.requests += 1;
-        let path = v["path"].as_str().unwrap_or_default();
-        match v["service"].as_str().unwrap_or_default() {
-            "platform" => t.evidence += d,
-            "maa" => t.maa += d,
-            "imds" => {
-                t.identity += d;
-                if seen_release {
-                    late_identity += d;
-                }
-            }
-            "vault" | "mhsm" => {
-                seen_release = true;
-                t.release_sum += d;
-                let key = path.split('/').nth(2).unwrap_or_default().to_string();
-                *per_key.entry(key).or_default() += d;
-            }
-            _ => {}
-        }
-    }
-    t.critical =
-        t.evidence + t.maa + per_key.values().max().copied().unwrap_or_default() + late_identity;
-    Ok(t)
-}
-
-fn login(config: &Path, token: &str, count: usize, emu: Option<&Path>) -> Res<()> {
-    let cfg = skr_pkcs11::config::Config::load(config).map_err(|e| e.to_string())?;
-    let tok = cfg
-        .tokens
-        .iter()
-        .find(|t| t.label == token)
-        .ok_or(format!("no token {token} in the config"))?;
-    let log = emu.map(|d| d.join("emulator.log"));
-    type Row = (
-        Duration,
-        skr_pkcs11::release::LoginTimings,
-        EmuTime,
-        Duration,
-    );
-    let mut rows: Vec<Row> = Vec::new();
-    let mut first = None;
-    for i in 0..=count {
-        let from = match &log {
-            Some(l) => std::fs::metadata(l).map(|m| m.len()).unwrap_or(0),
-            None => 0,
-        };
-        let (c0, t) = (cpu_time(), Instant::now());
-        let (keys, timings) =
-            skr_pkcs11::release::release_token(&cfg, tok).map_err(|e| e.to_string())?;
-        let (total, cpu) = (t.elapsed(), cpu_time().saturating_sub(c0));
-        drop(keys);
-        // The emulator appends its log line after the response is sent: let it land.
-        std::thread::sleep(Duration::from_millis(20));
-        let e = match &log {
-            Some(l) => emulator_time(l, from)?,
-            None => EmuTime::default(),
-        };
-        if i == 0 {
-            // The process's first login also pays one-time costs (AWS-LC's entropy source
-            // initialisation, TLS session caches, the MAA signing keys): shown apart.
-            first = Some(total);
-        } else {
-            rows.push((total, timings, e, cpu));
-        }
-    }
-    rows.sort_by_key(|r| r.0);
-    let (total, t, e, cpu) = &rows[rows.len() / 2];
-    let ms = |d: &Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
-    let both = |d: &Duration, em: &Duration| {
-        if log.is_some() {
-            format!("{} ({})", ms(d), ms(em))
-        } else {
-            ms(d)
-        }
-    };
-    println!("Median of {count} logins (the first login of the process, not counted: {} ms). Per step: wall time seen by the module (of which the emulator's own handling, from its request log). Module side = total − the emulator's handling on the critical path.", first.map(|d| ms(&d)).unwrap_or_default());
-    println!();
-    println!("| token | keys | login total ms | module side ms | module CPU ms (all threads) | transfer key | evidence | MAA | identity (beside evidence + MAA) | AKV release, all keys (sum over keys) | unwrap |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {token} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        tok.keys.len(),
-        ms(total),
-        if log.is_some() {
-            ms(&total.saturating_sub(e.critical))
-        } else {
-            "–".into()
-        },
-        ms(cpu),
-        ms(&t.transfer_key),
-        both(&t.evidence, &e.evidence),
-        both(&t.attestation, &e.maa),
-        both(&t.identity, &e.identity),
-        both(&t.release, &e.release_sum),
-        ms(&t.unwrap)
-    );
-    Ok(())
-}
-
-/// CPU time of this process (all threads): the module's work, the emulator excluded.
-fn cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
