@@ -165,6 +165,12 @@ impl<'a> Identity<'a> {
     fn identity_endpoint(&self, resource: &str) -> Result<Zeroizing<String>> {
         let endpoint = env_required("IDENTITY_ENDPOINT", "identity-endpoint")?;
         let header = Zeroizing::new(env_required("IDENTITY_HEADER", "identity-endpoint")?);
+        // Marked sensitive so that no Debug output of the request (ours or a library's) shows it.
+        let mut header = reqwest::header::HeaderValue::from_str(header.as_str()).map_err(|_| {
+            Error::config("IDENTITY_HEADER holds characters an HTTP header cannot carry")
+                .with_hint("check the IDENTITY_HEADER the platform set for this process")
+        })?;
+        header.set_sensitive(true);
         let mut query = vec![("api-version", "2019-08-01"), ("resource", resource)];
         if let Some(sel) = self.selector() {
             query.push(sel);
@@ -176,7 +182,7 @@ impl<'a> Identity<'a> {
                     .direct
                     .get(&endpoint)
                     .query(&query)
-                    .header("X-IDENTITY-HEADER", header.as_str())
+                    .header("X-IDENTITY-HEADER", header.clone())
             })?;
         self.token_response("IDENTITY_ENDPOINT", resource, resp)
     }
