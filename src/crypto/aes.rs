@@ -59,7 +59,9 @@ pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
             .map(|v| v.to_vec());
     }
     let k = gcm_key(key)?;
-    let mut buf = pt.to_vec();
+    // Room for the tag from the start: appending it must not reallocate and copy again.
+    let mut buf = Vec::with_capacity(pt.len() + 16);
+    buf.extend_from_slice(pt);
     let tag = k
         .seal_in_place_separate_tag(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
         .map_err(|_| Error::new(CKR_FUNCTION_FAILED, "AES-GCM seal failed"))?;

@@ -343,6 +343,27 @@ impl CipherOp {
         }
     }
 
+    /// Single-part C_Encrypt / C_Decrypt. A collecting mechanism (AES-GCM, RSA) with nothing
+    /// collected works on `data` in place: no copy of the input to collect and wipe again
+    /// (a quarter of the memory traffic of a 4 KiB AES-GCM C_Encrypt).
+    pub fn single(&mut self, data: &[u8]) -> Result<Wiped> {
+        if let CipherState::Collect(v) = &self.state {
+            if v.is_empty() {
+                if data.len() > MAX_COLLECT {
+                    return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+                }
+                return self.finish_collected(data);
+            }
+        }
+        let mut out = self.update(data)?;
+        let last = self.finish()?;
+        if out.is_empty() {
+            return Ok(last);
+        }
+        out.extend_from_slice(&last);
+        Ok(out)
+    }
+
     /// The remaining output; the operation is spent afterwards.
     pub fn finish(&mut self) -> Result<Wiped> {
         match &mut self.state {
@@ -350,55 +371,55 @@ impl CipherOp {
             CipherState::CbcDec(d) => d.finish(),
             CipherState::Collect(v) => {
                 let input = std::mem::take(v);
-                match (&self.mech, &self.key) {
-                    (Mechanism::AesGcm(p), CipherKey::Secret(s)) => {
-                        if self.encrypt {
-                            Ok(Wiped::new(aes::gcm_seal(s.as_slice(), p, &input)?))
-                        } else {
-                            aes::gcm_open(s.as_slice(), p, &input)
-                        }
-                    }
-                    (m, CipherKey::Asym(k)) => {
-                        let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
-                        let pad = rsa_pad(m);
-                        if self.encrypt {
-                            let max = match m {
-                                Mechanism::RsaOaep(p) => {
-                                    klen.saturating_sub(2 * p.hash.output_len() + 2)
-                                }
-                                _ => klen.saturating_sub(11),
-                            };
-                            if input.len() > max {
-                                return Err(Error::new(
-                                    CKR_DATA_LEN_RANGE,
-                                    format!(
-                                        "plaintext of {} bytes exceeds {max} for this key",
-                                        input.len()
-                                    ),
-                                ));
-                            }
-                            Ok(Wiped::new(k.evp.rsa_encrypt(&input, &pad)?))
-                        } else {
-                            if input.len() != klen {
-                                return Err(Error::new(
-                                    CKR_ENCRYPTED_DATA_LEN_RANGE,
-                                    format!(
-                                        "ciphertext is {} bytes, the modulus {klen}",
-                                        input.len()
-                                    ),
-                                ));
-                            }
-                            if matches!(m, Mechanism::RsaPkcs) {
-                                // No padding oracle: bad padding yields a synthetic message.
-                                return super::implicit::pkcs1_decrypt(&k.evp, klen, &input);
-                            }
-                            let pt = k.evp.rsa_decrypt(&input, &pad)?;
-                            Ok(Wiped::new(pt.as_slice().to_vec()))
-                        }
-                    }
-                    _ => Err(Error::general("cipher state does not match its key")),
+                self.finish_collected(&input)
+            }
+        }
+    }
+
+    /// The output of a collecting mechanism over its whole input.
+    fn finish_collected(&self, input: &[u8]) -> Result<Wiped> {
+        match (&self.mech, &self.key) {
+            (Mechanism::AesGcm(p), CipherKey::Secret(s)) => {
+                if self.encrypt {
+                    Ok(Wiped::new(aes::gcm_seal(s.as_slice(), p, input)?))
+                } else {
+                    aes::gcm_open(s.as_slice(), p, input)
                 }
             }
+            (m, CipherKey::Asym(k)) => {
+                let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
+                let pad = rsa_pad(m);
+                if self.encrypt {
+                    let max = match m {
+                        Mechanism::RsaOaep(p) => klen.saturating_sub(2 * p.hash.output_len() + 2),
+                        _ => klen.saturating_sub(11),
+                    };
+                    if input.len() > max {
+                        return Err(Error::new(
+                            CKR_DATA_LEN_RANGE,
+                            format!(
+                                "plaintext of {} bytes exceeds {max} for this key",
+                                input.len()
+                            ),
+                        ));
+                    }
+                    Ok(Wiped::new(k.evp.rsa_encrypt(input, &pad)?))
+                } else {
+                    if input.len() != klen {
+                        return Err(Error::new(
+                            CKR_ENCRYPTED_DATA_LEN_RANGE,
+                            format!("ciphertext is {} bytes, the modulus {klen}", input.len()),
+                        ));
+                    }
+                    if matches!(m, Mechanism::RsaPkcs) {
+                        // No padding oracle: bad padding yields a synthetic message.
+                        return super::implicit::pkcs1_decrypt(&k.evp, klen, input);
+                    }
+                    let pt = k.evp.rsa_decrypt(input, &pad)?;
+                    Ok(Wiped::new(pt.as_slice().to_vec()))
+                }
+            }
+            _ => Err(Error::general("cipher state does not match its key")),
         }
     }
 }

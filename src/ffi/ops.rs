@@ -430,11 +430,7 @@ p11_fn! {
         };
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, |op| {
-                let mut o = op.update(data)?;
-                o.extend_from_slice(&op.finish()?);
-                Ok(o)
-            })
+            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, |op| op.single(data))
         }
     }
 
@@ -489,11 +485,7 @@ p11_fn! {
         };
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, |op| {
-                let mut o = op.update(data)?;
-                o.extend_from_slice(&op.finish()?);
-                Ok(o)
-            })
+            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, |op| op.single(data))
         }
     }
 
