@@ -343,6 +343,18 @@ impl CipherOp {
         }
     }
 
+    /// The exact output length of `single` on `n` input bytes, when it is known without
+    /// computing: AES-GCM encryption (input + tag). A size query then needs no computation,
+    /// no copy of the input to check the retry against and nothing to wipe afterwards.
+    pub fn single_output_len(&self, n: usize) -> Option<usize> {
+        match (&self.mech, &self.state, self.encrypt) {
+            (Mechanism::AesGcm(p), CipherState::Collect(v), true) if v.is_empty() => {
+                Some(n + p.tag_bits / 8)
+            }
+            _ => None,
+        }
+    }
+
     /// Single-part C_Encrypt / C_Decrypt. A collecting mechanism (AES-GCM, RSA) with nothing
     /// collected works on `data` in place: no copy of the input to collect and wipe again
     /// (a quarter of the memory traffic of a 4 KiB AES-GCM C_Encrypt).

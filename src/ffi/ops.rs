@@ -2,7 +2,7 @@
 //! lifecycle (NULL-mechanism cancel, one active operation per kind, any error but
 //! CKR_BUFFER_TOO_SMALL ends it) and the size-query protocol.
 
-use super::{deliver, input, instance, p11_fn};
+use super::{deliver, input, instance, out, p11_fn, read_len};
 use crate::crypto::mechanism::{mechanism_table, RawParam};
 use crate::crypto::ops::{AsymKey, CipherKey, CipherOp, DigestOp, SignOp, VerifyOp};
 use crate::crypto::Mechanism;
@@ -226,6 +226,8 @@ fn op_active() -> Error {
 ///
 /// # Safety
 /// `out_buf` is NULL or valid for `*out_len` bytes; `out_len` is valid.
+// The pieces of one C call, passed through as they are: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 unsafe fn produce_into<T>(
     slot: &mut Option<Active<T>>,
     t: &Token,
@@ -233,6 +235,7 @@ unsafe fn produce_into<T>(
     data: &[u8],
     out_buf: *mut u8,
     out_len: *mut CK_ULONG,
+    known_len: Option<usize>,
     compute: impl FnOnce(&mut T) -> Result<Wiped>,
 ) -> Result<()> {
     let (logged_in, epoch) = (t.is_logged_in(), t.epoch());
@@ -240,6 +243,23 @@ unsafe fn produce_into<T>(
         let a = active(slot, logged_in, epoch)?;
         if call == Call::Update {
             a.multipart = true;
+        }
+        // Output length known without computing: answer a size query or a short buffer
+        // right away; the call with room computes and delivers in one go.
+        if let Some(need) = known_len.filter(|_| call == Call::Single && !a.has_cached()) {
+            // SAFETY: forwarded caller contract.
+            let have = unsafe { read_len(out_len, "output length pointer")? };
+            // SAFETY: as above.
+            unsafe { out(out_len, need as CK_ULONG, "output length pointer")? };
+            if out_buf.is_null() {
+                return Ok(false);
+            }
+            if have < need as CK_ULONG {
+                return Err(Error::new(
+                    CKR_BUFFER_TOO_SMALL,
+                    format!("output needs {need} bytes, buffer has {have}"),
+                ));
+            }
         }
         // SAFETY: forwarded caller contract.
         a.produce(call, data, compute, |bytes| unsafe {
@@ -300,7 +320,7 @@ p11_fn! {
         };
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, |op| {
+            produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, None, |op| {
                 op.update(data)?;
                 Ok(Wiped::new(op.finish()?))
             })
@@ -329,7 +349,7 @@ p11_fn! {
         let mut g = s.lock();
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, |op| {
+            produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, None, |op| {
                 Ok(Wiped::new(op.finish()?))
             })
         }
@@ -428,9 +448,14 @@ p11_fn! {
             Ok(d) => d,
             Err(e) => { g.encrypt = None; return Err(e); }
         };
+        let known = g
+            .encrypt
+            .as_ref()
+            .filter(|a| !a.multipart)
+            .and_then(|a| a.op.single_output_len(data.len()));
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, |op| op.single(data))
+            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, known, |op| op.single(data))
         }
     }
 
@@ -444,7 +469,7 @@ p11_fn! {
             Err(e) => { g.encrypt = None; return Err(e); }
         };
         // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Update, data, p_out, p_out_len, |op| op.update(data)) }
+        unsafe { produce_into(&mut g.encrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
     }
 
     fn C_EncryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
@@ -452,7 +477,7 @@ p11_fn! {
         let (s, t) = inst.module.session_token(h)?;
         let mut g = s.lock();
         // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Final, &[], p_out, p_out_len, |op| op.finish()) }
+        unsafe { produce_into(&mut g.encrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
     }
 
     fn C_DecryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
@@ -485,7 +510,7 @@ p11_fn! {
         };
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, |op| op.single(data))
+            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, None, |op| op.single(data))
         }
     }
 
@@ -499,7 +524,7 @@ p11_fn! {
             Err(e) => { g.decrypt = None; return Err(e); }
         };
         // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Update, data, p_out, p_out_len, |op| op.update(data)) }
+        unsafe { produce_into(&mut g.decrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
     }
 
     fn C_DecryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
@@ -507,7 +532,7 @@ p11_fn! {
         let (s, t) = inst.module.session_token(h)?;
         let mut g = s.lock();
         // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Final, &[], p_out, p_out_len, |op| op.finish()) }
+        unsafe { produce_into(&mut g.decrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
     }
 
     fn C_DigestInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM) [h] {
@@ -541,7 +566,7 @@ p11_fn! {
         };
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, |op| {
+            produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, None, |op| {
                 op.update(data)?;
                 Ok(Wiped::new(op.finish()?))
             })
@@ -575,7 +600,7 @@ p11_fn! {
         let mut g = s.lock();
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, |op| {
+            produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, None, |op| {
                 Ok(Wiped::new(op.finish()?))
             })
         }

@@ -50,6 +50,11 @@ impl<T> Active<T> {
         }
     }
 
+    /// Whether an output computed by an earlier size query waits to be fetched.
+    pub fn has_cached(&self) -> bool {
+        self.cached.is_some()
+    }
+
     /// Compute the output of `call` on `input` (or take the one kept from an earlier size
     /// query of this exact call) and hand it to `deliver`, which reports whether the caller
     /// took it. Not taken (NULL buffer, or CKR_BUFFER_TOO_SMALL): the output is kept, with a
