@@ -14,7 +14,7 @@ SOFTHSM=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so 2
 trap '"$T/skr-emulator" down --dir "$W/emu" >/dev/null 2>&1 || true; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true' EXIT
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "== $(date -u +%FT%TZ), load average $(cut -d" " -f1-3 /proc/loadavg), $(uname -r), $(openssl version), $(nginx -v 2>&1), softhsm2 $(dpkg-query -W -f="${Version}" softhsm2)"
+echo "== $(date -u +%FT%TZ), load average $(cut -d" " -f1-3 /proc/loadavg), $(uname -r), $(openssl version), $(nginx -v 2>&1), softhsm2 $(dpkg-query -W -f='${Version}' softhsm2)"
 "$T/skr-emulator" up --dir "$W/emu" >/dev/null
 source "$W/emu/env"
 "$T/p11-bench" keys --dir "$W/keys" >/dev/null
