@@ -172,7 +172,7 @@ fn key_object(
         | (Body::SecretKey(_), Purpose::Encrypt | Purpose::Decrypt) => {}
         _ => return Err(not_permitted("the key cannot be used for this operation")),
     }
-    if !o.allowed_mechanisms().contains(&ckm) {
+    if !o.allows(ckm) {
         return Err(Error::new(
             CKR_MECHANISM_INVALID,
             format!("mechanism {ckm:#x} is not allowed for this key"),

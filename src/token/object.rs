@@ -130,24 +130,31 @@ impl Object {
 
     /// Mechanisms this key can be used with (CKA_ALLOWED_MECHANISMS).
     pub fn allowed_mechanisms(&self) -> Vec<CK_MECHANISM_TYPE> {
+        mechanism_table()
+            .iter()
+            .map(|&(m, _, _, _)| m)
+            .filter(|&m| self.allows(m))
+            .collect()
+    }
+
+    /// Whether `m` is in `allowed_mechanisms()`, without building the list (every C_*Init
+    /// asks).
+    pub fn allows(&self, m: CK_MECHANISM_TYPE) -> bool {
         let (rsa, ec, aes) = match &self.body {
             Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => {
                 (k.info.is_rsa(), !k.info.is_rsa(), false)
             }
             Body::SecretKey(_) => (false, false, true),
-            Body::Certificate(_) => return vec![],
+            Body::Certificate(_) => return false,
         };
-        mechanism_table()
-            .iter()
-            .map(|&(m, _, _, _)| m)
-            .filter(|&m| match m {
+        mechanism_table().iter().any(|&(x, _, _, _)| x == m)
+            && match m {
                 CKM_AES_GCM | CKM_AES_CBC_PAD => aes,
                 CKM_ECDSA..=CKM_ECDSA_SHA512 => ec,
                 CKM_SHA_1 | CKM_SHA224 | CKM_SHA256 | CKM_SHA384 | CKM_SHA512 => false,
                 // CKM_RSA_PKCS stays listed for signing even when its decryption is refused.
                 _ => rsa,
-            })
-            .collect()
+            }
     }
 
     pub fn attribute(&self, ty: CK_ATTRIBUTE_TYPE) -> Attr {
