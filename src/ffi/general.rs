@@ -190,6 +190,7 @@ p11_fn! {
             return Ok(());
         }
         inst.module.wipe_all();
+        super::forget_cached_instance();
         token::forget_all_retained();
         RETAINED_OWNER.store(0, Ordering::SeqCst);
         Ok(())

@@ -302,19 +302,36 @@ pub(crate) fn instance() -> Result<Current> {
     let current = {
         let g = token::read(state());
         match &*g {
-            Some(i) if !i.forked() => i.clone(),
-            other => return Err(not_usable(other.as_deref())),
+            Some(i) if !i.forked() => Some(i.clone()),
+            _ => None,
         }
     };
+    // Refresh the cache, or empty it: a finalised state must not stay alive in a thread's
+    // cache beyond that thread's next call (C_Finalize has wiped its keys already).
     let _ = CACHE.try_with(|c| {
         if let Ok(mut c) = c.try_borrow_mut() {
             if c.borrows == 0 {
                 c.epoch = epoch;
-                c.instance = Some(current.clone());
+                c.instance = current.clone();
             }
         }
     });
-    Ok(Current::Owned(current))
+    match current {
+        Some(i) => Ok(Current::Owned(i)),
+        None => Err(not_usable(token::read(state()).as_deref())),
+    }
+}
+
+/// Drop this thread's cached state (C_Finalize: the finalising thread keeps nothing alive).
+pub(crate) fn forget_cached_instance() {
+    let _ = CACHE.try_with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            if c.borrows == 0 {
+                c.instance = None;
+                c.epoch = 0;
+            }
+        }
+    });
 }
 
 // ---- Pointer helpers: every raw pointer of the API goes through these ----
