@@ -414,12 +414,51 @@ impl EvpKey {
     /// failure becomes CKR_ENCRYPTED_DATA_INVALID.
     pub fn rsa_decrypt(&self, ct: &[u8], pad: &RsaPad) -> Result<crate::secret::LockedBuf> {
         let ctx = self.ctx()?;
-        // SAFETY: ctx live; the output is written into locked memory of modulus size.
+        // SAFETY: ctx is live.
+        if unsafe { sys::EVP_PKEY_decrypt_init(ctx.0) } != 1 {
+            return Err(failed("decrypt init failed"));
+        }
+        Self::set_rsa_pad(&ctx, pad)?;
+        let (out, written) = Self::decrypt_locked(&ctx, ct, "RSA decryption failed")?;
+        Ok(crate::secret::LockedBuf::from_slice(
+            &out.as_slice()[..written],
+        ))
+    }
+
+    /// Raw RSA private operation (no padding; blinded and constant-time in AWS-LC): the
+    /// encoded message of a `k`-byte ciphertext, in locked memory.
+    pub fn rsa_decrypt_raw(&self, ct: &[u8]) -> Result<crate::secret::LockedBuf> {
+        let ctx = self.ctx()?;
+        // SAFETY: ctx is live.
+        let ok = unsafe {
+            sys::EVP_PKEY_decrypt_init(ctx.0) == 1
+                && sys::EVP_PKEY_CTX_set_rsa_padding(ctx.0, sys::RSA_NO_PADDING) == 1
+        };
+        if !ok {
+            return Err(failed("raw decrypt init failed"));
+        }
+        let (out, written) =
+            Self::decrypt_locked(&ctx, ct, "ciphertext is not smaller than the modulus")?;
+        if written != out.as_slice().len() {
+            return Err(Error::new(
+                CKR_ENCRYPTED_DATA_INVALID,
+                "ciphertext is not smaller than the modulus",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// EVP_PKEY_decrypt on an initialised context: size query, then the decryption into a
+    /// locked buffer of that size. Returns the buffer and the bytes written; a failed
+    /// decryption is CKR_ENCRYPTED_DATA_INVALID with `invalid` as its message.
+    fn decrypt_locked(
+        ctx: &Ctx,
+        ct: &[u8],
+        invalid: &str,
+    ) -> Result<(crate::secret::LockedBuf, usize)> {
+        // SAFETY: ctx is live and initialised for decryption; the output buffer has the size
+        // AWS-LC reported for this ciphertext.
         unsafe {
-            if sys::EVP_PKEY_decrypt_init(ctx.0) != 1 {
-                return Err(failed("decrypt init failed"));
-            }
-            Self::set_rsa_pad(&ctx, pad)?;
             let mut len = 0usize;
             if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
                 return Err(failed("decrypt size query failed"));
@@ -435,50 +474,9 @@ impl EvpKey {
             ) != 1
             {
                 sys::ERR_clear_error();
-                return Err(Error::new(
-                    CKR_ENCRYPTED_DATA_INVALID,
-                    "RSA decryption failed",
-                ));
+                return Err(Error::new(CKR_ENCRYPTED_DATA_INVALID, invalid.to_string()));
             }
-            Ok(crate::secret::LockedBuf::from_slice(
-                &out.as_slice()[..written],
-            ))
-        }
-    }
-
-    /// Raw RSA private operation (no padding; blinded and constant-time in AWS-LC): the
-    /// encoded message of a `k`-byte ciphertext, in locked memory.
-    pub fn rsa_decrypt_raw(&self, ct: &[u8]) -> Result<crate::secret::LockedBuf> {
-        let ctx = self.ctx()?;
-        // SAFETY: ctx live; the output buffer holds the modulus size AWS-LC reports.
-        unsafe {
-            if sys::EVP_PKEY_decrypt_init(ctx.0) != 1
-                || sys::EVP_PKEY_CTX_set_rsa_padding(ctx.0, sys::RSA_NO_PADDING) != 1
-            {
-                return Err(failed("raw decrypt init failed"));
-            }
-            let mut len = 0usize;
-            if sys::EVP_PKEY_decrypt(ctx.0, ptr::null_mut(), &mut len, ct.as_ptr(), ct.len()) != 1 {
-                return Err(failed("raw decrypt size query failed"));
-            }
-            let mut out = crate::secret::LockedBuf::zeroed(len);
-            let mut written = len;
-            if sys::EVP_PKEY_decrypt(
-                ctx.0,
-                out.as_mut_slice().as_mut_ptr(),
-                &mut written,
-                ct.as_ptr(),
-                ct.len(),
-            ) != 1
-                || written != len
-            {
-                sys::ERR_clear_error();
-                return Err(Error::new(
-                    CKR_ENCRYPTED_DATA_INVALID,
-                    "ciphertext is not smaller than the modulus",
-                ));
-            }
-            Ok(out)
+            Ok((out, written.min(len)))
         }
     }
 
