@@ -14,6 +14,10 @@ pkgs=(
   softhsm2                   # reference token for conformance and benchmarks
   gdb                        # gcore for the core-dump secret check
   curl
+  swtpm                      # TPM 2.0 simulator: the emulator's Azure CVM vTPM
+  swtpm-tools                # swtpm_setup
+  libtss2-dev                # tss-esapi links Debian's TSS (ESAPI, TCTI)
+  pkg-config                 # tss-esapi-sys finds libtss2 with it
   python3
   ca-certificates
 )
