@@ -12,17 +12,23 @@ use skr_pkcs11::release::{release_token, KeyMaterial, ReleasedKey, Session};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn emulator_binary() -> PathBuf {
+/// A binary of another workspace crate (`skr-emulator`, the `skr-pkcs11` tool of `cli/`), as
+/// `cargo build --workspace` leaves it.
+fn workspace_binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let bin = target.join("debug").join("skr-emulator");
+    let bin = target.join("debug").join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build the emulator first with `cargo build -p skr-emulator`",
+        "{} is missing: build it first with `cargo build --workspace`",
         bin.display()
     );
     bin
+}
+
+fn emulator_binary() -> PathBuf {
+    workspace_binary("skr-emulator")
 }
 
 /// A running emulator in a temporary directory; `down` on drop.
@@ -390,7 +396,7 @@ fn scenario_collateral_sources(cfg: &Config, _admin: &Admin) {
 /// claims, release reports sizes; none of them prints an access token or key bytes.
 fn scenario_cli_never_prints_secrets(cfg: &Config, _admin: &Admin) {
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_skr-pkcs11"))
+        let out = Command::new(workspace_binary("skr-pkcs11"))
             .arg("--config")
             .arg(&cfg.source_path)
             .args(args)
