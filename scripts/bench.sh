@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 SECS=${1:-2}; ROUNDS=${2:-3}
 ./scripts/install-deps.sh
 cargo build --release -q -p skr-pkcs11 -p skr-emulator -p pkcs11-conformance
+# The login breakdown links the module (rlib): an example of the cli crate, not of the black-box
+# conformance crate.
+cargo build --release -q -p skr-pkcs11-cli --example p11-bench-login
 T=target/release; W=$(mktemp -d /tmp/skr-bench.XXXXXX)
 MOD=$(pwd)/$T/libskr_pkcs11.so
 SOFTHSM=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so 2>/dev/null | head -1)
@@ -50,7 +53,7 @@ echo; echo "== PKCS#11 operations (median of $ROUNDS rounds of ${SECS}s; referen
 fi
 if has login; then
 echo; echo "== C_Login breakdown, module side (skr-emulator on loopback)"
-"$T/p11-bench-login" --config "$cfg" --token skr-demo --count 20 --emulator-log "$W/emu"
+"$T/examples/p11-bench-login" --config "$cfg" --token skr-demo --count 20 --emulator-log "$W/emu"
 fi
 
 has nginx || exit 0

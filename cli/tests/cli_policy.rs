@@ -5,7 +5,7 @@ use std::process::Command;
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_skr-pkcs11"))
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .unwrap();
     (
@@ -25,7 +25,7 @@ fn policy_check_met_not_met_and_bad_input() {
     let ex: serde_json::Value = serde_json::from_slice(
         &std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/testdata/policy/published-examples.json"
+            "/../testdata/policy/published-examples.json"
         ))
         .unwrap(),
     )

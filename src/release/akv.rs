@@ -170,7 +170,7 @@ impl<'a> Akv<'a> {
         transfer: &dyn TransferKey,
     ) -> Result<(ReleasedKey, Duration)> {
         let host = key_host(key)?;
-        let nonce = super::random_nonce();
+        let nonce = super::random_nonce()?;
         let url = format!(
             "{}/release?api-version={}",
             key.kid.trim_end_matches('/'),

@@ -180,9 +180,13 @@ impl Http {
 
     /// Jittered exponential backoff: backoff · 2^attempt · [0.5, 1.5).
     fn backoff_for(&self, attempt: u32) -> Duration {
-        use rand::Rng;
         let base = self.backoff.saturating_mul(1u32 << attempt.min(10));
-        let factor = rand::thread_rng().gen_range(0.5..1.5);
+        // Jitter only spreads retries: without random bytes, the plain backoff will do.
+        let mut r = [0u8; 4];
+        let factor = match crate::crypto::random(&mut r) {
+            Ok(()) => 0.5 + f64::from(u32::from_le_bytes(r)) / 4_294_967_296.0,
+            Err(_) => 1.0,
+        };
         base.mul_f64(factor).min(MAX_RETRY_AFTER)
     }
 }

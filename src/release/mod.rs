@@ -62,11 +62,10 @@ pub struct LoginTimings {
 }
 
 /// A random nonce for MAA and AKV requests (freshness; echoed back and checked).
-pub fn random_nonce() -> String {
-    use rand::RngCore;
+pub fn random_nonce() -> Result<String> {
     let mut b = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
+    crate::crypto::random(&mut b)?;
+    Ok(hex::encode(b))
 }
 
 /// The per-login plumbing: trust anchors and the HTTP clients. Built inside each login, so that
@@ -141,7 +140,7 @@ fn attest_inner(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> 
         &cfg.attestation.url,
         &cfg.attestation.api_version,
     );
-    let nonce = random_nonce();
+    let nonce = random_nonce()?;
     let member = evidence::maa_report_member(&ev.report, &chain, uvm.as_deref());
     let token = maa.attest(member, &runtime_data, &nonce)?;
     let claims = maa.verify(
@@ -338,9 +337,9 @@ mod tests {
 
     #[test]
     fn nonces_are_fresh() {
-        let a = random_nonce();
+        let a = random_nonce().unwrap();
         assert_eq!(a.len(), 32);
-        assert_ne!(a, random_nonce());
+        assert_ne!(a, random_nonce().unwrap());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! p11-bench: PKCS#11 signing / decryption / encryption throughput of a module, side by side
 //! with a reference token (SoftHSMv2) holding the same keys and with the raw engine (aws-lc-rs,
-//! no PKCS#11), in one run so that only ratios count. The login breakdown is `p11-bench-login`:
+//! no PKCS#11), in one run so that only ratios count. The login breakdown is `p11-bench-login` (an
+//! example of the `cli` crate):
 //! this binary must not link skr-pkcs11, whose locked-memory arena would otherwise serve the
 //! "raw" engine's allocations too (it is installed from `.init_array` wherever it is linked).
 //!

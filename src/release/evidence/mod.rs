@@ -1,7 +1,7 @@
 //! SEV-SNP evidence: the report that binds the transfer key, and its collateral (VCEK chain,
 //! UVM endorsement) for MAA (platform-evidence §1, §5; skr-protocol §8.2).
 //!
-//! Providers: `/dev/sev-guest` (sev crate), legacy `/dev/sev` (5.15 ACI kernels, our ioctl),
+//! Providers: `/dev/sev-guest` and legacy `/dev/sev` (5.15 ACI kernels), each one ioctl of ours,
 //! the emulator's simulated platform, and `auto` (device probing; never a fake report).
 
 mod emulated;

@@ -11,8 +11,8 @@ pub const DEVICE: &str = "/dev/sev";
 const SEV_SNP_GUEST_MSG_REPORT: u32 = 0xC028_5301;
 const MSG_REPORT_REQ: u8 = 5;
 const MSG_REPORT_RSP: u8 = 6;
-const REQUEST_LEN: usize = 96;
-const RESPONSE_LEN: usize = 1280;
+pub(super) const REQUEST_LEN: usize = 96;
+pub(super) const RESPONSE_LEN: usize = 1280;
 /// The report starts after status, report_size and 24 reserved bytes.
 const REPORT_OFFSET: usize = 32;
 
@@ -41,15 +41,16 @@ const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, error) == 32);
 
 pub struct SevLegacyProvider;
 
-/// The MSG_REPORT_REQ: user data, VMPL 0, reserved zero.
-fn report_request(report_data: &[u8; 64]) -> [u8; REQUEST_LEN] {
+/// The MSG_REPORT_REQ: user data, VMPL 0, reserved zero (also `struct snp_report_req` of
+/// /dev/sev-guest).
+pub(super) fn report_request(report_data: &[u8; 64]) -> [u8; REQUEST_LEN] {
     let mut req = [0u8; REQUEST_LEN];
     req[..64].copy_from_slice(report_data);
     req
 }
 
 /// Check the MSG_REPORT_RSP and take the report out of it.
-fn parse_response(rsp: &[u8; RESPONSE_LEN]) -> std::result::Result<Vec<u8>, String> {
+pub(super) fn parse_response(rsp: &[u8; RESPONSE_LEN]) -> std::result::Result<Vec<u8>, String> {
     let status = u32::from_le_bytes(rsp[0..4].try_into().expect("4 bytes"));
     let size = u32::from_le_bytes(rsp[4..8].try_into().expect("4 bytes")) as usize;
     if status != 0 {
