@@ -19,6 +19,9 @@ pkgs=(
   libtss2-dev                # tss-esapi links Debian's TSS (ESAPI, TCTI)
   pkg-config                 # tss-esapi-sys finds libtss2 with it
   python3
+  dpkg-dev                   # dpkg-shlibdeps: the packages' computed Depends (scripts/package.sh)
+  binutils                   # objcopy / strip / readelf (package.sh), nm (tests/single_aws_lc.rs)
+  lintian                    # checks the built packages (scripts/test-package.sh)
   ca-certificates
 )
 

@@ -22,7 +22,7 @@ use std::process::ExitCode;
     version,
     about = "Azure Secure Key Release PKCS#11 module: operator tool"
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// Config file (default: $SKR_PKCS11_CONFIG, then /etc/skr-pkcs11/config.toml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
