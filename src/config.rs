@@ -268,20 +268,60 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let cannot_read = |e: std::io::Error| {
             Error::config(format!("cannot read config {}: {e}", path.display())).with_hint(format!(
                 "set {CONFIG_ENV} to the config file (skr-emulator up writes one)"
             ))
-        })?;
+        };
+        // The permissions of the file actually read (no check-then-open race).
+        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+        refuse_if_others_can_write(&file.metadata().map_err(cannot_read)?, "config", path)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot_read)?;
         let mut cfg = Self::parse(&text, path)?;
         cfg.source_path = path.to_path_buf();
         cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.resolve_paths();
+        cfg.refuse_named_files_others_can_write()?;
         Ok(cfg)
+    }
+
+    /// The files the config names feed trust (`tls.ca_file`), identity (`identity.token_file`)
+    /// and the token's objects (certificates): same rule as the config. A missing file is left
+    /// to whoever reads it, with its own error.
+    fn refuse_named_files_others_can_write(&self) -> Result<()> {
+        let certificates = self.tokens.iter().flat_map(|t| &t.keys);
+        let named = [
+            ("tls.ca_file", &self.tls.ca_file),
+            ("identity.token_file", &self.identity.token_file),
+        ]
+        .into_iter()
+        .chain(certificates.map(|k| ("certificate", &k.certificate)));
+        for (what, path) in named {
+            if let Some(path) = path {
+                if let Ok(meta) = std::fs::metadata(path) {
+                    refuse_if_others_can_write(&meta, what, path)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parse and validate; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &Path) -> Result<Config> {
+        // The packaged /etc/skr-pkcs11/config.toml is all comments until the operator edits it.
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            return Err(Error::config(format!(
+                "{}: the config has no settings (every line is blank or a comment): it is the packaged example, not yet edited",
+                origin.display()
+            ))
+            .with_hint(format!(
+                "uncomment and fill in [platform], [attestation], [identity] and a [[token]] with its keys (reference: /usr/share/doc/skr-pkcs11/CONFIG.md.gz), or set {CONFIG_ENV} to another config; then run skr-pkcs11 doctor"
+            )));
+        }
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let start = e.span().map(|s| s.start).unwrap_or(0);
             // For an unknown field the span covers its table; point at the field itself.
@@ -446,6 +486,32 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The config decides where keys come from, and the files it names feed trust and identity:
+/// refuse one that a user other than its owner (or root) can write, i.e. group- or
+/// world-writable, as kmsp11 does with its config.
+fn refuse_if_others_can_write(meta: &std::fs::Metadata, what: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 == 0 {
+        return Ok(());
+    }
+    let who = if mode & 0o002 != 0 {
+        "every user"
+    } else {
+        "its group"
+    };
+    Err(Error::config(format!(
+        "{what} {} is writable by {who} (mode {mode:04o}, owner uid {}, group gid {}): refused, it decides where keys come from",
+        path.display(),
+        meta.uid(),
+        meta.gid()
+    ))
+    .with_hint(format!(
+        "make it writable by its owner only: chmod go-w {} (readable by the service's group is fine)",
+        path.display()
+    )))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -49,9 +49,21 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 /// Writes through a temporary file and a rename, so a crash never leaves half a state file.
+/// Mode 0644 whatever the umask: the module refuses a config (or a certificate it names) that
+/// its group or others can write, and a umask of 002 would make them so.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 
