@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The Debian packages as an operator meets them (issue 13): build them, `dpkg -i` them on this
+# machine, check what they installed, `p11-kit list-modules` showing the token and pkcs11-tool
+# signing with the installed module against `skr-emulator up` (the installed one), then
+# `dpkg --purge` leaving no file of theirs behind, and lintian finding no error.
+# Needs root or sudo (dpkg). Run by scripts/test.sh; costs one release build (~10 min on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "test-package: need root or sudo for dpkg -i / --purge" >&2; exit 1; }
+  SUDO=sudo
+fi
+PKGS=(skr-pkcs11 skr-pkcs11-dbgsym skr-emulator)
+MODULE=/usr/lib/x86_64-linux-gnu/pkcs11/libskr_pkcs11.so
+for p in "${PKGS[@]}"; do
+  if dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
+    echo "test-package: $p is already installed on this machine; purge it first (dpkg --purge $p)" >&2
+    exit 1
+  fi
+done
+
+W=$(mktemp -d /tmp/skr-test-package.XXXXXX)
+installed=0
+cleanup() {
+  /usr/bin/skr-emulator down --dir "$W/emu" >/dev/null 2>&1 || true
+  [ "$installed" = 1 ] && $SUDO dpkg --purge "${PKGS[@]}" >/dev/null 2>&1 || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+fail() { echo "test-package: FAIL: $*" >&2; exit 1; }
+ok() { echo "test-package: ok: $*"; }
+
+./scripts/package.sh
+V=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+DEBS=(target/debian/skr-pkcs11_"$V"_amd64.deb target/debian/skr-pkcs11-dbgsym_"$V"_amd64.deb target/debian/skr-emulator_"$V"_amd64.deb)
+
+lintian --fail-on error "${DEBS[@]}" > "$W/lintian.txt" 2>&1 || { cat "$W/lintian.txt"; fail "lintian reports errors"; }
+ok "lintian: no errors ($(grep -c '^[WI]:' "$W/lintian.txt" || true) warnings / notes)"
+
+installed=1
+$SUDO dpkg -i "${DEBS[@]}" >/dev/null
+for p in "${PKGS[@]}"; do dpkg -L "$p" > "$W/$p.list"; done
+ok "dpkg -i ${PKGS[*]}"
+
+# What the package put where.
+[ -f "$MODULE" ] || fail "$MODULE missing"
+readelf -S "$MODULE" | grep -q "\.symtab" && fail "$MODULE is not stripped"
+readelf -S "$MODULE" | grep -q '\.debug_info' && fail "$MODULE carries debug info"
+id=$(readelf -n "$MODULE" | awk '/Build ID:/ { print $3 }')
+[ -f "/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug" ] || fail "no debug file for build-id $id"
+[ "$(stat -c '%a %U:%G' /etc/skr-pkcs11/config.toml)" = "640 root:root" ] || fail "config.toml is $(stat -c '%a %U:%G' /etc/skr-pkcs11/config.toml)"
+grep -qx /etc/skr-pkcs11/config.toml /var/lib/dpkg/info/skr-pkcs11.conffiles || fail "config.toml is not a conffile"
+for page in skr-pkcs11 skr-pkcs11-doctor skr-pkcs11-release skr-pkcs11-policy-check; do
+  [ -f "/usr/share/man/man1/$page.1.gz" ] || fail "man page $page missing"
+done
+[ -f /usr/share/doc/skr-pkcs11/copyright ] && [ -f /usr/share/doc/skr-pkcs11/README.md.gz ] || fail "docs missing"
+/usr/bin/skr-pkcs11 --version | grep -q "skr-pkcs11 $V" || fail "skr-pkcs11 --version"
+ok "module stripped, debug symbols by build-id, conffile 0640 root:root, man pages, docs"
+
+# The unedited example is refused with the message that says so.
+if out=$(env -u SKR_PKCS11_CONFIG /usr/bin/skr-pkcs11 doctor 2>&1); then fail "doctor accepted the unedited example"; fi
+grep -q "packaged example" <<<"$out" || fail "doctor on the unedited example: $out"
+ok "the unedited /etc/skr-pkcs11/config.toml is refused: $(head -1 <<<"$out" | cut -c1-100)…"
+
+# Against the installed emulator.
+/usr/bin/skr-emulator up --dir "$W/emu" >/dev/null
+# shellcheck disable=SC1091
+source "$W/emu/env"
+export SKR_PKCS11_CONFIG
+p11-kit list-modules > "$W/modules.txt" 2>&1 || { cat "$W/modules.txt"; fail "p11-kit list-modules"; }
+grep -q "^skr-pkcs11:" "$W/modules.txt" && grep -q "$MODULE" "$W/modules.txt" \
+  && grep -q "token: skr-demo" "$W/modules.txt" || { cat "$W/modules.txt"; fail "p11-kit list-modules does not show skr-pkcs11 and its token"; }
+ok "p11-kit list-modules shows skr-pkcs11 ($MODULE) and token skr-demo"
+
+printf 'signed through the installed module\n' > "$W/data"
+pkcs11-tool --module "$MODULE" --token-label skr-demo --login --sign --id 01 -m SHA256-RSA-PKCS \
+  -i "$W/data" -o "$W/sig" >/dev/null 2>"$W/p11tool.err" || { cat "$W/p11tool.err"; fail "pkcs11-tool sign"; }
+cert=$(sed -n '/label = "tls-rsa"/,/^\[/ s/^certificate = "\(.*\)"$/\1/p' "$SKR_PKCS11_CONFIG" | head -1)
+case $cert in /*) ;; *) cert=$(dirname "$SKR_PKCS11_CONFIG")/$cert ;; esac
+openssl x509 -in "$cert" -pubkey -noout > "$W/pub.pem"
+openssl dgst -sha256 -verify "$W/pub.pem" -signature "$W/sig" "$W/data" >/dev/null || fail "signature does not verify"
+ok "pkcs11-tool --module $MODULE: RSA signature by tls-rsa verifies with OpenSSL against its certificate"
+/usr/bin/skr-emulator down --dir "$W/emu" >/dev/null
+
+# An operator's edit of the conffile: purge removes it all the same.
+echo "# edited" | $SUDO tee -a /etc/skr-pkcs11/config.toml >/dev/null
+$SUDO dpkg --purge "${PKGS[@]}" >/dev/null
+installed=0
+left=()
+for p in "${PKGS[@]}"; do
+  while read -r f; do
+    [ "$f" = /. ] && continue
+    if [ -d "$f" ] && [ ! -L "$f" ]; then
+      # A directory may stay only if another package owns it.
+      dpkg-query -S "$f" >/dev/null 2>&1 || left+=("$f/")
+    elif [ -e "$f" ] || [ -L "$f" ]; then
+      left+=("$f")
+    fi
+  done < "$W/$p.list"
+done
+for f in /etc/skr-pkcs11 /etc/skr-pkcs11/config.toml.dpkg-old /etc/skr-pkcs11/config.toml.dpkg-dist; do
+  [ -e "$f" ] && left+=("$f")
+done
+[ ${#left[@]} -eq 0 ] || fail "dpkg --purge left: ${left[*]}"
+ok "dpkg --purge: no file of the packages left (edited conffile and /etc/skr-pkcs11 included)"
