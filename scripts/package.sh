@@ -27,8 +27,8 @@ for tool in dpkg-deb dpkg-shlibdeps objcopy strip readelf gzip; do
 done
 
 echo "== release build (module, tool, emulator, man page generator)"
-cargo build --release --locked -p skr-pkcs11 -p skr-pkcs11-cli -p skr-emulator
-cargo build --release --locked -p skr-pkcs11-cli --example mangen
+# One invocation: the same feature resolution every time, so a rerun rebuilds nothing.
+cargo build --release --locked -p skr-pkcs11 -p skr-pkcs11-cli -p skr-emulator --lib --bins --example mangen
 REL=target/release
 
 rm -rf "$WORK"
@@ -116,6 +116,10 @@ for m in "$WORK"/man/*.1; do
   gzip -9n -c "$m" > "$MAIN/usr/share/man/man1/$(basename "$m").gz"
 done
 install_docs "$MAIN" skr-pkcs11 README.md docs/MODULE.md docs/CONFIG.md
+# Service integration examples (uncompressed: they are copied into place as they are).
+for f in packaging/debian/examples/*; do
+  install -D -m 0644 "$f" "$MAIN/usr/share/doc/skr-pkcs11/examples/$(basename "$f")"
+done
 install -D -m 0644 packaging/debian/skr-pkcs11.lintian-overrides "$MAIN/usr/share/lintian/overrides/skr-pkcs11"
 
 # Debug symbols: the doc directory is the main package's (as debhelper's dbgsym packages do).

@@ -82,6 +82,40 @@ case $cert in /*) ;; *) cert=$(dirname "$SKR_PKCS11_CONFIG")/$cert ;; esac
 openssl x509 -in "$cert" -pubkey -noout > "$W/pub.pem"
 openssl dgst -sha256 -verify "$W/pub.pem" -signature "$W/sig" "$W/data" >/dev/null || fail "signature does not verify"
 ok "pkcs11-tool --module $MODULE: RSA signature by tls-rsa verifies with OpenSSL against its certificate"
+
+# nginx as the packaged systemd drop-in runs it: its Environment= and LimitMEMLOCK=, the
+# packaged OpenSSL engine config copied into place (the config itself is the emulator's).
+EX=/usr/share/doc/skr-pkcs11/examples
+$SUDO install -m 0644 "$EX/openssl-engine.cnf" /etc/skr-pkcs11/openssl-engine.cnf
+ossl_conf=$(sed -n 's/^Environment=OPENSSL_CONF=//p' "$EX/nginx-systemd-skr-pkcs11.conf")
+memlock=$(sed -n 's/^LimitMEMLOCK=\([0-9]*\)M$/\1/p' "$EX/nginx-systemd-skr-pkcs11.conf")
+[ "$ossl_conf" = /etc/skr-pkcs11/openssl-engine.cnf ] && [ -n "$memlock" ] || fail "drop-in: OPENSSL_CONF=$ossl_conf LimitMEMLOCK=${memlock}M"
+user=""; [ "$(id -u)" = 0 ] && user="user root;"
+cat > "$W/nginx.conf" <<CONF
+$user
+worker_processes 2; pid $W/nginx.pid; error_log $W/nginx-error.log warn;
+env SKR_PKCS11_CONFIG; env OPENSSL_CONF;
+events { worker_connections 16; }
+http { access_log off;
+  server { listen 127.0.0.1:18443 ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $cert;
+    ssl_certificate_key "engine:pkcs11:pkcs11:token=skr-demo;object=tls-rsa;type=private";
+    location / { return 200 "served with the packaged module\n"; } } }
+CONF
+mkdir -p "$W/nginx"
+# The drop-in's limit, or the hard limit where a container caps it lower (then only a warning).
+hard=$(ulimit -Hl); want=$((memlock * 1024))
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+  echo "test-package: note: hard memlock limit ${hard} KiB < LimitMEMLOCK=${memlock}M here"; want=$hard
+fi
+(ulimit -l "$want" && OPENSSL_CONF=$ossl_conf nginx -p "$W/nginx" -c "$W/nginx.conf") \
+  || { cat "$W/nginx-error.log" 2>/dev/null; fail "nginx with the installed module did not start"; }
+for _ in $(seq 50); do [ -s "$W/nginx.pid" ] && break; sleep 0.1; done
+# -k: the point is the handshake, whose signature (TLS 1.3 CertificateVerify) the module makes.
+body=$(curl -sSk --tlsv1.3 https://127.0.0.1:18443/ 2>&1 || true)
+kill "$(cat "$W/nginx.pid")"
+[ "$body" = "served with the packaged module" ] || { cat "$W/nginx-error.log"; fail "nginx TLS with the installed module: $body"; }
+ok "nginx (drop-in environment, LimitMEMLOCK=${memlock}M, packaged engine config) serves TLS with tls-rsa from the installed module"
+$SUDO rm -f /etc/skr-pkcs11/openssl-engine.cnf
 /usr/bin/skr-emulator down --dir "$W/emu" >/dev/null
 
 # An operator's edit of the conffile: purge removes it all the same.
