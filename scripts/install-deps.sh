@@ -22,6 +22,7 @@ pkgs=(
   dpkg-dev                   # dpkg-shlibdeps: the packages' computed Depends (scripts/package.sh)
   binutils                   # objcopy / strip / readelf (package.sh), nm (tests/single_aws_lc.rs)
   lintian                    # checks the built packages (scripts/test-package.sh)
+  python3-venv               # azure-cli from PyPI for scripts/check-az.sh
   ca-certificates
 )
 

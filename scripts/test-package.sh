@@ -118,6 +118,16 @@ ok "nginx (drop-in environment, LimitMEMLOCK=${memlock}M, packaged engine config
 $SUDO rm -f /etc/skr-pkcs11/openssl-engine.cnf
 /usr/bin/skr-emulator down --dir "$W/emu" >/dev/null
 
+# The confidential-container image, where docker works (pulling debian:12-slim needs a registry).
+if timeout 20 docker info >/dev/null 2>&1; then
+  docker build -q -f packaging/docker/Dockerfile -t skr-pkcs11-nginx:test . >/dev/null || fail "docker build packaging/docker/Dockerfile"
+  docker run --rm skr-pkcs11-nginx:test skr-pkcs11 --version | grep -q "skr-pkcs11 $V" || fail "skr-pkcs11 in the image"
+  docker rmi skr-pkcs11-nginx:test >/dev/null
+  ok "docker image packaging/docker/Dockerfile builds and carries skr-pkcs11 $V"
+else
+  echo "test-package: skipped: docker build of packaging/docker/Dockerfile (no working docker daemon here)"
+fi
+
 # An operator's edit of the conffile: purge removes it all the same.
 echo "# edited" | $SUDO tee -a /etc/skr-pkcs11/config.toml >/dev/null
 $SUDO dpkg --purge "${PKGS[@]}" >/dev/null

@@ -17,6 +17,8 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The Debian packages: build (a release build, ~10 min on CI's 2 cores), install, use, purge,
 # lintian.
 ./scripts/test-package.sh || status=$?
+# The deployment guides' az commands against azure-cli's parser (PyPI).
+./scripts/check-az.sh || status=$?
 # One closing line over every test binary (cargo's own last line is a doc-test run's).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
