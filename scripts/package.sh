@@ -19,8 +19,6 @@ VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 MAINTAINER="skr-pkcs11 team <skr-pkcs11@users.noreply.github.com>"
 OUT=target/debian
 WORK=$OUT/work
-# Timestamps of the packaged files: the last commit (reproducible builds).
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 
 for tool in dpkg-deb dpkg-shlibdeps objcopy strip readelf gzip; do
   command -v "$tool" >/dev/null || { echo "package.sh: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -30,6 +28,9 @@ echo "== release build (module, tool, emulator, man page generator)"
 # One invocation: the same feature resolution every time, so a rerun rebuilds nothing.
 cargo build --release --locked -p skr-pkcs11 -p skr-pkcs11-cli -p skr-emulator --lib --bins --example mangen
 REL=target/release
+# Timestamps of the packaged files: the last commit (reproducible builds). Exported only after
+# the build: build scripts that watch it would otherwise rebuild on every commit.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 
 rm -rf "$WORK"
 mkdir -p "$WORK/debian"
