@@ -9,7 +9,7 @@ use crate::crypto::Mechanism;
 use crate::error::{Error, Result};
 use crate::secret::Wiped;
 use crate::token::object::{Body, Object};
-use crate::token::session::{active, Active, Call};
+use crate::token::session::{active, Active, Call, Session};
 use crate::token::Token;
 use cryptoki_sys::*;
 use std::sync::Arc;
@@ -289,321 +289,453 @@ fn needs_login(t: &Token, o: &Object) -> bool {
     o.is_private() || !t.is_permanent(o.handle)
 }
 
-p11_fn! {
-    fn C_SignInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.sign = None;
-            return Ok(());
-        }
-        if g.sign.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Sign)?;
-        let op = SignOp::new(m, asym(&o)?)?;
-        g.sign = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
-    }
+/// One operation family (Sign, Verify, Encrypt, Decrypt, Digest): where its active operation
+/// lives on a session and how it is built from a mechanism and a key. The Init / single-part /
+/// Update / Final calls of every family are the generic functions below; a family only says
+/// what differs.
+trait Family {
+    type Op;
+    /// CKF_SIGN, ... for the key checks; None for keyless families (digest).
+    const PURPOSE: Option<Purpose>;
+    /// The C parameter names of the single-part and Update inputs, for error messages.
+    const DATA: &'static str;
+    const PART: &'static str;
+    fn slot(s: &mut Session) -> &mut Option<Active<Self::Op>>;
+    fn build(m: Mechanism, key: Option<&Object>) -> Result<Self::Op>;
+}
 
-    fn C_Sign(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.sign = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, None, |op| {
-                op.update(data)?;
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+/// Families whose single-part and Final calls produce output.
+trait Produce: Family {
+    fn single(op: &mut Self::Op, data: &[u8]) -> Result<Wiped>;
+    fn finish(op: &mut Self::Op) -> Result<Wiped>;
+    /// The single-part output length when known without computing (see `produce_into`).
+    fn known_len(_a: &Active<Self::Op>, _n: usize) -> Option<usize> {
+        None
     }
+}
 
-    fn C_SignUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.sign, t.is_logged_in(), t.epoch())?;
-            a.multipart = true;
-            // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
-        })();
-        if r.is_err() {
-            g.sign = None;
-        }
-        r
+/// Families whose Update only absorbs input (sign, verify, digest).
+trait Absorb: Family {
+    fn absorb(op: &mut Self::Op, data: &[u8]) -> Result<()>;
+}
+
+/// Families whose Update produces output as it goes (encrypt, decrypt).
+trait Stream: Family {
+    fn update(op: &mut Self::Op, data: &[u8]) -> Result<Wiped>;
+}
+
+fn asym_key(key: Option<&Object>) -> Result<Arc<AsymKey>> {
+    asym(key.ok_or_else(|| Error::general("operation without a key"))?)
+}
+
+fn cipher_of(key: Option<&Object>) -> Result<CipherKey> {
+    cipher_key(key.ok_or_else(|| Error::general("operation without a key"))?)
+}
+
+struct Sign;
+impl Family for Sign {
+    type Op = SignOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Sign);
+    const DATA: &'static str = "pData";
+    const PART: &'static str = "pPart";
+    fn slot(s: &mut Session) -> &mut Option<Active<SignOp>> {
+        &mut s.sign
     }
-
-    fn C_SignFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, None, |op| {
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+    fn build(m: Mechanism, key: Option<&Object>) -> Result<SignOp> {
+        SignOp::new(m, asym_key(key)?)
     }
-
-    fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.verify = None;
-            return Ok(());
-        }
-        if g.verify.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Verify)?;
-        let op = VerifyOp::new(m, asym(&o)?)?;
-        g.verify = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
+}
+impl Produce for Sign {
+    fn single(op: &mut SignOp, data: &[u8]) -> Result<Wiped> {
+        op.update(data)?;
+        Ok(Wiped::new(op.finish()?))
     }
-
-    fn C_Verify(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, len, sig_len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
-            // SAFETY: API input buffers.
-            let data = unsafe { input(p_data, len, "pData")? };
-            let sig = unsafe { input(p_sig, sig_len, "pSignature")? };
-            a.op.update(data)?;
-            a.op.finish(sig)
-        })();
-        // Verification ends the operation whatever the outcome.
-        g.verify = None;
-        r
+    fn finish(op: &mut SignOp) -> Result<Wiped> {
+        Ok(Wiped::new(op.finish()?))
     }
-
-    fn C_VerifyUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
-            a.multipart = true;
-            // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
-        })();
-        if r.is_err() {
-            g.verify = None;
-        }
-        r
+}
+impl Absorb for Sign {
+    fn absorb(op: &mut SignOp, data: &[u8]) -> Result<()> {
+        op.update(data)
     }
+}
 
-    fn C_VerifyFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, sig_len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
-            // SAFETY: API input buffer.
-            a.op.finish(unsafe { input(p_sig, sig_len, "pSignature")? })
-        })();
-        g.verify = None;
-        r
+struct Verify;
+impl Family for Verify {
+    type Op = VerifyOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Verify);
+    const DATA: &'static str = "pData";
+    const PART: &'static str = "pPart";
+    fn slot(s: &mut Session) -> &mut Option<Active<VerifyOp>> {
+        &mut s.verify
     }
-
-    fn C_EncryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.encrypt = None;
-            return Ok(());
-        }
-        if g.encrypt.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Encrypt)?;
-        let op = CipherOp::new(m, cipher_key(&o)?, true)?;
-        g.encrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
+    fn build(m: Mechanism, key: Option<&Object>) -> Result<VerifyOp> {
+        VerifyOp::new(m, asym_key(key)?)
     }
+}
+impl Absorb for Verify {
+    fn absorb(op: &mut VerifyOp, data: &[u8]) -> Result<()> {
+        op.update(data)
+    }
+}
 
-    fn C_Encrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.encrypt = None; return Err(e); }
-        };
-        let known = g
-            .encrypt
-            .as_ref()
+struct Encrypt;
+impl Family for Encrypt {
+    type Op = CipherOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Encrypt);
+    const DATA: &'static str = "pData";
+    const PART: &'static str = "pPart";
+    fn slot(s: &mut Session) -> &mut Option<Active<CipherOp>> {
+        &mut s.encrypt
+    }
+    fn build(m: Mechanism, key: Option<&Object>) -> Result<CipherOp> {
+        CipherOp::new(m, cipher_of(key)?, true)
+    }
+}
+impl Produce for Encrypt {
+    fn single(op: &mut CipherOp, data: &[u8]) -> Result<Wiped> {
+        op.single(data)
+    }
+    fn finish(op: &mut CipherOp) -> Result<Wiped> {
+        op.finish()
+    }
+    fn known_len(a: &Active<CipherOp>, n: usize) -> Option<usize> {
+        Some(a)
             .filter(|a| !a.multipart)
-            .and_then(|a| a.op.single_output_len(data.len()));
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, known, |op| op.single(data))
-        }
+            .and_then(|a| a.op.single_output_len(n))
     }
-
-    fn C_EncryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pPart") } {
-            Ok(d) => d,
-            Err(e) => { g.encrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
+}
+impl Stream for Encrypt {
+    fn update(op: &mut CipherOp, data: &[u8]) -> Result<Wiped> {
+        op.update(data)
     }
+}
 
-    fn C_EncryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
+struct Decrypt;
+impl Family for Decrypt {
+    type Op = CipherOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Decrypt);
+    const DATA: &'static str = "pEncryptedData";
+    const PART: &'static str = "pEncryptedPart";
+    fn slot(s: &mut Session) -> &mut Option<Active<CipherOp>> {
+        &mut s.decrypt
     }
-
-    fn C_DecryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.decrypt = None;
-            return Ok(());
-        }
-        if g.decrypt.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Decrypt)?;
-        let op = CipherOp::new(m, cipher_key(&o)?, false)?;
-        g.decrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
+    fn build(m: Mechanism, key: Option<&Object>) -> Result<CipherOp> {
+        CipherOp::new(m, cipher_of(key)?, false)
     }
-
-    fn C_Decrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pEncryptedData") } {
-            Ok(d) => d,
-            Err(e) => { g.decrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, None, |op| op.single(data))
-        }
+}
+impl Produce for Decrypt {
+    fn single(op: &mut CipherOp, data: &[u8]) -> Result<Wiped> {
+        op.single(data)
     }
-
-    fn C_DecryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pEncryptedPart") } {
-            Ok(d) => d,
-            Err(e) => { g.decrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
+    fn finish(op: &mut CipherOp) -> Result<Wiped> {
+        op.finish()
     }
-
-    fn C_DecryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
+}
+impl Stream for Decrypt {
+    fn update(op: &mut CipherOp, data: &[u8]) -> Result<Wiped> {
+        op.update(data)
     }
+}
 
-    fn C_DigestInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.digest = None;
-            return Ok(());
-        }
-        if g.digest.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
+struct Digest;
+impl Family for Digest {
+    type Op = DigestOp;
+    const PURPOSE: Option<Purpose> = None;
+    const DATA: &'static str = "pData";
+    const PART: &'static str = "pPart";
+    fn slot(s: &mut Session) -> &mut Option<Active<DigestOp>> {
+        &mut s.digest
+    }
+    fn build(m: Mechanism, _key: Option<&Object>) -> Result<DigestOp> {
         let Mechanism::Digest(alg) = m else {
             return Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism"));
         };
-        g.digest = Some(Active::new(DigestOp::new(alg), false, t.epoch()));
-        Ok(())
+        Ok(DigestOp::new(alg))
     }
+}
+impl Produce for Digest {
+    fn single(op: &mut DigestOp, data: &[u8]) -> Result<Wiped> {
+        op.update(data)?;
+        Ok(Wiped::new(op.finish()?))
+    }
+    fn finish(op: &mut DigestOp) -> Result<Wiped> {
+        Ok(Wiped::new(op.finish()?))
+    }
+}
+impl Absorb for Digest {
+    fn absorb(op: &mut DigestOp, data: &[u8]) -> Result<()> {
+        op.update(data)
+    }
+}
 
-    fn C_Digest(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
+/// C_*Init: a NULL mechanism cancels; one active operation per family; the key is checked
+/// against the mechanism and the family's purpose.
+///
+/// # Safety
+/// `p_mech` is NULL or a valid CK_MECHANISM.
+unsafe fn init<F: Family>(
+    h: CK_SESSION_HANDLE,
+    p_mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    let slot = F::slot(&mut g);
+    if p_mech.is_null() {
+        *slot = None;
+        return Ok(());
+    }
+    if slot.is_some() {
+        return Err(op_active());
+    }
+    // SAFETY: non-NULL API mechanism.
+    let m = unsafe { decode_mechanism(p_mech)? };
+    let active = match F::PURPOSE {
+        Some(purpose) => {
+            let o = key_object(t, key, &m, purpose)?;
+            Active::new(F::build(m, Some(&o))?, needs_login(t, &o), t.epoch())
+        }
+        None => Active::new(F::build(m, None)?, false, t.epoch()),
+    };
+    *slot = Some(active);
+    Ok(())
+}
+
+/// C_Sign, C_Encrypt, C_Decrypt, C_Digest.
+///
+/// # Safety
+/// API input buffer, output buffer and length.
+unsafe fn single<F: Produce>(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    len: CK_ULONG,
+    p_out: *mut CK_BYTE,
+    p_out_len: *mut CK_ULONG,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    let slot = F::slot(&mut g);
+    // SAFETY: API input buffer.
+    let data = match unsafe { input(p_data, len, F::DATA) } {
+        Ok(d) => d,
+        Err(e) => {
+            *slot = None;
+            return Err(e);
+        }
+    };
+    let known = slot.as_ref().and_then(|a| F::known_len(a, data.len()));
+    // SAFETY: API output buffer and length.
+    unsafe {
+        produce_into(slot, t, Call::Single, data, p_out, p_out_len, known, |op| {
+            F::single(op, data)
+        })
+    }
+}
+
+/// C_SignUpdate, C_VerifyUpdate, C_DigestUpdate.
+///
+/// # Safety
+/// API input buffer.
+unsafe fn absorb<F: Absorb>(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    len: CK_ULONG,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    let slot = F::slot(&mut g);
+    let r = (|| {
+        let a = active(slot, t.is_logged_in(), t.epoch())?;
+        a.multipart = true;
         // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.digest = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, None, |op| {
-                op.update(data)?;
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+        F::absorb(&mut a.op, unsafe { input(p_data, len, F::PART)? })
+    })();
+    if r.is_err() {
+        *slot = None;
     }
+    r
+}
 
-    fn C_DigestUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.digest, t.is_logged_in(), t.epoch())?;
-            a.multipart = true;
+/// C_EncryptUpdate, C_DecryptUpdate.
+///
+/// # Safety
+/// API input buffer, output buffer and length.
+unsafe fn stream<F: Stream>(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    len: CK_ULONG,
+    p_out: *mut CK_BYTE,
+    p_out_len: *mut CK_ULONG,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    let slot = F::slot(&mut g);
+    // SAFETY: API input buffer.
+    let data = match unsafe { input(p_data, len, F::PART) } {
+        Ok(d) => d,
+        Err(e) => {
+            *slot = None;
+            return Err(e);
+        }
+    };
+    // SAFETY: API output buffer and length.
+    unsafe {
+        produce_into(slot, t, Call::Update, data, p_out, p_out_len, None, |op| {
+            F::update(op, data)
+        })
+    }
+}
+
+/// C_SignFinal, C_EncryptFinal, C_DecryptFinal, C_DigestFinal.
+///
+/// # Safety
+/// API output buffer and length.
+unsafe fn finish<F: Produce>(
+    h: CK_SESSION_HANDLE,
+    p_out: *mut CK_BYTE,
+    p_out_len: *mut CK_ULONG,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    // SAFETY: API output buffer and length.
+    unsafe {
+        produce_into(
+            F::slot(&mut g),
+            t,
+            Call::Final,
+            &[],
+            p_out,
+            p_out_len,
+            None,
+            F::finish,
+        )
+    }
+}
+
+/// C_Verify and C_VerifyFinal: the signature is checked against what was absorbed; the
+/// operation ends whatever the outcome.
+///
+/// # Safety
+/// API input buffers.
+unsafe fn verify_end(
+    h: CK_SESSION_HANDLE,
+    data: Option<(*mut CK_BYTE, CK_ULONG)>,
+    p_sig: *mut CK_BYTE,
+    sig_len: CK_ULONG,
+) -> Result<()> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    let r = (|| {
+        let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+        if let Some((p_data, len)) = data {
             // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
-        })();
-        if r.is_err() {
-            g.digest = None;
+            let data = unsafe { input(p_data, len, "pData")? };
+            let sig = unsafe { input(p_sig, sig_len, "pSignature")? };
+            a.op.update(data)?;
+            return a.op.finish(sig);
         }
-        r
+        // SAFETY: API input buffer.
+        a.op.finish(unsafe { input(p_sig, sig_len, "pSignature")? })
+    })();
+    g.verify = None;
+    r
+}
+
+p11_fn! {
+    fn C_SignInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        // SAFETY: API arguments.
+        unsafe { init::<Sign>(h, p_mech, key) }
+    }
+    fn C_Sign(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { single::<Sign>(h, p_data, len, p_sig, p_sig_len) }
+    }
+    fn C_SignUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { absorb::<Sign>(h, p_data, len) }
+    }
+    fn C_SignFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h] {
+        // SAFETY: API arguments.
+        unsafe { finish::<Sign>(h, p_sig, p_sig_len) }
     }
 
+    fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        // SAFETY: API arguments.
+        unsafe { init::<Verify>(h, p_mech, key) }
+    }
+    fn C_Verify(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, len, sig_len] {
+        // SAFETY: API arguments.
+        unsafe { verify_end(h, Some((p_data, len)), p_sig, sig_len) }
+    }
+    fn C_VerifyUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { absorb::<Verify>(h, p_data, len) }
+    }
+    fn C_VerifyFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, sig_len] {
+        // SAFETY: API arguments.
+        unsafe { verify_end(h, None, p_sig, sig_len) }
+    }
+
+    fn C_EncryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        // SAFETY: API arguments.
+        unsafe { init::<Encrypt>(h, p_mech, key) }
+    }
+    fn C_Encrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { single::<Encrypt>(h, p_data, len, p_out, p_out_len) }
+    }
+    fn C_EncryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { stream::<Encrypt>(h, p_data, len, p_out, p_out_len) }
+    }
+    fn C_EncryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+        // SAFETY: API arguments.
+        unsafe { finish::<Encrypt>(h, p_out, p_out_len) }
+    }
+
+    fn C_DecryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        // SAFETY: API arguments.
+        unsafe { init::<Decrypt>(h, p_mech, key) }
+    }
+    fn C_Decrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { single::<Decrypt>(h, p_data, len, p_out, p_out_len) }
+    }
+    fn C_DecryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { stream::<Decrypt>(h, p_data, len, p_out, p_out_len) }
+    }
+    fn C_DecryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+        // SAFETY: API arguments.
+        unsafe { finish::<Decrypt>(h, p_out, p_out_len) }
+    }
+
+    fn C_DigestInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM) [h] {
+        // SAFETY: API arguments.
+        unsafe { init::<Digest>(h, p_mech, CK_INVALID_HANDLE) }
+    }
+    fn C_Digest(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { single::<Digest>(h, p_data, len, p_out, p_out_len) }
+    }
+    fn C_DigestUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { absorb::<Digest>(h, p_data, len) }
+    }
     fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) [h, key] {
         instance()?.module.session(h)?;
         Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, "key values are never digested"))
     }
-
     fn C_DigestFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, None, |op| {
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+        // SAFETY: API arguments.
+        unsafe { finish::<Digest>(h, p_out, p_out_len) }
     }
 }
 
