@@ -8,32 +8,28 @@ use crate::secret::Wiped;
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
 use cryptoki_sys::*;
 
+/// The algorithm for an AES key of 16, 24 or 32 bytes, from `[aes128, aes192, aes256]`.
+fn by_key_len<T: ?Sized>(key: &[u8], algs: [&'static T; 3]) -> Result<&'static T> {
+    match key.len() {
+        16 => Ok(algs[0]),
+        24 => Ok(algs[1]),
+        32 => Ok(algs[2]),
+        n => Err(Error::new(
+            CKR_KEY_SIZE_RANGE,
+            format!("AES key of {n} bytes"),
+        )),
+    }
+}
+
 fn cipher_alg(key: &[u8]) -> Result<&'static cipher::Algorithm> {
-    Ok(match key.len() {
-        16 => &cipher::AES_128,
-        24 => &cipher::AES_192,
-        32 => &cipher::AES_256,
-        n => {
-            return Err(Error::new(
-                CKR_KEY_SIZE_RANGE,
-                format!("AES key of {n} bytes"),
-            ))
-        }
-    })
+    by_key_len(key, [&cipher::AES_128, &cipher::AES_192, &cipher::AES_256])
 }
 
 fn gcm_alg(key: &[u8]) -> Result<&'static aead::Algorithm> {
-    Ok(match key.len() {
-        16 => &aead::AES_128_GCM,
-        24 => &aead::AES_192_GCM,
-        32 => &aead::AES_256_GCM,
-        n => {
-            return Err(Error::new(
-                CKR_KEY_SIZE_RANGE,
-                format!("AES key of {n} bytes"),
-            ))
-        }
-    })
+    by_key_len(
+        key,
+        [&aead::AES_128_GCM, &aead::AES_192_GCM, &aead::AES_256_GCM],
+    )
 }
 
 fn gcm_key(key: &[u8]) -> Result<aead::LessSafeKey> {

@@ -5,7 +5,7 @@ use super::{
     register_atfork, rv_name, state, state_changed, Instance, FORK_GENERATION, LOGGED,
 };
 use crate::config::{Config, ForkPolicy};
-use crate::crypto::mechanism::mechanism_table;
+use crate::crypto::mechanism::{lookup, mechanisms};
 use crate::error::{Error, Result, Step};
 use crate::token::{self, padded, LoginStart, Material, Module};
 use cryptoki_sys::*;
@@ -271,7 +271,7 @@ p11_fn! {
     fn C_GetMechanismList(slot: CK_SLOT_ID, p_list: *mut CK_MECHANISM_TYPE, pul_count: *mut CK_ULONG) [slot] {
         let inst = instance()?;
         inst.module.token(slot)?;
-        let mechs: Vec<CK_MECHANISM_TYPE> = mechanism_table().iter().map(|m| m.0).collect();
+        let mechs: Vec<CK_MECHANISM_TYPE> = mechanisms().iter().map(|m| m.ckm).collect();
         // SAFETY: API list and count pointers.
         unsafe { deliver_list(p_list, pul_count, &mechs, "mechanism list") }
     }
@@ -279,11 +279,9 @@ p11_fn! {
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mech: CK_MECHANISM_TYPE, p_info: *mut CK_MECHANISM_INFO) [slot, mech] {
         let inst = instance()?;
         inst.module.token(slot)?;
-        let &(_, min, max, flags) = mechanism_table()
-            .iter()
-            .find(|m| m.0 == mech)
+        let m = lookup(mech)
             .ok_or_else(|| Error::new(CKR_MECHANISM_INVALID, format!("mechanism {mech:#x} is not supported")))?;
-        let info = c_struct!(CK_MECHANISM_INFO { ulMinKeySize: min, ulMaxKeySize: max, flags: flags });
+        let info = c_struct!(CK_MECHANISM_INFO { ulMinKeySize: m.min_key, ulMaxKeySize: m.max_key, flags: m.flags });
         // SAFETY: API out-pointer.
         unsafe { out_struct(p_info, &info, "pInfo") }
     }
