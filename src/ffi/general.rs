@@ -2,7 +2,7 @@
 
 use super::{
     bad, c_struct, deliver_list, drop_inherited_states, input, instance, out, out_struct, p11_fn,
-    register_atfork, rv_name, state, state_changed, Instance, FORK_GENERATION, LOGGED,
+    register_atfork, rv_name, state, state_changed, Instance, FORK_GENERATION,
 };
 use crate::config::{Config, ForkPolicy};
 use crate::crypto::mechanism::{lookup, mechanisms};
@@ -466,9 +466,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
                 "the token is already logged in",
             ))
         }
-        LoginStart::Joined(r) => {
-            return r.map_err(|e| Error::new(e.rv(), e.message()).with_hint(LOGGED))
-        }
+        LoginStart::Joined(r) => return r.map_err(Error::mark_logged),
         LoginStart::Lead(l) => l,
     };
     let started = Instant::now();
@@ -519,7 +517,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
                 rv_name(e.rv()),
                 e
             );
-            Err(Error::new(e.rv(), e.message()).with_hint(LOGGED))
+            Err(e.mark_logged())
         }
     }
 }

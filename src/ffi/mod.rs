@@ -53,14 +53,11 @@ fn level(rv: CK_RV) -> log::Level {
     }
 }
 
-/// Failures already logged in their own format (C_Login's one line per failure).
-const LOGGED: &str = "\u{1}logged";
-
 pub(crate) fn run(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(e)) => {
-            if e.hint() != Some(LOGGED) {
+            if !e.is_logged() {
                 log::log!(level(e.rv()), "{name} failed: rv={} {}", rv_name(e.rv()), e);
             }
             e.rv()
