@@ -10,4 +10,5 @@ pub mod logging;
 pub mod policy;
 pub mod release;
 pub mod secret;
+pub mod sync;
 pub mod token;

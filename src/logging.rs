@@ -134,7 +134,7 @@ impl log::Log for Logger {
             Sink::File(f) => {
                 let line = line(record);
                 // Bounded: in a forked child the parent's writer may have held it at fork.
-                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                if let Some(mut f) = crate::sync::lock_bounded(f, LOCK_WAIT) {
                     let _ = f.write_all(line.as_bytes());
                 }
             }
@@ -144,7 +144,7 @@ impl log::Log for Logger {
     fn flush(&self) {
         if let Some(sink) = read_bounded(&self.sink) {
             if let Sink::File(f) = &*sink {
-                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                if let Some(mut f) = crate::sync::lock_bounded(f, LOCK_WAIT) {
                     let _ = f.flush();
                 }
             }
