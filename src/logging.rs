@@ -29,7 +29,6 @@ static LOGGER: Logger = Logger {
     level: AtomicUsize::new(log::LevelFilter::Info as usize),
 };
 static INSTALL: Once = Once::new();
-static SYSLOG_OPEN: Once = Once::new();
 
 fn level_filter(n: usize) -> log::LevelFilter {
     match n {
@@ -124,8 +123,7 @@ impl log::Log for Logger {
                     _ => libc::LOG_DEBUG,
                 };
                 if let Ok(c) = std::ffi::CString::new(one_line(&record.args().to_string())) {
-                    // SAFETY: constant format string with one NUL-terminated argument.
-                    unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
+                    crate::sys::syslog(prio, &c);
                 }
             }
             Sink::Stderr => {
@@ -220,10 +218,7 @@ pub fn init(cfg: &Logging) {
     let sink = match cfg.target.as_str() {
         "stderr" => Sink::Stderr,
         "syslog" => {
-            SYSLOG_OPEN.call_once(|| {
-                // SAFETY: static NUL-terminated ident that lives for the whole process.
-                unsafe { libc::openlog(c"skr-pkcs11".as_ptr(), libc::LOG_PID, libc::LOG_USER) };
-            });
+            crate::sys::syslog_open();
             Sink::Syslog
         }
         t => match t.strip_prefix("file:") {
