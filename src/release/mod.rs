@@ -16,7 +16,6 @@ pub mod unwrap;
 
 use crate::config::{Config, TokenConfig};
 use crate::error::{Error, Result, Step};
-use crate::secret::SecretBytes;
 use base64::Engine;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -34,21 +33,8 @@ pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Released material of one configured key.
-#[derive(Debug)]
-pub struct ReleasedKey {
-    /// Index of the key in `TokenConfig::keys`.
-    pub index: usize,
-    pub material: KeyMaterial,
-}
-
-#[derive(Debug)]
-pub enum KeyMaterial {
-    /// PKCS#8 `PrivateKeyInfo` DER of an RSA or EC private key.
-    Pkcs8(SecretBytes),
-    /// Raw symmetric key bytes (oct / oct-HSM).
-    Raw(SecretBytes),
-}
+// The release path produces the token's released-key types.
+pub use crate::token::released::{KeyMaterial, ReleasedKey};
 
 /// Module-side time spent in each step of one login (for the benchmark's breakdown).
 #[derive(Debug, Default, Clone)]

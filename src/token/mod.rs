@@ -9,16 +9,17 @@
 
 pub mod attr;
 pub mod object;
+pub mod released;
 pub mod session;
 
 use crate::config::{Config, TokenConfig};
 use crate::crypto::ops::AsymKey;
 use crate::error::{Error, Result, Step};
-use crate::release::{KeyMaterial, ReleasedKey};
 use crate::secret::SecretBytes;
 pub use crate::sync::{lock, lock_bounded, read, write};
 use cryptoki_sys::*;
 use object::{new_object_handle, Body, CertInfo, Object};
+use released::{KeyMaterial, ReleasedKey};
 use session::Session;
 use std::collections::HashMap;
 use std::path::PathBuf;
