@@ -7,9 +7,11 @@
 
 pub mod aes;
 pub mod implicit;
+pub mod keywrap;
 pub mod mechanism;
 pub mod ops;
 pub mod pkey;
+pub mod rsa_oaep;
 
 pub use mechanism::{GcmParams, Mechanism, OaepParams, PssParams};
 
