@@ -168,6 +168,8 @@ struct LoginState {
     closed: bool,
     in_flight: bool,
     attempt: u64,
+    /// Callers waiting for the attempt in flight (tests wait on it instead of sleeping).
+    joiners: usize,
     /// Result of the last finished attempt, for callers that joined it.
     outcome: Option<(u64, std::result::Result<(), Error>)>,
 }
@@ -343,6 +345,7 @@ impl Token {
                 closed: false,
                 in_flight: false,
                 attempt: 0,
+                joiners: 0,
                 outcome: None,
             }),
             login_done: Condvar::new(),
@@ -377,6 +380,12 @@ impl Token {
     }
 
     /// Start a login: already logged in, lead the release, or wait for the one in flight.
+    /// How many callers wait for the login in flight.
+    #[cfg(test)]
+    pub(crate) fn login_joiners(&self) -> usize {
+        lock(&self.login).joiners
+    }
+
     pub fn begin_login(&self) -> LoginStart<'_> {
         let mut st = lock(&self.login);
         if st.keys.is_some() {
@@ -384,9 +393,11 @@ impl Token {
         }
         if st.in_flight {
             let waiting_for = st.attempt;
+            st.joiners += 1;
             while st.in_flight && st.attempt == waiting_for {
                 st = self.login_done.wait(st).unwrap_or_else(|p| p.into_inner());
             }
+            st.joiners -= 1;
             return match &st.outcome {
                 Some((a, r)) if *a == waiting_for => LoginStart::Joined(r.clone()),
                 _ => LoginStart::Joined(Err(Error::general("login attempt aborted"))),
