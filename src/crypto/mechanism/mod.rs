@@ -391,36 +391,27 @@ mod tests {
 
     #[test]
     fn gcm_and_cbc_params() {
-        let g = RawParam::Gcm {
-            iv: vec![0; 12],
-            aad: vec![1, 2],
-            tag_bits: 128,
-        };
-        assert!(Mechanism::from_raw(CKM_AES_GCM, g).is_ok());
-        let g = RawParam::Gcm {
-            iv: vec![0; 12],
-            aad: vec![],
-            tag_bits: 64,
-        };
-        assert_eq!(
-            Mechanism::from_raw(CKM_AES_GCM, g).unwrap_err().rv(),
-            CKR_MECHANISM_PARAM_INVALID
-        );
-        let g = RawParam::Gcm {
-            iv: vec![],
-            aad: vec![],
-            tag_bits: 128,
-        };
-        assert_eq!(
-            Mechanism::from_raw(CKM_AES_GCM, g).unwrap_err().rv(),
-            CKR_MECHANISM_PARAM_INVALID
-        );
-        let g = RawParam::Gcm {
-            iv: vec![0; 16],
-            aad: vec![],
-            tag_bits: 96,
-        };
-        assert!(Mechanism::from_raw(CKM_AES_GCM, g).is_ok());
+        // (IV length, AAD length, tag bits, accepted)
+        let gcm = [
+            (12, 2, 128, true),
+            (12, 0, 64, false),
+            (0, 0, 128, false),
+            (16, 0, 96, true),
+        ];
+        for (iv, aad, tag_bits, ok) in gcm {
+            let g = RawParam::Gcm {
+                iv: vec![0; iv],
+                aad: vec![1; aad],
+                tag_bits,
+            };
+            match Mechanism::from_raw(CKM_AES_GCM, g) {
+                Ok(_) => assert!(ok, "iv {iv} tag {tag_bits} accepted"),
+                Err(e) => {
+                    assert!(!ok, "iv {iv} tag {tag_bits} refused");
+                    assert_eq!(e.rv(), CKR_MECHANISM_PARAM_INVALID);
+                }
+            }
+        }
         assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 16])).is_ok());
         assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 15])).is_err());
     }
