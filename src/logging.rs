@@ -29,7 +29,6 @@ static LOGGER: Logger = Logger {
     level: AtomicUsize::new(log::LevelFilter::Info as usize),
 };
 static INSTALL: Once = Once::new();
-static SYSLOG_OPEN: Once = Once::new();
 
 fn level_filter(n: usize) -> log::LevelFilter {
     match n {
@@ -124,8 +123,7 @@ impl log::Log for Logger {
                     _ => libc::LOG_DEBUG,
                 };
                 if let Ok(c) = std::ffi::CString::new(one_line(&record.args().to_string())) {
-                    // SAFETY: constant format string with one NUL-terminated argument.
-                    unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
+                    crate::sys::syslog(prio, &c);
                 }
             }
             Sink::Stderr => {
@@ -134,7 +132,7 @@ impl log::Log for Logger {
             Sink::File(f) => {
                 let line = line(record);
                 // Bounded: in a forked child the parent's writer may have held it at fork.
-                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                if let Some(mut f) = crate::sync::lock_bounded(f, LOCK_WAIT) {
                     let _ = f.write_all(line.as_bytes());
                 }
             }
@@ -144,7 +142,7 @@ impl log::Log for Logger {
     fn flush(&self) {
         if let Some(sink) = read_bounded(&self.sink) {
             if let Sink::File(f) = &*sink {
-                if let Some(mut f) = crate::token::lock_bounded(f, LOCK_WAIT) {
+                if let Some(mut f) = crate::sync::lock_bounded(f, LOCK_WAIT) {
                     let _ = f.flush();
                 }
             }
@@ -220,10 +218,7 @@ pub fn init(cfg: &Logging) {
     let sink = match cfg.target.as_str() {
         "stderr" => Sink::Stderr,
         "syslog" => {
-            SYSLOG_OPEN.call_once(|| {
-                // SAFETY: static NUL-terminated ident that lives for the whole process.
-                unsafe { libc::openlog(c"skr-pkcs11".as_ptr(), libc::LOG_PID, libc::LOG_USER) };
-            });
+            crate::sys::syslog_open();
             Sink::Syslog
         }
         t => match t.strip_prefix("file:") {

@@ -8,32 +8,28 @@ use crate::secret::Wiped;
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
 use cryptoki_sys::*;
 
+/// The algorithm for an AES key of 16, 24 or 32 bytes, from `[aes128, aes192, aes256]`.
+fn by_key_len<T: ?Sized>(key: &[u8], algs: [&'static T; 3]) -> Result<&'static T> {
+    match key.len() {
+        16 => Ok(algs[0]),
+        24 => Ok(algs[1]),
+        32 => Ok(algs[2]),
+        n => Err(Error::new(
+            CKR_KEY_SIZE_RANGE,
+            format!("AES key of {n} bytes"),
+        )),
+    }
+}
+
 fn cipher_alg(key: &[u8]) -> Result<&'static cipher::Algorithm> {
-    Ok(match key.len() {
-        16 => &cipher::AES_128,
-        24 => &cipher::AES_192,
-        32 => &cipher::AES_256,
-        n => {
-            return Err(Error::new(
-                CKR_KEY_SIZE_RANGE,
-                format!("AES key of {n} bytes"),
-            ))
-        }
-    })
+    by_key_len(key, [&cipher::AES_128, &cipher::AES_192, &cipher::AES_256])
 }
 
 fn gcm_alg(key: &[u8]) -> Result<&'static aead::Algorithm> {
-    Ok(match key.len() {
-        16 => &aead::AES_128_GCM,
-        24 => &aead::AES_192_GCM,
-        32 => &aead::AES_256_GCM,
-        n => {
-            return Err(Error::new(
-                CKR_KEY_SIZE_RANGE,
-                format!("AES key of {n} bytes"),
-            ))
-        }
-    })
+    by_key_len(
+        key,
+        [&aead::AES_128_GCM, &aead::AES_192_GCM, &aead::AES_256_GCM],
+    )
 }
 
 fn gcm_key(key: &[u8]) -> Result<aead::LessSafeKey> {
@@ -176,6 +172,33 @@ mod tests {
     use super::*;
     use aes_gcm::aead::{Aead, KeyInit, Payload};
 
+    /// Both directions against an independent AES-GCM (`other`: same key, IV and tag length):
+    /// it opens what `gcm_seal` makes, `gcm_open` opens what it makes, and a flipped byte of
+    /// the ciphertext (`tamper`, from the end when negative) fails.
+    fn agrees_with<C: Aead>(
+        other: &C,
+        nonce: &aes_gcm::aead::Nonce<C>,
+        key: &[u8],
+        p: &GcmParams,
+        tamper: isize,
+    ) {
+        let ct = gcm_seal(key, p, b"one way").unwrap();
+        assert_eq!(ct.len(), 7 + p.tag_bits / 8);
+        let aad = &p.aad[..];
+        let pt = other.decrypt(nonce, Payload { msg: &ct, aad }).unwrap();
+        assert_eq!(pt, b"one way");
+        let msg = b"other way";
+        let ct2 = other.encrypt(nonce, Payload { msg, aad }).unwrap();
+        assert_eq!(&gcm_open(key, p, &ct2).unwrap()[..], b"other way");
+        let mut bad = ct2.clone();
+        let i = tamper.rem_euclid(bad.len() as isize) as usize;
+        bad[i] ^= 1;
+        assert_eq!(
+            gcm_open(key, p, &bad).unwrap_err().rv(),
+            CKR_ENCRYPTED_DATA_INVALID
+        );
+    }
+
     #[test]
     fn gcm_matches_rustcrypto() {
         let key = [7u8; 32];
@@ -184,34 +207,9 @@ mod tests {
             aad: b"header".to_vec(),
             tag_bits: 128,
         };
-        let ct = gcm_seal(&key, &p, b"secret message").unwrap();
         let other = aes_gcm::Aes256Gcm::new_from_slice(&key).unwrap();
-        let pt = other
-            .decrypt(
-                &aes_gcm::Nonce::from(<[u8; 12]>::try_from(&p.iv[..]).unwrap()),
-                Payload {
-                    msg: &ct,
-                    aad: b"header",
-                },
-            )
-            .unwrap();
-        assert_eq!(pt, b"secret message");
-        let ct2 = other
-            .encrypt(
-                &aes_gcm::Nonce::from(<[u8; 12]>::try_from(&p.iv[..]).unwrap()),
-                Payload {
-                    msg: b"other way",
-                    aad: b"header",
-                },
-            )
-            .unwrap();
-        assert_eq!(&gcm_open(&key, &p, &ct2).unwrap()[..], b"other way");
-        let mut bad = ct2.clone();
-        bad[0] ^= 1;
-        assert_eq!(
-            gcm_open(&key, &p, &bad).unwrap_err().rv(),
-            CKR_ENCRYPTED_DATA_INVALID
-        );
+        let nonce = aes_gcm::Nonce::from([9u8; 12]);
+        agrees_with(&other, &nonce, &key, &p, 0);
     }
 
     #[test]
@@ -224,37 +222,10 @@ mod tests {
             aad: b"aad".to_vec(),
             tag_bits: 96,
         };
-        let ct = gcm_seal(&key, &p, b"non-standard sizes").unwrap();
-        assert_eq!(ct.len(), 18 + 12);
         let other = Gcm16Iv12Tag::new_from_slice(&key).unwrap();
         #[allow(deprecated)] // aes-gcm 0.10's nonce type
         let nonce = aes_gcm::aead::generic_array::GenericArray::from([1u8; 16]);
-        let pt = other
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &ct,
-                    aad: b"aad",
-                },
-            )
-            .unwrap();
-        assert_eq!(pt, b"non-standard sizes");
-        let ct2 = other
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: b"and back",
-                    aad: b"aad",
-                },
-            )
-            .unwrap();
-        assert_eq!(&gcm_open(&key, &p, &ct2).unwrap()[..], b"and back");
-        let mut bad = ct2.clone();
-        *bad.last_mut().unwrap() ^= 1;
-        assert_eq!(
-            gcm_open(&key, &p, &bad).unwrap_err().rv(),
-            CKR_ENCRYPTED_DATA_INVALID
-        );
+        agrees_with(&other, &nonce, &key, &p, -1);
         // The standard sizes agree between both paths.
         let std = GcmParams {
             iv: vec![2; 12],

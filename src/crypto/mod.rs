@@ -7,9 +7,11 @@
 
 pub mod aes;
 pub mod implicit;
+pub mod keywrap;
 pub mod mechanism;
 pub mod ops;
 pub mod pkey;
+pub mod rsa_oaep;
 
 pub use mechanism::{GcmParams, Mechanism, OaepParams, PssParams};
 
@@ -161,26 +163,16 @@ mod tests {
     fn digests_match_rustcrypto() {
         use sha2::Digest;
         let data = b"the quick brown fox";
-        assert_eq!(
-            HashAlg::Sha1.digest(data),
-            sha1::Sha1::digest(data).to_vec()
-        );
-        assert_eq!(
-            HashAlg::Sha224.digest(data),
-            sha2::Sha224::digest(data).to_vec()
-        );
-        assert_eq!(
-            HashAlg::Sha256.digest(data),
-            sha2::Sha256::digest(data).to_vec()
-        );
-        assert_eq!(
-            HashAlg::Sha384.digest(data),
-            sha2::Sha384::digest(data).to_vec()
-        );
-        assert_eq!(
-            HashAlg::Sha512.digest(data),
-            sha2::Sha512::digest(data).to_vec()
-        );
+        let rustcrypto: [(HashAlg, Vec<u8>); 5] = [
+            (HashAlg::Sha1, sha1::Sha1::digest(data).to_vec()),
+            (HashAlg::Sha224, sha2::Sha224::digest(data).to_vec()),
+            (HashAlg::Sha256, sha2::Sha256::digest(data).to_vec()),
+            (HashAlg::Sha384, sha2::Sha384::digest(data).to_vec()),
+            (HashAlg::Sha512, sha2::Sha512::digest(data).to_vec()),
+        ];
+        for (h, expected) in rustcrypto {
+            assert_eq!(h.digest(data), expected, "{h:?}");
+        }
         for h in HashAlg::ALL {
             let mut m = Hasher::new(h);
             m.update(b"the quick ");

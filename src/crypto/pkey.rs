@@ -147,48 +147,53 @@ pub enum RsaPad<'a> {
 impl EvpKey {
     /// Parse a PKCS#8 PrivateKeyInfo (RSA or EC P-256/384/521).
     pub fn from_pkcs8(der: &[u8]) -> Result<EvpKey> {
+        // SAFETY: EVP_parse_private_key reads a CBS and returns an owned key or NULL.
+        Self::parse(
+            der,
+            true,
+            |c| unsafe { sys::EVP_parse_private_key(c) },
+            "PKCS#8 key",
+        )
+        .map_err(|e| match e {
+            None => failed("released key is not a PKCS#8 RSA/EC key"),
+            Some(e) => e,
+        })
+    }
+
+    /// Parse a SubjectPublicKeyInfo.
+    pub fn from_spki(der: &[u8]) -> Result<EvpKey> {
+        // SAFETY: EVP_parse_public_key reads a CBS and returns an owned key or NULL.
+        Self::parse(
+            der,
+            false,
+            |c| unsafe { sys::EVP_parse_public_key(c) },
+            "SubjectPublicKeyInfo",
+        )
+        .map_err(|e| {
+            e.unwrap_or_else(|| failed("public key is not an RSA or EC SubjectPublicKeyInfo"))
+        })
+    }
+
+    /// Run one AWS-LC DER parser over the whole of `der`: None when it does not parse.
+    fn parse(
+        der: &[u8],
+        private: bool,
+        parser: impl FnOnce(*mut sys::CBS) -> *mut sys::EVP_PKEY,
+        what: &str,
+    ) -> std::result::Result<EvpKey, Option<Error>> {
         crate::secret::arena::install();
         let mut cbs = sys::CBS {
             data: ptr::null(),
             len: 0,
         };
         // SAFETY: CBS borrows `der` for the duration of the parse only.
-        let p = unsafe {
-            sys::CBS_init(&mut cbs, der.as_ptr(), der.len());
-            sys::EVP_parse_private_key(&mut cbs)
-        };
-        let ptr =
-            NonNull::new(p).ok_or_else(|| failed("released key is not a PKCS#8 RSA/EC key"))?;
-        let k = EvpKey { ptr, private: true };
+        unsafe { sys::CBS_init(&mut cbs, der.as_ptr(), der.len()) };
+        let ptr = NonNull::new(parser(&mut cbs)).ok_or(None)?;
+        let k = EvpKey { ptr, private };
         if cbs.len != 0 {
-            return Err(failed("trailing bytes after the PKCS#8 key"));
+            return Err(Some(failed(&format!("trailing bytes after the {what}"))));
         }
-        k.check_supported()?;
-        Ok(k)
-    }
-
-    /// Parse a SubjectPublicKeyInfo.
-    pub fn from_spki(der: &[u8]) -> Result<EvpKey> {
-        crate::secret::arena::install();
-        let mut cbs = sys::CBS {
-            data: ptr::null(),
-            len: 0,
-        };
-        // SAFETY: as above.
-        let p = unsafe {
-            sys::CBS_init(&mut cbs, der.as_ptr(), der.len());
-            sys::EVP_parse_public_key(&mut cbs)
-        };
-        let ptr = NonNull::new(p)
-            .ok_or_else(|| failed("public key is not an RSA or EC SubjectPublicKeyInfo"))?;
-        let k = EvpKey {
-            ptr,
-            private: false,
-        };
-        if cbs.len != 0 {
-            return Err(failed("trailing bytes after the SubjectPublicKeyInfo"));
-        }
-        k.check_supported()?;
+        k.check_supported().map_err(Some)?;
         Ok(k)
     }
 

@@ -1,22 +1,18 @@
 //! General-purpose, slot and token, session and login functions.
 
+use super::process::{self, drop_inherited_states, register_atfork, state, state_changed};
 use super::{
-    bad, c_struct, deliver_list, drop_inherited_states, input, instance, out, out_struct, p11_fn,
-    register_atfork, rv_name, state, state_changed, Instance, FORK_GENERATION, LOGGED,
+    bad, c_struct, deliver_list, input, instance, out, out_struct, p11_fn, rv_name, Instance,
 };
-use crate::config::{Config, ForkPolicy};
-use crate::crypto::mechanism::mechanism_table;
+use crate::config::Config;
+use crate::crypto::mechanism::{lookup, mechanisms};
 use crate::error::{Error, Result, Step};
+use crate::sync;
 use crate::token::{self, padded, LoginStart, Material, Module};
 use cryptoki_sys::*;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The process whose login produced the retained keys (0: none yet). A different pid at
-/// C_Initialize means we are a forked child holding inherited keys.
-static RETAINED_OWNER: AtomicU32 = AtomicU32::new(0);
 
 pub(crate) const MANUFACTURER: &str = "skr-pkcs11";
 // At most 32 bytes: the CK_INFO field is fixed-size and space padded.
@@ -114,26 +110,12 @@ fn read_certificates(cfg: &Config) -> Result<HashMap<std::path::PathBuf, Vec<u8>
 pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
     crate::logging::init(&cfg.logging);
     let me = std::process::id();
-    // A forked child that inherited released keys applies the fork policy once.
-    let owner = RETAINED_OWNER.load(Ordering::SeqCst);
-    if owner != 0 && owner != me {
-        match cfg.fork {
-            ForkPolicy::Keep => {
-                token::relock_retained();
-                log::info!("forked child (parent pid {owner}): keeping the released keys (fork = \"keep\")");
-            }
-            ForkPolicy::ReRelease => {
-                token::forget_all_retained();
-                log::info!("forked child (parent pid {owner}): wiped inherited keys (fork = \"re-release\")");
-            }
-        }
-    }
-    RETAINED_OWNER.store(me, Ordering::SeqCst);
+    process::apply_fork_policy(cfg.fork, me);
     let pems = read_certificates(&cfg)?;
     let module = Module::new(Arc::new(cfg), &pems)?;
     // The parent's states (if any) are dropped: their sessions and handles are not ours.
     drop_inherited_states();
-    let mut g = token::write(state());
+    let mut g = sync::write(state());
     if let Some(i) = &*g {
         if !i.forked() {
             return Err(Error::new(
@@ -142,13 +124,7 @@ pub(crate) fn initialize_from(cfg: Config, args: InitArgs) -> Result<()> {
             ));
         }
     }
-    *g = Some(Arc::new(Instance {
-        module,
-        pid: me,
-        fork_generation: FORK_GENERATION.load(Ordering::SeqCst),
-        fork_mark: crate::secret::fork_mark(),
-        no_threads: args.no_threads,
-    }));
+    *g = Some(Arc::new(Instance::new(module, me, args.no_threads)));
     state_changed();
     Ok(())
 }
@@ -172,7 +148,7 @@ p11_fn! {
             return Err(bad("pReserved must be NULL"));
         }
         let taken = {
-            let mut g = token::write(state());
+            let mut g = sync::write(state());
             let taken = g.take();
             state_changed();
             taken
@@ -190,9 +166,8 @@ p11_fn! {
             return Ok(());
         }
         inst.module.wipe_all();
-        super::forget_cached_instance();
-        token::forget_all_retained();
-        RETAINED_OWNER.store(0, Ordering::SeqCst);
+        process::forget_cached_instance();
+        process::finalize_retained();
         Ok(())
     }
 
@@ -271,7 +246,7 @@ p11_fn! {
     fn C_GetMechanismList(slot: CK_SLOT_ID, p_list: *mut CK_MECHANISM_TYPE, pul_count: *mut CK_ULONG) [slot] {
         let inst = instance()?;
         inst.module.token(slot)?;
-        let mechs: Vec<CK_MECHANISM_TYPE> = mechanism_table().iter().map(|m| m.0).collect();
+        let mechs: Vec<CK_MECHANISM_TYPE> = mechanisms().iter().map(|m| m.ckm).collect();
         // SAFETY: API list and count pointers.
         unsafe { deliver_list(p_list, pul_count, &mechs, "mechanism list") }
     }
@@ -279,11 +254,9 @@ p11_fn! {
     fn C_GetMechanismInfo(slot: CK_SLOT_ID, mech: CK_MECHANISM_TYPE, p_info: *mut CK_MECHANISM_INFO) [slot, mech] {
         let inst = instance()?;
         inst.module.token(slot)?;
-        let &(_, min, max, flags) = mechanism_table()
-            .iter()
-            .find(|m| m.0 == mech)
+        let m = lookup(mech)
             .ok_or_else(|| Error::new(CKR_MECHANISM_INVALID, format!("mechanism {mech:#x} is not supported")))?;
-        let info = c_struct!(CK_MECHANISM_INFO { ulMinKeySize: min, ulMaxKeySize: max, flags: flags });
+        let info = c_struct!(CK_MECHANISM_INFO { ulMinKeySize: m.min_key, ulMaxKeySize: m.max_key, flags: m.flags });
         // SAFETY: API out-pointer.
         unsafe { out_struct(p_info, &info, "pInfo") }
     }
@@ -468,9 +441,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
                 "the token is already logged in",
             ))
         }
-        LoginStart::Joined(r) => {
-            return r.map_err(|e| Error::new(e.rv(), e.message()).with_hint(LOGGED))
-        }
+        LoginStart::Joined(r) => return r.map_err(Error::mark_logged),
         LoginStart::Lead(l) => l,
     };
     let started = Instant::now();
@@ -521,7 +492,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
                 rv_name(e.rv()),
                 e
             );
-            Err(Error::new(e.rv(), e.message()).with_hint(LOGGED))
+            Err(e.mark_logged())
         }
     }
 }

@@ -11,16 +11,15 @@
 mod general;
 mod objects;
 mod ops;
+mod process;
 mod tables;
 
+pub(crate) use process::{instance, Instance};
 pub use tables::{C_GetFunctionList, C_GetInterface, C_GetInterfaceList};
 
 use crate::error::{Error, Result};
-use crate::token::{self, Module};
 use cryptoki_sys::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once, RwLock};
 
 macro_rules! p11_fn {
     ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) [$($traced:ident),*] $body:block)*) => {$(
@@ -53,14 +52,11 @@ fn level(rv: CK_RV) -> log::Level {
     }
 }
 
-/// Failures already logged in their own format (C_Login's one line per failure).
-const LOGGED: &str = "\u{1}logged";
-
 pub(crate) fn run(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(e)) => {
-            if e.hint() != Some(LOGGED) {
+            if !e.is_logged() {
                 log::log!(level(e.rv()), "{name} failed: rv={} {}", rv_name(e.rv()), e);
             }
             e.rv()
@@ -130,208 +126,6 @@ pub fn rv_name(rv: CK_RV) -> String {
         _ => return format!("CKR_{rv:#x}"),
     };
     n.to_string()
-}
-
-// ---- Process state ----
-
-/// One `C_Initialize`: the module state, and the process and fork generation it belongs to.
-pub(crate) struct Instance {
-    pub module: Module,
-    pub pid: u32,
-    pub fork_generation: u64,
-    /// This state's mark in the fork witness page (`secret::fork_mark`), None without
-    /// MADV_WIPEONFORK.
-    pub fork_mark: Option<u64>,
-    /// The application forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
-    pub no_threads: bool,
-}
-
-/// One state slot per fork generation. A forked child works in the next slot, so it never
-/// waits on a lock that one of its parent's threads happened to hold at the moment of fork
-/// (that thread does not exist in the child and would never release it).
-const SLOTS: usize = 64;
-type Slot = RwLock<Option<Arc<Instance>>>;
-static STATE: [Slot; SLOTS] = [const { RwLock::new(None) }; SLOTS];
-/// Bumped in a forked child by the atfork handler (an atomic add: no lock, no allocation).
-static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// This process's state slot.
-pub(crate) fn state() -> &'static Slot {
-    &STATE[(FORK_GENERATION.load(Ordering::SeqCst) % SLOTS as u64) as usize]
-}
-
-/// Drop the states a parent left in the other slots (their sessions, handles and key
-/// references), without waiting on their locks. Returns whether there was one (a slot held
-/// at fork time counts: it was in use).
-pub(crate) fn drop_inherited_states() -> bool {
-    let current = state() as *const Slot;
-    let mut found = false;
-    for slot in STATE.iter().filter(|s| !std::ptr::eq(*s, current)) {
-        match slot.try_write() {
-            Ok(mut g) => {
-                found |= g.take().is_some();
-                state_changed();
-            }
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                found |= p.into_inner().take().is_some();
-                state_changed();
-            }
-            Err(std::sync::TryLockError::WouldBlock) => found = true,
-        }
-    }
-    found
-}
-static ATFORK: Once = Once::new();
-
-extern "C" fn atfork_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
-}
-
-fn register_atfork() {
-    ATFORK.call_once(|| {
-        // SAFETY: the handler only bumps an atomic counter.
-        unsafe { libc::pthread_atfork(None, None, Some(atfork_child)) };
-    });
-}
-
-impl Instance {
-    /// Whether this state was created in a parent of the current process.
-    fn forked(&self) -> bool {
-        self.fork_generation != FORK_GENERATION.load(Ordering::SeqCst)
-            || match self.fork_mark {
-                Some(m) => !crate::secret::fork_marked(m),
-                None => self.pid != std::process::id(),
-            }
-    }
-}
-
-/// Bumped whenever a state slot changes (C_Initialize, C_Finalize, dropping a parent's
-/// states), so that the per-thread cache below knows when its instance is stale.
-static STATE_EPOCH: AtomicU64 = AtomicU64::new(1);
-
-/// Call after changing a state slot (while still holding its write lock).
-pub(crate) fn state_changed() {
-    STATE_EPOCH.fetch_add(1, Ordering::SeqCst);
-}
-
-struct CachedInstance {
-    epoch: u64,
-    instance: Option<Arc<Instance>>,
-    /// `Current` values of this thread that point into `instance`: while any is alive the
-    /// cache is not replaced (a call that re-enters `instance()` after C_Finalize).
-    borrows: usize,
-}
-
-thread_local! {
-    /// This thread's view of the live state. Every PKCS#11 call needs it: taking the slot's
-    /// read lock and cloning the Arc were two contended atomic read-modify-writes per call
-    /// (15 % of a 2-thread AES-GCM profile); a hit here is a load of `STATE_EPOCH`.
-    static CACHE: std::cell::RefCell<CachedInstance> = const {
-        std::cell::RefCell::new(CachedInstance { epoch: 0, instance: None, borrows: 0 })
-    };
-}
-
-/// The live state for the duration of one call.
-pub(crate) enum Current {
-    /// Points into this thread's cache, which holds it alive until this value is dropped.
-    Cached(*const Instance),
-    Owned(Arc<Instance>),
-}
-
-impl std::ops::Deref for Current {
-    type Target = Instance;
-    fn deref(&self) -> &Instance {
-        match self {
-            // SAFETY: the cache keeps a strong reference and is not replaced while
-            // `borrows` > 0, which this value holds up (it is neither Send nor Sync).
-            Current::Cached(p) => unsafe { &**p },
-            Current::Owned(a) => a,
-        }
-    }
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        if let Current::Cached(_) = self {
-            // A thread being torn down has no cache left to update.
-            let _ = CACHE.try_with(|c| {
-                if let Ok(mut c) = c.try_borrow_mut() {
-                    c.borrows = c.borrows.saturating_sub(1);
-                }
-            });
-        }
-    }
-}
-
-fn not_usable(i: Option<&Instance>) -> Error {
-    match i {
-        Some(_) => Error::new(
-            CKR_CRYPTOKI_NOT_INITIALIZED,
-            "the process forked: call C_Initialize in the child",
-        ),
-        None => Error::new(
-            CKR_CRYPTOKI_NOT_INITIALIZED,
-            "C_Initialize has not been called",
-        ),
-    }
-}
-
-/// The live state, or CKR_CRYPTOKI_NOT_INITIALIZED (also in a forked child that has not
-/// called C_Initialize: the parent's sessions and handles are not valid there).
-pub(crate) fn instance() -> Result<Current> {
-    let epoch = STATE_EPOCH.load(Ordering::SeqCst);
-    let hit = CACHE
-        .try_with(|c| {
-            let mut c = c.try_borrow_mut().ok()?;
-            if c.epoch != epoch {
-                return None;
-            }
-            let p = Arc::as_ptr(c.instance.as_ref()?);
-            c.borrows += 1;
-            Some(Current::Cached(p))
-        })
-        .ok()
-        .flatten();
-    if let Some(cur) = hit {
-        // Checked on every call, hit or not: a fork leaves this thread's cache in the child.
-        if cur.forked() {
-            return Err(not_usable(Some(&cur)));
-        }
-        return Ok(cur);
-    }
-    let current = {
-        let g = token::read(state());
-        match &*g {
-            Some(i) if !i.forked() => Some(i.clone()),
-            _ => None,
-        }
-    };
-    // Refresh the cache, or empty it: a finalised state must not stay alive in a thread's
-    // cache beyond that thread's next call (C_Finalize has wiped its keys already).
-    let _ = CACHE.try_with(|c| {
-        if let Ok(mut c) = c.try_borrow_mut() {
-            if c.borrows == 0 {
-                c.epoch = epoch;
-                c.instance = current.clone();
-            }
-        }
-    });
-    match current {
-        Some(i) => Ok(Current::Owned(i)),
-        None => Err(not_usable(token::read(state()).as_deref())),
-    }
-}
-
-/// Drop this thread's cached state (C_Finalize: the finalising thread keeps nothing alive).
-pub(crate) fn forget_cached_instance() {
-    let _ = CACHE.try_with(|c| {
-        if let Ok(mut c) = c.try_borrow_mut() {
-            if c.borrows == 0 {
-                c.instance = None;
-                c.epoch = 0;
-            }
-        }
-    });
 }
 
 // ---- Pointer helpers: every raw pointer of the API goes through these ----

@@ -3,13 +3,13 @@
 //! CKR_BUFFER_TOO_SMALL ends it) and the size-query protocol.
 
 use super::{deliver, input, instance, out, p11_fn, read_len};
-use crate::crypto::mechanism::{mechanism_table, RawParam};
+use crate::crypto::mechanism::{lookup, ParamShape, RawParam};
 use crate::crypto::ops::{AsymKey, CipherKey, CipherOp, DigestOp, SignOp, VerifyOp};
 use crate::crypto::Mechanism;
 use crate::error::{Error, Result};
 use crate::secret::Wiped;
 use crate::token::object::{Body, Object};
-use crate::token::session::{active, Active, Call};
+use crate::token::session::{active, Active, Call, Session};
 use crate::token::Token;
 use cryptoki_sys::*;
 use std::sync::Arc;
@@ -55,13 +55,9 @@ unsafe fn param_bytes(p: *const u8, len: CK_ULONG, what: &str) -> Result<Vec<u8>
 pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanism> {
     // SAFETY: caller contract.
     let m = unsafe { p.read_unaligned() };
-    let raw = match m.mechanism {
-        CKM_RSA_PKCS_PSS
-        | CKM_SHA1_RSA_PKCS_PSS
-        | CKM_SHA224_RSA_PKCS_PSS
-        | CKM_SHA256_RSA_PKCS_PSS
-        | CKM_SHA384_RSA_PKCS_PSS
-        | CKM_SHA512_RSA_PKCS_PSS => {
+    let shape = lookup(m.mechanism).map_or(ParamShape::Bytes, |i| i.param);
+    let raw = match shape {
+        ParamShape::Pss => {
             // SAFETY: as above.
             let pp: CK_RSA_PKCS_PSS_PARAMS = unsafe { param_struct(&m, "CK_RSA_PKCS_PSS_PARAMS")? };
             RawParam::Pss {
@@ -70,7 +66,7 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 salt_len: pp.sLen,
             }
         }
-        CKM_RSA_PKCS_OAEP => {
+        ParamShape::Oaep => {
             // SAFETY: as above.
             let op: CK_RSA_PKCS_OAEP_PARAMS =
                 unsafe { param_struct(&m, "CK_RSA_PKCS_OAEP_PARAMS")? };
@@ -89,7 +85,7 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 source_data,
             }
         }
-        CKM_AES_GCM => {
+        ParamShape::Gcm => {
             // SAFETY: as above.
             let g: CK_GCM_PARAMS = unsafe { param_struct(&m, "CK_GCM_PARAMS")? };
             // SAFETY: pIv / pAAD are valid for their lengths per the API.
@@ -101,9 +97,9 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 tag_bits: g.ulTagBits,
             }
         }
-        _ if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
+        ParamShape::Bytes if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
         // SAFETY: as above.
-        _ => RawParam::Bytes(unsafe {
+        ParamShape::Bytes => RawParam::Bytes(unsafe {
             param_bytes(
                 m.pParameter as *const u8,
                 m.ulParameterLen,
@@ -151,9 +147,7 @@ fn key_object(
         )
     })?;
     let ckm = m.ckm();
-    let listed = mechanism_table()
-        .iter()
-        .any(|&(x, _, _, f)| x == ckm && f & purpose.flag() != 0);
+    let listed = lookup(ckm).is_some_and(|i| i.can(purpose.flag()));
     if !listed {
         return Err(Error::new(
             CKR_MECHANISM_INVALID,
@@ -289,321 +283,357 @@ fn needs_login(t: &Token, o: &Object) -> bool {
     o.is_private() || !t.is_permanent(o.handle)
 }
 
-p11_fn! {
-    fn C_SignInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.sign = None;
-            return Ok(());
-        }
-        if g.sign.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Sign)?;
-        let op = SignOp::new(m, asym(&o)?)?;
-        g.sign = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
-    }
+/// One operation family (Sign, Verify, Encrypt, Decrypt, Digest): where its active operation
+/// lives on a session and how it is built from a mechanism and a key. The Init / single-part /
+/// Update / Final calls of every family are the generic functions below; a family only says
+/// what differs.
+trait Family {
+    type Op;
+    /// CKF_SIGN, ... for the key checks; None for keyless families (digest).
+    const PURPOSE: Option<Purpose>;
+    /// The C parameter names of the single-part and Update inputs, for error messages.
+    const DATA: &'static str = "pData";
+    const PART: &'static str = "pPart";
+    const SLOT: fn(&mut Session) -> &mut Option<Active<Self::Op>>;
+    const BUILD: fn(Mechanism, Option<&Object>) -> Result<Self::Op>;
+}
 
-    fn C_Sign(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.sign = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.sign, t, Call::Single, data, p_sig, p_sig_len, None, |op| {
+/// Families whose single-part and Final calls produce output.
+trait Produce: Family {
+    const SINGLE: fn(&mut Self::Op, &[u8]) -> Result<Wiped>;
+    const FINISH: fn(&mut Self::Op) -> Result<Wiped>;
+    /// The single-part output length when known without computing (see `produce_into`).
+    fn known_len(_a: &Active<Self::Op>, _n: usize) -> Option<usize> {
+        None
+    }
+}
+
+/// Families whose Update only absorbs input (sign, verify, digest).
+trait Absorb: Family {
+    const ABSORB: fn(&mut Self::Op, &[u8]) -> Result<()>;
+}
+
+/// Families whose Update produces output as it goes (encrypt, decrypt).
+trait Stream: Family {
+    const UPDATE: fn(&mut Self::Op, &[u8]) -> Result<Wiped>;
+}
+
+fn key_of(key: Option<&Object>) -> Result<&Object> {
+    key.ok_or_else(|| Error::general("operation without a key"))
+}
+
+/// Sign and digest absorb input and make their output once, at the end.
+macro_rules! absorb_then_output {
+    ($($family:ty => $op:ty;)*) => {$(
+        impl Produce for $family {
+            const SINGLE: fn(&mut $op, &[u8]) -> Result<Wiped> = |op, data| {
                 op.update(data)?;
                 Ok(Wiped::new(op.finish()?))
-            })
+            };
+            const FINISH: fn(&mut $op) -> Result<Wiped> = |op| Ok(Wiped::new(op.finish()?));
         }
-    }
-
-    fn C_SignUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.sign, t.is_logged_in(), t.epoch())?;
-            a.multipart = true;
-            // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
-        })();
-        if r.is_err() {
-            g.sign = None;
+        impl Absorb for $family {
+            const ABSORB: fn(&mut $op, &[u8]) -> Result<()> = <$op>::update;
         }
-        r
-    }
+    )*};
+}
 
-    fn C_SignFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, p_sig_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.sign, t, Call::Final, &[], p_sig, p_sig_len, None, |op| {
-                Ok(Wiped::new(op.finish()?))
-            })
+struct Sign;
+impl Family for Sign {
+    type Op = SignOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Sign);
+    const SLOT: fn(&mut Session) -> &mut Option<Active<SignOp>> = |s| &mut s.sign;
+    const BUILD: fn(Mechanism, Option<&Object>) -> Result<SignOp> =
+        |m, key| SignOp::new(m, asym(key_of(key)?)?);
+}
+
+struct Verify;
+impl Family for Verify {
+    type Op = VerifyOp;
+    const PURPOSE: Option<Purpose> = Some(Purpose::Verify);
+    const SLOT: fn(&mut Session) -> &mut Option<Active<VerifyOp>> = |s| &mut s.verify;
+    const BUILD: fn(Mechanism, Option<&Object>) -> Result<VerifyOp> =
+        |m, key| VerifyOp::new(m, asym(key_of(key)?)?);
+}
+impl Absorb for Verify {
+    const ABSORB: fn(&mut VerifyOp, &[u8]) -> Result<()> = VerifyOp::update;
+}
+
+struct Digest;
+impl Family for Digest {
+    type Op = DigestOp;
+    const PURPOSE: Option<Purpose> = None;
+    const SLOT: fn(&mut Session) -> &mut Option<Active<DigestOp>> = |s| &mut s.digest;
+    const BUILD: fn(Mechanism, Option<&Object>) -> Result<DigestOp> = |m, _| match m {
+        Mechanism::Digest(alg) => Ok(DigestOp::new(alg)),
+        _ => Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism")),
+    };
+}
+
+absorb_then_output! {
+    Sign => SignOp;
+    Digest => DigestOp;
+}
+
+/// Encrypt (`Cipher<true>`) and decrypt (`Cipher<false>`): one operation type, two slots.
+struct Cipher<const ENCRYPT: bool>;
+type Encrypt = Cipher<true>;
+type Decrypt = Cipher<false>;
+impl<const ENCRYPT: bool> Family for Cipher<ENCRYPT> {
+    type Op = CipherOp;
+    const PURPOSE: Option<Purpose> = Some(if ENCRYPT {
+        Purpose::Encrypt
+    } else {
+        Purpose::Decrypt
+    });
+    const DATA: &'static str = if ENCRYPT { "pData" } else { "pEncryptedData" };
+    const PART: &'static str = if ENCRYPT { "pPart" } else { "pEncryptedPart" };
+    const SLOT: fn(&mut Session) -> &mut Option<Active<CipherOp>> = |s| {
+        if ENCRYPT {
+            &mut s.encrypt
+        } else {
+            &mut s.decrypt
         }
+    };
+    const BUILD: fn(Mechanism, Option<&Object>) -> Result<CipherOp> =
+        |m, key| CipherOp::new(m, cipher_key(key_of(key)?)?, ENCRYPT);
+}
+impl<const ENCRYPT: bool> Produce for Cipher<ENCRYPT> {
+    const SINGLE: fn(&mut CipherOp, &[u8]) -> Result<Wiped> = CipherOp::single;
+    const FINISH: fn(&mut CipherOp) -> Result<Wiped> = CipherOp::finish;
+    fn known_len(a: &Active<CipherOp>, n: usize) -> Option<usize> {
+        Some(a)
+            .filter(|a| !a.multipart)
+            .and_then(|a| a.op.single_output_len(n))
     }
+}
+impl<const ENCRYPT: bool> Stream for Cipher<ENCRYPT> {
+    const UPDATE: fn(&mut CipherOp, &[u8]) -> Result<Wiped> = CipherOp::update;
+}
 
-    fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
+/// Run `f` on the family's operation slot of session `h`, under the session's lock.
+fn with_slot<F: Family, R>(
+    h: CK_SESSION_HANDLE,
+    f: impl FnOnce(&mut Option<Active<F::Op>>, &Token) -> Result<R>,
+) -> Result<R> {
+    let inst = instance()?;
+    let (s, t) = inst.module.session_token(h)?;
+    let mut g = s.lock();
+    f(F::SLOT(&mut g), t)
+}
+
+/// C_*Init: a NULL mechanism cancels; one active operation per family; the key is checked
+/// against the mechanism and the family's purpose.
+///
+/// # Safety
+/// `p_mech` is NULL or a valid CK_MECHANISM.
+unsafe fn init<F: Family>(
+    h: CK_SESSION_HANDLE,
+    p_mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> Result<()> {
+    with_slot::<F, _>(h, |slot, t| {
         if p_mech.is_null() {
-            g.verify = None;
+            *slot = None;
             return Ok(());
         }
-        if g.verify.is_some() {
+        if slot.is_some() {
             return Err(op_active());
         }
         // SAFETY: non-NULL API mechanism.
         let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Verify)?;
-        let op = VerifyOp::new(m, asym(&o)?)?;
-        g.verify = Some(Active::new(op, needs_login(t, &o), t.epoch()));
+        let active = match F::PURPOSE {
+            Some(purpose) => {
+                let o = key_object(t, key, &m, purpose)?;
+                Active::new(F::BUILD(m, Some(&o))?, needs_login(t, &o), t.epoch())
+            }
+            None => Active::new(F::BUILD(m, None)?, false, t.epoch()),
+        };
+        *slot = Some(active);
         Ok(())
-    }
+    })
+}
 
-    fn C_Verify(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, len, sig_len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
-            // SAFETY: API input buffers.
-            let data = unsafe { input(p_data, len, "pData")? };
-            let sig = unsafe { input(p_sig, sig_len, "pSignature")? };
-            a.op.update(data)?;
-            a.op.finish(sig)
-        })();
-        // Verification ends the operation whatever the outcome.
-        g.verify = None;
-        r
-    }
+/// An input-taking, output-producing call: C_Sign, C_Encrypt, C_Decrypt, C_Digest
+/// (`Call::Single`) and C_EncryptUpdate, C_DecryptUpdate (`Call::Update`). A bad input
+/// pointer ends the operation.
+///
+/// # Safety
+/// API input buffer, output buffer and length.
+// The pieces of one C call plus the family's two answers, passed through as they are.
+#[allow(clippy::too_many_arguments)]
+unsafe fn produce_part<F: Family>(
+    h: CK_SESSION_HANDLE,
+    (p_data, len, name): (*mut CK_BYTE, CK_ULONG, &str),
+    p_out: *mut CK_BYTE,
+    p_out_len: *mut CK_ULONG,
+    call: Call,
+    known_len: fn(&Active<F::Op>, usize) -> Option<usize>,
+    compute: fn(&mut F::Op, &[u8]) -> Result<Wiped>,
+) -> Result<()> {
+    with_slot::<F, _>(h, |slot, t| {
+        // SAFETY: API input buffer.
+        let data = match unsafe { input(p_data, len, name) } {
+            Ok(d) => d,
+            Err(e) => {
+                *slot = None;
+                return Err(e);
+            }
+        };
+        let known = slot.as_ref().and_then(|a| known_len(a, data.len()));
+        // SAFETY: API output buffer and length.
+        unsafe {
+            produce_into(slot, t, call, data, p_out, p_out_len, known, |op| {
+                compute(op, data)
+            })
+        }
+    })
+}
 
-    fn C_VerifyUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
+/// C_SignUpdate, C_VerifyUpdate, C_DigestUpdate.
+///
+/// # Safety
+/// API input buffer.
+unsafe fn absorb<F: Absorb>(
+    h: CK_SESSION_HANDLE,
+    p_data: *mut CK_BYTE,
+    len: CK_ULONG,
+) -> Result<()> {
+    with_slot::<F, _>(h, |slot, t| {
         let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+            let a = active(slot, t.is_logged_in(), t.epoch())?;
             a.multipart = true;
             // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
+            F::ABSORB(&mut a.op, unsafe { input(p_data, len, F::PART)? })
         })();
         if r.is_err() {
-            g.verify = None;
+            *slot = None;
         }
         r
-    }
+    })
+}
 
-    fn C_VerifyFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, sig_len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
+/// C_SignFinal, C_EncryptFinal, C_DecryptFinal, C_DigestFinal.
+///
+/// # Safety
+/// API output buffer and length.
+unsafe fn finish<F: Produce>(
+    h: CK_SESSION_HANDLE,
+    p_out: *mut CK_BYTE,
+    p_out_len: *mut CK_ULONG,
+) -> Result<()> {
+    with_slot::<F, _>(h, |slot, t| {
+        // SAFETY: API output buffer and length.
+        unsafe { produce_into(slot, t, Call::Final, &[], p_out, p_out_len, None, F::FINISH) }
+    })
+}
+
+/// C_Verify and C_VerifyFinal: the signature is checked against what was absorbed; the
+/// operation ends whatever the outcome.
+///
+/// # Safety
+/// API input buffers.
+unsafe fn verify_end(
+    h: CK_SESSION_HANDLE,
+    data: Option<(*mut CK_BYTE, CK_ULONG)>,
+    p_sig: *mut CK_BYTE,
+    sig_len: CK_ULONG,
+) -> Result<()> {
+    with_slot::<Verify, _>(h, |slot, t| {
         let r = (|| {
-            let a = active(&mut g.verify, t.is_logged_in(), t.epoch())?;
+            let a = active(slot, t.is_logged_in(), t.epoch())?;
+            if let Some((p_data, len)) = data {
+                // SAFETY: API input buffer.
+                let data = unsafe { input(p_data, len, "pData")? };
+                let sig = unsafe { input(p_sig, sig_len, "pSignature")? };
+                a.op.update(data)?;
+                return a.op.finish(sig);
+            }
             // SAFETY: API input buffer.
             a.op.finish(unsafe { input(p_sig, sig_len, "pSignature")? })
         })();
-        g.verify = None;
+        *slot = None;
         r
-    }
+    })
+}
 
-    fn C_EncryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.encrypt = None;
-            return Ok(());
+/// Init, single-part and Final of a family whose Init takes a key and whose single-part and
+/// Final produce output.
+macro_rules! produce_fns {
+    ($($family:ty => $init:ident, $single:ident, $final:ident;)*) => {$(
+        p11_fn! {
+            fn $init(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+                // SAFETY: API arguments.
+                unsafe { init::<$family>(h, p_mech, key) }
+            }
+            fn $single(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
+                // SAFETY: API arguments.
+                unsafe { produce_part::<$family>(h, (p_data, len, <$family>::DATA), p_out, p_out_len, Call::Single, <$family as Produce>::known_len, <$family>::SINGLE) }
+            }
+            fn $final(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
+                // SAFETY: API arguments.
+                unsafe { finish::<$family>(h, p_out, p_out_len) }
+            }
         }
-        if g.encrypt.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Encrypt)?;
-        let op = CipherOp::new(m, cipher_key(&o)?, true)?;
-        g.encrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
-    }
+    )*};
+}
 
-    fn C_Encrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.encrypt = None; return Err(e); }
-        };
-        let known = g
-            .encrypt
-            .as_ref()
-            .filter(|a| !a.multipart)
-            .and_then(|a| a.op.single_output_len(data.len()));
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.encrypt, t, Call::Single, data, p_out, p_out_len, known, |op| op.single(data))
-        }
-    }
+produce_fns! {
+    Sign => C_SignInit, C_Sign, C_SignFinal;
+    Encrypt => C_EncryptInit, C_Encrypt, C_EncryptFinal;
+    Decrypt => C_DecryptInit, C_Decrypt, C_DecryptFinal;
+}
 
+p11_fn! {
+    fn C_SignUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { absorb::<Sign>(h, p_data, len) }
+    }
     fn C_EncryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pPart") } {
-            Ok(d) => d,
-            Err(e) => { g.encrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
+        // SAFETY: API arguments.
+        unsafe { produce_part::<Encrypt>(h, (p_data, len, Encrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, Encrypt::UPDATE) }
     }
-
-    fn C_EncryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.encrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
-    }
-
-    fn C_DecryptInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.decrypt = None;
-            return Ok(());
-        }
-        if g.decrypt.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let o = key_object(t, key, &m, Purpose::Decrypt)?;
-        let op = CipherOp::new(m, cipher_key(&o)?, false)?;
-        g.decrypt = Some(Active::new(op, needs_login(t, &o), t.epoch()));
-        Ok(())
-    }
-
-    fn C_Decrypt(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pEncryptedData") } {
-            Ok(d) => d,
-            Err(e) => { g.decrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.decrypt, t, Call::Single, data, p_out, p_out_len, None, |op| op.single(data))
-        }
-    }
-
     fn C_DecryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pEncryptedPart") } {
-            Ok(d) => d,
-            Err(e) => { g.decrypt = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Update, data, p_out, p_out_len, None, |op| op.update(data)) }
+        // SAFETY: API arguments.
+        unsafe { produce_part::<Decrypt>(h, (p_data, len, Decrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, Decrypt::UPDATE) }
     }
 
-    fn C_DecryptFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe { produce_into(&mut g.decrypt, t, Call::Final, &[], p_out, p_out_len, None, |op| op.finish()) }
+    fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
+        // SAFETY: API arguments.
+        unsafe { init::<Verify>(h, p_mech, key) }
+    }
+    fn C_Verify(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, len, sig_len] {
+        // SAFETY: API arguments.
+        unsafe { verify_end(h, Some((p_data, len)), p_sig, sig_len) }
+    }
+    fn C_VerifyUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
+        // SAFETY: API arguments.
+        unsafe { absorb::<Verify>(h, p_data, len) }
+    }
+    fn C_VerifyFinal(h: CK_SESSION_HANDLE, p_sig: *mut CK_BYTE, sig_len: CK_ULONG) [h, sig_len] {
+        // SAFETY: API arguments.
+        unsafe { verify_end(h, None, p_sig, sig_len) }
     }
 
     fn C_DigestInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        if p_mech.is_null() {
-            g.digest = None;
-            return Ok(());
-        }
-        if g.digest.is_some() {
-            return Err(op_active());
-        }
-        // SAFETY: non-NULL API mechanism.
-        let m = unsafe { decode_mechanism(p_mech)? };
-        let Mechanism::Digest(alg) = m else {
-            return Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism"));
-        };
-        g.digest = Some(Active::new(DigestOp::new(alg), false, t.epoch()));
-        Ok(())
+        // SAFETY: API arguments.
+        unsafe { init::<Digest>(h, p_mech, CK_INVALID_HANDLE) }
     }
-
     fn C_Digest(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API input buffer.
-        let data = match unsafe { input(p_data, len, "pData") } {
-            Ok(d) => d,
-            Err(e) => { g.digest = None; return Err(e); }
-        };
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.digest, t, Call::Single, data, p_out, p_out_len, None, |op| {
-                op.update(data)?;
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+        // SAFETY: API arguments.
+        unsafe { produce_part::<Digest>(h, (p_data, len, <Digest>::DATA), p_out, p_out_len, Call::Single, <Digest as Produce>::known_len, <Digest>::SINGLE) }
     }
-
     fn C_DigestUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        let r = (|| {
-            let a = active(&mut g.digest, t.is_logged_in(), t.epoch())?;
-            a.multipart = true;
-            // SAFETY: API input buffer.
-            a.op.update(unsafe { input(p_data, len, "pPart")? })
-        })();
-        if r.is_err() {
-            g.digest = None;
-        }
-        r
+        // SAFETY: API arguments.
+        unsafe { absorb::<Digest>(h, p_data, len) }
     }
-
     fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) [h, key] {
         instance()?.module.session(h)?;
         Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, "key values are never digested"))
     }
-
     fn C_DigestFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
-        let inst = instance()?;
-        let (s, t) = inst.module.session_token(h)?;
-        let mut g = s.lock();
-        // SAFETY: API output buffer and length.
-        unsafe {
-            produce_into(&mut g.digest, t, Call::Final, &[], p_out, p_out_len, None, |op| {
-                Ok(Wiped::new(op.finish()?))
-            })
-        }
+        // SAFETY: API arguments.
+        unsafe { finish::<Digest>(h, p_out, p_out_len) }
     }
 }
 

@@ -1186,7 +1186,7 @@ fn fork_scenario() {
     let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
     let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
-        let _g = crate::token::read(state());
+        let _g = crate::sync::read(super::process::state());
         held_tx.send(()).unwrap();
         hold_rx.recv().unwrap();
     });

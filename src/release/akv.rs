@@ -212,9 +212,9 @@ impl<'a> Akv<'a> {
             .ok_or_else(|| bad("response has no value (JWS)".into()))?;
         let payload =
             verify_release_jws(jws, &host, self.anchors, rustls_pki_types::UnixTime::now())
-                .map_err(|e| prefix(e, &what))?;
+                .map_err(|e| e.context(&what))?;
         check_release_request(&payload, &key.kid, self.enc.name(), &nonce)
-            .map_err(|e| prefix(e, &what))?;
+            .map_err(|e| e.context(&what))?;
         // The signed public part (when present) must be the key GET described.
         if let Some(signed) = payload.pointer("/response/key/key") {
             check_signed_public(&what, signed, &bundle.public)?;
@@ -224,9 +224,9 @@ impl<'a> Akv<'a> {
             .and_then(Value::as_str)
             .ok_or_else(|| bad("signed payload has no response.key.key.key_hsm".into()))?;
         let started = Instant::now();
-        let envelope = parse_key_hsm(key_hsm).map_err(|e| prefix(e, &what))?;
+        let envelope = parse_key_hsm(key_hsm).map_err(|e| e.context(&what))?;
         let material =
-            unwrap_key_hsm(&envelope, transfer, self.enc).map_err(|e| prefix(e, &what))?;
+            unwrap_key_hsm(&envelope, transfer, self.enc).map_err(|e| e.context(&what))?;
         let material = check_material(&key.label, material, &bundle.public)?;
         Ok((ReleasedKey { index, material }, started.elapsed()))
     }
@@ -252,17 +252,6 @@ fn check_signed_public(what: &str, signed: &Value, from_get: &PublicKeyInfo) -> 
             format!("{what}: signed release payload: {m}"),
         )),
     }
-}
-
-fn prefix(e: Error, what: &str) -> Error {
-    let mut out = Error::new(e.rv(), format!("{what}: {}", e.message()));
-    if let Some(s) = e.step() {
-        out = out.with_step(s);
-    }
-    if let Some(h) = e.hint() {
-        out = out.with_hint(h.to_string());
-    }
-    out
 }
 
 /// `scheme://host[:port]` of a URL (the URL itself if it does not parse).

@@ -209,11 +209,7 @@ impl<'a> Identity<'a> {
             .cfg
             .authority_host
             .clone()
-            .or_else(|| {
-                std::env::var("AZURE_AUTHORITY_HOST")
-                    .ok()
-                    .filter(|h| !h.is_empty())
-            })
+            .or_else(|| env_var("AZURE_AUTHORITY_HOST").filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "https://login.microsoftonline.com".into());
         let url = format!("{}/{tenant}/oauth2/v2.0/token", host.trim_end_matches('/'));
         let scope = format!("{}/.default", resource.trim_end_matches('/'));
@@ -321,18 +317,25 @@ impl Drop for WipeOnDrop {
     }
 }
 
+/// A variable of the process environment. Tests substitute an environment of their own for
+/// their thread, so that no test calls `set_var` while others run.
+fn env_var(name: &str) -> Option<String> {
+    #[cfg(test)]
+    if let Some(v) = tests::TEST_ENV.with(|e| e.borrow().as_ref().map(|m| m.get(name).cloned())) {
+        return v;
+    }
+    std::env::var(name).ok()
+}
+
 fn env_required(name: &str, source: &str) -> Result<String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            Error::config(format!(
-                "identity.source = \"{source}\" needs the environment variable {name}"
-            ))
-            .with_hint(format!(
-                "set {name} in the environment of the process that loads the module"
-            ))
-        })
+    env_var(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+        Error::config(format!(
+            "identity.source = \"{source}\" needs the environment variable {name}"
+        ))
+        .with_hint(format!(
+            "set {name} in the environment of the process that loads the module"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -501,8 +504,22 @@ mod tests {
         }
     }
 
-    /// Workload identity and IDENTITY_ENDPOINT read the environment: one test sets it for both,
-    /// with variables no other test reads.
+    thread_local! {
+        /// This test thread's environment for `env_var` (None: the process's).
+        pub(super) static TEST_ENV: std::cell::RefCell<Option<std::collections::HashMap<String, String>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    fn set_test_env(vars: &[(&str, &str)]) {
+        let m = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TEST_ENV.with(|e| *e.borrow_mut() = Some(m));
+    }
+
+    /// Workload identity and IDENTITY_ENDPOINT read the environment: this test gives its own
+    /// thread an environment of its own (no `set_var` while other tests run).
     #[test]
     fn workload_identity_and_identity_endpoint_requests() {
         let dir = tempfile::tempdir().unwrap();
@@ -513,9 +530,12 @@ mod tests {
             (200, ok),
             (401, r#"{"error":"invalid_client","error_description":"AADSTS700213: No matching federated identity record found"}"#.into()),
         ]);
-        std::env::set_var("AZURE_CLIENT_ID", "11111111-2222");
-        std::env::set_var("AZURE_TENANT_ID", "tenant-x");
-        std::env::set_var("AZURE_FEDERATED_TOKEN_FILE", &assertion);
+        let assertion = assertion.to_string_lossy();
+        set_test_env(&[
+            ("AZURE_CLIENT_ID", "11111111-2222"),
+            ("AZURE_TENANT_ID", "tenant-x"),
+            ("AZURE_FEDERATED_TOKEN_FILE", &assertion),
+        ]);
         let mut cfg = config(IdentitySource::WorkloadIdentity);
         cfg.authority_host = Some(format!("http://127.0.0.1:{port}/"));
         let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
@@ -547,11 +567,11 @@ mod tests {
             200,
             r#"{"access_token":"at-ep","expires_on":"1"}"#.into(),
         )]);
-        std::env::set_var(
-            "IDENTITY_ENDPOINT",
-            format!("http://127.0.0.1:{port}/msi/token"),
-        );
-        std::env::set_var("IDENTITY_HEADER", "hdr-secret");
+        let endpoint = format!("http://127.0.0.1:{port}/msi/token");
+        set_test_env(&[
+            ("IDENTITY_ENDPOINT", &endpoint),
+            ("IDENTITY_HEADER", "hdr-secret"),
+        ]);
         let cfg = config(IdentitySource::IdentityEndpoint);
         let id = Identity::new(&http, &cfg);
         assert_eq!(id.token(VAULT_RESOURCE, false).unwrap().as_str(), "at-ep");

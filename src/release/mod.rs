@@ -16,7 +16,6 @@ pub mod unwrap;
 
 use crate::config::{Config, TokenConfig};
 use crate::error::{Error, Result, Step};
-use crate::secret::SecretBytes;
 use base64::Engine;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -34,21 +33,8 @@ pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Released material of one configured key.
-#[derive(Debug)]
-pub struct ReleasedKey {
-    /// Index of the key in `TokenConfig::keys`.
-    pub index: usize,
-    pub material: KeyMaterial,
-}
-
-#[derive(Debug)]
-pub enum KeyMaterial {
-    /// PKCS#8 `PrivateKeyInfo` DER of an RSA or EC private key.
-    Pkcs8(SecretBytes),
-    /// Raw symmetric key bytes (oct / oct-HSM).
-    Raw(SecretBytes),
-}
+// The release path produces the token's released-key types.
+pub use crate::token::released::{KeyMaterial, ReleasedKey};
 
 /// Module-side time spent in each step of one login (for the benchmark's breakdown).
 #[derive(Debug, Default, Clone)]
@@ -162,23 +148,9 @@ fn attest_inner(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> 
 }
 
 /// Every login failure carries a hint an operator can act on: errors made without a specific
-/// one get the hint of their step and class here.
+/// one get the hint of their class and step (`Error::with_default_hint`).
 pub fn with_default_hint(e: Error) -> Error {
-    if e.hint().is_some() {
-        return e;
-    }
-    use cryptoki_sys::*;
-    let hint = match (e.step(), e.rv()) {
-        (Some(Step::Config), _) => "fix the configuration file (see docs/CONFIG.md)",
-        (Some(Step::TransferKey), _) => "the process could not create its transfer key; check that aws-lc can run here (memory limits, FIPS mode)",
-        (Some(Step::Evidence), CKR_GENERAL_ERROR) => "the platform returned evidence that does not bind this login's key; this is a security failure, do not retry blindly",
-        (Some(Step::Evidence), _) => "this host cannot produce SEV-SNP evidence; check platform.evidence and the SNP guest device",
-        (Some(Step::Identity), _) => "the identity endpoint answered something unexpected; check identity.source and its endpoint",
-        (_, CKR_GENERAL_ERROR) => "a response failed verification; this is treated as a security failure (a proxy or an impostor may be altering responses); check that attestation.url and the kid hosts are the real services and that tls.ca_file is right",
-        (_, CKR_FUNCTION_REJECTED) => "the service refused the request; check the identity's permissions and the key's release policy",
-        _ => "retry later; if it persists check network access to MAA, the identity endpoint and AKV",
-    };
-    e.with_hint(hint)
+    e.with_default_hint()
 }
 
 /// Run the whole release for one token.
@@ -301,29 +273,6 @@ fn release_token_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_failure_class_gets_a_hint_and_specific_hints_stay() {
-        let cases = [
-            Error::integrity(Step::Release, "x"),
-            Error::integrity(Step::Evidence, "x"),
-            Error::evidence(Step::Evidence, "x"),
-            Error::service(Step::Attestation, "x"),
-            Error::denied(Step::Release, "x"),
-            Error::integrity(Step::Identity, "x"),
-            Error::config("x"),
-            Error::general("x").with_step(Step::TransferKey),
-        ];
-        for e in cases {
-            let rv = e.rv();
-            let h = with_default_hint(e);
-            assert!(h.hint().is_some_and(|h| !h.is_empty()));
-            assert_eq!(h.rv(), rv);
-            assert_eq!(h.message(), "x");
-        }
-        let e = with_default_hint(Error::service(Step::Release, "x").with_hint("specific"));
-        assert_eq!(e.hint(), Some("specific"));
-    }
 
     #[test]
     fn a_token_without_keys_fails_before_any_io() {

@@ -6,21 +6,11 @@
 //! implements the same trait, so evidence, MAA and unwrap code do not change.
 
 use super::b64url;
+use crate::crypto::rsa_oaep::OaepDecryptKey;
+pub use crate::crypto::rsa_oaep::OaepHash;
 use crate::error::{Error, Result, Step};
 use crate::secret::SecretBytes;
-use aws_lc_rs::rsa::{
-    KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA1_MGF1SHA1,
-    OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384,
-};
 use serde_json::{json, Value};
-
-/// OAEP hash (MGF1 uses the same hash, label empty: skr-protocol §3.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OaepHash {
-    Sha1,
-    Sha256,
-    Sha384,
-}
 
 /// The public half as it goes into the runtime data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +48,7 @@ pub fn rsa_thumbprint(n: &[u8], e: &[u8]) -> String {
         b64url(strip_leading_zeros(e)),
         b64url(strip_leading_zeros(n))
     );
-    b64url(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref())
+    b64url(&crate::crypto::rsa_oaep::sha256(canonical.as_bytes()))
 }
 
 pub fn strip_leading_zeros(b: &[u8]) -> &[u8] {
@@ -77,46 +67,38 @@ pub trait TransferKey: Send + Sync {
     fn decrypt_oaep(&self, hash: OaepHash, ciphertext: &[u8]) -> Result<SecretBytes>;
 }
 
-/// An RSA-2048 key pair generated in process memory by aws-lc. Dropping it frees the aws-lc key,
-/// whose allocator cleanses freed memory, so the private key is wiped when the login ends.
+/// An RSA-2048 key pair generated in process memory by aws-lc (`crypto::rsa_oaep`). Dropping it
+/// frees the aws-lc key, whose allocator cleanses freed memory, so the private key is wiped when
+/// the login ends.
 pub struct SoftwareTransferKey {
-    key: OaepPrivateDecryptingKey,
+    key: OaepDecryptKey,
     jwk: RsaPublicJwk,
 }
 
 impl SoftwareTransferKey {
     pub fn generate() -> Result<Self> {
-        let key = PrivateDecryptingKey::generate(KeySize::Rsa2048).map_err(|_| {
+        let key = OaepDecryptKey::generate_2048().ok_or_else(|| {
             Error::evidence(Step::TransferKey, "RSA-2048 key generation failed")
                 .with_hint("the system random source or aws-lc is not usable in this process")
         })?;
-        Self::from_key(key)
+        Ok(Self::from_key(key))
     }
 
     /// A transfer key from an existing PKCS#8 RSA private key (tests and known-answer vectors).
     pub fn from_pkcs8(der: &[u8]) -> Result<Self> {
-        let key = PrivateDecryptingKey::from_pkcs8(der).map_err(|e| {
-            Error::general(format!("transfer key: not a PKCS#8 RSA private key ({e})"))
-                .with_step(Step::TransferKey)
+        let key = OaepDecryptKey::from_pkcs8(der).map_err(|e| {
+            Error::general(format!("transfer key: {e}")).with_step(Step::TransferKey)
         })?;
-        Self::from_key(key)
+        Ok(Self::from_key(key))
     }
 
-    fn from_key(key: PrivateDecryptingKey) -> Result<Self> {
-        use aws_lc_rs::encoding::AsDer;
-        let fail = || {
-            Error::general("transfer key: cannot read the public key").with_step(Step::TransferKey)
-        };
-        let spki = key.public_key().as_der().map_err(|_| fail())?;
-        let public = aws_lc_rs::rsa::PublicKey::from_der(spki.as_ref()).map_err(|_| fail())?;
-        let n = public.modulus().big_endian_without_leading_zero().to_vec();
-        let e = public.exponent().big_endian_without_leading_zero().to_vec();
+    fn from_key(key: OaepDecryptKey) -> Self {
+        let (n, e) = (key.modulus().to_vec(), key.exponent().to_vec());
         let kid = rsa_thumbprint(&n, &e);
-        let key = OaepPrivateDecryptingKey::new(key).map_err(|_| fail())?;
-        Ok(SoftwareTransferKey {
+        SoftwareTransferKey {
             key,
             jwk: RsaPublicJwk { kid, n, e },
-        })
+        }
     }
 }
 
@@ -126,29 +108,18 @@ impl TransferKey for SoftwareTransferKey {
     }
 
     fn modulus_len(&self) -> usize {
-        self.key.key_size_bytes()
+        self.key.modulus_len()
     }
 
     fn decrypt_oaep(&self, hash: OaepHash, ciphertext: &[u8]) -> Result<SecretBytes> {
-        let alg = match hash {
-            OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
-            OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
-            OaepHash::Sha384 => &OAEP_SHA384_MGF1SHA384,
-        };
-        let mut out = SecretBytes::zeroed(self.key.min_output_size());
-        let len = self
-            .key
-            .decrypt(alg, ciphertext, out.as_mut_slice(), None)
-            .map_err(|_| {
-                Error::integrity(
-                    Step::Unwrap,
-                    format!(
-                        "RSA-OAEP ({hash:?}) decryption of the wrapped key failed: it was not encrypted to this login's transfer key with this hash"
-                    ),
-                )
-            })?
-            .len();
-        Ok(SecretBytes::from_slice(&out.as_slice()[..len]))
+        self.key.decrypt(hash, ciphertext).ok_or_else(|| {
+            Error::integrity(
+                Step::Unwrap,
+                format!(
+                    "RSA-OAEP ({hash:?}) decryption of the wrapped key failed: it was not encrypted to this login's transfer key with this hash"
+                ),
+            )
+        })
     }
 }
 
@@ -178,7 +149,10 @@ mod tests {
 
     #[test]
     fn oaep_round_trip_with_each_hash_and_wrong_hash_fails() {
-        use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey};
+        use aws_lc_rs::rsa::{
+            KeySize, OaepPublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
+            OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384,
+        };
         let der = {
             use aws_lc_rs::encoding::AsDer;
             let k = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();

@@ -5,6 +5,7 @@
 use super::b64url_decode;
 use super::transfer_key::{strip_leading_zeros, OaepHash, TransferKey};
 use super::KeyMaterial;
+use crate::crypto::keywrap::{self, UnwrapError};
 use crate::error::{Error, Result, Step};
 use crate::secret::SecretBytes;
 use serde_json::Value;
@@ -112,88 +113,17 @@ pub fn unwrap_key_hsm(
     aes_kwp_unwrap(kek.as_slice(), wrapped)
 }
 
-/// AES key unwrap with padding (RFC 5649), into locked memory.
+/// AES key unwrap with padding (RFC 5649) of the released key under the KEK, into locked
+/// memory (`crypto::keywrap`).
 pub fn aes_kwp_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes> {
-    use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_128, AES_256};
-    let mut out = SecretBytes::zeroed(wrapped.len());
-    let fail =
-        || bad("AES key unwrap (RFC 5649) failed: integrity check of the wrapped key did not pass");
-    let len = match kek.len() {
-        16 | 32 => {
-            let cipher = if kek.len() == 16 { &AES_128 } else { &AES_256 };
-            let kek = AesKek::new(cipher, kek).map_err(|_| fail())?;
-            kek.unwrap_with_padding(wrapped, out.as_mut_slice())
-                .map_err(|_| fail())?
-                .len()
+    keywrap::aes_kwp_unwrap(kek, wrapped).map_err(|e| match e {
+        UnwrapError::KekLength(n) => bad(format!(
+            "the RSA-OAEP block decrypts to {n} bytes, not an AES key (16, 24 or 32)"
+        )),
+        UnwrapError::Integrity => {
+            bad("AES key unwrap (RFC 5649) failed: integrity check of the wrapped key did not pass")
         }
-        // aws-lc-rs's key_wrap has no AES-192; a 24-byte KEK is [uncertain] for
-        // RSA_AES_KEY_WRAP_384 but accepted, so RFC 5649 runs here over AES-192-ECB.
-        24 => kwp_unwrap_ecb(kek, wrapped, out.as_mut_slice()).ok_or_else(fail)?,
-        n => {
-            return Err(bad(format!(
-                "the RSA-OAEP block decrypts to {n} bytes, not an AES key (16, 24 or 32)"
-            )))
-        }
-    };
-    Ok(SecretBytes::from_slice(&out.as_slice()[..len]))
-}
-
-/// RFC 5649 §4.2 unwrap over an AES block decryptor; returns the plaintext length.
-fn kwp_unwrap_ecb(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Option<usize> {
-    use aws_lc_rs::cipher::{
-        DecryptingKey, DecryptionContext, UnboundCipherKey, AES_128, AES_192, AES_256,
-    };
-    let alg = match kek.len() {
-        16 => &AES_128,
-        24 => &AES_192,
-        32 => &AES_256,
-        _ => return None,
-    };
-    let key = DecryptingKey::ecb(UnboundCipherKey::new(alg, kek).ok()?).ok()?;
-    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || out.len() < wrapped.len() - 8 {
-        return None;
-    }
-    let n = wrapped.len() / 8 - 1;
-    let mut block = [0u8; 16];
-    let mut a = [0u8; 8];
-    // R[1..n] are the semiblocks after the first, decrypted in place in `out`.
-    let r = &mut out[..n * 8];
-    if n == 1 {
-        block.copy_from_slice(wrapped);
-        key.decrypt(&mut block, DecryptionContext::None).ok()?;
-        a.copy_from_slice(&block[..8]);
-        r.copy_from_slice(&block[8..]);
-    } else {
-        a.copy_from_slice(&wrapped[..8]);
-        r.copy_from_slice(&wrapped[8..]);
-        for j in (0..6u64).rev() {
-            for i in (1..=n).rev() {
-                let t = (n as u64) * j + i as u64;
-                for (x, y) in a.iter_mut().zip(t.to_be_bytes()) {
-                    *x ^= y;
-                }
-                block[..8].copy_from_slice(&a);
-                block[8..].copy_from_slice(&r[(i - 1) * 8..i * 8]);
-                key.decrypt(&mut block, DecryptionContext::None).ok()?;
-                a.copy_from_slice(&block[..8]);
-                r[(i - 1) * 8..i * 8].copy_from_slice(&block[8..]);
-            }
-        }
-    }
-    zeroize::Zeroize::zeroize(&mut block);
-    // Alternative IV A65959A6 and a message length indicator within the last semiblock.
-    if a[..4] != [0xA6, 0x59, 0x59, 0xA6] {
-        return None;
-    }
-    let mli = u32::from_be_bytes([a[4], a[5], a[6], a[7]]) as usize;
-    if mli == 0 || mli > n * 8 || mli <= (n - 1) * 8 {
-        return None;
-    }
-    if r[mli..].iter().any(|&b| b != 0) {
-        return None;
-    }
-    r[mli..].fill(0);
-    Some(mli)
+    })
 }
 
 /// The public half of a key as `GET {kid}` returned it.

@@ -128,56 +128,6 @@ impl Drop for SecretBytes {
     }
 }
 
-/// The fork witness: one page that the kernel zeroes in every child process
-/// (`MADV_WIPEONFORK`, Linux 4.14+), however the child was made (fork, `_Fork`, clone without
-/// CLONE_VM: no atfork handler needed). Checking it is a memory load, where `getpid` was a
-/// system call on every PKCS#11 call (3 % of the AES-GCM path, twice per operation).
-static WITNESS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-static NEXT_MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn witness() -> Option<&'static std::sync::atomic::AtomicU64> {
-    let addr = *WITNESS.get_or_init(|| {
-        let len = page_size();
-        // SAFETY: anonymous private mapping, checked; never unmapped (lives as long as the
-        // process, like the mark it holds).
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return None;
-            }
-            if libc::madvise(p, len, libc::MADV_WIPEONFORK) != 0 {
-                libc::munmap(p, len);
-                return None;
-            }
-            Some(p as usize)
-        }
-    });
-    // SAFETY: a live page-aligned mapping of ours, only ever accessed as this atomic.
-    addr.map(|a| unsafe { &*(a as *const std::sync::atomic::AtomicU64) })
-}
-
-/// Set a fresh mark in the witness page and return it; None when the kernel has no
-/// MADV_WIPEONFORK (the caller then compares pids).
-pub fn fork_mark() -> Option<u64> {
-    let w = witness()?;
-    let m = NEXT_MARK.fetch_add(1, Ordering::Relaxed);
-    w.store(m, Ordering::SeqCst);
-    Some(m)
-}
-
-/// Whether `mark` is still the witness page's mark: false in any child of the process that
-/// set it (the page reads zero there), and after a newer `fork_mark`.
-pub fn fork_marked(mark: u64) -> bool {
-    witness().is_some_and(|w| w.load(Ordering::Acquire) == mark)
-}
-
 /// Short-lived secret bytes on the operation path (an RSA decryption's output, the private
 /// exponent hashed for implicit rejection), in the locked arena: the protection of
 /// `SecretBytes` (mlock, MADV_DONTDUMP, zeroed when freed) without an mmap + mlock + munmap per
@@ -313,23 +263,6 @@ mod tests {
         let s = SecretBytes::from_vec(v);
         assert_eq!(s.as_slice(), &[7u8; 100][..]);
         assert_eq!(format!("{s:?}"), "SecretBytes(100 bytes)");
-    }
-
-    #[test]
-    fn the_fork_witness_is_zero_in_a_child() {
-        let Some(m) = fork_mark() else { return }; // kernel without MADV_WIPEONFORK
-        assert!(fork_marked(m));
-        // SAFETY: the child only reads memory and calls _exit.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            let code = if fork_marked(m) { 1 } else { 0 };
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: our child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
-        assert!(fork_marked(m));
     }
 
     #[test]

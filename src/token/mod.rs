@@ -9,66 +9,22 @@
 
 pub mod attr;
 pub mod object;
+pub mod released;
 pub mod session;
 
 use crate::config::{Config, TokenConfig};
 use crate::crypto::ops::AsymKey;
 use crate::error::{Error, Result, Step};
-use crate::release::{KeyMaterial, ReleasedKey};
 use crate::secret::SecretBytes;
+pub use crate::sync::{lock, lock_bounded, read, write};
 use cryptoki_sys::*;
 use object::{new_object_handle, Body, CertInfo, Object};
+use released::{KeyMaterial, ReleasedKey};
 use session::Session;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-/// Lock helpers that survive poisoning: every change behind these locks is a single
-/// assignment, insert or removal, so a panic cannot leave the data half-changed, and a panic
-/// elsewhere must not brick the token.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| {
-        m.clear_poison();
-        p.into_inner()
-    })
-}
-/// A lock that a forked child may find held forever (a parent's thread held it at the moment
-/// of fork): give up after `limit` instead of hanging the process.
-pub fn lock_bounded<T>(m: &Mutex<T>, limit: std::time::Duration) -> Option<MutexGuard<'_, T>> {
-    let start = std::time::Instant::now();
-    let mut spins = 0u32;
-    loop {
-        match m.try_lock() {
-            Ok(g) => return Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                m.clear_poison();
-                return Some(p.into_inner());
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {
-                if start.elapsed() > limit {
-                    return None;
-                }
-                spins += 1;
-                if spins < 100 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-            }
-        }
-    }
-}
-
-pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| {
-        m.clear_poison();
-        p.into_inner()
-    })
-}
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 static NEXT_SESSION_HANDLE: AtomicU64 = AtomicU64::new(1);
 
@@ -212,6 +168,8 @@ struct LoginState {
     closed: bool,
     in_flight: bool,
     attempt: u64,
+    /// Callers waiting for the attempt in flight (tests wait on it instead of sleeping).
+    joiners: usize,
     /// Result of the last finished attempt, for callers that joined it.
     outcome: Option<(u64, std::result::Result<(), Error>)>,
 }
@@ -387,6 +345,7 @@ impl Token {
                 closed: false,
                 in_flight: false,
                 attempt: 0,
+                joiners: 0,
                 outcome: None,
             }),
             login_done: Condvar::new(),
@@ -421,6 +380,12 @@ impl Token {
     }
 
     /// Start a login: already logged in, lead the release, or wait for the one in flight.
+    /// How many callers wait for the login in flight.
+    #[cfg(test)]
+    pub(crate) fn login_joiners(&self) -> usize {
+        lock(&self.login).joiners
+    }
+
     pub fn begin_login(&self) -> LoginStart<'_> {
         let mut st = lock(&self.login);
         if st.keys.is_some() {
@@ -428,9 +393,11 @@ impl Token {
         }
         if st.in_flight {
             let waiting_for = st.attempt;
+            st.joiners += 1;
             while st.in_flight && st.attempt == waiting_for {
                 st = self.login_done.wait(st).unwrap_or_else(|p| p.into_inner());
             }
+            st.joiners -= 1;
             return match &st.outcome {
                 Some((a, r)) if *a == waiting_for => LoginStart::Joined(r.clone()),
                 _ => LoginStart::Joined(Err(Error::general("login attempt aborted"))),

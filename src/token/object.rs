@@ -3,7 +3,7 @@
 //! counter and are never reused.
 
 use super::attr::{bool_attr, bytes_attr, ck_date, der_octet_string, ulong_attr, Attr};
-use crate::crypto::mechanism::mechanism_table;
+use crate::crypto::mechanism::{lookup, mechanisms};
 use crate::crypto::ops::AsymKey;
 use crate::crypto::pkey::PublicParts;
 use crate::error::{Error, Result};
@@ -130,9 +130,9 @@ impl Object {
 
     /// Mechanisms this key can be used with (CKA_ALLOWED_MECHANISMS).
     pub fn allowed_mechanisms(&self) -> Vec<CK_MECHANISM_TYPE> {
-        mechanism_table()
+        mechanisms()
             .iter()
-            .map(|&(m, _, _, _)| m)
+            .map(|i| i.ckm)
             .filter(|&m| self.allows(m))
             .collect()
     }
@@ -140,21 +140,14 @@ impl Object {
     /// Whether `m` is in `allowed_mechanisms()`, without building the list (every C_*Init
     /// asks).
     pub fn allows(&self, m: CK_MECHANISM_TYPE) -> bool {
-        let (rsa, ec, aes) = match &self.body {
-            Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => {
-                (k.info.is_rsa(), !k.info.is_rsa(), false)
-            }
-            Body::SecretKey(_) => (false, false, true),
+        let key_type = match &self.body {
+            Body::PublicKey(k) | Body::PrivateKey { key: k, .. } if k.info.is_rsa() => CKK_RSA,
+            Body::PublicKey(_) | Body::PrivateKey { .. } => CKK_EC,
+            Body::SecretKey(_) => CKK_AES,
             Body::Certificate(_) => return false,
         };
-        mechanism_table().iter().any(|&(x, _, _, _)| x == m)
-            && match m {
-                CKM_AES_GCM | CKM_AES_CBC_PAD => aes,
-                CKM_ECDSA..=CKM_ECDSA_SHA512 => ec,
-                CKM_SHA_1 | CKM_SHA224 | CKM_SHA256 | CKM_SHA384 | CKM_SHA512 => false,
-                // CKM_RSA_PKCS stays listed for signing even when its decryption is refused.
-                _ => rsa,
-            }
+        // CKM_RSA_PKCS stays listed for signing even when its decryption is refused.
+        lookup(m).is_some_and(|i| i.key == Some(key_type))
     }
 
     pub fn attribute(&self, ty: CK_ATTRIBUTE_TYPE) -> Attr {

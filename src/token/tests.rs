@@ -352,34 +352,39 @@ fn login_adds_private_objects_and_logout_removes_them() {
     m.logout(0).unwrap();
 }
 
+/// Wait (without a timing assumption) until `n` callers are blocked joining the login in
+/// flight on `t`.
+fn wait_for_joiners(t: &Token, n: usize) {
+    while t.login_joiners() < n {
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn concurrent_logins_share_one_release() {
     let f = Fixture::new("");
     let m = Arc::new(f.module());
-    let (tx, rx) = std::sync::mpsc::channel();
+    let t = &m.tokens[0];
+    let LoginStart::Lead(lease) = t.begin_login() else {
+        panic!("first login must lead")
+    };
+    // A second caller while the release runs waits for it instead of starting another.
     let m2 = m.clone();
-    let released = f.released();
-    let leader = std::thread::spawn(move || {
-        let t = &m2.tokens[0];
-        let LoginStart::Lead(lease) = t.begin_login() else {
-            panic!("first login must lead")
-        };
-        tx.send(()).unwrap();
-        // The release takes a while; the other caller must wait, not start a second one.
-        std::thread::sleep(Duration::from_millis(200));
-        lease
-            .finish(Material::from_released(&m2.tokens[0].config, released).map(Arc::new))
-            .unwrap();
-    });
-    rx.recv().unwrap();
-    let started = std::time::Instant::now();
-    match m.tokens[0].begin_login() {
-        LoginStart::Joined(r) => r.unwrap(),
+    let joiner = std::thread::spawn(move || match m2.tokens[0].begin_login() {
+        LoginStart::Joined(r) => r,
         _ => panic!("second login must join the first"),
-    }
-    assert!(started.elapsed() >= Duration::from_millis(100));
-    leader.join().unwrap();
-    assert!(m.tokens[0].is_logged_in());
+    });
+    wait_for_joiners(t, 1);
+    assert!(
+        !joiner.is_finished(),
+        "the joiner returned before the release finished"
+    );
+    lease
+        .finish(Material::from_released(&t.config, f.released()).map(Arc::new))
+        .unwrap();
+    joiner.join().unwrap().unwrap();
+    assert_eq!(t.login_joiners(), 0);
+    assert!(t.is_logged_in());
     m.logout(0).unwrap();
 }
 
@@ -401,11 +406,13 @@ fn failed_and_aborted_logins_leave_the_token_logged_out() {
     let m2 = m.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
-        let LoginStart::Lead(_lease) = m2.tokens[0].begin_login() else {
+        let t = &m2.tokens[0];
+        let LoginStart::Lead(_lease) = t.begin_login() else {
             panic!()
         };
         tx.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        // Crash only once the other caller is waiting for this attempt.
+        wait_for_joiners(t, 1);
         panic!("release crashed");
     });
     rx.recv().unwrap();

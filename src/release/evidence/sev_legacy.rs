@@ -3,41 +3,13 @@
 
 use super::{device_error, Evidence, EvidenceProvider, REPORT_LEN};
 use crate::error::Result;
+use crate::sys::{snp_report_ioctl, REQUEST_LEN, RESPONSE_LEN};
 use std::os::fd::AsRawFd;
 
 pub const DEVICE: &str = "/dev/sev";
 
-/// `_IOWR('S', 0x1, struct sev_snp_guest_request)`.
-const SEV_SNP_GUEST_MSG_REPORT: u32 = 0xC028_5301;
-const MSG_REPORT_REQ: u8 = 5;
-const MSG_REPORT_RSP: u8 = 6;
-pub(super) const REQUEST_LEN: usize = 96;
-pub(super) const RESPONSE_LEN: usize = 1280;
 /// The report starts after status, report_size and 24 reserved bytes.
 const REPORT_OFFSET: usize = 32;
-
-/// `struct sev_snp_guest_request` (SysV x86-64 layout, 40 bytes).
-#[repr(C)]
-struct SnpGuestRequest {
-    req_msg_type: u8,
-    rsp_msg_type: u8,
-    msg_version: u8,
-    request_len: u16,
-    request_uaddr: u64,
-    response_len: u16,
-    response_uaddr: u64,
-    error: u32,
-}
-
-const _: () = assert!(std::mem::size_of::<SnpGuestRequest>() == 40);
-// _IOWR('S', 1, 40 bytes): direction read|write, size, type 'S', number 1.
-const _: () =
-    assert!(SEV_SNP_GUEST_MSG_REPORT == (3 << 30) | (40 << 16) | ((b'S' as u32) << 8) | 1);
-const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, request_len) == 4);
-const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, request_uaddr) == 8);
-const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, response_len) == 16);
-const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, response_uaddr) == 24);
-const _: () = assert!(std::mem::offset_of!(SnpGuestRequest, error) == 32);
 
 pub struct SevLegacyProvider;
 
@@ -62,43 +34,6 @@ pub(super) fn parse_response(rsp: &[u8; RESPONSE_LEN]) -> std::result::Result<Ve
         ));
     }
     Ok(rsp[REPORT_OFFSET..REPORT_OFFSET + REPORT_LEN].to_vec())
-}
-
-/// One SEV_SNP_GUEST_MSG_REPORT ioctl. The only unsafe code of the release path.
-fn snp_report_ioctl(
-    fd: libc::c_int,
-    request: &[u8; REQUEST_LEN],
-    response: &mut [u8; RESPONSE_LEN],
-) -> std::result::Result<(), String> {
-    let mut msg = SnpGuestRequest {
-        req_msg_type: MSG_REPORT_REQ,
-        rsp_msg_type: MSG_REPORT_RSP,
-        msg_version: 1,
-        request_len: REQUEST_LEN as u16,
-        request_uaddr: request.as_ptr() as u64,
-        response_len: RESPONSE_LEN as u16,
-        response_uaddr: response.as_mut_ptr() as u64,
-        error: 0,
-    };
-    // SAFETY: `fd` is an open descriptor of /dev/sev; `msg` is a properly laid out
-    // sev_snp_guest_request (size and offsets asserted above) that lives across the call;
-    // its two pointers refer to buffers of exactly the lengths it declares, which outlive the
-    // call, the request buffer only read and the response buffer exclusively borrowed.
-    let rc = unsafe {
-        libc::ioctl(
-            fd,
-            SEV_SNP_GUEST_MSG_REPORT as _,
-            &mut msg as *mut SnpGuestRequest,
-        )
-    };
-    if rc != 0 {
-        let os = std::io::Error::last_os_error();
-        return Err(format!(
-            "SEV_SNP_GUEST_MSG_REPORT ioctl failed: {os} (firmware error {:#x})",
-            msg.error
-        ));
-    }
-    Ok(())
 }
 
 impl EvidenceProvider for SevLegacyProvider {

@@ -1,0 +1,174 @@
+//! AES key wrap with padding (RFC 5649), unwrap only: the last step of a release (the KEK comes
+//! from the RSA-OAEP block, `rsa_oaep`). AES-128 and AES-256 KEKs go through aws-lc-rs's
+//! `key_wrap`; it has no AES-192, so a 24-byte KEK runs RFC 5649 §4.2 here over AES-192-ECB
+//! (the same code is checked against aws-lc for 128 and 256 bits, and against RFC 5649's own
+//! AES-192 vectors).
+
+use crate::secret::SecretBytes;
+
+/// Why an unwrap failed (the caller words it for its step).
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnwrapError {
+    /// The KEK is not an AES key (16, 24 or 32 bytes); carries its length.
+    KekLength(usize),
+    /// The integrity check (alternative IV, length indicator, zero padding) did not pass.
+    Integrity,
+}
+
+/// AES key unwrap with padding (RFC 5649), into locked memory.
+pub fn aes_kwp_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, UnwrapError> {
+    use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_128, AES_256};
+    let mut out = SecretBytes::zeroed(wrapped.len());
+    let len = match kek.len() {
+        16 | 32 => {
+            let cipher = if kek.len() == 16 { &AES_128 } else { &AES_256 };
+            let kek = AesKek::new(cipher, kek).map_err(|_| UnwrapError::Integrity)?;
+            kek.unwrap_with_padding(wrapped, out.as_mut_slice())
+                .map_err(|_| UnwrapError::Integrity)?
+                .len()
+        }
+        24 => kwp_unwrap_ecb(kek, wrapped, out.as_mut_slice()).ok_or(UnwrapError::Integrity)?,
+        n => return Err(UnwrapError::KekLength(n)),
+    };
+    Ok(SecretBytes::from_slice(&out.as_slice()[..len]))
+}
+
+/// RFC 5649 §4.2 unwrap over an AES block decryptor; returns the plaintext length.
+pub(crate) fn kwp_unwrap_ecb(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Option<usize> {
+    use aws_lc_rs::cipher::{
+        DecryptingKey, DecryptionContext, UnboundCipherKey, AES_128, AES_192, AES_256,
+    };
+    let alg = match kek.len() {
+        16 => &AES_128,
+        24 => &AES_192,
+        32 => &AES_256,
+        _ => return None,
+    };
+    let key = DecryptingKey::ecb(UnboundCipherKey::new(alg, kek).ok()?).ok()?;
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || out.len() < wrapped.len() - 8 {
+        return None;
+    }
+    let n = wrapped.len() / 8 - 1;
+    let mut block = [0u8; 16];
+    let mut a = [0u8; 8];
+    // R[1..n] are the semiblocks after the first, decrypted in place in `out`.
+    let r = &mut out[..n * 8];
+    if n == 1 {
+        block.copy_from_slice(wrapped);
+        key.decrypt(&mut block, DecryptionContext::None).ok()?;
+        a.copy_from_slice(&block[..8]);
+        r.copy_from_slice(&block[8..]);
+    } else {
+        a.copy_from_slice(&wrapped[..8]);
+        r.copy_from_slice(&wrapped[8..]);
+        for j in (0..6u64).rev() {
+            for i in (1..=n).rev() {
+                let t = (n as u64) * j + i as u64;
+                for (x, y) in a.iter_mut().zip(t.to_be_bytes()) {
+                    *x ^= y;
+                }
+                block[..8].copy_from_slice(&a);
+                block[8..].copy_from_slice(&r[(i - 1) * 8..i * 8]);
+                key.decrypt(&mut block, DecryptionContext::None).ok()?;
+                a.copy_from_slice(&block[..8]);
+                r[(i - 1) * 8..i * 8].copy_from_slice(&block[8..]);
+            }
+        }
+    }
+    zeroize::Zeroize::zeroize(&mut block);
+    // Alternative IV A65959A6 and a message length indicator within the last semiblock.
+    if a[..4] != [0xA6, 0x59, 0x59, 0xA6] {
+        return None;
+    }
+    let mli = u32::from_be_bytes([a[4], a[5], a[6], a[7]]) as usize;
+    if mli == 0 || mli > n * 8 || mli <= (n - 1) * 8 {
+        return None;
+    }
+    if r[mli..].iter().any(|&b| b != 0) {
+        return None;
+    }
+    r[mli..].fill(0);
+    Some(mli)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 5649 §6: the published vectors (AES-192 KEK), both the 20-byte and the
+    /// single-block 7-byte case.
+    #[test]
+    fn rfc5649_published_vectors_aes192() {
+        let kek = hex("5840df6e29b02af1 ab493b705bf16ea1 ae8338f4dcc176a8");
+        let cases = [
+            (
+                "138bdeaa9b8fa7fc 61f97742e72248ee 5ae6ae5360d1ae6a 5f54f373fa543b6a",
+                "c37b7e6492584340 bed1220780894115 5068f738",
+            ),
+            ("afbeb0f07dfbf541 9200f2ccb50bb24f", "466f7250617369"),
+        ];
+        for (wrapped, plain) in cases {
+            let (wrapped, plain) = (hex(wrapped), hex(plain));
+            assert_eq!(aes_kwp_unwrap(&kek, &wrapped).unwrap().as_slice(), plain);
+            let mut tampered = wrapped.clone();
+            *tampered.last_mut().unwrap() ^= 1;
+            assert_eq!(
+                aes_kwp_unwrap(&kek, &tampered).unwrap_err(),
+                UnwrapError::Integrity
+            );
+        }
+    }
+
+    /// Every AES key size, lengths that exercise padding and the single-block case, wrapped
+    /// by an independent implementation (RustCrypto `aes-kw`).
+    #[test]
+    fn every_kek_size_unwraps_what_rustcrypto_wraps() {
+        for kek_len in [16usize, 24, 32] {
+            let kek: Vec<u8> = (0..kek_len as u8).map(|i| i.wrapping_mul(7)).collect();
+            for len in [1usize, 7, 8, 9, 20, 32, 1216] {
+                let plain: Vec<u8> = (0..len).map(|i| (i * 3) as u8).collect();
+                let mut wrapped = vec![0u8; len.div_ceil(8) * 8 + 8];
+                match kek_len {
+                    16 => aes_kw::KekAes128::try_from(&kek[..])
+                        .unwrap()
+                        .wrap_with_padding(&plain, &mut wrapped),
+                    24 => aes_kw::KekAes192::try_from(&kek[..])
+                        .unwrap()
+                        .wrap_with_padding(&plain, &mut wrapped),
+                    _ => aes_kw::KekAes256::try_from(&kek[..])
+                        .unwrap()
+                        .wrap_with_padding(&plain, &mut wrapped),
+                }
+                .unwrap();
+                let got = aes_kwp_unwrap(&kek, &wrapped).unwrap();
+                assert_eq!(got.as_slice(), plain.as_slice(), "kek {kek_len} len {len}");
+                // The own RFC 5649 code agrees for every size, not only AES-192.
+                let mut out = vec![0u8; wrapped.len()];
+                let n = kwp_unwrap_ecb(&kek, &wrapped, &mut out).unwrap();
+                assert_eq!(&out[..n], plain.as_slice());
+                let mut tampered = wrapped.clone();
+                tampered[0] ^= 0x80;
+                assert_eq!(
+                    aes_kwp_unwrap(&kek, &tampered).unwrap_err(),
+                    UnwrapError::Integrity
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_kek_that_is_not_an_aes_key_is_refused_by_length() {
+        assert_eq!(
+            aes_kwp_unwrap(&[0u8; 20], &[0u8; 24]).unwrap_err(),
+            UnwrapError::KekLength(20)
+        );
+    }
+}

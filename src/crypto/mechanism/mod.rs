@@ -1,0 +1,418 @@
+//! Mechanisms as owned Rust values, with their parameters already validated for shape, and
+//! the registry: one table keyed by CKM carrying flags, key sizes, the C parameter layout
+//! and the family (one file each) that parses it.
+
+mod aes;
+mod digest;
+mod ecdsa;
+mod rsa;
+
+use super::HashAlg;
+use crate::error::{Error, Result};
+use cryptoki_sys::*;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PssParams {
+    pub hash: HashAlg,
+    pub mgf: HashAlg,
+    pub salt_len: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OaepParams {
+    pub hash: HashAlg,
+    pub mgf: HashAlg,
+    /// CKZ_DATA_SPECIFIED source data; empty when absent.
+    pub label: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcmParams {
+    pub iv: Vec<u8>,
+    pub aad: Vec<u8>,
+    pub tag_bits: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// CKM_RSA_PKCS: sign input is a DigestInfo (or any ≤ k−11 bytes); also encrypt/decrypt.
+    RsaPkcs,
+    /// CKM_SHA*_RSA_PKCS.
+    RsaPkcsHash(HashAlg),
+    /// CKM_RSA_PKCS_PSS: input is the hash.
+    RsaPss(PssParams),
+    /// CKM_SHA*_RSA_PKCS_PSS: hashes the data; params.hash equals the mechanism's hash.
+    RsaPssHash(PssParams),
+    RsaOaep(OaepParams),
+    /// CKM_ECDSA: input is the hash, output raw r‖s.
+    Ecdsa,
+    EcdsaHash(HashAlg),
+    AesGcm(GcmParams),
+    AesCbcPad([u8; 16]),
+    Digest(HashAlg),
+}
+
+impl Mechanism {
+    pub fn ckm(&self) -> CK_MECHANISM_TYPE {
+        match self {
+            Mechanism::RsaPkcs => CKM_RSA_PKCS,
+            Mechanism::RsaPkcsHash(h) => match h {
+                HashAlg::Sha1 => CKM_SHA1_RSA_PKCS,
+                HashAlg::Sha224 => CKM_SHA224_RSA_PKCS,
+                HashAlg::Sha256 => CKM_SHA256_RSA_PKCS,
+                HashAlg::Sha384 => CKM_SHA384_RSA_PKCS,
+                HashAlg::Sha512 => CKM_SHA512_RSA_PKCS,
+            },
+            Mechanism::RsaPss(_) => CKM_RSA_PKCS_PSS,
+            Mechanism::RsaPssHash(p) => pss_hash_ckm(p.hash),
+            Mechanism::RsaOaep(_) => CKM_RSA_PKCS_OAEP,
+            Mechanism::Ecdsa => CKM_ECDSA,
+            Mechanism::EcdsaHash(h) => match h {
+                HashAlg::Sha1 => CKM_ECDSA_SHA1,
+                HashAlg::Sha224 => CKM_ECDSA_SHA224,
+                HashAlg::Sha256 => CKM_ECDSA_SHA256,
+                HashAlg::Sha384 => CKM_ECDSA_SHA384,
+                HashAlg::Sha512 => CKM_ECDSA_SHA512,
+            },
+            Mechanism::AesGcm(_) => CKM_AES_GCM,
+            Mechanism::AesCbcPad(_) => CKM_AES_CBC_PAD,
+            Mechanism::Digest(h) => h.ckm(),
+        }
+    }
+}
+
+fn pss_hash_ckm(h: HashAlg) -> CK_MECHANISM_TYPE {
+    match h {
+        HashAlg::Sha1 => CKM_SHA1_RSA_PKCS_PSS,
+        HashAlg::Sha224 => CKM_SHA224_RSA_PKCS_PSS,
+        HashAlg::Sha256 => CKM_SHA256_RSA_PKCS_PSS,
+        HashAlg::Sha384 => CKM_SHA384_RSA_PKCS_PSS,
+        HashAlg::Sha512 => CKM_SHA512_RSA_PKCS_PSS,
+    }
+}
+
+/// The hash a hashed RSA/ECDSA mechanism type implies.
+pub fn hash_of_hashed(ckm: CK_MECHANISM_TYPE) -> Option<HashAlg> {
+    Some(match ckm {
+        CKM_SHA1_RSA_PKCS | CKM_SHA1_RSA_PKCS_PSS | CKM_ECDSA_SHA1 => HashAlg::Sha1,
+        CKM_SHA224_RSA_PKCS | CKM_SHA224_RSA_PKCS_PSS | CKM_ECDSA_SHA224 => HashAlg::Sha224,
+        CKM_SHA256_RSA_PKCS | CKM_SHA256_RSA_PKCS_PSS | CKM_ECDSA_SHA256 => HashAlg::Sha256,
+        CKM_SHA384_RSA_PKCS | CKM_SHA384_RSA_PKCS_PSS | CKM_ECDSA_SHA384 => HashAlg::Sha384,
+        CKM_SHA512_RSA_PKCS | CKM_SHA512_RSA_PKCS_PSS | CKM_ECDSA_SHA512 => HashAlg::Sha512,
+        _ => return None,
+    })
+}
+
+/// A mechanism parameter as decoded at the C boundary (owned copies, lengths checked there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawParam {
+    None,
+    Pss {
+        hash_alg: CK_MECHANISM_TYPE,
+        mgf: CK_RSA_PKCS_MGF_TYPE,
+        salt_len: CK_ULONG,
+    },
+    Oaep {
+        hash_alg: CK_MECHANISM_TYPE,
+        mgf: CK_RSA_PKCS_MGF_TYPE,
+        source: CK_RSA_PKCS_OAEP_SOURCE_TYPE,
+        source_data: Vec<u8>,
+    },
+    Gcm {
+        iv: Vec<u8>,
+        aad: Vec<u8>,
+        tag_bits: CK_ULONG,
+    },
+    Bytes(Vec<u8>),
+}
+
+pub(super) fn param_invalid(msg: impl Into<String>) -> Error {
+    Error::new(CKR_MECHANISM_PARAM_INVALID, msg)
+}
+
+/// Refuse a parameter on a mechanism that takes none (an empty byte string is no parameter).
+pub(super) fn no_param(ckm: CK_MECHANISM_TYPE, p: &RawParam) -> Result<()> {
+    match p {
+        RawParam::None => Ok(()),
+        RawParam::Bytes(b) if b.is_empty() => Ok(()),
+        _ => Err(param_invalid(format!(
+            "mechanism {ckm:#x} takes no parameter"
+        ))),
+    }
+}
+
+/// How a mechanism's C parameter is laid out: the C boundary decodes it by this into a
+/// `RawParam` before any family sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamShape {
+    /// No parameter, or an opaque byte string (an IV).
+    Bytes,
+    /// CK_RSA_PKCS_PSS_PARAMS.
+    Pss,
+    /// CK_RSA_PKCS_OAEP_PARAMS (with its source data).
+    Oaep,
+    /// CK_GCM_PARAMS (with its IV and AAD).
+    Gcm,
+}
+
+/// One mechanism family: parses its mechanisms' decoded parameters into a `Mechanism`. One
+/// file per family (`rsa.rs`, `ecdsa.rs`, `aes.rs`, `digest.rs`); adding a family means a new
+/// file and its rows in `MECHANISMS`.
+pub trait Family: Sync {
+    /// Shape checks only; key-dependent checks (the PSS salt bound) happen at init.
+    fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism>;
+}
+
+/// A family whose mechanisms take no parameter and come raw (the input is the hash) or with
+/// the hash built in (CKM_SHA256_RSA_PKCS, CKM_ECDSA_SHA256, ...): PKCS#1 v1.5 and ECDSA.
+pub struct Plain {
+    pub raw: Mechanism,
+    pub hashed: fn(HashAlg) -> Mechanism,
+}
+
+impl Family for Plain {
+    fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        no_param(ckm, &param)?;
+        Ok(hash_of_hashed(ckm).map_or_else(|| self.raw.clone(), self.hashed))
+    }
+}
+
+/// One row of the registry: what `C_GetMechanismInfo` answers and who parses the mechanism.
+pub struct MechInfo {
+    pub ckm: CK_MECHANISM_TYPE,
+    /// Key sizes: RSA and EC in bits, AES in bytes (as PKCS#11 defines them).
+    pub min_key: CK_ULONG,
+    pub max_key: CK_ULONG,
+    pub flags: CK_FLAGS,
+    /// The key type it works with (CKK_RSA, CKK_EC, CKK_AES); None for keyless digests.
+    pub key: Option<CK_KEY_TYPE>,
+    pub param: ParamShape,
+    pub family: &'static dyn Family,
+}
+
+impl MechInfo {
+    /// Whether the mechanism supports an operation (CKF_SIGN, CKF_DECRYPT, ...).
+    pub fn can(&self, flag: CK_FLAGS) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+impl Mechanism {
+    /// Build a mechanism from its type and decoded parameter, through its family.
+    pub fn from_raw(ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        let info = lookup(ckm).ok_or_else(|| {
+            Error::new(
+                CKR_MECHANISM_INVALID,
+                format!("mechanism {ckm:#x} is not supported"),
+            )
+        })?;
+        info.family.parse(ckm, param)
+    }
+}
+
+/// The registry row of a mechanism type.
+pub fn lookup(ckm: CK_MECHANISM_TYPE) -> Option<&'static MechInfo> {
+    MECHANISMS.iter().find(|m| m.ckm == ckm)
+}
+
+/// Every mechanism the token offers: the one table `C_GetMechanismList`,
+/// `C_GetMechanismInfo`, CKA_ALLOWED_MECHANISMS and every C_*Init answer from.
+pub fn mechanisms() -> &'static [MechInfo] {
+    MECHANISMS
+}
+
+// CKF_HW is set on all of them: the keys live only inside the attested TEE, which is the
+// hardware boundary of this token, and pkcs11-tool hides mechanisms without CKF_HW unless
+// `--allow-sw`. Both directions are listed (SIGN|VERIFY, ENCRYPT|DECRYPT): SunPKCS11 drops
+// one-sided mechanisms.
+const RSA_SV: CK_FLAGS = CKF_HW | CKF_SIGN | CKF_VERIFY;
+const RSA_ALL: CK_FLAGS = RSA_SV | CKF_ENCRYPT | CKF_DECRYPT;
+const RSA_ED: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
+const EC: CK_FLAGS =
+    CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
+const AES: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
+const DIG: CK_FLAGS = CKF_HW | CKF_DIGEST;
+
+const fn row(
+    ckm: CK_MECHANISM_TYPE,
+    key: Option<CK_KEY_TYPE>,
+    min_key: CK_ULONG,
+    max_key: CK_ULONG,
+    flags: CK_FLAGS,
+    param: ParamShape,
+    family: &'static dyn Family,
+) -> MechInfo {
+    MechInfo {
+        ckm,
+        min_key,
+        max_key,
+        flags,
+        key,
+        param,
+        family,
+    }
+}
+
+use ParamShape::{Bytes, Gcm, Oaep, Pss};
+const R: Option<CK_KEY_TYPE> = Some(CKK_RSA);
+const E: Option<CK_KEY_TYPE> = Some(CKK_EC);
+const A: Option<CK_KEY_TYPE> = Some(CKK_AES);
+const NOKEY: Option<CK_KEY_TYPE> = None;
+#[rustfmt::skip]
+static MECHANISMS: &[MechInfo] = &[
+    row(CKM_RSA_PKCS, R, 2048, 4096, RSA_ALL, Bytes, &rsa::PKCS1),
+    row(CKM_SHA1_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
+    row(CKM_SHA224_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
+    row(CKM_SHA256_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
+    row(CKM_SHA384_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
+    row(CKM_SHA512_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
+    row(CKM_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_SHA1_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_SHA224_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_SHA256_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_SHA384_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_SHA512_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
+    row(CKM_RSA_PKCS_OAEP, R, 2048, 4096, RSA_ED, Oaep, &rsa::Oaep),
+    row(CKM_ECDSA, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_ECDSA_SHA1, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_ECDSA_SHA224, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_ECDSA_SHA256, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_ECDSA_SHA384, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_ECDSA_SHA512, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
+    row(CKM_AES_GCM, A, 16, 32, AES, Gcm, &aes::Gcm),
+    row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::CbcPad),
+    row(CKM_SHA_1, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
+    row(CKM_SHA224, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
+    row(CKM_SHA256, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
+    row(CKM_SHA384, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
+    row(CKM_SHA512, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pss_params_are_checked() {
+        let ok = RawParam::Pss {
+            hash_alg: CKM_SHA256,
+            mgf: CKG_MGF1_SHA256,
+            salt_len: 32,
+        };
+        assert!(matches!(
+            Mechanism::from_raw(CKM_SHA256_RSA_PKCS_PSS, ok.clone()),
+            Ok(Mechanism::RsaPssHash(_))
+        ));
+        let e = Mechanism::from_raw(CKM_SHA384_RSA_PKCS_PSS, ok).unwrap_err();
+        assert_eq!(e.rv(), CKR_MECHANISM_PARAM_INVALID);
+        let bad_mgf = RawParam::Pss {
+            hash_alg: CKM_SHA256,
+            mgf: CKG_MGF1_SHA1,
+            salt_len: 32,
+        };
+        assert_eq!(
+            Mechanism::from_raw(CKM_RSA_PKCS_PSS, bad_mgf)
+                .unwrap_err()
+                .rv(),
+            CKR_MECHANISM_PARAM_INVALID
+        );
+        assert_eq!(
+            Mechanism::from_raw(CKM_RSA_PKCS_PSS, RawParam::None)
+                .unwrap_err()
+                .rv(),
+            CKR_MECHANISM_PARAM_INVALID
+        );
+    }
+
+    #[test]
+    fn unknown_mechanism_is_invalid() {
+        assert_eq!(
+            Mechanism::from_raw(CKM_DES3_CBC, RawParam::None)
+                .unwrap_err()
+                .rv(),
+            CKR_MECHANISM_INVALID
+        );
+    }
+
+    #[test]
+    fn every_listed_mechanism_is_paired_and_decodable_type() {
+        for info in mechanisms() {
+            let (m, f) = (info.ckm, info.flags);
+            assert_ne!(f & CKF_HW, 0);
+            assert_eq!(f & CKF_SIGN != 0, f & CKF_VERIFY != 0, "{m:#x}");
+            assert_eq!(f & CKF_ENCRYPT != 0, f & CKF_DECRYPT != 0, "{m:#x}");
+        }
+    }
+
+    /// Each row's family parses its own mechanism type back to it, and no type is listed
+    /// twice: the registry and `Mechanism::ckm` cannot drift apart.
+    #[test]
+    fn every_row_parses_to_its_own_type() {
+        for (i, info) in mechanisms().iter().enumerate() {
+            assert!(
+                mechanisms()[..i].iter().all(|m| m.ckm != info.ckm),
+                "{:#x} listed twice",
+                info.ckm
+            );
+            let hash = hash_of_hashed(info.ckm).unwrap_or(HashAlg::Sha256);
+            let mgf = match hash {
+                HashAlg::Sha1 => CKG_MGF1_SHA1,
+                HashAlg::Sha224 => CKG_MGF1_SHA224,
+                HashAlg::Sha256 => CKG_MGF1_SHA256,
+                HashAlg::Sha384 => CKG_MGF1_SHA384,
+                HashAlg::Sha512 => CKG_MGF1_SHA512,
+            };
+            let param = match (info.param, info.ckm) {
+                (ParamShape::Pss, _) => RawParam::Pss {
+                    hash_alg: hash.ckm(),
+                    mgf,
+                    salt_len: 0,
+                },
+                (ParamShape::Oaep, _) => RawParam::Oaep {
+                    hash_alg: hash.ckm(),
+                    mgf,
+                    source: CKZ_DATA_SPECIFIED,
+                    source_data: vec![],
+                },
+                (ParamShape::Gcm, _) => RawParam::Gcm {
+                    iv: vec![0; 12],
+                    aad: vec![],
+                    tag_bits: 128,
+                },
+                (ParamShape::Bytes, CKM_AES_CBC_PAD) => RawParam::Bytes(vec![0; 16]),
+                (ParamShape::Bytes, _) => RawParam::None,
+            };
+            let m = Mechanism::from_raw(info.ckm, param)
+                .unwrap_or_else(|e| panic!("{:#x}: {e}", info.ckm));
+            assert_eq!(m.ckm(), info.ckm);
+            assert_eq!(info.key.is_none(), info.can(CKF_DIGEST), "{:#x}", info.ckm);
+        }
+    }
+
+    #[test]
+    fn gcm_and_cbc_params() {
+        // (IV length, AAD length, tag bits, accepted)
+        let gcm = [
+            (12, 2, 128, true),
+            (12, 0, 64, false),
+            (0, 0, 128, false),
+            (16, 0, 96, true),
+        ];
+        for (iv, aad, tag_bits, ok) in gcm {
+            let g = RawParam::Gcm {
+                iv: vec![0; iv],
+                aad: vec![1; aad],
+                tag_bits,
+            };
+            match Mechanism::from_raw(CKM_AES_GCM, g) {
+                Ok(_) => assert!(ok, "iv {iv} tag {tag_bits} accepted"),
+                Err(e) => {
+                    assert!(!ok, "iv {iv} tag {tag_bits} refused");
+                    assert_eq!(e.rv(), CKR_MECHANISM_PARAM_INVALID);
+                }
+            }
+        }
+        assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 16])).is_ok());
+        assert!(Mechanism::from_raw(CKM_AES_CBC_PAD, RawParam::Bytes(vec![0; 15])).is_err());
+    }
+}
