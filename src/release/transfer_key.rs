@@ -147,33 +147,25 @@ mod tests {
         assert_ne!(other.public_jwk().kid, jwk.kid);
     }
 
+    /// RustCrypto's `rsa` (not the engine) encrypts to the key the public JWK describes; the
+    /// transfer key decrypts with each hash, and the wrong hash is a general error.
     #[test]
     fn oaep_round_trip_with_each_hash_and_wrong_hash_fails() {
-        use aws_lc_rs::rsa::{
-            KeySize, OaepPublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
-            OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OAEP_SHA384_MGF1SHA384,
-        };
-        let der = {
-            use aws_lc_rs::encoding::AsDer;
-            let k = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
-            k.as_der().unwrap().as_ref().to_vec()
-        };
-        let k = SoftwareTransferKey::from_pkcs8(&der).unwrap();
-        let public = {
-            use aws_lc_rs::encoding::AsDer;
-            let p = PrivateDecryptingKey::from_pkcs8(&der).unwrap().public_key();
-            OaepPublicEncryptingKey::new(
-                PublicEncryptingKey::from_der(p.as_der().unwrap().as_ref()).unwrap(),
-            )
-            .unwrap()
-        };
-        for (hash, alg) in [
-            (OaepHash::Sha1, &OAEP_SHA1_MGF1SHA1),
-            (OaepHash::Sha256, &OAEP_SHA256_MGF1SHA256),
-            (OaepHash::Sha384, &OAEP_SHA384_MGF1SHA384),
-        ] {
-            let mut ct = vec![0u8; 256];
-            public.encrypt(alg, &[9u8; 32], &mut ct, None).unwrap();
+        let k = SoftwareTransferKey::generate().unwrap();
+        let jwk = k.public_jwk();
+        let public = rsa::RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(&jwk.n),
+            rsa::BigUint::from_bytes_be(&jwk.e),
+        )
+        .unwrap();
+        let mut rng = rand::thread_rng();
+        let cases = [
+            (OaepHash::Sha1, rsa::Oaep::new::<sha1::Sha1>()),
+            (OaepHash::Sha256, rsa::Oaep::new::<sha2::Sha256>()),
+            (OaepHash::Sha384, rsa::Oaep::new::<sha2::Sha384>()),
+        ];
+        for (hash, scheme) in cases {
+            let ct = public.encrypt(&mut rng, scheme, &[9u8; 32]).unwrap();
             assert_eq!(k.decrypt_oaep(hash, &ct).unwrap().as_slice(), &[9u8; 32]);
             let wrong = if hash == OaepHash::Sha1 {
                 OaepHash::Sha256
