@@ -138,53 +138,21 @@ fn cbc_failed() -> Error {
     Error::new(CKR_FUNCTION_FAILED, "AES-CBC operation failed")
 }
 
+/// One step of a streaming key: `run` writes into a buffer of `len` bytes and says how many
+/// it wrote. Wiped in both directions (a decryption's output is plaintext).
+fn written(len: usize, run: impl FnOnce(&mut [u8]) -> Result<usize>) -> Result<Wiped> {
+    let mut out = Wiped::new(vec![0u8; len]);
+    let n = run(&mut out)?;
+    out.truncate(n);
+    Ok(out)
+}
+
 impl CbcEncrypt {
     pub fn new(key: &[u8], iv: [u8; 16]) -> Result<CbcEncrypt> {
         let ctx = cipher::EncryptionContext::Iv128(FixedLength::from(iv));
         let k = cipher::StreamingEncryptingKey::less_safe_cbc_pkcs7(unbound(key)?, ctx)
             .map_err(|_| cbc_failed())?;
         Ok(CbcEncrypt(Some(k)))
-    }
-    pub fn update(&mut self, input: &[u8]) -> Result<Vec<u8>> {
-        let k = self.0.as_mut().ok_or_else(cbc_failed)?;
-        let mut out = vec![0u8; input.len() + 16];
-        let n = k
-            .update(input, &mut out)
-            .map_err(|_| cbc_failed())?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
-    pub fn finish(&mut self) -> Result<Vec<u8>> {
-        let k = self.0.take().ok_or_else(cbc_failed)?;
-        let mut out = vec![0u8; 16];
-        let n = k
-            .finish(&mut out)
-            .map_err(|_| cbc_failed())?
-            .1
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
-}
-
-impl StreamCipher for CbcEncrypt {
-    fn update(&mut self, input: &[u8]) -> Result<Wiped> {
-        CbcEncrypt::update(self, input).map(Wiped::new)
-    }
-    fn finish(&mut self) -> Result<Wiped> {
-        CbcEncrypt::finish(self).map(Wiped::new)
-    }
-}
-
-impl StreamCipher for CbcDecrypt {
-    fn update(&mut self, input: &[u8]) -> Result<Wiped> {
-        CbcDecrypt::update(self, input)
-    }
-    fn finish(&mut self) -> Result<Wiped> {
-        CbcDecrypt::finish(self)
     }
 }
 
@@ -195,33 +163,35 @@ impl CbcDecrypt {
             .map_err(|_| cbc_failed())?;
         Ok(CbcDecrypt(Some(k)))
     }
-    pub fn update(&mut self, input: &[u8]) -> Result<Wiped> {
-        let k = self.0.as_mut().ok_or_else(cbc_failed)?;
-        let mut out = Wiped::new(vec![0u8; input.len() + 16]);
-        let n = k
-            .update(input, &mut out)
-            .map_err(|_| cbc_failed())?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
-    pub fn finish(&mut self) -> Result<Wiped> {
-        let k = self.0.take().ok_or_else(cbc_failed)?;
-        let mut out = Wiped::new(vec![0u8; 16]);
-        let n = k
-            .finish(&mut out)
-            .map_err(|_| {
-                Error::new(
-                    CKR_ENCRYPTED_DATA_INVALID,
-                    "AES-CBC-PAD: bad padding or length",
-                )
-            })?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
+}
+
+/// The CBC streams: the same steps over AWS-LC's encrypting and decrypting keys, which share
+/// no trait; only how `finish` reports differs.
+macro_rules! cbc_stream {
+    ($($stream:ty => $finish:expr;)*) => {$(
+        impl StreamCipher for $stream {
+            fn update(&mut self, input: &[u8]) -> Result<Wiped> {
+                let k = self.0.as_mut().ok_or_else(cbc_failed)?;
+                written(input.len() + 16, |out| {
+                    Ok(k.update(input, out).map_err(|_| cbc_failed())?.written().len())
+                })
+            }
+            fn finish(&mut self) -> Result<Wiped> {
+                let k = self.0.take().ok_or_else(cbc_failed)?;
+                written(16, |out| $finish(k, out))
+            }
+        }
+    )*};
+}
+
+cbc_stream! {
+    CbcEncrypt => |k: cipher::StreamingEncryptingKey, out: &mut [u8]| -> Result<usize> {
+        Ok(k.finish(out).map_err(|_| cbc_failed())?.1.written().len())
+    };
+    CbcDecrypt => |k: cipher::StreamingDecryptingKey, out: &mut [u8]| -> Result<usize> {
+        let bad = Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-CBC-PAD: bad padding or length");
+        Ok(k.finish(out).map_err(|_| bad)?.written().len())
+    };
 }
 
 #[cfg(test)]
@@ -300,10 +270,10 @@ mod tests {
         let iv = [5u8; 16];
         let msg: Vec<u8> = (0..100u8).collect();
         let mut e = CbcEncrypt::new(&key, iv).unwrap();
-        let mut ct = e.update(&msg[..7]).unwrap();
-        ct.extend(e.update(&msg[7..50]).unwrap());
-        ct.extend(e.update(&msg[50..]).unwrap());
-        ct.extend(e.finish().unwrap());
+        let mut ct = e.update(&msg[..7]).unwrap().to_vec();
+        ct.extend(e.update(&msg[7..50]).unwrap().iter());
+        ct.extend(e.update(&msg[50..]).unwrap().iter());
+        ct.extend(e.finish().unwrap().iter());
         assert_eq!(ct.len(), 112);
         // Independent check: CBC by hand over RustCrypto's AES block cipher.
         {
