@@ -414,7 +414,8 @@ impl Token {
 
     /// Objects for released material: private (and secret) keys with fresh handles, and the
     /// public keys taken from the released keys (keeping the handle of the certificate-derived
-    /// public key object where there is one). Warnings name certificates that do not match.
+    /// public key object where there is one). A released key that does not match its
+    /// configured certificate fails the login (integrity).
     fn build_keyset(&self, material: Arc<Material>) -> Result<(KeySet, Vec<String>)> {
         let mut objects = Vec::new();
         let mut warnings = Vec::new();
@@ -428,12 +429,24 @@ impl Token {
             let subject = cert_pub.map(|o| o.subject.clone()).unwrap_or_default();
             match parsed {
                 ParsedKey::Asym(key) => {
+                    // A key served next to a certificate it does not match breaks every TLS
+                    // handshake in a way clients report as a bad signature: refuse the login
+                    // instead (the released material is wiped when `material` drops).
                     if let Some(Body::PublicKey(cp)) = cert_pub.map(|o| &o.body) {
                         if cp.info != key.info {
-                            warnings.push(format!(
-                                "key {:?}: its certificate's public key differs from the released key; hint: configure the certificate issued for {}",
-                                k.label, k.kid
-                            ));
+                            let cert = k
+                                .certificate
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default();
+                            return Err(Error::integrity(
+                                Step::Install,
+                                format!(
+                                    "key {:?}: the key released from {} does not match its certificate {cert} (different public keys)",
+                                    k.label, k.kid
+                                ),
+                            )
+                            .with_hint("configure the certificate issued for this key version (after a rotation, replace the certificate file too)"));
                         }
                     }
                     objects.push(Arc::new(Object {
