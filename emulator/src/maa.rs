@@ -3,8 +3,8 @@
 //! an RS256 token with the claims MAA derives (skr-protocol.md §8–§10).
 
 use crate::admin::{generic_fault_response, FaultKind};
-use crate::app::App;
-use crate::pki;
+use crate::context::App;
+use crate::pki::{self, vcek_extensions};
 use crate::snp::{self, Generation, Report};
 use crate::util::{b64_lenient, b64std, b64url, now_secs, random_hex};
 use axum::body::Bytes;
@@ -16,7 +16,6 @@ use der::{Decode, Encode};
 use rsa::pkcs1::DecodeRsaPublicKey;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256, Sha384};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 use x509_cert::Certificate;
@@ -44,45 +43,6 @@ fn maa_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         Json(json!({"error": {"code": code, "message": message.into()}})),
     )
         .into_response()
-}
-
-/// VCEK extensions by OID (SPLs are DER INTEGERs; hwID is raw bytes).
-pub struct VcekExtensions {
-    pub spls: BTreeMap<String, u8>,
-    pub hwid: Option<Vec<u8>>,
-    pub product: Option<String>,
-}
-
-impl VcekExtensions {
-    pub fn spl(&self, oid: const_oid::ObjectIdentifier) -> Option<u8> {
-        self.spls.get(&oid.to_string()).copied()
-    }
-}
-
-pub fn vcek_extensions(cert: &Certificate) -> Result<VcekExtensions, String> {
-    let mut out = VcekExtensions {
-        spls: BTreeMap::new(),
-        hwid: None,
-        product: None,
-    };
-    for ext in cert.tbs_certificate.extensions.iter().flatten() {
-        let oid = ext.extn_id;
-        let value = ext.extn_value.as_bytes();
-        if oid == pki::OID_AMD_HWID {
-            out.hwid = Some(value.to_vec());
-        } else if oid == pki::OID_AMD_PRODUCT_NAME {
-            out.product = der::asn1::Ia5String::from_der(value)
-                .map(|s| s.to_string())
-                .ok();
-        } else if oid.to_string().starts_with("1.3.6.1.4.1.3704.1.3.") {
-            let n = u32::from_der(value)
-                .map_err(|e| format!("VCEK extension {oid}: not a DER INTEGER ({e})"))?;
-            let n = u8::try_from(n)
-                .map_err(|_| format!("VCEK extension {oid}: SPL {n} out of range"))?;
-            out.spls.insert(oid.to_string(), n);
-        }
-    }
-    Ok(out)
 }
 
 const OID_RSASSA_PSS: const_oid::ObjectIdentifier =
