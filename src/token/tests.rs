@@ -178,7 +178,7 @@ pub(crate) fn login_with(t: &Token, released: Vec<ReleasedKey>) -> Result<()> {
     match t.begin_login() {
         LoginStart::Lead(l) => {
             let m = Material::from_released(&t.config, released).map(Arc::new);
-            l.finish(m).map(|_| ())
+            l.finish(m)
         }
         LoginStart::AlreadyLoggedIn => Err(Error::new(CKR_USER_ALREADY_LOGGED_IN, "")),
         LoginStart::Joined(r) => r,
