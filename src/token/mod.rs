@@ -418,7 +418,7 @@ impl Token {
     /// configured certificate fails the login (integrity).
     fn build_keyset(&self, material: Arc<Material>) -> Result<(KeySet, Vec<String>)> {
         let mut objects = Vec::new();
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
         for (ki, parsed) in &material.keys {
             let k = &self.config.keys[*ki];
             let id = k.id_bytes()?;
