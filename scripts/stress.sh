@@ -18,10 +18,12 @@ target/debug/skr-emulator up --dir "$W/emu" >/dev/null
 (
   # shellcheck disable=SC1091
   source "$W/emu/env"; export SKR_PKCS11_CONFIG
-  sed -i 's/^level = "info"/level = "warn"/' "$SKR_PKCS11_CONFIG"
+  # The module's log (a line per login) goes to a file; its last lines show on a failure.
   time target/debug/p11-stress --module "$(pwd)/target/debug/libskr_pkcs11.so" --token-label skr-demo \
-    --steps "$STEPS" --threads "$THREADS" --seed "$SEED"
-) || status=$?
+    --steps "$STEPS" --threads "$THREADS" --seed "$SEED" 2> "$W/module.log"
+) || { status=$?; tail -20 "$W/module.log"; }
+echo "module log: $(grep -c ' INFO: C_Login' "$W/module.log" || true) logins, $(grep -c ' ERROR: ' "$W/module.log" || true) error lines"
+grep ' ERROR: ' "$W/module.log" | head -5 || true
 
 echo; echo "== SoftHSMv2 $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null): $STEPS steps, $THREADS threads, seed $SEED"
 SOFTHSM=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so 2>/dev/null | head -1)

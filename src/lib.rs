@@ -25,6 +25,7 @@ pub mod error;
 #[allow(unsafe_code)]
 pub mod ffi;
 pub mod logging;
+pub mod pem;
 pub mod policy;
 pub mod release;
 #[allow(unsafe_code)]

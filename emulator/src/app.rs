@@ -327,8 +327,13 @@ pub fn running_pid(layout: &Layout) -> Option<i32> {
         .parse()
         .ok()?;
     // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-    alive.then_some(pid)
+    let exists = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    // A zombie (killed, not yet reaped by its parent) exists but no longer runs.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.get(stat.rfind(')')? + 2..)?.starts_with('Z')))
+        .unwrap_or(false);
+    (exists && !zombie).then_some(pid)
 }
 
 const PORT_NAMES: [&str; 5] = ["MAA", "Key Vault", "Managed HSM", "IMDS", "platform"];
@@ -831,7 +836,11 @@ pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), Stri
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    runtime.block_on(serve(app, listeners, server_tls))
+    let served = runtime.block_on(serve(app, listeners, server_tls));
+    // Dropping the runtime would wait for every blocking job; one stuck in CPU-heavy work
+    // would keep the process alive after SIGTERM. Give them a moment, then exit regardless.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 async fn serve(

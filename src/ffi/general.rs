@@ -87,7 +87,7 @@ fn read_certificates(cfg: &Config) -> Result<HashMap<std::path::PathBuf, Vec<u8>
                 if pems.contains_key(p) {
                     continue;
                 }
-                let bytes = std::fs::read(p).map_err(|e| {
+                let bytes = crate::config::read_named_file(p).map_err(|e| {
                     Error::config(format!(
                         "{}: token {:?} key {:?}: cannot read certificate {}: {e}",
                         cfg.source_path.display(),

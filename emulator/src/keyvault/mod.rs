@@ -484,19 +484,21 @@ pub async fn dispatch(
     let result = match r {
         Route::List => list(&svc, None),
         Route::Versions(name) => list(&svc, Some(&name)),
-        // Key generation (RSA-4096 takes seconds) runs off the async workers.
+        // Key generation (RSA-4096 takes seconds) runs off the async workers, bounded.
         Route::Create(name) => match body_json() {
             Ok(request) => {
                 let worker_svc = svc.clone();
-                tokio::task::spawn_blocking(move || create(&worker_svc, &name, &request, skr_api))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(kv_err(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "InternalError",
-                            e.to_string(),
-                        ))
-                    })
+                crate::util::off_workers(std::time::Duration::from_secs(60), move || {
+                    create(&worker_svc, &name, &request, skr_api)
+                })
+                .await
+                .unwrap_or_else(|late| {
+                    Err(kv_err(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        format!("key generation {late}"),
+                    ))
+                })
             }
             Err(e) => Err(e),
         },
