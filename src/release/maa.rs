@@ -142,28 +142,14 @@ impl<'a> Maa<'a> {
     }
 
     pub fn verify_at(&self, token: &str, expected: &Expected<'_>, now: i64) -> Result<Value> {
-        let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
-        let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
-        if alg != "RS256" {
-            return Err(bad(format!(
-                "MAA token alg is {alg:?}, only RS256 is accepted"
-            )));
-        }
-        let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
-        let want_jku = format!("{}/certs", self.url);
-        if jku != want_jku {
-            return Err(bad(format!(
-                "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
-            )));
-        }
-        self.verify_signature(&c)?;
-        check_claims(&c.payload, &self.url, expected, now)?;
-        Ok(c.payload)
+        verify_token(token, &self.url, expected, now, &|refresh| {
+            self.signing_keys(refresh)
+        })
     }
 
     /// RS256 by a key of the configured MAA's `/certs`: the key named by `kid` (cached), else
     /// after one refresh the named key or any key of the fresh set.
-    fn verify_signature(&self, c: &Compact<'_>) -> Result<()> {
+    fn verify_signature(c: &Compact<'_>, keys_for: KeysFor<'_>) -> Result<()> {
         let kid = c.header.get("kid").and_then(Value::as_str);
         let verify_with = |keys: &SigningKeys, only_kid: bool| -> Option<bool> {
             let mut tried = false;
@@ -182,11 +168,11 @@ impl<'a> Maa<'a> {
             }
             tried.then_some(false)
         };
-        let mut keys = self.signing_keys(false)?;
+        let mut keys = keys_for(false)?;
         let mut verdict = verify_with(&keys, true);
         if verdict.is_none() {
             // Unknown kid: MAA may have rotated its keys; refresh once, then try every key.
-            keys = self.signing_keys(true)?;
+            keys = keys_for(true)?;
             verdict = verify_with(&keys, true).or_else(|| verify_with(&keys, false));
         }
         match verdict {
@@ -195,6 +181,37 @@ impl<'a> Maa<'a> {
             None => Err(bad("MAA /certs holds no signing key")),
         }
     }
+}
+
+/// The signing keys of the configured MAA (`true`: refreshed, not from the cache).
+type KeysFor<'k> = &'k dyn Fn(bool) -> Result<SigningKeys>;
+
+/// The whole check of [`Maa::verify_at`] with the signing keys from `keys_for`: header (RS256,
+/// `jku` of the configured MAA), signature, claims. Pure, so the fuzz target runs it too.
+pub fn verify_token(
+    token: &str,
+    maa_url: &str,
+    expected: &Expected<'_>,
+    now: i64,
+    keys_for: KeysFor<'_>,
+) -> Result<Value> {
+    let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
+    let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
+    if alg != "RS256" {
+        return Err(bad(format!(
+            "MAA token alg is {alg:?}, only RS256 is accepted"
+        )));
+    }
+    let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
+    let want_jku = format!("{maa_url}/certs");
+    if jku != want_jku {
+        return Err(bad(format!(
+            "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
+        )));
+    }
+    Maa::verify_signature(&c, keys_for)?;
+    check_claims(&c.payload, maa_url, expected, now)?;
+    Ok(c.payload)
 }
 
 fn now_secs() -> i64 {
