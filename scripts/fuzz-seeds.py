@@ -229,20 +229,24 @@ write("emulator_maa_request", "seed-aci-report", dumps({"report": b64url(dumps(e
 write("emulator_maa_request", "seed-truncated-chain", dumps({"report": b64url(dumps(dict(
     evidence, VcekCertChain=b64url(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"))))}))
 
-# Key Vault: first byte selects the operation (0 create, 1 import, 2 update, 3 release), the
-# rest is the JSON body (emulator/src/fuzzing.rs).
+# Key Vault: first byte selects the operation (0 create, 1 import, 2 update, 3 release, 4 get),
+# the second the service (0 Key Vault, 1 Managed HSM), the rest is the JSON body
+# (emulator/src/fuzzing.rs).
 policy = {"version": "1.0.0", "anyOf": [{"authority": "https://fuzz.attest.azure.net",
                                          "allOf": [{"claim": "x-ms-attestation-type", "equals": "sevsnpvm"}]}]}
 policy_data = {"contentType": "application/json; charset=utf-8", "data": b64url(dumps(policy))}
-write("emulator_keyvault_request", "accept-create-ec", b"\x00" + dumps(
+write("emulator_keyvault_request", "accept-create-ec", b"\x00\x00" + dumps(
     {"kty": "EC-HSM", "crv": "P-256", "attributes": {"exportable": True}, "release_policy": policy_data}))
-write("emulator_keyvault_request", "accept-import-rsa", b"\x01" + dumps(
+write("emulator_keyvault_request", "accept-import-rsa", b"\x01\x00" + dumps(
     {"key": {"kty": "RSA-HSM", "n": b64url(n_b), "e": b64url(e_b),
              "d": b64url(uint(test_key.private_numbers().d)),
              "p": b64url(uint(test_key.private_numbers().p)), "q": b64url(uint(test_key.private_numbers().q))},
      "attributes": {"exportable": True}, "release_policy": policy_data}))
-write("emulator_keyvault_request", "accept-update", b"\x02" + dumps(
+write("emulator_keyvault_request", "accept-update", b"\x02\x00" + dumps(
     {"attributes": {"enabled": True}, "tags": {"purpose": "fuzz"}}))
-write("emulator_keyvault_request", "seed-release", b"\x03" + dumps(
+write("emulator_keyvault_request", "seed-release", b"\x03\x00" + dumps(
     {"target": real_jwt.decode(), "enc": "RSA_AES_KEY_WRAP_256", "nonce": NONCE}))
+write("emulator_keyvault_request", "accept-create-oct-mhsm", b"\x00\x01" + dumps(
+    {"kty": "oct-HSM", "key_size": 256, "attributes": {"exportable": True}, "release_policy": policy_data}))
+write("emulator_keyvault_request", "accept-get", b"\x04\x00")
 print("seeds written under", CORPUS)

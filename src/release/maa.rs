@@ -542,10 +542,10 @@ mod tests {
             .unwrap()
             .get_or_insert_with(HashMap::new)
             .insert(maa.url.clone(), stale);
-        maa.verify_signature(&c).unwrap();
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         // Now the cache holds the fresh set; the kid is still unknown, so the next check
         // refreshes again and this time gets only a wrong key: refused.
-        let e = maa.verify_signature(&c).unwrap_err();
+        let e = Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap_err();
         assert!(e.message().contains("does not verify"), "{}", e.message());
         assert_eq!(server.join().unwrap(), 2);
 
@@ -559,7 +559,7 @@ mod tests {
             .unwrap()
             .get_or_insert_with(HashMap::new)
             .insert(maa.url.clone(), known);
-        maa.verify_signature(&c).unwrap();
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         assert_eq!(server.join().unwrap(), 0);
     }
 
