@@ -258,9 +258,27 @@ impl KeyConfig {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The config path `load_default` uses on this test thread instead of `SKR_PKCS11_CONFIG`:
+    /// tests that call C_Initialize name their config here, so that no test calls `set_var`
+    /// while others run.
+    static TEST_CONFIG_PATH: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Tests: the config `Config::load_default` reads on this thread (see `TEST_CONFIG_PATH`).
+#[cfg(test)]
+pub fn use_config_on_this_thread(path: &Path) {
+    TEST_CONFIG_PATH.with(|p| *p.borrow_mut() = Some(path.to_path_buf()));
+}
+
 impl Config {
     /// Load from `SKR_PKCS11_CONFIG` or the default path.
     pub fn load_default() -> Result<Config> {
+        #[cfg(test)]
+        if let Some(path) = TEST_CONFIG_PATH.with(|p| p.borrow().clone()) {
+            return Self::load(&path);
+        }
         let path = std::env::var_os(CONFIG_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));

@@ -7,13 +7,7 @@ mod common;
 use std::process::Command;
 
 fn conformance_bin() -> std::path::PathBuf {
-    let p = common::workspace_root().join("target/debug/pkcs11-conformance");
-    assert!(
-        p.exists(),
-        "{} missing: cargo build --workspace",
-        p.display()
-    );
-    p
+    common::artifact("pkcs11-conformance")
 }
 
 #[test]
@@ -172,7 +166,7 @@ fn softhsm_runs_the_same_suite_and_its_departures_are_reported() {
 }
 
 fn stress_bin() -> std::path::PathBuf {
-    let p = common::workspace_root().join("target/debug/p11-stress");
+    let p = common::artifact("p11-stress");
     assert!(
         p.exists(),
         "{} missing: cargo build --workspace",

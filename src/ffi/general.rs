@@ -456,10 +456,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     let result = lease.finish(material);
     let install = install_started.elapsed();
     match result {
-        Ok(warnings) => {
-            for w in warnings {
-                log::warn!("C_Login token=\"{}\": {w}", t.config.label);
-            }
+        Ok(()) => {
             if crate::secret::arena::take_mlock_warning() {
                 log::warn!("mlock of key memory failed; keys may reach swap. hint: raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=)");
             }

@@ -158,11 +158,8 @@ impl<'a> Maa<'a> {
                     continue;
                 }
                 tried = true;
-                let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
-                    &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
-                    der,
-                );
-                if pk.verify(c.signing_input.as_bytes(), &c.signature).is_ok() {
+                if crate::crypto::check::verify_rs256(der, c.signing_input.as_bytes(), &c.signature)
+                {
                     return Some(true);
                 }
             }
@@ -578,11 +575,11 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].0.as_deref(), Some("k1"));
         // The release JWS verifies with the key taken this way (same RS256 path as MAA tokens).
-        let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        assert!(crate::crypto::check::verify_rs256(
             &keys[0].1,
-        );
-        pk.verify(c.signing_input.as_bytes(), &c.signature).unwrap();
+            c.signing_input.as_bytes(),
+            &c.signature
+        ));
         assert!(parse_certs(b"{\"keys\":[]}").is_err());
     }
 }

@@ -40,9 +40,7 @@ pub trait EvidenceProvider: Send + Sync {
 /// REPORT_DATA = SHA-256(runtime data bytes exactly as sent) ‖ 32 zero bytes.
 pub fn report_data_for(runtime_data: &[u8]) -> [u8; 64] {
     let mut rd = [0u8; 64];
-    rd[..32].copy_from_slice(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, runtime_data).as_ref(),
-    );
+    rd[..32].copy_from_slice(&crate::crypto::HashAlg::Sha256.digest(runtime_data));
     rd
 }
 
