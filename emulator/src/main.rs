@@ -1,34 +1,9 @@
 //! skr-emulator: a local Microsoft Azure Attestation + Key Vault / Managed HSM + IMDS with a
-//! simulated SEV-SNP platform, over HTTPS on 127.0.0.1 (docs/EMULATOR.md).
-//!
-//! Modules import only downwards (`layers.rs` checks it):
-//! - helpers: `util`, `jwt`, `pki`, `policy`, `snp`;
-//! - shared state and types: `state` (files), `admin` (counters, faults, log), `keystore`
-//!   (the vault's keys), `context` (`App`, the running emulator), then `cose` and `tenant`
-//!   (Entra ids and tokens) which read it;
-//! - one module per Azure service: `maa`, `keyvault`, `imds`;
-//! - on top `app` (start-up, the emulator's own platform and admin endpoints, the routers)
-//!   and this CLI.
-
-mod admin;
-mod app;
-mod context;
-mod cose;
-mod imds;
-mod jwt;
-mod keystore;
-mod keyvault;
-#[cfg(test)]
-mod layers;
-mod maa;
-mod pki;
-mod policy;
-mod snp;
-mod state;
-mod tenant;
-mod util;
+//! simulated SEV-SNP platform, over HTTPS on 127.0.0.1 (docs/EMULATOR.md). The CLI; the
+//! services are the library (`lib.rs`).
 
 use clap::{Parser, Subcommand};
+use skr_emulator::{app, state};
 use state::Layout;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -151,28 +151,14 @@ impl<'a> Maa<'a> {
     }
 
     pub fn verify_at(&self, token: &str, expected: &Expected<'_>, now: i64) -> Result<Value> {
-        let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
-        let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
-        if alg != "RS256" {
-            return Err(bad(format!(
-                "MAA token alg is {alg:?}, only RS256 is accepted"
-            )));
-        }
-        let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
-        let want_jku = format!("{}/certs", self.url);
-        if jku != want_jku {
-            return Err(bad(format!(
-                "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
-            )));
-        }
-        self.verify_signature(&c)?;
-        check_claims(&c.payload, &self.url, expected, now)?;
-        Ok(c.payload)
+        verify_token(token, &self.url, expected, now, &|refresh| {
+            self.signing_keys(refresh)
+        })
     }
 
     /// RS256 by a key of the configured MAA's `/certs`: the key named by `kid` (cached), else
     /// after one refresh the named key or any key of the fresh set.
-    fn verify_signature(&self, c: &Compact<'_>) -> Result<()> {
+    fn verify_signature(c: &Compact<'_>, keys_for: KeysFor<'_>) -> Result<()> {
         let kid = c.header.get("kid").and_then(Value::as_str);
         let verify_with = |keys: &SigningKeys, only_kid: bool| -> Option<bool> {
             let mut tried = false;
@@ -188,11 +174,11 @@ impl<'a> Maa<'a> {
             }
             tried.then_some(false)
         };
-        let mut keys = self.signing_keys(false)?;
+        let mut keys = keys_for(false)?;
         let mut verdict = verify_with(&keys, true);
         if verdict.is_none() {
             // Unknown kid: MAA may have rotated its keys; refresh once, then try every key.
-            keys = self.signing_keys(true)?;
+            keys = keys_for(true)?;
             verdict = verify_with(&keys, true).or_else(|| verify_with(&keys, false));
         }
         match verdict {
@@ -201,6 +187,37 @@ impl<'a> Maa<'a> {
             None => Err(bad("MAA /certs holds no signing key")),
         }
     }
+}
+
+/// The signing keys of the configured MAA (`true`: refreshed, not from the cache).
+type KeysFor<'k> = &'k dyn Fn(bool) -> Result<SigningKeys>;
+
+/// The whole check of [`Maa::verify_at`] with the signing keys from `keys_for`: header (RS256,
+/// `jku` of the configured MAA), signature, claims. Pure, so the fuzz target runs it too.
+pub fn verify_token(
+    token: &str,
+    maa_url: &str,
+    expected: &Expected<'_>,
+    now: i64,
+    keys_for: KeysFor<'_>,
+) -> Result<Value> {
+    let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
+    let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
+    if alg != "RS256" {
+        return Err(bad(format!(
+            "MAA token alg is {alg:?}, only RS256 is accepted"
+        )));
+    }
+    let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
+    let want_jku = format!("{maa_url}/certs");
+    if jku != want_jku {
+        return Err(bad(format!(
+            "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
+        )));
+    }
+    Maa::verify_signature(&c, keys_for)?;
+    check_claims(&c.payload, maa_url, expected, now)?;
+    Ok(c.payload)
 }
 
 fn now_secs() -> i64 {
@@ -531,10 +548,10 @@ mod tests {
             .unwrap()
             .get_or_insert_with(HashMap::new)
             .insert(maa.url.clone(), (Instant::now(), stale));
-        maa.verify_signature(&c).unwrap();
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         // Now the cache holds the fresh set; the kid is still unknown, so the next check
         // refreshes again and this time gets only a wrong key: refused.
-        let e = maa.verify_signature(&c).unwrap_err();
+        let e = Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap_err();
         assert!(e.message().contains("does not verify"), "{}", e.message());
         assert_eq!(server.join().unwrap(), 2);
 
@@ -548,7 +565,7 @@ mod tests {
             .unwrap()
             .get_or_insert_with(HashMap::new)
             .insert(maa.url.clone(), (Instant::now(), known.clone()));
-        maa.verify_signature(&c).unwrap();
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
 
         // The same known kid, cached longer than the TTL ago: fetched again (one request).
         let (url, server_ttl) = certs_server(vec![jwks(kid, &leaf)]);
@@ -559,7 +576,7 @@ mod tests {
             .unwrap()
             .get_or_insert_with(HashMap::new)
             .insert(maa.url.clone(), (Instant::now(), known));
-        maa.verify_signature(&c).unwrap();
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         assert_eq!(
             server_ttl.join().unwrap(),
             1,
