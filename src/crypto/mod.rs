@@ -6,6 +6,7 @@
 //! before anything here runs.
 
 pub mod aes;
+pub mod evidence_sig;
 pub mod implicit;
 pub mod keywrap;
 pub mod mechanism;
