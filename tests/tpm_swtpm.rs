@@ -13,7 +13,7 @@ use sha2::Digest as _;
 use skr_pkcs11::release::evidence::hcl::{HclReport, NV_HCL_REPORT, NV_USER_DATA};
 use skr_pkcs11::release::evidence::tpm_attest::{Attested, TpmsAttest, TPM_ST_ATTEST_CERTIFY};
 use skr_pkcs11::release::tpm::{
-    DecryptScheme, EchoWait, Tpm, AK_HANDLE, ATTESTED_PCRS, NV_AK_CERT,
+    verify_certify, DecryptScheme, EchoWait, Tpm, AK_HANDLE, ATTESTED_PCRS, NV_AK_CERT,
 };
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -346,18 +346,29 @@ fn read_pcrs_independently(tpm: &Swtpm) -> Vec<[u8; 32]> {
         .collect()
 }
 
-/// An HCL report whose claims echo `user_data` and whose SNP REPORT_DATA binds them, built
-/// from the Kinvolk report (its VCEK signature no longer holds; the layer does not check it).
-fn hcl_echoing(base: &[u8], user_data: &[u8; 64]) -> Vec<u8> {
+/// An HCL report built from the Kinvolk one with other runtime claims — `HCLAkPub` replaced
+/// by `ak` and/or `user-data` set — and its SNP REPORT_DATA binding them (the VCEK signature no
+/// longer holds; the TPM layer does not check it). This is what the paravisor does.
+fn hcl_with(base: &[u8], ak: Option<&rsa::RsaPublicKey>, user_data: Option<&[u8; 64]>) -> Vec<u8> {
     let h = HclReport::parse(base).unwrap();
-    let text = std::str::from_utf8(h.claims_json).unwrap();
-    let claims = format!(
-        "{},\"user-data\":\"{}\"}}",
-        &text[..text.rfind('}').unwrap()],
-        hex::encode_upper(user_data)
-    );
+    let mut claims: serde_json::Value = serde_json::from_slice(h.claims_json).unwrap();
+    if let Some(ak) = ak {
+        let key = claims["keys"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|k| k["kid"] == "HCLAkPub")
+            .unwrap();
+        key["n"] = skr_pkcs11::release::b64url(&ak.n().to_bytes_be()).into();
+        key["e"] = skr_pkcs11::release::b64url(&ak.e().to_bytes_be()).into();
+    }
+    if let Some(u) = user_data {
+        claims["user-data"] = hex::encode_upper(u).into();
+    }
+    let claims = serde_json::to_vec(&claims).unwrap();
     let mut out = base[..1236].to_vec();
-    out.extend_from_slice(claims.as_bytes());
+    out.extend_from_slice(&claims);
+    assert!(out.len() <= base.len(), "fits the 2048-byte NV index");
     out.resize(base.len(), 0);
     let set = |b: &mut [u8], off: usize, v: usize| {
         b[off..off + 4].copy_from_slice(&(v as u32).to_le_bytes())
@@ -365,9 +376,8 @@ fn hcl_echoing(base: &[u8], user_data: &[u8; 64]) -> Vec<u8> {
     set(&mut out, 1232, claims.len());
     set(&mut out, 1216, 20 + claims.len());
     set(&mut out, 8, 1216 + 20 + claims.len());
-    out[32 + 0x50..32 + 0x70].copy_from_slice(&sha2::Sha256::digest(claims.as_bytes()));
-    let again = HclReport::parse(&out).unwrap();
-    assert!(again.binding_ok() && again.user_data_echoes(user_data));
+    out[32 + 0x50..32 + 0x70].copy_from_slice(&sha2::Sha256::digest(&claims));
+    assert!(HclReport::parse(&out).unwrap().binding_ok());
     out
 }
 
@@ -428,7 +438,11 @@ fn user_data_is_written_and_its_echo_is_required() {
     assert_eq!(written, user_data);
 
     // Playing the paravisor: a report that echoes the user-data is accepted.
-    overwrite(&mut ctx, NV_HCL_REPORT, &hcl_echoing(&p.hcl, &user_data));
+    overwrite(
+        &mut ctx,
+        NV_HCL_REPORT,
+        &hcl_with(&p.hcl, None, Some(&user_data)),
+    );
     drop(ctx);
     let mut t = tpm.open();
     let fresh = t.fresh_hcl_report(&user_data, quick).unwrap();
@@ -496,6 +510,34 @@ fn transfer_key_is_certified_by_the_ak_and_decrypts_oaep_and_rsaes() {
     expected.extend_from_slice(&sha2::Sha256::digest(&key.public.tpm2b_public[2..]));
     assert_eq!(name, &expected);
 
+    // The module's own check agrees, and refuses another key or another signer.
+    let ak_pub = key.tpm().unwrap().ak_public().unwrap();
+    verify_certify(
+        &key.public,
+        &key.certify_info,
+        &key.certify_signature,
+        &ak_pub,
+    )
+    .unwrap();
+    let mut other_key = key.public.clone();
+    other_key.tpm2b_public[20] ^= 1;
+    let e = verify_certify(
+        &other_key,
+        &key.certify_info,
+        &key.certify_signature,
+        &ak_pub,
+    )
+    .unwrap_err();
+    assert!(e.message().contains("another key"), "{e}");
+    let e = verify_certify(
+        &key.public,
+        &key.certify_info,
+        &key.certify_signature,
+        &key.public,
+    )
+    .unwrap_err();
+    assert!(e.message().contains("not signed by the AK"), "{e}");
+
     // Software encrypts to the TPM's public key; the TPM decrypts.
     let public = rsa::RsaPublicKey::new(
         rsa::BigUint::from_bytes_be(&key.public.n),
@@ -532,7 +574,8 @@ fn transfer_key_is_certified_by_the_ak_and_decrypts_oaep_and_rsaes() {
     assert_clean(&mut t, "the transfer key");
     // doctor's probe: create, certify, flush.
     let probed = t.probe_transfer_key(&ATTESTED_PCRS).unwrap();
-    assert_eq!(probed.n, public.n().to_bytes_be());
+    assert_eq!(probed.public.n, public.n().to_bytes_be());
+    verify_with_ak(&p.ak, &probed.certify_info, &probed.certify_signature);
     assert_clean(&mut t, "the probe");
     drop(t);
     tpm.assert_nothing_left("the transfer key");
@@ -648,4 +691,52 @@ fn open_reports_missing_device_and_bad_tcti_precisely() {
         .unwrap();
     assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
     assert!(e.message().contains("opening the TCTI"), "{e}");
+}
+
+#[test]
+fn doctor_checks_each_step_and_names_the_one_that_fails() {
+    let tpm = Swtpm::start();
+    let p = provision(&tpm);
+    let rows = skr_pkcs11::release::tpm::doctor_steps(Some(&tpm.tcti()));
+    let names: Vec<&str> = rows.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "tpm",
+            "tpm hcl report",
+            "tpm ak",
+            "tpm quote",
+            "tpm transfer key"
+        ]
+    );
+    // The Kinvolk report carries another VM's HCLAkPub: only the AK row fails, and says why.
+    for (name, r) in &rows {
+        if *name == "tpm ak" {
+            let e = r.as_ref().unwrap_err();
+            assert!(e.message().contains("not the HCLAkPub"), "{e}");
+        } else {
+            assert!(r.is_ok(), "{name}: {r:?}");
+        }
+    }
+    tpm.assert_nothing_left("doctor");
+
+    // With a report that names this vTPM's AK, every row passes.
+    let mut ctx = tpm.context();
+    overwrite(
+        &mut ctx,
+        NV_HCL_REPORT,
+        &hcl_with(&p.hcl, Some(&p.ak), None),
+    );
+    drop(ctx);
+    let rows = skr_pkcs11::release::tpm::doctor_steps(Some(&tpm.tcti()));
+    for (name, r) in &rows {
+        assert!(r.is_ok(), "{name}: {r:?}");
+    }
+    assert!(rows[2].1.as_ref().unwrap().contains("= HCLAkPub"));
+    tpm.assert_nothing_left("doctor");
+
+    // No TPM behind the TCTI: one row, the open, failed.
+    let rows = skr_pkcs11::release::tpm::doctor_steps(Some("device:/nonexistent/tpmrm0"));
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].1.is_err());
 }

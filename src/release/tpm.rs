@@ -13,7 +13,9 @@
 //! fails with TPM_RC_HANDLE).
 
 use super::evidence::hcl::{self, HclReport, USER_DATA_LEN};
-use super::evidence::tpm_attest::TpmsAttest;
+use super::evidence::tpm_attest::{Attested, TpmsAttest};
+use crate::crypto::evidence_sig::verify_rsa_pkcs1_sha256;
+use crate::crypto::HashAlg;
 use crate::error::{Error, Result, Step};
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
@@ -160,7 +162,13 @@ fn with_busy_retry<T>(
     f()
 }
 
+/// SHA-256 bank, `pcrs` strictly ascending (the order of a quote's PCR digest).
 fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
+    if pcrs.is_empty() || pcrs.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::general(format!(
+            "PCR list {pcrs:?} must be non-empty and strictly ascending"
+        )));
+    }
     let slots = pcrs
         .iter()
         .map(|i| {
@@ -503,7 +511,12 @@ impl Tpm {
             .map_err(|e| tpm_error("marshalling TPMS_ATTEST", e))?;
         let values = read_pcrs(&mut scope, pcrs)?;
         let parsed = TpmsAttest::parse(&attest)?;
-        let mut by_index = [[0u8; 32]; 24];
+        let slots = values
+            .iter()
+            .map(|(i, _)| usize::from(*i) + 1)
+            .max()
+            .unwrap_or(0);
+        let mut by_index = vec![[0u8; 32]; slots];
         for (i, v) in &values {
             by_index[usize::from(*i)] = *v;
         }
@@ -536,13 +549,17 @@ impl Tpm {
     }
 
     /// Create and certify the transfer key, then flush it: the whole TPM side of the key
-    /// without keeping it (`skr-pkcs11 doctor`). Returns its public key.
-    pub fn probe_transfer_key(&mut self, pcrs: &[u8]) -> Result<TpmRsaPublic> {
+    /// without keeping it (`skr-pkcs11 doctor`).
+    pub fn probe_transfer_key(&mut self, pcrs: &[u8]) -> Result<CertifiedKey> {
         let loaded = self.load_transfer_key(pcrs)?;
         self.ctx
             .flush_context(loaded.key.into())
             .map_err(|e| tpm_error("flushing the transfer key", e))?;
-        Ok(loaded.public)
+        Ok(CertifiedKey {
+            public: loaded.public,
+            certify_info: loaded.certify_info,
+            certify_signature: loaded.certify_signature,
+        })
     }
 
     /// On success the key is loaded and the caller owns its flush; on any error nothing is
@@ -597,6 +614,172 @@ impl Tpm {
     }
 }
 
+/// A key's public part and the AK's TPM2_Certify of it.
+#[derive(Debug, Clone)]
+pub struct CertifiedKey {
+    pub public: TpmRsaPublic,
+    /// TPMS_ATTEST (type certify) and its RSASSA / SHA-256 signature by the AK.
+    pub certify_info: Vec<u8>,
+    pub certify_signature: Vec<u8>,
+}
+
+impl CertifiedKey {
+    /// The certify is signed by `ak` and names exactly this key (nameAlg SHA-256 ‖
+    /// SHA-256(TPMT_PUBLIC)): what MAA checks of `EncKeyCertifyInfo` (§6.6).
+    pub fn verify(&self, ak: &TpmRsaPublic) -> Result<()> {
+        verify_certify(
+            &self.public,
+            &self.certify_info,
+            &self.certify_signature,
+            ak,
+        )
+    }
+}
+
+/// Check a TPM2_Certify of `key` by `ak` (see `CertifiedKey::verify`).
+pub fn verify_certify(
+    key: &TpmRsaPublic,
+    certify_info: &[u8],
+    certify_signature: &[u8],
+    ak: &TpmRsaPublic,
+) -> Result<()> {
+    verify_rsa_pkcs1_sha256(&ak.n, &ak.e, certify_info, certify_signature).map_err(|_| {
+        Error::integrity(
+            Step::Evidence,
+            "TPM: the transfer key's certification is not signed by the AK",
+        )
+    })?;
+    let attest = TpmsAttest::parse(certify_info)?;
+    let Attested::Certify { name, .. } = attest.attested else {
+        return Err(Error::integrity(
+            Step::Evidence,
+            "TPM: the transfer key's certification is not a TPM2_Certify",
+        ));
+    };
+    if name != key.name_sha256() {
+        return Err(Error::integrity(
+            Step::Evidence,
+            "TPM: the AK certified another key than the transfer key",
+        ));
+    }
+    Ok(())
+}
+
+impl TpmRsaPublic {
+    /// The TPM name of the key: TPM_ALG_SHA256 ‖ SHA-256(TPMT_PUBLIC), the TPMT_PUBLIC being
+    /// the TPM2B_PUBLIC without its size.
+    pub fn name_sha256(&self) -> Vec<u8> {
+        let mut name = vec![0x00, 0x0b];
+        name.extend(HashAlg::Sha256.digest(self.tpm2b_public.get(2..).unwrap_or_default()));
+        name
+    }
+}
+
+/// The AK must be the key the HCL report's runtime claims carry as `HCLAkPub`: that is what
+/// binds the TPM quote to the hardware report (MAA checks it; checking first gives a precise
+/// error).
+pub fn check_ak_is_hcl_akpub(report: &HclReport<'_>, ak: &TpmRsaPublic) -> Result<()> {
+    let akpub = report
+        .claims
+        .key(hcl::KID_AK)
+        .and_then(|k| k.rsa.as_ref())
+        .ok_or_else(|| Error::evidence(Step::Evidence, "HCL report: no RSA HCLAkPub"))?;
+    let strip = |b: &[u8]| -> Vec<u8> {
+        let first = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+        b[first..].to_vec()
+    };
+    if strip(&akpub.0) != strip(&ak.n) || strip(&akpub.1) != strip(&ak.e) {
+        return Err(Error::integrity(
+            Step::Evidence,
+            "TPM: the AK at 0x81000003 is not the HCLAkPub of the HCL report",
+        )
+        .with_hint("the vTPM's AK and its HCL report disagree: this is not the vTPM the report was made for"));
+    }
+    Ok(())
+}
+
+/// `skr-pkcs11 doctor`'s TPM rows: each step of the Azure CVM path that does not change the
+/// VM's state (no user-data write), each result checked. Stops after a failed open.
+pub fn doctor_steps(tcti: Option<&str>) -> Vec<(&'static str, Result<String>)> {
+    let mut rows = Vec::new();
+    let mut tpm = match Tpm::open(tcti) {
+        Ok(t) => {
+            rows.push(("tpm", Ok(format!("{} open", tcti.unwrap_or(DEFAULT_TCTI)))));
+            t
+        }
+        Err(e) => {
+            rows.push(("tpm", Err(e)));
+            return rows;
+        }
+    };
+    let report = tpm.hcl_report();
+    rows.push((
+        "tpm hcl report",
+        report.as_ref().map_err(Clone::clone).and_then(|bytes| {
+            let h = HclReport::parse(bytes)?;
+            h.check_binding()?;
+            let kids: Vec<&str> = h.claims.keys.iter().map(|k| k.kid.as_str()).collect();
+            Ok(format!(
+                "{} HCL report v{}, runtime claims bound, keys {}{}",
+                match h.report_type {
+                    hcl::HardwareReportType::Snp => "SEV-SNP",
+                    hcl::HardwareReportType::Tdx => "TDX",
+                },
+                h.version,
+                kids.join(", "),
+                if h.claims.user_data.is_some() {
+                    ", user-data"
+                } else {
+                    ""
+                }
+            ))
+        }),
+    ));
+    let ak = tpm.ak_public();
+    rows.push((
+        "tpm ak",
+        ak.as_ref().map_err(Clone::clone).and_then(|ak| {
+            let cert = tpm.ak_certificate()?;
+            if let Ok(bytes) = &report {
+                check_ak_is_hcl_akpub(&HclReport::parse(bytes)?, ak)?;
+            }
+            Ok(format!(
+                "AK 0x81000003 RSA-{} = HCLAkPub; certificate at 0x01C101D0 ({} bytes)",
+                8 * ak.n.len(),
+                cert.len()
+            ))
+        }),
+    ));
+    let Ok(ak) = ak else {
+        return rows;
+    };
+    rows.push(("tpm quote", {
+        let mut nonce = [0u8; 32];
+        crate::crypto::random(&mut nonce).and_then(|()| {
+            let q = tpm.quote(&nonce, &ATTESTED_PCRS)?;
+            verify_rsa_pkcs1_sha256(&ak.n, &ak.e, &q.attest, &q.signature)?;
+            if TpmsAttest::parse(&q.attest)?.extra_data != nonce {
+                return Err(Error::integrity(
+                    Step::Evidence,
+                    "TPM: the quote does not carry our nonce",
+                ));
+            }
+            Ok("PCRs 0-7 quoted by the AK; signature, nonce and PCR digest verified".into())
+        })
+    }));
+    rows.push((
+        "tpm transfer key",
+        tpm.probe_transfer_key(&ATTESTED_PCRS).and_then(|k| {
+            k.verify(&ak)?;
+            Ok(format!(
+                "RSA-{} created in the NULL hierarchy under PolicyPCR(0-7), certified by the AK, flushed",
+                8 * k.public.n.len()
+            ))
+        }),
+    ));
+    rows
+}
+
 struct LoadedTransferKey {
     key: KeyHandle,
     selection: PcrSelectionList,
@@ -649,12 +832,9 @@ fn read_pcrs(scope: &mut Scope<'_>, pcrs: &[u8]) -> Result<Vec<(u8, [u8; 32])>> 
     let mut out = Vec::with_capacity(pcrs.len());
     // One TPM2_PCR_Read returns at most 8 digests (§6.7 row 6).
     for chunk in pcrs.chunks(8) {
+        let selection = pcr_selection(chunk)?;
         let (_, selected, digests) = scope
-            .execute_without_session(|c| {
-                c.pcr_read(pcr_selection(chunk).map_err(|_| {
-                    tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::InvalidParam)
-                })?)
-            })
+            .execute_without_session(|c| c.pcr_read(selection))
             .map_err(|e| tpm_error("TPM2_PCR_Read", e))?;
         let got: Vec<u8> = selected
             .get_selections()
@@ -832,6 +1012,26 @@ impl Drop for TpmTransferKey {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
             log::warn!("{e}");
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    fn is_send<T: Send>() {}
+
+    /// C_Login runs the login path on a thread of its own: the TPM and the loaded transfer key
+    /// must be able to move there (a compile-time check).
+    #[test]
+    fn tpm_and_transfer_key_move_across_threads() {
+        is_send::<super::Tpm>();
+        is_send::<super::TpmTransferKey>();
+    }
+
+    #[test]
+    fn pcr_lists_must_be_ascending_and_in_range() {
+        assert!(super::pcr_selection(&super::ATTESTED_PCRS).is_ok());
+        for bad in [&[][..], &[7, 0], &[1, 1], &[40]] {
+            assert!(super::pcr_selection(bad).is_err(), "{bad:?}");
         }
     }
 }
