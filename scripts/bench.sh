@@ -51,6 +51,13 @@ echo; echo "== PKCS#11 operations (median of $ROUNDS rounds of ${SECS}s; referen
 "$T/p11-bench" ops --module "$MOD" --label bench --reference "$SOFTHSM" --reference-label bench --reference-pin 1234 \
   --dir "$W/keys" --seconds "$SECS" --rounds "$ROUNDS" 2>/dev/null
 fi
+# BENCH_BEFORE=path/to/an/older/libskr_pkcs11.so: the same cases with that build as the
+# reference column, in the same run (before / after a change; docs/BENCHMARKS.md).
+if [ -n "${BENCH_BEFORE:-}" ]; then
+echo; echo "== before / after (median of $ROUNDS rounds of ${SECS}s; reference = $BENCH_BEFORE, same config and keys)"
+"$T/p11-bench" ops --module "$MOD" --label bench --reference "$BENCH_BEFORE" --reference-label bench \
+  --dir "$W/keys" --seconds "$SECS" --rounds "$ROUNDS" 2>/dev/null
+fi
 if has login; then
 echo; echo "== C_Login breakdown, module side (skr-emulator on loopback)"
 "$T/examples/p11-bench-login" --config "$cfg" --token skr-demo --count 20 --emulator-log "$W/emu"

@@ -121,6 +121,8 @@ install_docs "$MAIN" skr-pkcs11 README.md docs/MODULE.md docs/CONFIG.md
 for f in packaging/debian/examples/*; do
   install -D -m 0644 "$f" "$MAIN/usr/share/doc/skr-pkcs11/examples/$(basename "$f")"
 done
+# OpenSSL 3 with pkcs11-provider (not in Debian 12; users build it): keys as store: URIs.
+install -m 0644 examples/pkcs11-provider/openssl.cnf "$MAIN/usr/share/doc/skr-pkcs11/examples/openssl-provider.cnf"
 install -D -m 0644 packaging/debian/skr-pkcs11.lintian-overrides "$MAIN/usr/share/lintian/overrides/skr-pkcs11"
 
 # Debug symbols: the doc directory is the main package's (as debhelper's dbgsym packages do).

@@ -57,6 +57,10 @@ for page in skr-pkcs11 skr-pkcs11-doctor skr-pkcs11-release skr-pkcs11-policy-ch
 done
 [ -f /usr/share/doc/skr-pkcs11/copyright ] && [ -f /usr/share/doc/skr-pkcs11/README.md.gz ] || fail "docs missing"
 /usr/bin/skr-pkcs11 --version | grep -q "skr-pkcs11 $V" || fail "skr-pkcs11 --version"
+# Every shipped client config names the module where the package put it.
+for ex in openssl-engine.cnf openssl-provider.cnf java-pkcs11.cfg; do
+  grep -q "$MODULE" "/usr/share/doc/skr-pkcs11/examples/$ex" || fail "examples/$ex does not name $MODULE"
+done
 ok "module stripped, debug symbols by build-id, conffile 0640 root:root, man pages, docs"
 
 # The unedited example is refused with the message that says so.
@@ -116,6 +120,40 @@ kill "$(cat "$W/nginx.pid")"
 [ "$body" = "served with the packaged module" ] || { cat "$W/nginx-error.log"; fail "nginx TLS with the installed module: $body"; }
 ok "nginx (drop-in environment, LimitMEMLOCK=${memlock}M, packaged engine config) serves TLS with tls-rsa from the installed module"
 $SUDO rm -f /etc/skr-pkcs11/openssl-engine.cnf
+
+# Java with the provider registered statically, as the packaged examples say: java-pkcs11.cfg
+# in /etc/skr-pkcs11 and java.security-skr-pkcs11 merged through -Djava.security.properties.
+$SUDO install -m 0644 "$EX/java-pkcs11.cfg" /etc/skr-pkcs11/java-pkcs11.cfg
+$SUDO install -m 0644 "$EX/java.security-skr-pkcs11" /etc/skr-pkcs11/java.security-skr-pkcs11
+mkdir -p "$W/java"
+cat > "$W/java/StaticProvider.java" <<'JAVA'
+import java.security.*;
+import java.security.cert.Certificate;
+public class StaticProvider {
+    public static void main(String[] a) throws Exception {
+        Provider p = Security.getProvider("SunPKCS11-skr");
+        if (p == null) throw new IllegalStateException("SunPKCS11-skr is not registered");
+        KeyStore ks = KeyStore.getInstance("PKCS11", p);
+        ks.load(null, null);
+        PrivateKey k = (PrivateKey) ks.getKey("tls-rsa", null);
+        Certificate c = ks.getCertificate("tls-rsa");
+        byte[] d = "signed through the statically registered provider".getBytes("UTF-8");
+        Signature s = Signature.getInstance("SHA256withRSA", p);
+        s.initSign(k); s.update(d);
+        byte[] sig = s.sign();
+        Signature v = Signature.getInstance("SHA256withRSA", "SunRsaSign");
+        v.initVerify(c.getPublicKey()); v.update(d);
+        if (!v.verify(sig)) throw new IllegalStateException("signature does not verify");
+        System.out.println("verified: " + p.getName());
+    }
+}
+JAVA
+javac -d "$W/java" "$W/java/StaticProvider.java"
+jout=$(java -Djava.security.properties=/etc/skr-pkcs11/java.security-skr-pkcs11 -cp "$W/java" StaticProvider 2>&1) \
+  || { echo "$jout"; fail "Java with the statically registered provider"; }
+grep -q "^verified: SunPKCS11-skr" <<<"$jout" || { echo "$jout"; fail "Java static provider: $jout"; }
+ok "Java (java.security-skr-pkcs11 + java-pkcs11.cfg from the package): SHA256withRSA by tls-rsa verifies with SunRsaSign"
+$SUDO rm -f /etc/skr-pkcs11/java-pkcs11.cfg /etc/skr-pkcs11/java.security-skr-pkcs11
 /usr/bin/skr-emulator down --dir "$W/emu" >/dev/null
 
 # The confidential-container image, where docker works (pulling debian:12-slim needs a registry).

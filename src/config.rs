@@ -261,9 +261,27 @@ impl KeyConfig {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The config path `load_default` uses on this test thread instead of `SKR_PKCS11_CONFIG`:
+    /// tests that call C_Initialize name their config here, so that no test calls `set_var`
+    /// while others run.
+    static TEST_CONFIG_PATH: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Tests: the config `Config::load_default` reads on this thread (see `TEST_CONFIG_PATH`).
+#[cfg(test)]
+pub fn use_config_on_this_thread(path: &Path) {
+    TEST_CONFIG_PATH.with(|p| *p.borrow_mut() = Some(path.to_path_buf()));
+}
+
 impl Config {
     /// Load from `SKR_PKCS11_CONFIG` or the default path.
     pub fn load_default() -> Result<Config> {
+        #[cfg(test)]
+        if let Some(path) = TEST_CONFIG_PATH.with(|p| p.borrow().clone()) {
+            return Self::load(&path);
+        }
         let path = std::env::var_os(CONFIG_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
@@ -277,10 +295,10 @@ impl Config {
             ))
         };
         // The permissions of the file actually read (no check-then-open race).
-        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
-        refuse_if_others_can_write(&file.metadata().map_err(cannot_read)?, "config", path)?;
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot_read)?;
+        let (file, meta) = open_regular(path).map_err(cannot_read)?;
+        refuse_if_others_can_write(&meta, "config", path)?;
+        let text = String::from_utf8(read_bounded(file).map_err(cannot_read)?)
+            .map_err(|_| cannot_read(std::io::Error::other("not UTF-8 text")))?;
         let mut cfg = Self::parse(&text, path)?;
         cfg.source_path = path.to_path_buf();
         cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -303,6 +321,13 @@ impl Config {
         for (what, path) in named {
             if let Some(path) = path {
                 if let Ok(meta) = std::fs::metadata(path) {
+                    if !meta.is_file() {
+                        return Err(Error::config(format!(
+                            "{what} {} is not a regular file",
+                            path.display()
+                        ))
+                        .with_hint(format!("point {what} at a file")));
+                    }
                     refuse_if_others_can_write(&meta, what, path)?;
                 }
             }
@@ -494,6 +519,45 @@ impl Config {
 /// The config decides where keys come from, and the files it names feed trust and identity:
 /// refuse one that a user other than its owner (or root) can write, i.e. group- or
 /// world-writable, as kmsp11 does with its config.
+/// Most bytes read from the config or a file it names: far above any real one (a certificate
+/// chain is a few KiB), low enough that a wrong path (a log, an image) is refused at once.
+pub const MAX_FILE_LEN: u64 = 1 << 20;
+
+/// Opens a file the operator names, refusing anything but a regular file: a FIFO, a socket or a
+/// device (`/dev/zero`, `/dev/stdin`) would block or never end. Opened non-blocking so that
+/// opening a FIFO does not wait for a writer; reads of a regular file ignore the flag.
+pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((file, meta))
+}
+
+/// All of `file`, or an error when it holds more than [`MAX_FILE_LEN`] bytes.
+pub fn read_bounded(file: std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_LEN + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB",
+            MAX_FILE_LEN >> 10
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`open_regular`] then [`read_bounded`]: how every file the config names is read.
+pub fn read_named_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_bounded(open_regular(path)?.0)
+}
+
 fn refuse_if_others_can_write(meta: &std::fs::Metadata, what: &str, path: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mode = meta.mode() & 0o7777;

@@ -24,7 +24,10 @@ pub mod crypto;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod ffi;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
+pub mod pem;
 pub mod policy;
 pub mod release;
 #[allow(unsafe_code)]

@@ -108,7 +108,7 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
             "[[token.key]]\nlabel = \"mem-rsa\"\nid = \"0e\"\nkid = \"{}/keys/mem-rsa\"\n\n[[token]]\nlabel = \"skr-denied\"",
             emu.var("SKR_EMULATOR_VAULT_URL")), 1)
     });
-    let holder = common::workspace_root().join("target/debug/examples/hold_logged_in");
+    let holder = common::artifact("examples/hold_logged_in");
     assert!(
         holder.exists(),
         "{} missing: cargo build --workspace --all-targets",
@@ -181,7 +181,7 @@ fn key_bytes_are_in_no_core_dump_and_gone_after_logout() {
 #[test]
 fn a_zero_memlock_limit_warns_but_login_and_signing_still_work() {
     let emu = Emulator::shared();
-    let holder = common::workspace_root().join("target/debug/examples/hold_logged_in");
+    let holder = common::artifact("examples/hold_logged_in");
     // util-linux: RLIMIT_MEMLOCK = 0 (as a container might set it), and no CAP_IPC_LOCK
     // (which lets root lock memory whatever the limit) for the holder.
     let mut child = Command::new("prlimit")

@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn demo_example_runs_every_step_against_the_emulator() {
     let emu = common::Emulator::shared();
-    let demo = common::workspace_root().join("target/debug/examples/demo");
+    let demo = common::artifact("examples/demo");
     assert!(
         demo.exists(),
         "{} missing: cargo build --workspace --all-targets",

@@ -1,236 +1,25 @@
-//! The running emulator: shared state, start-up (state, ports, demo keys, generated files),
-//! the five servers, the platform and admin endpoints, and shutdown.
+//! The top of the emulator: start-up (state, ports, demo keys, generated files), the five
+//! servers and their routers, the emulator's own platform and admin endpoints, and shutdown.
+//! The shared state it builds (`App`) lives below, in `context`.
 
 use crate::admin::{generic_fault_response, Admin, Fault};
-use crate::keyvault::{self, KeysFile, Kind, TargetError};
+use crate::context::{App, AppParts, Urls};
+use crate::keystore::{KeysFile, Kind};
+use crate::keyvault;
 use crate::snp::{self, PlatformConfig};
 use crate::state::{self, Layout, Pki, Ports};
-use crate::util::{b64_lenient, b64std, b64url, now_secs, pem_encode, write_atomic};
+use crate::util::{b64_lenient, b64std, b64url, pem_encode, write_atomic};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use der::{Decode, Encode};
-use rsa::pkcs1::DecodeRsaPublicKey;
-use rsa::pkcs8::DecodePublicKey;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha384};
-use std::collections::HashMap;
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use x509_cert::Certificate;
-
-#[derive(Debug, Clone)]
-pub struct Urls {
-    pub maa: String,
-    pub vault: String,
-    pub mhsm: String,
-    pub imds: String,
-    pub platform: String,
-}
-
-pub struct App {
-    pub layout: Layout,
-    pub urls: Urls,
-    pub pki: Pki,
-    /// The simulated guest; `PUT /admin/platform` changes it at run time.
-    platform: std::sync::RwLock<PlatformConfig>,
-    /// The VCEK certificate for the current TCB and chip id.
-    vcek_der: std::sync::RwLock<Vec<u8>>,
-    pub keys: Mutex<KeysFile>,
-    pub admin: Admin,
-    pub trusted_arks: Vec<(String, Certificate)>,
-    /// Secret for the `IDENTITY_ENDPOINT` emulation (`DIR/identity/identity-header`).
-    identity_header: String,
-    http: reqwest::Client,
-    jwks_cache: tokio::sync::Mutex<HashMap<String, (Instant, Vec<Value>)>>,
-}
-
-const JWKS_CACHE_TTL: Duration = Duration::from_secs(600);
-
-impl App {
-    pub fn persist_keys(&self, keys: &KeysFile) -> Result<(), String> {
-        state::write_json(&self.layout.keys_file(), keys)
-    }
-
-    pub fn identity_header(&self) -> String {
-        self.identity_header.clone()
-    }
-
-    pub fn platform(&self) -> PlatformConfig {
-        self.platform
-            .read()
-            .map(|p| p.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    fn vcek_der(&self) -> Vec<u8> {
-        self.vcek_der
-            .read()
-            .map(|v| v.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    /// VCEK, ASK, ARK as PEM: MAA's `VcekCertChain`.
-    pub fn vcek_chain_pem(&self) -> String {
-        pem_encode("CERTIFICATE", &self.vcek_der()) + &self.pki.thim_chain_pem()
-    }
-
-    /// IMDS THIM response for the simulated host.
-    pub fn thim_json(&self) -> Value {
-        let tcbm = u64::from_le_bytes(self.platform().tcb_bytes());
-        json!({
-            "vcekCert": pem_encode("CERTIFICATE", &self.vcek_der()),
-            "tcbm": format!("{tcbm:016X}"),
-            "certificateChain": self.pki.thim_chain_pem(),
-            "cacheControl": "86400",
-        })
-    }
-
-    async fn issuer_keys(&self, issuer: &str, refresh: bool) -> Result<Vec<Value>, String> {
-        let base = issuer.trim_end_matches('/').to_string();
-        if !refresh {
-            if let Some((at, keys)) = self.jwks_cache.lock().await.get(&base) {
-                if at.elapsed() < JWKS_CACHE_TTL {
-                    return Ok(keys.clone());
-                }
-            }
-        }
-        let config: Value = self
-            .http
-            .get(format!("{base}/.well-known/openid-configuration"))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("cannot fetch {base}/.well-known/openid-configuration: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("openid-configuration of {base} is not JSON: {e}"))?;
-        let jwks_uri = config
-            .get("jwks_uri")
-            .and_then(Value::as_str)
-            .ok_or(format!("openid-configuration of {base} has no jwks_uri"))?;
-        let jwks: Value = self
-            .http
-            .get(jwks_uri)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("cannot fetch {jwks_uri}: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("{jwks_uri} is not JSON: {e}"))?;
-        let keys = jwks
-            .get("keys")
-            .and_then(Value::as_array)
-            .cloned()
-            .ok_or(format!("{jwks_uri} has no keys"))?;
-        self.jwks_cache
-            .lock()
-            .await
-            .insert(base, (Instant::now(), keys.clone()));
-        Ok(keys)
-    }
-
-    /// Verifies a release `target` as AKV does: the issuer's openid-configuration and JWKS
-    /// (keys with kid, kty, x5c) over HTTPS, RS256, time. Returns the claims.
-    pub async fn verify_attestation_token(&self, token: &str) -> Result<Value, TargetError> {
-        let jws = crate::jwt::decode(token).map_err(TargetError::Malformed)?;
-        let issuer = jws
-            .payload
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| TargetError::Malformed("token has no iss".into()))?
-            .to_string();
-        if !issuer.starts_with("https://") {
-            return Err(TargetError::Untrusted(format!(
-                "issuer {issuer} is not an https URL"
-            )));
-        }
-        let kid = jws
-            .header
-            .get("kid")
-            .and_then(Value::as_str)
-            .map(String::from);
-        let mut verified = false;
-        for refresh in [false, true] {
-            let keys = self
-                .issuer_keys(&issuer, refresh)
-                .await
-                .map_err(TargetError::Untrusted)?;
-            let matching: Vec<&Value> = match &kid {
-                Some(k)
-                    if keys
-                        .iter()
-                        .any(|j| j.get("kid").and_then(Value::as_str) == Some(k)) =>
-                {
-                    keys.iter()
-                        .filter(|j| j.get("kid").and_then(Value::as_str) == Some(k))
-                        .collect()
-                }
-                _ => keys.iter().collect(),
-            };
-            if matching
-                .iter()
-                .filter_map(|j| jwk_x5c_key(j))
-                .any(|key| jws.verify_rs256(&key).is_ok())
-            {
-                verified = true;
-                break;
-            }
-        }
-        if !verified {
-            return Err(TargetError::Untrusted(format!(
-                "the token signature does not verify with any signing key of {issuer}"
-            )));
-        }
-        check_token_times(&jws.payload, now_secs())?;
-        Ok(jws.payload)
-    }
-}
-
-/// `exp` (required) and `nbf` of an attestation token against `now`, with 60 s of skew. The
-/// token's issuer is whoever the token names, so its numbers are attacker-chosen: no
-/// arithmetic here may overflow.
-fn check_token_times(payload: &Value, now: u64) -> Result<(), TargetError> {
-    const SKEW: u64 = 60;
-    match payload.get("exp").and_then(Value::as_u64) {
-        Some(exp) if exp.saturating_add(SKEW) < now => {
-            return Err(TargetError::Untrusted(format!(
-                "the attestation token expired at {}",
-                crate::util::rfc3339(exp)
-            )))
-        }
-        None => {
-            return Err(TargetError::Untrusted(
-                "the attestation token has no exp".into(),
-            ))
-        }
-        _ => {}
-    }
-    if let Some(nbf) = payload.get("nbf").and_then(Value::as_u64) {
-        if nbf > now.saturating_add(SKEW) {
-            return Err(TargetError::Untrusted(
-                "the attestation token is not valid yet (nbf)".into(),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The RSA key of a JWKS entry's `x5c[0]` (AKV requires x5c).
-fn jwk_x5c_key(jwk: &Value) -> Option<rsa::RsaPublicKey> {
-    let first = jwk.get("x5c")?.as_array()?.first()?.as_str()?;
-    let der = b64_lenient(first).ok()?;
-    let cert = Certificate::from_der(&der).ok()?;
-    let spki = cert.tbs_certificate.subject_public_key_info;
-    rsa::RsaPublicKey::from_public_key_der(&spki.to_der().ok()?)
-        .ok()
-        .or_else(|| rsa::RsaPublicKey::from_pkcs1_der(spki.subject_public_key.raw_bytes()).ok())
-}
 
 /// Polls a future, turning a panic into `Err(message)`.
 struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
@@ -442,8 +231,7 @@ async fn admin_put_platform(State(app): State<Arc<App>>, body: Bytes) -> Respons
     let result = (|| -> Result<(), String> {
         let pki = Pki::load_or_create(&app.layout, &updated)?;
         state::write_json(&app.layout.platform_file(), &updated)?;
-        *app.platform.write().map_err(|_| "platform lock")? = updated.clone();
-        *app.vcek_der.write().map_err(|_| "VCEK lock")? = pki.vcek_der;
+        app.set_platform(updated.clone(), pki.vcek_der)?;
         write_security_context(&app)
     })();
     match result {
@@ -539,8 +327,13 @@ pub fn running_pid(layout: &Layout) -> Option<i32> {
         .parse()
         .ok()?;
     // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-    alive.then_some(pid)
+    let exists = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    // A zombie (killed, not yet reaped by its parent) exists but no longer runs.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.get(stat.rfind(')')? + 2..)?.starts_with('Z')))
+        .unwrap_or(false);
+    (exists && !zombie).then_some(pid)
 }
 
 const PORT_NAMES: [&str; 5] = ["MAA", "Key Vault", "Managed HSM", "IMDS", "platform"];
@@ -831,16 +624,16 @@ fn write_identity_files(app: &App) -> Result<(), String> {
         write_atomic(&path, text.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     };
-    w("federated-token", crate::imds::federated_token(app))?;
-    let client = crate::imds::SYSTEM_CLIENT_ID;
-    let object = crate::imds::SYSTEM_OBJECT_ID;
+    w("federated-token", crate::tenant::federated_token(app))?;
+    let client = crate::tenant::SYSTEM_CLIENT_ID;
+    let object = crate::tenant::SYSTEM_OBJECT_ID;
     w(
         "vault-token",
-        crate::imds::access_token_for(app, "https://vault.azure.net", client, object).0,
+        crate::tenant::access_token_for(app, "https://vault.azure.net", client, object).0,
     )?;
     w(
         "mhsm-token",
-        crate::imds::access_token_for(app, "https://managedhsm.azure.net", client, object).0,
+        crate::tenant::access_token_for(app, "https://managedhsm.azure.net", client, object).0,
     )?;
     Ok(())
 }
@@ -897,7 +690,10 @@ fn write_files(app: &App) -> Result<(), String> {
             format!("{}/msi/token", app.urls.imds),
         ),
         ("SKR_EMULATOR_AUTHORITY_HOST", app.urls.platform.clone()),
-        ("SKR_EMULATOR_TENANT_ID", crate::imds::TENANT_ID.to_string()),
+        (
+            "SKR_EMULATOR_TENANT_ID",
+            crate::tenant::TENANT_ID.to_string(),
+        ),
     ]
     .iter()
     .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
@@ -1020,19 +816,17 @@ pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), Stri
         .build()
         .map_err(|e| format!("HTTP client: {e}"))?;
     let trusted_arks = crate::maa::trusted_arks(&pki.ark_der);
-    let app = Arc::new(App {
+    let app = Arc::new(App::new(AppParts {
         admin: Admin::new(layout.log_file()),
         layout: layout.clone(),
         urls,
-        vcek_der: std::sync::RwLock::new(pki.vcek_der.clone()),
         pki,
-        platform: std::sync::RwLock::new(platform),
-        keys: Mutex::new(keys),
+        platform,
+        keys,
         trusted_arks,
         identity_header: load_identity_header(&layout)?,
         http,
-        jwks_cache: tokio::sync::Mutex::new(HashMap::new()),
-    });
+    }));
     follow_maa_url(&app, previous_ports)?;
     provision_demo_keys(&app)?;
     write_files(&app)?;
@@ -1042,7 +836,11 @@ pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), Stri
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    runtime.block_on(serve(app, listeners, server_tls))
+    let served = runtime.block_on(serve(app, listeners, server_tls));
+    // Dropping the runtime would wait for every blocking job; one stuck in CPU-heavy work
+    // would keep the process alive after SIGTERM. Give them a moment, then exit regardless.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 async fn serve(
@@ -1147,22 +945,6 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_times_never_overflow_on_issuer_chosen_numbers() {
-        let untrusted =
-            |p: Value, now| matches!(check_token_times(&p, now), Err(TargetError::Untrusted(_)));
-        let now = 1_700_000_000;
-        assert!(check_token_times(&json!({"exp": now + 10}), now).is_ok());
-        assert!(check_token_times(&json!({"exp": now - 60}), now).is_ok());
-        assert!(untrusted(json!({"exp": now - 61}), now));
-        assert!(untrusted(json!({}), now));
-        assert!(untrusted(json!({"exp": now + 10, "nbf": now + 61}), now));
-        // Extremes: far-future exp is valid; nothing panics near u64::MAX.
-        assert!(check_token_times(&json!({"exp": u64::MAX}), now).is_ok());
-        assert!(check_token_times(&json!({"exp": u64::MAX}), u64::MAX).is_ok());
-        assert!(untrusted(json!({"exp": u64::MAX, "nbf": u64::MAX}), now));
-    }
 
     #[tokio::test]
     async fn catch_unwind_turns_a_panic_into_an_error() {

@@ -2,7 +2,7 @@
 //! content type application/json, alg PS384 and the signer's certificate in x5chain, shaped
 //! like Microsoft's UVM reference info. The emulator's MAA does not require it.
 
-use crate::app::App;
+use crate::context::App;
 use serde_json::json;
 use sha2::Sha384;
 use signature::RandomizedSigner;

@@ -2,23 +2,19 @@
 //! key, accepted by the emulator's vault and managed HSM) and THIM AMD collateral.
 
 use crate::admin::generic_fault_response;
-use crate::app::App;
-use crate::util::{b64url, now_secs};
+use crate::context::App;
+use crate::tenant::{
+    access_token_for, entra_kid, FEDERATION_AUDIENCE, SYSTEM_CLIENT_ID, SYSTEM_OBJECT_ID,
+    TENANT_ID, TOKEN_LIFETIME_SECS,
+};
+use crate::util::now_secs;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-
-/// The emulator's tenant (appears in tokens and in the vault's WWW-Authenticate challenge).
-pub const TENANT_ID: &str = "5e1c0de5-0000-4e6f-8a1d-736b72656d75";
-/// The system-assigned identity the emulated VM has.
-pub const SYSTEM_OBJECT_ID: &str = "0b1ec7ed-5e1f-4a55-9a6e-736b72656d75";
-pub const SYSTEM_CLIENT_ID: &str = "c1e47001-5e1f-4a55-9a6e-736b72656d75";
-const TOKEN_LIFETIME_SECS: u64 = 86399;
 
 fn imds_error(status: StatusCode, error: &str, description: &str) -> Response {
     (
@@ -63,11 +59,6 @@ fn percent_decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-pub fn entra_kid(app: &App) -> String {
-    let n = app.pki.entra_key.n().to_bytes_be();
-    b64url(&Sha256::digest(&n)[..20])
 }
 
 pub async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Response {
@@ -172,34 +163,6 @@ pub async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) ->
     .into_response()
 }
 
-/// An Entra access token (RS256 by the emulator's Entra key) for `resource`.
-pub fn access_token_for(
-    app: &App,
-    resource: &str,
-    client_id: &str,
-    object_id: &str,
-) -> (String, u64, u64) {
-    let now = now_secs();
-    let exp = now + TOKEN_LIFETIME_SECS;
-    let header =
-        json!({"typ": "JWT", "alg": "RS256", "kid": entra_kid(app), "x5t": entra_kid(app)});
-    let claims = json!({
-        "aud": resource,
-        "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
-        "iat": now, "nbf": now, "exp": exp,
-        "aio": "skr-emulator",
-        "appid": client_id, "appidacr": "2",
-        "idp": format!("https://sts.windows.net/{TENANT_ID}/"),
-        "oid": object_id, "sub": object_id, "tid": TENANT_ID,
-        "ver": "1.0",
-    });
-    (
-        crate::jwt::sign_rs256(&header, &claims, &app.pki.entra_key),
-        now,
-        exp,
-    )
-}
-
 /// App Service style `IDENTITY_ENDPOINT`: `GET /msi/token?api-version=2019-08-01&resource=…`
 /// with `X-IDENTITY-HEADER` = the secret in `DIR/identity/identity-header`. Same JSON as IMDS.
 pub async fn identity_endpoint(
@@ -260,8 +223,6 @@ pub async fn identity_endpoint(
 }
 
 /// The audience Entra requires of a federated (workload identity) assertion.
-pub const FEDERATION_AUDIENCE: &str = "api://AzureADTokenExchange";
-
 fn entra_error(code: &str, description: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -367,43 +328,6 @@ pub async fn entra_token(
         "access_token": access_token,
     }))
     .into_response()
-}
-
-/// A projected service-account token as AKS would mount it (for `AZURE_FEDERATED_TOKEN_FILE`).
-pub fn federated_token(app: &App) -> String {
-    let now = now_secs();
-    let header = json!({"alg": "RS256", "kid": entra_kid(app)});
-    let claims = json!({
-        "aud": [FEDERATION_AUDIENCE],
-        "iss": format!("{}/oidc", app.urls.platform),
-        "sub": "system:serviceaccount:default:skr-emulator",
-        "iat": now, "nbf": now, "exp": now + TOKEN_LIFETIME_SECS,
-    });
-    crate::jwt::sign_rs256(&header, &claims, &app.pki.entra_key)
-}
-
-/// Checks an access token as the vault does: signature by the emulator's Entra key, time, and
-/// audience (with or without a trailing slash). Err carries an AKV-style message.
-pub fn verify_access_token(app: &App, token: &str, audience: &str) -> Result<(), String> {
-    let jws = crate::jwt::decode(token).map_err(|e| format!("AKV10021: Invalid token: {e}"))?;
-    jws.verify_rs256(&app.pki.entra_key.to_public_key())
-        .map_err(|_| "AKV10032: Invalid issuer or signature: the token was not issued by this tenant's identity provider.".to_string())?;
-    let now = now_secs();
-    let exp = jws.payload.get("exp").and_then(Value::as_u64).unwrap_or(0);
-    if exp + 300 < now {
-        return Err("AKV10029: Token expired.".into());
-    }
-    let aud = jws
-        .payload
-        .get("aud")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if aud.trim_end_matches('/') != audience {
-        return Err(format!(
-            "AKV10022: Invalid audience. Expected {audience}, found: {aud}."
-        ));
-    }
-    Ok(())
 }
 
 pub async fn thim(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {

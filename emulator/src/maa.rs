@@ -3,8 +3,8 @@
 //! an RS256 token with the claims MAA derives (skr-protocol.md §8–§10).
 
 use crate::admin::{generic_fault_response, FaultKind};
-use crate::app::App;
-use crate::pki;
+use crate::context::App;
+use crate::pki::{self, vcek_extensions};
 use crate::snp::{self, Generation, Report};
 use crate::util::{b64_lenient, b64std, b64url, now_secs, random_hex};
 use axum::body::Bytes;
@@ -16,10 +16,12 @@ use der::{Decode, Encode};
 use rsa::pkcs1::DecodeRsaPublicKey;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256, Sha384};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 use x509_cert::Certificate;
+
+/// Longest an attestation request may take to verify (it takes milliseconds).
+const VERIFY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// MAA tokens live 8 hours (not configurable on the real service either).
 pub const TOKEN_LIFETIME_SECS: u64 = 8 * 3600;
@@ -41,45 +43,6 @@ fn maa_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         Json(json!({"error": {"code": code, "message": message.into()}})),
     )
         .into_response()
-}
-
-/// VCEK extensions by OID (SPLs are DER INTEGERs; hwID is raw bytes).
-pub struct VcekExtensions {
-    pub spls: BTreeMap<String, u8>,
-    pub hwid: Option<Vec<u8>>,
-    pub product: Option<String>,
-}
-
-impl VcekExtensions {
-    pub fn spl(&self, oid: const_oid::ObjectIdentifier) -> Option<u8> {
-        self.spls.get(&oid.to_string()).copied()
-    }
-}
-
-pub fn vcek_extensions(cert: &Certificate) -> Result<VcekExtensions, String> {
-    let mut out = VcekExtensions {
-        spls: BTreeMap::new(),
-        hwid: None,
-        product: None,
-    };
-    for ext in cert.tbs_certificate.extensions.iter().flatten() {
-        let oid = ext.extn_id;
-        let value = ext.extn_value.as_bytes();
-        if oid == pki::OID_AMD_HWID {
-            out.hwid = Some(value.to_vec());
-        } else if oid == pki::OID_AMD_PRODUCT_NAME {
-            out.product = der::asn1::Ia5String::from_der(value)
-                .map(|s| s.to_string())
-                .ok();
-        } else if oid.to_string().starts_with("1.3.6.1.4.1.3704.1.3.") {
-            let n = u32::from_der(value)
-                .map_err(|e| format!("VCEK extension {oid}: not a DER INTEGER ({e})"))?;
-            let n = u8::try_from(n)
-                .map_err(|_| format!("VCEK extension {oid}: SPL {n} out of range"))?;
-            out.spls.insert(oid.to_string(), n);
-        }
-    }
-    Ok(out)
 }
 
 const OID_RSASSA_PSS: const_oid::ObjectIdentifier =
@@ -136,14 +99,31 @@ fn spki_der(cert: &Certificate) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// `Certificate::load_pem_chain` panics on empty input (x509-cert 0.2.5), so guard it.
+/// Every CERTIFICATE block of `input`, decoded, in order. The blocks are read by
+/// rustls-pki-types' PEM reader (one pass over the lines); x509-cert's own PEM reader is never
+/// given request bytes: it panics on empty input and spins forever on a truncated block such
+/// as `MIIB` between the BEGIN and END lines (issue 11).
 pub fn load_pem_chain(input: &[u8]) -> Result<Vec<Certificate>, String> {
-    let text = std::str::from_utf8(input).map_err(|_| "not UTF-8 PEM text".to_string())?;
-    let trimmed = text.trim();
-    if !trimmed.contains("-----BEGIN CERTIFICATE-----") {
+    use rustls_pki_types::pem::{Error as PemError, PemObject};
+    use rustls_pki_types::CertificateDer;
+    let mut certs = Vec::new();
+    for block in CertificateDer::pem_slice_iter(input) {
+        let n = certs.len() + 1;
+        // Said in words: the crate's messages print labels and lines as byte arrays.
+        let der = block.map_err(|e| match e {
+            PemError::MissingSectionEnd { .. } => format!("PEM block {n} has no END line"),
+            PemError::IllegalSectionStart { .. } => format!("PEM block {n}: malformed BEGIN line"),
+            PemError::Base64Decode(_) => format!("PEM block {n} is not valid base64"),
+            other => format!("PEM block {n}: {other}"),
+        })?;
+        let cert = Certificate::from_der(&der)
+            .map_err(|e| format!("certificate {n} is not X.509 DER: {e}"))?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
         return Err("no PEM certificate found".into());
     }
-    Certificate::load_pem_chain(trimmed.as_bytes()).map_err(|e| e.to_string())
+    Ok(certs)
 }
 
 /// AMD's real ARKs (Milan, Genoa, Turin; from the sev crate) plus the emulator's own.
@@ -154,7 +134,7 @@ pub fn trusted_arks(own_ark_der: &[u8]) -> Vec<(String, Certificate)> {
         ("AMD ARK-Genoa", sev::certs::snp::builtin::genoa::ARK),
         ("AMD ARK-Turin", sev::certs::snp::builtin::turin::ARK),
     ] {
-        if let Ok(cert) = Certificate::load_pem_chain(pem).map(|mut v| v.remove(0)) {
+        if let Some(cert) = load_pem_chain(pem).ok().and_then(|v| v.into_iter().next()) {
             roots.push((name.to_string(), cert));
         }
     }
@@ -614,7 +594,25 @@ async fn attest(app: Arc<App>, uri: Uri, body: Bytes) -> Response {
             );
         }
     };
-    match attest_sevsnp(&request, &app.trusted_arks) {
+    let worker_app = app.clone();
+    let verified = crate::util::off_workers(VERIFY_DEADLINE, move || {
+        attest_sevsnp(&request, &worker_app.trusted_arks)
+    })
+    .await;
+    let verified = match verified {
+        Ok(verified) => verified,
+        Err(late) => {
+            let reason = format!("evidence verification {late}");
+            app.admin
+                .log("maa", "attest-rejected", json!({ "reason": reason }));
+            return maa_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                reason,
+            );
+        }
+    };
+    match verified {
         Ok(outcome) => {
             app.admin.count(|c| c.attestations += 1);
             app.admin.log(
@@ -952,6 +950,30 @@ mod tests {
         let chain = chain_with_builtin_milan(&testdata("snp/trustee-milan-vlek.der"));
         let err = attest_sevsnp(&request_for(&report, &chain), &amd_roots()).unwrap_err();
         assert!(err.contains("VLEK"), "{err}");
+    }
+
+    #[test]
+    fn pem_chains_with_truncated_or_unterminated_blocks_are_refused() {
+        let real = testdata("aci/uvm_host_amd_certificate.pem");
+        assert_eq!(load_pem_chain(&real).unwrap().len(), 3);
+        let truncated = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let cases: [(Vec<u8>, &str); 5] = [
+            (truncated.to_vec(), "certificate 1 is not X.509 DER"),
+            (
+                [real.clone(), truncated.to_vec()].concat(),
+                "certificate 4 is not X.509 DER",
+            ),
+            (
+                b"-----BEGIN CERTIFICATE-----\nMIIB\n".to_vec(),
+                "PEM block 1 has no END line",
+            ),
+            (b"".to_vec(), "no PEM certificate found"),
+            (vec![0xff, 0xfe], "no PEM certificate found"),
+        ];
+        for (input, needle) in cases {
+            let e = load_pem_chain(&input).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -1,20 +1,9 @@
 //! skr-emulator: a local Microsoft Azure Attestation + Key Vault / Managed HSM + IMDS with a
-//! simulated SEV-SNP platform, over HTTPS on 127.0.0.1 (docs/EMULATOR.md).
-
-mod admin;
-mod app;
-mod cose;
-mod imds;
-mod jwt;
-mod keyvault;
-mod maa;
-mod pki;
-mod policy;
-mod snp;
-mod state;
-mod util;
+//! simulated SEV-SNP platform, over HTTPS on 127.0.0.1 (docs/EMULATOR.md). The CLI; the
+//! services are the library (`lib.rs`).
 
 use clap::{Parser, Subcommand};
+use skr_emulator::{app, state};
 use state::Layout;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -50,10 +39,13 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
-    /// Stop the emulator running for DIR.
+    /// Stop the emulator running for DIR: SIGTERM, then SIGKILL if it has not stopped in time.
     Down {
         #[arg(long)]
         dir: PathBuf,
+        /// Seconds to wait after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// Say whether the emulator for DIR runs (exit 0, with its env lines) or not (exit 3).
     Status {
@@ -130,7 +122,7 @@ fn up_detached(layout: Layout, base_port: Option<u16>, timeout: Duration) -> Res
     }
 }
 
-fn down(layout: Layout) -> Result<(), String> {
+fn down(layout: Layout, grace: Duration) -> Result<(), String> {
     if layout.dir.exists() && !layout.dir.is_dir() {
         return Err(format!("{} is not a directory", layout.dir.display()));
     }
@@ -140,18 +132,38 @@ fn down(layout: Layout) -> Result<(), String> {
         println!("skr-emulator is not running for {}", layout.dir.display());
         return Ok(());
     };
+    let stopped_within = |limit: Duration| {
+        let started = Instant::now();
+        while app::running_pid(&layout) == Some(pid) {
+            if started.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    };
     // SAFETY: plain kill(2) to the pid the emulator recorded for itself.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
     }
-    let started = Instant::now();
-    while app::running_pid(&layout) == Some(pid) {
-        if started.elapsed() > Duration::from_secs(20) {
-            return Err(format!("pid {pid} did not stop within 20 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if stopped_within(grace) {
+        println!("skr-emulator stopped (pid {pid}).");
+        return Ok(());
     }
-    println!("skr-emulator stopped (pid {pid}).");
+    // Stuck (a busy or stopped process): a hard stop. It cannot remove its own files then.
+    // SAFETY: as above; the pid still belongs to the emulator (running_pid checked it).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    if !stopped_within(Duration::from_secs(5)) {
+        return Err(format!("pid {pid} survived SIGKILL"));
+    }
+    let _ = std::fs::remove_file(layout.pid_file());
+    let _ = std::fs::remove_file(layout.ready_file());
+    println!(
+        "skr-emulator did not stop within {} s of SIGTERM: killed (pid {pid}).",
+        grace.as_secs()
+    );
     Ok(())
 }
 
@@ -171,7 +183,9 @@ fn main() -> ExitCode {
                 up_detached(layout, base_port, Duration::from_secs(timeout))
             }
         }),
-        Cmd::Down { dir } => absolute(&dir).and_then(|dir| down(Layout::new(dir))),
+        Cmd::Down { dir, timeout } => {
+            absolute(&dir).and_then(|dir| down(Layout::new(dir), Duration::from_secs(timeout)))
+        }
         Cmd::Status { dir } => {
             let layout = match absolute(&dir) {
                 Ok(dir) => Layout::new(dir),

@@ -8,6 +8,7 @@ use der::{Decode, Encode, Length, Writer};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use sha2::Sha384;
 use spki::{EncodePublicKey, SubjectPublicKeyInfoOwned};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 use x509_cert::builder::{Builder, CertificateBuilder, Profile};
@@ -371,4 +372,42 @@ pub fn issue_vcek(
 
 pub fn parse_cert(der: &[u8]) -> PkiResult<Certificate> {
     Certificate::from_der(der).map_err(err("certificate"))
+}
+
+/// VCEK extensions by OID (read by MAA's chain check and by the state loader deciding
+/// whether a stored VCEK still matches the platform) (SPLs are DER INTEGERs; hwID is raw bytes).
+pub struct VcekExtensions {
+    pub spls: BTreeMap<String, u8>,
+    pub hwid: Option<Vec<u8>>,
+    pub product: Option<String>,
+}
+
+impl VcekExtensions {
+    pub fn spl(&self, oid: const_oid::ObjectIdentifier) -> Option<u8> {
+        self.spls.get(&oid.to_string()).copied()
+    }
+}
+
+pub fn vcek_extensions(cert: &Certificate) -> Result<VcekExtensions, String> {
+    let mut out = VcekExtensions {
+        spls: BTreeMap::new(),
+        hwid: None,
+        product: None,
+    };
+    for ext in cert.tbs_certificate.extensions.iter().flatten() {
+        let oid = ext.extn_id;
+        let value = ext.extn_value.as_bytes();
+        if oid == OID_AMD_HWID {
+            out.hwid = Some(value.to_vec());
+        } else if oid == OID_AMD_PRODUCT_NAME {
+            out.product = Ia5String::from_der(value).map(|s| s.to_string()).ok();
+        } else if oid.to_string().starts_with("1.3.6.1.4.1.3704.1.3.") {
+            let n = <u32 as Decode>::from_der(value)
+                .map_err(|e| format!("VCEK extension {oid}: not a DER INTEGER ({e})"))?;
+            let n = u8::try_from(n)
+                .map_err(|_| format!("VCEK extension {oid}: SPL {n} out of range"))?;
+            out.spls.insert(oid.to_string(), n);
+        }
+    }
+    Ok(out)
 }

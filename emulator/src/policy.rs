@@ -1,6 +1,17 @@
 //! Azure Key Vault release-policy grammar (skr-protocol.md §7): parse, normalise, evaluate
 //! against attestation-token claims, and say which condition failed. Written for the emulator,
-//! independent of the module's evaluator, so that each can test the other.
+//! independent of the module's evaluator, so that each can test the other; both run the shared
+//! table `testdata/policy/shared-cases.json`.
+//!
+//! Case (the same rule as the module's, decided from Microsoft's grammar page):
+//! - grammar names (`version`, `anyOf`, `allOf`, `authority`, `claim`, operators, legacy
+//!   `condition`/`value`) match without ASCII case — the grammar page writes `anyof:` in its
+//!   EBNF and `anyOf` in its examples, and the grammar is modelled on Azure Policy, whose names
+//!   ignore case. One name twice in an object under different case is refused;
+//! - claim names and values compare exactly ([uncertain], skr-protocol §7.5 item 2: folding
+//!   could only release more, so exact is the safe reading);
+//! - authorities compare as URLs: scheme and host without case, path exactly, one trailing
+//!   slash ignored ([uncertain]; folding the path could let one issuer pass for another).
 
 use serde_json::{json, Map, Value};
 
@@ -70,22 +81,40 @@ const OPERATORS: [&str; 7] = [
     "exists",
 ];
 
+/// `obj`'s member `name`, compared without ASCII case; refused when present twice.
+fn get<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a Value>, String> {
+    let mut hits = obj
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v);
+    let first = hits.next();
+    if hits.next().is_some() {
+        return Err(format!(
+            "member `{name}` appears more than once (names ignore case)"
+        ));
+    }
+    Ok(first)
+}
+
+fn is(key: &str, name: &str) -> bool {
+    key.eq_ignore_ascii_case(name)
+}
+
 pub fn parse(policy: &Value) -> Result<Policy, String> {
     let obj = policy
         .as_object()
         .ok_or("release policy must be a JSON object")?;
-    let version = match obj.get("version") {
+    let version = match get(obj, "version")? {
         None => None,
         Some(Value::String(v)) => Some(v.clone()),
         Some(_) => return Err("release policy version must be a string".into()),
     };
-    if obj.contains_key("allOf") {
+    if get(obj, "allOf")?.is_some() {
         return Err(
             "the top level of a release policy must be anyOf (over authorities), not allOf".into(),
         );
     }
-    let any = obj
-        .get("anyOf")
+    let any = get(obj, "anyOf")?
         .and_then(Value::as_array)
         .ok_or("release policy needs a top-level anyOf array of authorities")?;
     if any.is_empty() {
@@ -97,7 +126,7 @@ pub fn parse(policy: &Value) -> Result<Policy, String> {
         .map(|(i, a)| parse_authority(a).map_err(|e| format!("anyOf[{i}]: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     for key in obj.keys() {
-        if !matches!(key.as_str(), "version" | "anyOf") {
+        if !is(key, "version") && !is(key, "anyOf") {
             return Err(format!(
                 "unknown member `{key}` at the top of the release policy"
             ));
@@ -113,12 +142,11 @@ fn parse_authority(value: &Value) -> Result<AuthorityRule, String> {
     let obj = value
         .as_object()
         .ok_or("authority entry must be an object")?;
-    let authority = obj
-        .get("authority")
+    let authority = get(obj, "authority")?
         .and_then(Value::as_str)
         .ok_or("authority entry needs an `authority` string")?
         .to_string();
-    let rule = match (obj.get("allOf"), obj.get("anyOf")) {
+    let rule = match (get(obj, "allOf")?, get(obj, "anyOf")?) {
         (Some(_), Some(_)) => return Err("authority has both allOf and anyOf".into()),
         (Some(all), None) => Node::AllOf(parse_list(all)?),
         (None, Some(any)) => Node::AnyOf(parse_list(any)?),
@@ -140,53 +168,67 @@ fn parse_list(value: &Value) -> Result<Vec<Node>, String> {
 
 fn parse_condition(value: &Value) -> Result<Node, String> {
     let obj = value.as_object().ok_or("condition must be an object")?;
-    if let Some(claim) = obj.get("claim") {
+    if let Some(claim) = get(obj, "claim")? {
         let claim = claim
             .as_str()
             .ok_or("`claim` must be a string")?
             .to_string();
         // Legacy form: {"claim", "condition": "equals", "value"} (7.4 REST spec example).
-        if let Some(cond) = obj.get("condition") {
+        if let Some(cond) = get(obj, "condition")? {
             let op = cond
                 .as_str()
                 .and_then(Op::from_name)
                 .ok_or_else(|| format!("unsupported condition {cond}"))?;
-            let value = obj.get("value").ok_or("legacy condition needs `value`")?;
+            let value = get(obj, "value")?.ok_or("legacy condition needs `value`")?;
             return Ok(Node::Claim {
                 claim,
                 op,
-                value: scalar(value)?,
+                value: operand(op, value)?,
             });
         }
-        let ops: Vec<&str> = OPERATORS
-            .iter()
-            .copied()
-            .filter(|o| obj.contains_key(*o))
-            .collect();
-        if ops.len() != 1 {
+        let mut ops = Vec::new();
+        for (key, value) in obj {
+            if is(key, "claim") {
+                continue;
+            }
+            let op = Op::from_name(key)
+                .ok_or_else(|| format!("unknown member `{key}` in the condition on `{claim}`"))?;
+            ops.push((op, value));
+        }
+        let [(op, value)] = ops[..] else {
             return Err(format!(
                 "claim condition on `{claim}` needs exactly one operator of {OPERATORS:?}"
             ));
-        }
-        for key in obj.keys() {
-            if key != "claim" && key != ops[0] {
-                return Err(format!(
-                    "unknown member `{key}` in the condition on `{claim}`"
-                ));
-            }
-        }
-        let op = Op::from_name(ops[0]).ok_or("operator")?;
+        };
         return Ok(Node::Claim {
             claim,
             op,
-            value: scalar(&obj[ops[0]])?,
+            value: operand(op, value)?,
         });
     }
-    match (obj.get("allOf"), obj.get("anyOf")) {
+    match (get(obj, "allOf")?, get(obj, "anyOf")?) {
         (Some(all), None) => Ok(Node::AllOf(parse_list(all)?)),
         (None, Some(any)) => Ok(Node::AnyOf(parse_list(any)?)),
         (Some(_), Some(_)) => Err("condition has both allOf and anyOf".into()),
         (None, None) => Err("condition needs `claim`, allOf or anyOf".into()),
+    }
+}
+
+/// An operator's value; `exists` takes only true or false (booleans, or strings in any case):
+/// anything else has no safe meaning ([uncertain] in skr-protocol §7.2) and is refused.
+fn operand(op: Op, value: &Value) -> Result<Value, String> {
+    if op == Op::Exists && exists_wants(value).is_none() {
+        return Err(format!("exists takes true or false, not {value}"));
+    }
+    scalar(value)
+}
+
+fn exists_wants(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
     }
 }
 
@@ -310,9 +352,19 @@ fn node_json(node: &Node) -> Value {
     }
 }
 
-/// Authorities are compared like `iss`: one trailing slash and ASCII case do not matter.
+/// Authorities are compared like `iss`, as URLs: scheme and host lower-cased, the path kept,
+/// one trailing slash dropped.
 pub fn normalise_authority(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_ascii_lowercase()
+    let url = url.strip_suffix('/').unwrap_or(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    format!(
+        "{}://{}{path}",
+        scheme.to_ascii_lowercase(),
+        host.to_ascii_lowercase()
+    )
 }
 
 /// Exact member first (claim names may contain dots), then dot notation through objects.
@@ -332,8 +384,18 @@ fn string_form(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Bool(b) => Some(b.to_string()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(n) => Some(number_text(n)),
         _ => None,
+    }
+}
+
+/// Integers as they are; other numbers by f64's shortest round-trip text, so `1.0` reads `1`.
+fn number_text(n: &serde_json::Number) -> String {
+    match (n.as_i64(), n.as_u64(), n.as_f64()) {
+        (Some(i), _, _) => i.to_string(),
+        (_, Some(u), _) => u.to_string(),
+        (_, _, Some(f)) => f.to_string(),
+        _ => n.to_string(),
     }
 }
 
@@ -373,7 +435,7 @@ fn eval(node: &Node, claims: &Value) -> Result<(), String> {
 fn eval_claim(claim: &str, op: Op, expected: &Value, claims: &Value) -> Result<(), String> {
     let found = lookup(claims, claim);
     if op == Op::Exists {
-        let want = string_form(expected).map(|s| s.eq_ignore_ascii_case("true")) == Some(true);
+        let want = exists_wants(expected) == Some(true);
         return match (want, found.is_some()) {
             (true, true) | (false, false) => Ok(()),
             (true, false) => Err(format!(
@@ -398,11 +460,12 @@ fn eval_claim(claim: &str, op: Op, expected: &Value, claims: &Value) -> Result<(
     // ([uncertain] in skr-protocol §7.5), so a non-number is "not met" — the safe reading,
     // and the one the module's local explanation uses.
     let ordering = numbers.and_then(|(a, w)| a.partial_cmp(&w));
-    let equal = actual == want || numbers.map(|(a, w)| a == w).unwrap_or(false);
     use std::cmp::Ordering::{Equal, Greater, Less};
+    // [uncertain] whether "1.0" equals 1: equals needs the same text, notEquals needs different
+    // text and different numbers, so neither is met on a case the service might read otherwise.
     let met = match op {
-        Op::Equals => equal,
-        Op::NotEquals => !equal,
+        Op::Equals => actual == want,
+        Op::NotEquals => actual != want && ordering != Some(Equal),
         Op::Less => ordering == Some(Less),
         Op::LessOrEquals => matches!(ordering, Some(Less | Equal)),
         Op::Greater => ordering == Some(Greater),
@@ -478,7 +541,12 @@ mod tests {
             ),
             (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":"0"}), true),
             (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":0}), true),
-            (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":"0.0"}), true),
+            // Same number, different text: neither equal nor not equal ([uncertain]).
+            (json!({"claim":"x-ms-sevsnpvm-vmpl","equals":"0.0"}), false),
+            (
+                json!({"claim":"x-ms-sevsnpvm-vmpl","notEquals":"0.0"}),
+                false,
+            ),
             (json!({"claim":"x-ms-sevsnpvm-guestsvn","less":4}), true),
             (json!({"claim":"x-ms-sevsnpvm-guestsvn","less":"3"}), false),
             (
@@ -744,5 +812,34 @@ mod tests {
             err.starts_with("claim x-ms-sevsnpvm-hostdata: expected equals"),
             "{err}"
         );
+    }
+
+    /// The table both evaluators run (src/policy/tests.rs reads the same file).
+    #[test]
+    fn shared_table_with_the_module() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/policy/shared-cases.json");
+        let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let table: Value = serde_json::from_slice(&text).expect("shared table is JSON");
+        let authority = table["authority"].as_str().expect("authority");
+        let cases = table["cases"].as_array().expect("cases");
+        assert!(cases.len() >= 40, "the shared table lost cases");
+        for case in cases {
+            let name = case["name"].as_str().expect("name");
+            let policy = case.get("policy").cloned().unwrap_or_else(|| {
+                json!({"version": "1.0.0", "anyOf": [{"authority": authority, "allOf": [case["condition"].clone()]}]})
+            });
+            let issuer = case
+                .get("issuer")
+                .and_then(Value::as_str)
+                .unwrap_or(authority);
+            let claims = case.get("claims").unwrap_or(&table["claims"]);
+            let outcome = match parse(&policy) {
+                Err(_) => "malformed",
+                Ok(p) if p.evaluate(issuer, claims).is_ok() => "met",
+                Ok(_) => "unmet",
+            };
+            assert_eq!(outcome, case["expect"], "case {name:?}");
+        }
     }
 }

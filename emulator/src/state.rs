@@ -328,7 +328,7 @@ fn vcek_matches(der: &[u8], platform: &PlatformConfig) -> bool {
         return false;
     };
     let tcb = platform.tcb;
-    match crate::maa::vcek_extensions(&cert) {
+    match pki::vcek_extensions(&cert) {
         Ok(ext) => {
             ext.hwid.as_deref() == Some(&hwid[..])
                 && ext.product.as_deref() == Some(platform.product_name())

@@ -67,6 +67,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// CPU-heavy work of a request (SEV-SNP evidence verification, key generation) runs here: on
+/// tokio's blocking pool, at most `HEAVY_JOBS` at a time, answered within `deadline` (waiting for
+/// a slot included). The async workers never run it, so the other services, the admin API and
+/// SIGTERM stay responsive whatever a request holds. Work past its deadline keeps its slot
+/// until it ends (a thread cannot be stopped), so runaway work cannot pile up either.
+pub async fn off_workers<T: Send + 'static>(
+    deadline: std::time::Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    const HEAVY_JOBS: usize = 4;
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HEAVY_JOBS);
+    let run = async {
+        // Moved into the job: the slot is held until the work returns.
+        let permit = SLOTS.acquire().await.map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let out = work();
+            drop(permit);
+            out
+        })
+        .await
+        .map_err(|e| format!("the work failed: {e}"))
+    };
+    tokio::time::timeout(deadline, run)
+        .await
+        .map_err(|_| format!("not finished within {deadline:?}"))?
+}
+
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     let body = STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
@@ -102,6 +129,25 @@ mod tests {
         assert!(padded.ends_with('='));
         assert_eq!(b64_lenient(&padded).unwrap(), data);
         assert!(b64_lenient("!!!").is_err());
+    }
+
+    /// Work past its deadline is answered at the deadline, and while it runs the async
+    /// workers (one here) stay free for other requests.
+    #[tokio::test(flavor = "current_thread")]
+    async fn heavy_work_past_its_deadline_is_answered_and_leaves_the_workers_free() {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let stuck = tokio::spawn(off_workers(
+            std::time::Duration::from_millis(200),
+            move || {
+                let _ = wait.recv();
+            },
+        ));
+        // The only worker thread runs this while the job blocks a thread of the pool.
+        let quick = off_workers(std::time::Duration::from_secs(5), || 7).await;
+        assert_eq!(quick, Ok(7));
+        let late = stuck.await.unwrap().unwrap_err();
+        assert!(late.contains("not finished within 200ms"), "{late}");
+        release.send(()).unwrap();
     }
 
     #[test]

@@ -285,3 +285,52 @@ fn free_port_range() -> u16 {
     }
     panic!("no five consecutive free ports");
 }
+
+/// An emulator that does not stop on SIGTERM (here: stopped with SIGSTOP, as one whose
+/// workers are stuck would be) is killed by `down` after its timeout, its files are removed,
+/// and the directory starts again.
+#[test]
+fn down_kills_an_emulator_that_ignores_sigterm() {
+    let dir = temp_dir("stuck");
+    let _guard = DownOnDrop(dir.clone());
+    let up = run(&["up"], &dir);
+    assert!(up.ok, "up failed: {}{}", up.stdout, up.stderr);
+    let pid: i32 = std::fs::read_to_string(dir.join("emulator.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: SIGSTOP to the emulator this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    let started = std::time::Instant::now();
+    let down = run(&["down", "--timeout", "1"], &dir);
+    let took = started.elapsed();
+    assert!(down.ok, "{}{}", down.stdout, down.stderr);
+    assert!(
+        down.stdout.contains(&format!(
+            "did not stop within 1 s of SIGTERM: killed (pid {pid})"
+        )),
+        "{}",
+        down.stdout
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "down took {took:?}"
+    );
+    assert!(!dir.join("emulator.pid").exists());
+    assert!(!dir.join("emulator.ready").exists());
+    let status = run(&["status"], &dir);
+    assert!(status.stdout.contains("not running"), "{}", status.stdout);
+
+    // The state lock died with the process: the same directory starts and stops cleanly.
+    let again = run(&["up"], &dir);
+    assert!(again.ok, "{}", again.stderr);
+    let down = run(&["down"], &dir);
+    assert!(
+        down.ok && down.stdout.contains("stopped (pid"),
+        "{}",
+        down.stdout
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -401,6 +401,46 @@ async fn maa_rejects_bad_evidence_with_invalid_parameter() {
     assert_eq!(tdx.status, 400);
 }
 
+/// A VcekCertChain whose block is truncated (`MIIB`: x509-cert's PEM reader spun forever on
+/// it, taking an async worker with it, issue 11) is answered 400 at once, and the service
+/// still attests real evidence afterwards.
+#[tokio::test]
+async fn maa_answers_a_truncated_pem_chain_with_400_at_once() {
+    let e = emu();
+    let c = e.client();
+    let transfer = transfer_key();
+    let mut rd = [0u8; 64];
+    rd[..32].copy_from_slice(&Sha256::digest(&transfer.runtime_data));
+    let (report, chain) = platform_report(e, &c, &rd).await;
+    let url = format!("{}/attest/SevSnpVm?api-version=2022-08-01", e.maa);
+    let truncated = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for hostile in [
+        truncated.to_string(),
+        format!("{chain}{truncated}"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n".to_string(),
+    ] {
+        let body = attest_body(&report, &hostile, Some(&transfer.runtime_data), None);
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            send(c.post(&url).json(&body)),
+        )
+        .await
+        .expect("MAA did not answer within 10 s");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.status, 400, "{}", r.text);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("VcekCertChain"), "{message}");
+    }
+    let good = attest_body(&report, &chain, Some(&transfer.runtime_data), None);
+    let r = send(c.post(&url).json(&good)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 #[tokio::test]
 async fn key_vault_and_managed_hsm_challenge_without_a_valid_token() {
     let e = emu();

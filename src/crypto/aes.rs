@@ -2,7 +2,7 @@
 //! plaintext, so multipart calls collect their input; any IV length, tags of 96..128 bits) and AES-CBC with PKCS#7 padding
 //! (streaming, the cipher context lives in AWS-LC memory, i.e. the locked arena).
 
-use super::GcmParams;
+use super::{GcmParams, Mechanism};
 use crate::error::{Error, Result};
 use crate::secret::Wiped;
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
@@ -85,6 +85,45 @@ pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
     Ok(buf)
 }
 
+/// A secret-key cipher that streams: output as input arrives, the rest at the end. Output is
+/// `Wiped` in both directions (a decryption's output is plaintext).
+pub trait StreamCipher: Send {
+    fn update(&mut self, input: &[u8]) -> Result<Wiped>;
+    fn finish(&mut self) -> Result<Wiped>;
+}
+
+/// The AES operation for `mech` with `key`: a stream for streaming modes (CBC-PAD), `None`
+/// for the modes that need their whole input (GCM, see `collected`). A new AES mode is its
+/// engine here and one arm in this match or in `collected`; `CipherOp` needs no change.
+pub fn streaming(
+    mech: &Mechanism,
+    key: &[u8],
+    encrypt: bool,
+) -> Option<Result<Box<dyn StreamCipher>>> {
+    let stream = match mech {
+        Mechanism::AesCbcPad(iv) if encrypt => {
+            CbcEncrypt::new(key, *iv).map(|s| Box::new(s) as Box<dyn StreamCipher>)
+        }
+        Mechanism::AesCbcPad(iv) => CbcDecrypt::new(key, *iv).map(|s| Box::new(s) as _),
+        _ => return None,
+    };
+    Some(stream)
+}
+
+/// A one-shot AES mode over its whole input (GCM); `None` when `mech` is not one.
+pub fn collected(
+    mech: &Mechanism,
+    key: &[u8],
+    encrypt: bool,
+    input: &[u8],
+) -> Option<Result<Wiped>> {
+    match mech {
+        Mechanism::AesGcm(p) if encrypt => Some(gcm_seal(key, p, input).map(Wiped::new)),
+        Mechanism::AesGcm(p) => Some(gcm_open(key, p, input)),
+        _ => None,
+    }
+}
+
 /// Streaming AES-CBC-PAD encryption.
 pub struct CbcEncrypt(Option<cipher::StreamingEncryptingKey>);
 /// Streaming AES-CBC-PAD decryption.
@@ -99,35 +138,21 @@ fn cbc_failed() -> Error {
     Error::new(CKR_FUNCTION_FAILED, "AES-CBC operation failed")
 }
 
+/// One step of a streaming key: `run` writes into a buffer of `len` bytes and says how many
+/// it wrote. Wiped in both directions (a decryption's output is plaintext).
+fn written(len: usize, run: impl FnOnce(&mut [u8]) -> Result<usize>) -> Result<Wiped> {
+    let mut out = Wiped::new(vec![0u8; len]);
+    let n = run(&mut out)?;
+    out.truncate(n);
+    Ok(out)
+}
+
 impl CbcEncrypt {
     pub fn new(key: &[u8], iv: [u8; 16]) -> Result<CbcEncrypt> {
         let ctx = cipher::EncryptionContext::Iv128(FixedLength::from(iv));
         let k = cipher::StreamingEncryptingKey::less_safe_cbc_pkcs7(unbound(key)?, ctx)
             .map_err(|_| cbc_failed())?;
         Ok(CbcEncrypt(Some(k)))
-    }
-    pub fn update(&mut self, input: &[u8]) -> Result<Vec<u8>> {
-        let k = self.0.as_mut().ok_or_else(cbc_failed)?;
-        let mut out = vec![0u8; input.len() + 16];
-        let n = k
-            .update(input, &mut out)
-            .map_err(|_| cbc_failed())?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
-    pub fn finish(&mut self) -> Result<Vec<u8>> {
-        let k = self.0.take().ok_or_else(cbc_failed)?;
-        let mut out = vec![0u8; 16];
-        let n = k
-            .finish(&mut out)
-            .map_err(|_| cbc_failed())?
-            .1
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
     }
 }
 
@@ -138,33 +163,35 @@ impl CbcDecrypt {
             .map_err(|_| cbc_failed())?;
         Ok(CbcDecrypt(Some(k)))
     }
-    pub fn update(&mut self, input: &[u8]) -> Result<Wiped> {
-        let k = self.0.as_mut().ok_or_else(cbc_failed)?;
-        let mut out = Wiped::new(vec![0u8; input.len() + 16]);
-        let n = k
-            .update(input, &mut out)
-            .map_err(|_| cbc_failed())?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
-    pub fn finish(&mut self) -> Result<Wiped> {
-        let k = self.0.take().ok_or_else(cbc_failed)?;
-        let mut out = Wiped::new(vec![0u8; 16]);
-        let n = k
-            .finish(&mut out)
-            .map_err(|_| {
-                Error::new(
-                    CKR_ENCRYPTED_DATA_INVALID,
-                    "AES-CBC-PAD: bad padding or length",
-                )
-            })?
-            .written()
-            .len();
-        out.truncate(n);
-        Ok(out)
-    }
+}
+
+/// The CBC streams: the same steps over AWS-LC's encrypting and decrypting keys, which share
+/// no trait; only how `finish` reports differs.
+macro_rules! cbc_stream {
+    ($($stream:ty => $finish:expr;)*) => {$(
+        impl StreamCipher for $stream {
+            fn update(&mut self, input: &[u8]) -> Result<Wiped> {
+                let k = self.0.as_mut().ok_or_else(cbc_failed)?;
+                written(input.len() + 16, |out| {
+                    Ok(k.update(input, out).map_err(|_| cbc_failed())?.written().len())
+                })
+            }
+            fn finish(&mut self) -> Result<Wiped> {
+                let k = self.0.take().ok_or_else(cbc_failed)?;
+                written(16, |out| $finish(k, out))
+            }
+        }
+    )*};
+}
+
+cbc_stream! {
+    CbcEncrypt => |k: cipher::StreamingEncryptingKey, out: &mut [u8]| -> Result<usize> {
+        Ok(k.finish(out).map_err(|_| cbc_failed())?.1.written().len())
+    };
+    CbcDecrypt => |k: cipher::StreamingDecryptingKey, out: &mut [u8]| -> Result<usize> {
+        let bad = Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-CBC-PAD: bad padding or length");
+        Ok(k.finish(out).map_err(|_| bad)?.written().len())
+    };
 }
 
 #[cfg(test)]
@@ -243,10 +270,10 @@ mod tests {
         let iv = [5u8; 16];
         let msg: Vec<u8> = (0..100u8).collect();
         let mut e = CbcEncrypt::new(&key, iv).unwrap();
-        let mut ct = e.update(&msg[..7]).unwrap();
-        ct.extend(e.update(&msg[7..50]).unwrap());
-        ct.extend(e.update(&msg[50..]).unwrap());
-        ct.extend(e.finish().unwrap());
+        let mut ct = e.update(&msg[..7]).unwrap().to_vec();
+        ct.extend(e.update(&msg[7..50]).unwrap().iter());
+        ct.extend(e.update(&msg[50..]).unwrap().iter());
+        ct.extend(e.finish().unwrap().iter());
         assert_eq!(ct.len(), 112);
         // Independent check: CBC by hand over RustCrypto's AES block cipher.
         {

@@ -6,6 +6,7 @@
 //! before anything here runs.
 
 pub mod aes;
+pub mod check;
 pub mod evidence_sig;
 pub mod implicit;
 pub mod keywrap;
@@ -99,22 +100,10 @@ impl HashAlg {
                 0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04,
                 0x14,
             ],
-            HashAlg::Sha224 => &[
-                0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-                0x04, 0x05, 0x00, 0x04, 0x1c,
-            ],
-            HashAlg::Sha256 => &[
-                0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-                0x01, 0x05, 0x00, 0x04, 0x20,
-            ],
-            HashAlg::Sha384 => &[
-                0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-                0x02, 0x05, 0x00, 0x04, 0x30,
-            ],
-            HashAlg::Sha512 => &[
-                0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
-                0x03, 0x05, 0x00, 0x04, 0x40,
-            ],
+            HashAlg::Sha224 => &SHA224_DIGEST_INFO,
+            HashAlg::Sha256 => &SHA256_DIGEST_INFO,
+            HashAlg::Sha384 => &SHA384_DIGEST_INFO,
+            HashAlg::Sha512 => &SHA512_DIGEST_INFO,
         }
     }
 
@@ -122,6 +111,36 @@ impl HashAlg {
         aws_lc_rs::digest::digest(self.lc(), data).as_ref().to_vec()
     }
 }
+
+/// DigestInfo prefix of a SHA-2 hash: SEQUENCE { SEQUENCE { OID 2.16.840.1.101.3.4.2.`arc`,
+/// NULL }, OCTET STRING of `len` bytes }, the hash bytes to follow (RFC 8017 §9.2 note 1).
+const fn sha2_digest_info(arc: u8, len: u8) -> [u8; 19] {
+    [
+        0x30,
+        0x11 + len,
+        0x30,
+        0x0d,
+        0x06,
+        0x09,
+        0x60,
+        0x86,
+        0x48,
+        0x01,
+        0x65,
+        0x03,
+        0x04,
+        0x02,
+        arc,
+        0x05,
+        0x00,
+        0x04,
+        len,
+    ]
+}
+const SHA224_DIGEST_INFO: [u8; 19] = sha2_digest_info(0x04, 28);
+const SHA256_DIGEST_INFO: [u8; 19] = sha2_digest_info(0x01, 32);
+const SHA384_DIGEST_INFO: [u8; 19] = sha2_digest_info(0x02, 48);
+const SHA512_DIGEST_INFO: [u8; 19] = sha2_digest_info(0x03, 64);
 
 /// A running hash (true multipart: C_DigestUpdate / C_SignUpdate feed it directly).
 #[derive(Clone)]

@@ -3,7 +3,7 @@
 //! in one or several parts and produces its output once. Hashed mechanisms hash as data
 //! arrives (true multipart); raw mechanisms collect their (short) input.
 
-use super::aes::{self, CbcDecrypt, CbcEncrypt};
+use super::aes::{self, StreamCipher};
 use super::pkey::{EvpKey, PublicInfo, PublicParts, RsaPad};
 use super::{HashAlg, Hasher, Mechanism};
 use crate::error::{Error, Result};
@@ -279,8 +279,14 @@ pub enum CipherKey {
 enum CipherState {
     /// RSA PKCS#1 / OAEP and AES-GCM: the whole input, processed at the end.
     Collect(Wiped),
-    CbcEnc(CbcEncrypt),
-    CbcDec(CbcDecrypt),
+    /// AES-CBC-PAD (and any streaming mode `aes::streaming` knows).
+    Stream(Box<dyn StreamCipher>),
+}
+
+/// Whether the registry lists `m` for encryption: a cipher mechanism whose key is the wrong
+/// type is inconsistent with the key, any other mechanism is not a cipher at all.
+fn is_cipher(m: &Mechanism) -> bool {
+    super::mechanism::lookup(m.ckm()).is_some_and(|i| i.can(CKF_ENCRYPT))
 }
 
 pub struct CipherOp {
@@ -300,20 +306,15 @@ impl CipherOp {
                 }
                 CipherState::Collect(Wiped::new(Vec::new()))
             }
-            (Mechanism::AesGcm(_), CipherKey::Secret(_)) => {
-                CipherState::Collect(Wiped::new(Vec::new()))
-            }
-            (Mechanism::AesCbcPad(iv), CipherKey::Secret(s)) => {
-                if encrypt {
-                    CipherState::CbcEnc(CbcEncrypt::new(s.as_slice(), *iv)?)
-                } else {
-                    CipherState::CbcDec(CbcDecrypt::new(s.as_slice(), *iv)?)
+            (m, CipherKey::Secret(s))
+                if super::mechanism::lookup(m.ckm()).is_some_and(|i| i.key == Some(CKK_AES)) =>
+            {
+                match aes::streaming(m, s.as_slice(), encrypt) {
+                    Some(stream) => CipherState::Stream(stream?),
+                    None => CipherState::Collect(Wiped::new(Vec::new())),
                 }
             }
-            (Mechanism::RsaPkcs | Mechanism::RsaOaep(_), _)
-            | (Mechanism::AesGcm(_) | Mechanism::AesCbcPad(_), _) => {
-                return Err(inconsistent("cipher mechanism"))
-            }
+            (m, _) if is_cipher(m) => return Err(inconsistent("cipher mechanism")),
             (m, _) => return Err(not_for("encrypt or decrypt", m)),
         };
         Ok(CipherOp {
@@ -338,8 +339,7 @@ impl CipherOp {
                 v.extend_from_slice(data);
                 Ok(Wiped::new(Vec::new()))
             }
-            CipherState::CbcEnc(e) => Ok(Wiped::new(e.update(data)?)),
-            CipherState::CbcDec(d) => d.update(data),
+            CipherState::Stream(s) => s.update(data),
         }
     }
 
@@ -379,8 +379,7 @@ impl CipherOp {
     /// The remaining output; the operation is spent afterwards.
     pub fn finish(&mut self) -> Result<Wiped> {
         match &mut self.state {
-            CipherState::CbcEnc(e) => Ok(Wiped::new(e.finish()?)),
-            CipherState::CbcDec(d) => d.finish(),
+            CipherState::Stream(s) => s.finish(),
             CipherState::Collect(v) => {
                 let input = std::mem::take(v);
                 self.finish_collected(&input)
@@ -391,13 +390,8 @@ impl CipherOp {
     /// The output of a collecting mechanism over its whole input.
     fn finish_collected(&self, input: &[u8]) -> Result<Wiped> {
         match (&self.mech, &self.key) {
-            (Mechanism::AesGcm(p), CipherKey::Secret(s)) => {
-                if self.encrypt {
-                    Ok(Wiped::new(aes::gcm_seal(s.as_slice(), p, input)?))
-                } else {
-                    aes::gcm_open(s.as_slice(), p, input)
-                }
-            }
+            (m, CipherKey::Secret(s)) => aes::collected(m, s.as_slice(), self.encrypt, input)
+                .unwrap_or_else(|| Err(Error::general("cipher state does not match its key"))),
             (m, CipherKey::Asym(k)) => {
                 let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
                 let pad = rsa_pad(m);
@@ -431,7 +425,6 @@ impl CipherOp {
                     Ok(Wiped::new(pt.as_slice().to_vec()))
                 }
             }
-            _ => Err(Error::general("cipher state does not match its key")),
         }
     }
 }
@@ -759,6 +752,59 @@ pub(crate) mod tests {
         let mut v = VerifyOp::new(Mechanism::EcdsaHash(HashAlg::Sha512), pubk).unwrap();
         v.update(b"x").unwrap();
         v.finish(&sig).unwrap();
+    }
+
+    /// The registry decides: a cipher mechanism with the wrong key type is inconsistent with
+    /// the key; a mechanism that is no cipher at all is invalid for encrypt / decrypt.
+    #[test]
+    fn cipher_init_checks_the_key_type_from_the_registry() {
+        let (rsa, _) = rsa_key();
+        let aes = Arc::new(SecretBytes::from_slice(&[7; 16]));
+        let gcm = Mechanism::AesGcm(super::super::GcmParams {
+            iv: vec![0; 12],
+            aad: vec![],
+            tag_bits: 128,
+        });
+        let rv = |m: Mechanism, key: CipherKey| {
+            CipherOp::new(m, key, true).map(|_| ()).unwrap_err().rv()
+        };
+        assert_eq!(
+            rv(gcm.clone(), CipherKey::Asym(rsa.clone())),
+            CKR_KEY_TYPE_INCONSISTENT
+        );
+        assert_eq!(
+            rv(Mechanism::AesCbcPad([0; 16]), CipherKey::Asym(rsa.clone())),
+            CKR_KEY_TYPE_INCONSISTENT
+        );
+        assert_eq!(
+            rv(Mechanism::RsaPkcs, CipherKey::Secret(aes.clone())),
+            CKR_KEY_TYPE_INCONSISTENT
+        );
+        assert_eq!(
+            rv(
+                Mechanism::RsaPkcsHash(HashAlg::Sha256),
+                CipherKey::Secret(aes.clone())
+            ),
+            CKR_MECHANISM_INVALID
+        );
+        assert_eq!(
+            rv(
+                Mechanism::Digest(HashAlg::Sha256),
+                CipherKey::Secret(aes.clone())
+            ),
+            CKR_MECHANISM_INVALID
+        );
+        assert_eq!(
+            rv(Mechanism::Ecdsa, CipherKey::Asym(rsa)),
+            CKR_MECHANISM_INVALID
+        );
+        // Both AES modes still start with an AES key: GCM collects, CBC-PAD streams.
+        let mut g = CipherOp::new(gcm, CipherKey::Secret(aes.clone()), true).unwrap();
+        assert_eq!(g.single(b"sixteen byte msg").unwrap().len(), 16 + 16);
+        let mut c =
+            CipherOp::new(Mechanism::AesCbcPad([0; 16]), CipherKey::Secret(aes), true).unwrap();
+        assert_eq!(c.update(b"sixteen byte msg").unwrap().len(), 16);
+        assert_eq!(c.finish().unwrap().len(), 16);
     }
 }
 

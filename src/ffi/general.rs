@@ -87,7 +87,7 @@ fn read_certificates(cfg: &Config) -> Result<HashMap<std::path::PathBuf, Vec<u8>
                 if pems.contains_key(p) {
                     continue;
                 }
-                let bytes = std::fs::read(p).map_err(|e| {
+                let bytes = crate::config::read_named_file(p).map_err(|e| {
                     Error::config(format!(
                         "{}: token {:?} key {:?}: cannot read certificate {}: {e}",
                         cfg.source_path.display(),
@@ -456,10 +456,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     let result = lease.finish(material);
     let install = install_started.elapsed();
     match result {
-        Ok(warnings) => {
-            for w in warnings {
-                log::warn!("C_Login token=\"{}\": {w}", t.config.label);
-            }
+        Ok(()) => {
             if crate::secret::arena::take_mlock_warning() {
                 log::warn!("mlock of key memory failed; keys may reach swap. hint: raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=)");
             }

@@ -338,36 +338,31 @@ macro_rules! absorb_then_output {
     )*};
 }
 
-struct Sign;
-impl Family for Sign {
-    type Op = SignOp;
-    const PURPOSE: Option<Purpose> = Some(Purpose::Sign);
-    const SLOT: fn(&mut Session) -> &mut Option<Active<SignOp>> = |s| &mut s.sign;
-    const BUILD: fn(Mechanism, Option<&Object>) -> Result<SignOp> =
-        |m, key| SignOp::new(m, asym(key_of(key)?)?);
+/// A family that is one operation type in one session slot: its type, key purpose, slot
+/// and builder.
+macro_rules! family {
+    ($($family:ident: $op:ty, $purpose:expr, $slot:ident, $build:expr;)*) => {$(
+        struct $family;
+        impl Family for $family {
+            type Op = $op;
+            const PURPOSE: Option<Purpose> = $purpose;
+            const SLOT: fn(&mut Session) -> &mut Option<Active<$op>> = |s| &mut s.$slot;
+            const BUILD: fn(Mechanism, Option<&Object>) -> Result<$op> = $build;
+        }
+    )*};
 }
 
-struct Verify;
-impl Family for Verify {
-    type Op = VerifyOp;
-    const PURPOSE: Option<Purpose> = Some(Purpose::Verify);
-    const SLOT: fn(&mut Session) -> &mut Option<Active<VerifyOp>> = |s| &mut s.verify;
-    const BUILD: fn(Mechanism, Option<&Object>) -> Result<VerifyOp> =
-        |m, key| VerifyOp::new(m, asym(key_of(key)?)?);
-}
-impl Absorb for Verify {
-    const ABSORB: fn(&mut VerifyOp, &[u8]) -> Result<()> = VerifyOp::update;
-}
-
-struct Digest;
-impl Family for Digest {
-    type Op = DigestOp;
-    const PURPOSE: Option<Purpose> = None;
-    const SLOT: fn(&mut Session) -> &mut Option<Active<DigestOp>> = |s| &mut s.digest;
-    const BUILD: fn(Mechanism, Option<&Object>) -> Result<DigestOp> = |m, _| match m {
+family! {
+    Sign: SignOp, Some(Purpose::Sign), sign, |m, key| SignOp::new(m, asym(key_of(key)?)?);
+    Verify: VerifyOp, Some(Purpose::Verify), verify, |m, key| VerifyOp::new(m, asym(key_of(key)?)?);
+    Digest: DigestOp, None, digest, |m, _| match m {
         Mechanism::Digest(alg) => Ok(DigestOp::new(alg)),
         _ => Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism")),
     };
+}
+
+impl Absorb for Verify {
+    const ABSORB: fn(&mut VerifyOp, &[u8]) -> Result<()> = VerifyOp::update;
 }
 
 absorb_then_output! {

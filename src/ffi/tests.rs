@@ -38,7 +38,7 @@ impl Live {
         let g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let _ = call!(C_Finalize(null_mut()));
         let f = Fixture::new(extra);
-        std::env::set_var(crate::config::CONFIG_ENV, f.config_path());
+        crate::config::use_config_on_this_thread(f.config_path().as_ref());
         assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
         Live { f, _g: g }
     }
@@ -281,7 +281,7 @@ fn initialize_argument_matrix_and_not_initialized() {
     );
     assert_eq!(call!(C_Finalize(null_mut())), CKR_CRYPTOKI_NOT_INITIALIZED);
     let f = Fixture::new("");
-    std::env::set_var(crate::config::CONFIG_ENV, f.config_path());
+    crate::config::use_config_on_this_thread(f.config_path().as_ref());
 
     unsafe extern "C" fn create(_m: *mut *mut std::ffi::c_void) -> CK_RV {
         panic!("the module must never call the application's mutex callbacks")
@@ -369,7 +369,7 @@ fn bad_config_fails_initialize_with_its_line() {
         .replace("[identity]", "[identity]\nsourse = 1");
     let path = f.dir.path().join("bad.toml");
     std::fs::write(&path, bad).unwrap();
-    std::env::set_var(crate::config::CONFIG_ENV, &path);
+    crate::config::use_config_on_this_thread(&path);
     assert_eq!(call!(C_Initialize(null_mut())), CKR_GENERAL_ERROR);
     let mut info = std::mem::MaybeUninit::<CK_INFO>::zeroed();
     assert_eq!(
@@ -1440,7 +1440,7 @@ fn without_own_threads_the_release_runs_on_the_callers_thread() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let _ = call!(C_Finalize(null_mut()));
     let f = Fixture::new("");
-    std::env::set_var(crate::config::CONFIG_ENV, f.config_path());
+    crate::config::use_config_on_this_thread(f.config_path().as_ref());
     let mut a = CK_C_INITIALIZE_ARGS {
         CreateMutex: None,
         DestroyMutex: None,

@@ -5,6 +5,19 @@
 //! AKV is the authority on release; this evaluator only explains. Where the service's semantics
 //! are [uncertain] in the protocol notes, the reading chosen here is the strict one (a condition
 //! counts as met only when it certainly is), and each such place says so.
+//!
+//! Case, decided once for this evaluator and skr-emulator's (both run the shared table
+//! `testdata/policy/shared-cases.json`):
+//! - grammar names (`version`, `anyOf`, `allOf`, `authority`, `claim`, the operators, the legacy
+//!   `condition`/`value`) match without ASCII case: Microsoft's grammar page spells them both
+//!   ways (`anyof:` in its EBNF, `anyOf` in its examples) and models the grammar on Azure Policy,
+//!   whose names are case-insensitive. A name given twice in one object under different case is
+//!   refused, never resolved by picking one;
+//! - claim names and claim values compare exactly ([uncertain] in skr-protocol §7.5 item 2; a
+//!   case-folded match could only ever release more, so the exact reading is the safe one);
+//! - authorities compare like URLs: scheme and host without case (RFC 3986 §6.2.2.1), the path
+//!   exactly, one trailing slash not significant ([uncertain]; folding the path could let one
+//!   issuer stand for another, so it is not folded).
 
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -76,17 +89,19 @@ impl Operator {
             Operator::Exists => "exists",
         }
     }
+    /// Operator names match without ASCII case (see the module comment).
     fn from_name(name: &str) -> Option<Operator> {
-        Some(match name {
-            "equals" => Operator::Equals,
-            "notEquals" => Operator::NotEquals,
-            "less" => Operator::Less,
-            "lessOrEquals" => Operator::LessOrEquals,
-            "greater" => Operator::Greater,
-            "greaterOrEquals" => Operator::GreaterOrEquals,
-            "exists" => Operator::Exists,
-            _ => return None,
-        })
+        [
+            Operator::Equals,
+            Operator::NotEquals,
+            Operator::Less,
+            Operator::LessOrEquals,
+            Operator::Greater,
+            Operator::GreaterOrEquals,
+            Operator::Exists,
+        ]
+        .into_iter()
+        .find(|op| op.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -203,7 +218,7 @@ pub fn parse_value(v: &Value) -> Result<Policy, PolicyError> {
     let obj = v
         .as_object()
         .ok_or_else(|| PolicyError("top level is not an object".into()))?;
-    let version = match obj.get("version") {
+    let version = match member(obj, "version", "policy")? {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => return Err(PolicyError(format!("version {other} is not a string"))),
@@ -223,12 +238,29 @@ pub fn parse_value(v: &Value) -> Result<Policy, PolicyError> {
     })
 }
 
+/// The member `name` of a grammar object, its name compared without ASCII case; the same name
+/// twice under different case is refused rather than resolved.
+fn member<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    what: &str,
+) -> Result<Option<&'a Value>, PolicyError> {
+    let mut found = obj.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+    let first = found.next().map(|(_, v)| v);
+    if found.next().is_some() {
+        return Err(PolicyError(format!(
+            "{what}: {name} is given more than once (names compare without case)"
+        )));
+    }
+    Ok(first)
+}
+
 fn one_combinator<'a>(
     obj: &'a Map<String, Value>,
     what: &str,
 ) -> Result<(Combinator, &'a Vec<Value>), PolicyError> {
     let list = |key: &str| -> Result<Option<&'a Vec<Value>>, PolicyError> {
-        match obj.get(key) {
+        match member(obj, key, what)? {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
             Some(_) => Err(PolicyError(format!("{what}: {key} is not an array"))),
@@ -265,8 +297,7 @@ fn parse_rule(v: &Value, index: usize) -> Result<AuthorityRule, PolicyError> {
     let obj = v
         .as_object()
         .ok_or_else(|| PolicyError(format!("{what} is not an object")))?;
-    let authority = obj
-        .get("authority")
+    let authority = member(obj, "authority", &what)?
         .and_then(Value::as_str)
         .ok_or_else(|| PolicyError(format!("{what} has no authority string")))?
         .to_string();
@@ -287,7 +318,7 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
     let obj = v
         .as_object()
         .ok_or_else(|| PolicyError(format!("{what}: condition {v} is not an object")))?;
-    let Some(claim) = obj.get("claim") else {
+    let Some(claim) = member(obj, "claim", what)? else {
         let (combinator, list) = one_combinator(obj, what)?;
         let inner = list
             .iter()
@@ -302,15 +333,15 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
         .ok_or_else(|| PolicyError(format!("{what}: claim {claim} is not a non-empty string")))?
         .to_string();
     // Legacy form {claim, condition, value} (7.4 REST example, 2021 SDK tests).
-    if let Some(cond) = obj.get("condition") {
+    if let Some(cond) = member(obj, "condition", what)? {
         let name = cond.as_str().unwrap_or_default();
         let operator = Operator::from_name(name).ok_or_else(|| {
             PolicyError(format!("{what}: claim {claim}: unknown condition {cond}"))
         })?;
-        let value = obj.get("value").ok_or_else(|| {
+        let value = member(obj, "value", what)?.ok_or_else(|| {
             PolicyError(format!("{what}: claim {claim}: condition without value"))
         })?;
-        check_scalar(value, what, &claim)?;
+        check_value(operator, value, what, &claim)?;
         return Ok(Condition::Claim {
             claim,
             operator,
@@ -319,7 +350,7 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
     }
     let mut found = None;
     for (key, value) in obj {
-        if key == "claim" {
+        if key.eq_ignore_ascii_case("claim") {
             continue;
         }
         let operator = Operator::from_name(key).ok_or_else(|| {
@@ -330,7 +361,7 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
                 "{what}: claim {claim}: more than one operator"
             )));
         }
-        check_scalar(value, what, &claim)?;
+        check_value(operator, value, what, &claim)?;
         found = Some((operator, value.clone()));
     }
     let (operator, value) =
@@ -342,8 +373,13 @@ fn parse_condition(v: &Value, what: &str) -> Result<Condition, PolicyError> {
     })
 }
 
-fn check_scalar(v: &Value, what: &str, claim: &str) -> Result<(), PolicyError> {
+fn check_value(operator: Operator, v: &Value, what: &str, claim: &str) -> Result<(), PolicyError> {
     match v {
+        // [uncertain] `exists` takes true or false; anything else (say "yes") has no safe
+        // meaning, so it is refused instead of being read as "must be absent".
+        _ if operator == Operator::Exists && exists_wanted(v).is_none() => Err(PolicyError(
+            format!("{what}: claim {claim}: exists takes true or false, not {v}"),
+        )),
         Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(()),
         _ => Err(PolicyError(format!(
             "{what}: claim {claim}: value {v} is not a string, number or boolean"
@@ -351,12 +387,31 @@ fn check_scalar(v: &Value, what: &str, claim: &str) -> Result<(), PolicyError> {
     }
 }
 
-/// Compare an authority with a token issuer: one trailing slash is not significant
-/// (skr-protocol §7.5 item 4). Anything else must match exactly ([uncertain]: host case-folding
-/// and scheme-less authorities are not assumed).
+/// The value of an `exists` condition: `true`/`false`, as JSON booleans or strings in any case.
+fn exists_wanted(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
+/// Compare an authority with a token issuer as URLs: scheme and host without ASCII case, the
+/// path exactly, one trailing slash not significant (skr-protocol §7.5 item 4; the module
+/// comment says why the path is not folded). Scheme-less authorities are not assumed.
 pub fn authority_matches(authority: &str, issuer: &str) -> bool {
-    fn norm(s: &str) -> &str {
-        s.strip_suffix('/').unwrap_or(s)
+    /// (scheme://host[:port] lower-cased, the rest as it is) without one trailing slash.
+    fn norm(s: &str) -> (String, &str) {
+        let s = s.strip_suffix('/').unwrap_or(s);
+        let origin_end = s
+            .find("://")
+            .map(|scheme_end| {
+                let host_from = scheme_end + 3;
+                s[host_from..].find('/').map_or(s.len(), |p| host_from + p)
+            })
+            .unwrap_or(0);
+        (s[..origin_end].to_ascii_lowercase(), &s[origin_end..])
     }
     norm(authority) == norm(issuer)
 }
@@ -464,9 +519,14 @@ fn eval_condition(c: &Condition, authority: &str, claims: &Value) -> Result<(), 
             let expected = scalar_string(value).unwrap_or_default();
             let met = match operator {
                 // [uncertain] `exists` semantics: `true` requires the claim, `false` its absence.
-                Operator::Exists => found.is_some() == (expected == "true"),
+                Operator::Exists => Some(found.is_some()) == exists_wanted(value),
                 Operator::Equals => actual.as_deref() == Some(expected.as_str()),
-                Operator::NotEquals => actual.as_ref().is_some_and(|a| *a != expected),
+                // [uncertain] whether AKV compares "1.0" and 1 as numbers: notEquals holds only
+                // when they differ both as text and as numbers.
+                Operator::NotEquals => actual.as_deref().is_some_and(|a| {
+                    a != expected
+                        && compare_numbers(a, &expected) != Some(std::cmp::Ordering::Equal)
+                }),
                 Operator::Less
                 | Operator::LessOrEquals
                 | Operator::Greater
@@ -502,8 +562,8 @@ fn eval_condition(c: &Condition, authority: &str, claims: &Value) -> Result<(), 
 /// [uncertain] ordering of non-numbers: only numeric comparison is assumed; a side that does not
 /// parse as a number makes the condition unmet rather than guessing a string order.
 fn compare_numbers(a: &str, b: &str) -> Option<std::cmp::Ordering> {
-    let x: f64 = a.trim().parse().ok()?;
-    let y: f64 = b.trim().parse().ok()?;
+    let x: f64 = a.trim().parse().ok().filter(|x: &f64| x.is_finite())?;
+    let y: f64 = b.trim().parse().ok().filter(|y: &f64| y.is_finite())?;
     x.partial_cmp(&y)
 }
 

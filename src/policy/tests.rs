@@ -412,3 +412,30 @@ fn microsoft_cvm_policy_files() {
         Err(Explanation::NoAuthority { .. })
     ));
 }
+
+/// The table both evaluators run (emulator/src/policy.rs reads the same file): what each case
+/// expects is the rule stated in the module comment.
+#[test]
+fn shared_table_with_the_emulator() {
+    let table = testdata("policy/shared-cases.json");
+    let authority = table["authority"].as_str().expect("authority");
+    let cases = table["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 40, "the shared table lost cases");
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let policy = case.get("policy").cloned().unwrap_or_else(|| {
+            json!({"version": "1.0.0", "anyOf": [{"authority": authority, "allOf": [case["condition"].clone()]}]})
+        });
+        let issuer = case
+            .get("issuer")
+            .and_then(Value::as_str)
+            .unwrap_or(authority);
+        let claims = case.get("claims").unwrap_or(&table["claims"]);
+        let outcome = match parse_value(&policy) {
+            Err(_) => "malformed",
+            Ok(p) if evaluate(&p, issuer, claims).is_ok() => "met",
+            Ok(_) => "unmet",
+        };
+        assert_eq!(outcome, case["expect"], "case {name:?}");
+    }
+}

@@ -203,7 +203,7 @@ fn read_capped(resp: reqwest::blocking::Response) -> std::result::Result<Vec<u8>
 }
 
 /// Seconds, or an HTTP date.
-fn parse_retry_after(v: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(s) = v.parse::<u64>() {
         return Some(Duration::from_secs(s));
@@ -217,7 +217,7 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 }
 
 /// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix seconds.
-fn httpdate_to_unix(s: &str) -> Option<u64> {
+pub(crate) fn httpdate_to_unix(s: &str) -> Option<u64> {
     let parts: Vec<&str> = s.split_whitespace().collect();
     if parts.len() != 6 || parts[5] != "GMT" {
         return None;

@@ -19,17 +19,12 @@ impl TrustAnchors {
     pub fn load(ca_file: Option<&Path>) -> Result<Self> {
         let mut extra = Vec::new();
         if let Some(path) = ca_file {
-            use rustls_pki_types::pem::PemObject;
             let fail = |e: String| {
                 Error::config(format!("tls.ca_file {}: {e}", path.display()))
                     .with_hint("tls.ca_file must be a readable PEM file of CA certificates")
             };
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| fail(e.to_string()))? {
-                extra.push(cert.map_err(|e| fail(e.to_string()))?);
-            }
-            if extra.is_empty() {
-                return Err(fail("no CERTIFICATE in the file".into()));
-            }
+            let text = crate::config::read_named_file(path).map_err(|e| fail(e.to_string()))?;
+            extra = crate::pem::certificates(&text).map_err(fail)?;
         }
         Self::with_extra(&extra).map_err(|e| match ca_file {
             Some(p) => Error::config(format!("tls.ca_file {}: {}", p.display(), e.message())),

@@ -10,7 +10,7 @@ use crate::error::{Error, Result, Step};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Allowed clock difference for `nbf` / `exp`.
 pub const CLOCK_SKEW_SECS: i64 = 60;
@@ -18,13 +18,19 @@ pub const CLOCK_SKEW_SECS: i64 = 60;
 /// RSA public keys (PKCS#1 `RSAPublicKey` DER) of each MAA `/certs`, by `kid`; per process.
 /// Only public data, so it may outlive a fork.
 type SigningKeys = Vec<(Option<String>, Vec<u8>)>;
-static CERTS_CACHE: Mutex<Option<HashMap<String, SigningKeys>>> = Mutex::new(None);
+/// Per MAA URL: when its `/certs` was fetched, and the keys. Entries expire after
+/// `CERTS_TTL`, so that a key MAA has withdrawn stops verifying tokens within that time (an
+/// unknown `kid` refetches at once).
+static CERTS_CACHE: Mutex<Option<HashMap<String, (Instant, SigningKeys)>>> = Mutex::new(None);
+const CERTS_TTL: Duration = Duration::from_secs(3600);
 
 pub struct Maa<'a> {
     http: &'a Http,
     /// Configured base URL without a trailing slash: also the expected `iss`.
     url: String,
     api_version: String,
+    /// How long a fetched `/certs` is used (CERTS_TTL; tests shorten it).
+    certs_ttl: Duration,
 }
 
 /// What the token must show about our request.
@@ -46,6 +52,7 @@ impl<'a> Maa<'a> {
             http,
             url: url.trim_end_matches('/').to_string(),
             api_version: api_version.to_string(),
+            certs_ttl: CERTS_TTL,
         }
     }
 
@@ -110,8 +117,10 @@ impl<'a> Maa<'a> {
         // it just fetches again.
         if !refresh {
             if let Ok(cache) = CERTS_CACHE.try_lock() {
-                if let Some(keys) = cache.as_ref().and_then(|m| m.get(&self.url)) {
-                    return Ok(keys.clone());
+                if let Some((fetched, keys)) = cache.as_ref().and_then(|m| m.get(&self.url)) {
+                    if fetched.elapsed() < self.certs_ttl {
+                        return Ok(keys.clone());
+                    }
                 }
             }
         }
@@ -130,7 +139,7 @@ impl<'a> Maa<'a> {
         if let Ok(mut cache) = CERTS_CACHE.try_lock() {
             cache
                 .get_or_insert_with(HashMap::new)
-                .insert(self.url.clone(), keys.clone());
+                .insert(self.url.clone(), (Instant::now(), keys.clone()));
         }
         Ok(keys)
     }
@@ -142,28 +151,14 @@ impl<'a> Maa<'a> {
     }
 
     pub fn verify_at(&self, token: &str, expected: &Expected<'_>, now: i64) -> Result<Value> {
-        let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
-        let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
-        if alg != "RS256" {
-            return Err(bad(format!(
-                "MAA token alg is {alg:?}, only RS256 is accepted"
-            )));
-        }
-        let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
-        let want_jku = format!("{}/certs", self.url);
-        if jku != want_jku {
-            return Err(bad(format!(
-                "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
-            )));
-        }
-        self.verify_signature(&c)?;
-        check_claims(&c.payload, &self.url, expected, now)?;
-        Ok(c.payload)
+        verify_token(token, &self.url, expected, now, &|refresh| {
+            self.signing_keys(refresh)
+        })
     }
 
     /// RS256 by a key of the configured MAA's `/certs`: the key named by `kid` (cached), else
     /// after one refresh the named key or any key of the fresh set.
-    fn verify_signature(&self, c: &Compact<'_>) -> Result<()> {
+    fn verify_signature(c: &Compact<'_>, keys_for: KeysFor<'_>) -> Result<()> {
         let kid = c.header.get("kid").and_then(Value::as_str);
         let verify_with = |keys: &SigningKeys, only_kid: bool| -> Option<bool> {
             let mut tried = false;
@@ -172,21 +167,18 @@ impl<'a> Maa<'a> {
                     continue;
                 }
                 tried = true;
-                let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
-                    &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
-                    der,
-                );
-                if pk.verify(c.signing_input.as_bytes(), &c.signature).is_ok() {
+                if crate::crypto::check::verify_rs256(der, c.signing_input.as_bytes(), &c.signature)
+                {
                     return Some(true);
                 }
             }
             tried.then_some(false)
         };
-        let mut keys = self.signing_keys(false)?;
+        let mut keys = keys_for(false)?;
         let mut verdict = verify_with(&keys, true);
         if verdict.is_none() {
             // Unknown kid: MAA may have rotated its keys; refresh once, then try every key.
-            keys = self.signing_keys(true)?;
+            keys = keys_for(true)?;
             verdict = verify_with(&keys, true).or_else(|| verify_with(&keys, false));
         }
         match verdict {
@@ -195,6 +187,37 @@ impl<'a> Maa<'a> {
             None => Err(bad("MAA /certs holds no signing key")),
         }
     }
+}
+
+/// The signing keys of the configured MAA (`true`: refreshed, not from the cache).
+type KeysFor<'k> = &'k dyn Fn(bool) -> Result<SigningKeys>;
+
+/// The whole check of [`Maa::verify_at`] with the signing keys from `keys_for`: header (RS256,
+/// `jku` of the configured MAA), signature, claims. Pure, so the fuzz target runs it too.
+pub fn verify_token(
+    token: &str,
+    maa_url: &str,
+    expected: &Expected<'_>,
+    now: i64,
+    keys_for: KeysFor<'_>,
+) -> Result<Value> {
+    let c = split_compact(token).map_err(|e| bad(format!("MAA token: {e}")))?;
+    let alg = c.header.get("alg").and_then(Value::as_str).unwrap_or("");
+    if alg != "RS256" {
+        return Err(bad(format!(
+            "MAA token alg is {alg:?}, only RS256 is accepted"
+        )));
+    }
+    let jku = c.header.get("jku").and_then(Value::as_str).unwrap_or("");
+    let want_jku = format!("{maa_url}/certs");
+    if jku != want_jku {
+        return Err(bad(format!(
+            "MAA token jku {jku:?} is not {want_jku:?}: the token was not issued by the configured MAA"
+        )));
+    }
+    Maa::verify_signature(&c, keys_for)?;
+    check_claims(&c.payload, maa_url, expected, now)?;
+    Ok(c.payload)
 }
 
 fn now_secs() -> i64 {
@@ -524,11 +547,11 @@ mod tests {
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(maa.url.clone(), stale);
-        maa.verify_signature(&c).unwrap();
+            .insert(maa.url.clone(), (Instant::now(), stale));
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         // Now the cache holds the fresh set; the kid is still unknown, so the next check
         // refreshes again and this time gets only a wrong key: refused.
-        let e = maa.verify_signature(&c).unwrap_err();
+        let e = Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap_err();
         assert!(e.message().contains("does not verify"), "{}", e.message());
         assert_eq!(server.join().unwrap(), 2);
 
@@ -541,8 +564,24 @@ mod tests {
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(maa.url.clone(), known);
-        maa.verify_signature(&c).unwrap();
+            .insert(maa.url.clone(), (Instant::now(), known.clone()));
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
+
+        // The same known kid, cached longer than the TTL ago: fetched again (one request).
+        let (url, server_ttl) = certs_server(vec![jwks(kid, &leaf)]);
+        let mut maa = Maa::new(&http, &url, "2022-08-01");
+        maa.certs_ttl = Duration::ZERO;
+        CERTS_CACHE
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(maa.url.clone(), (Instant::now(), known));
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
+        assert_eq!(
+            server_ttl.join().unwrap(),
+            1,
+            "an expired entry is refetched"
+        );
         assert_eq!(server.join().unwrap(), 0);
     }
 
@@ -561,11 +600,11 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].0.as_deref(), Some("k1"));
         // The release JWS verifies with the key taken this way (same RS256 path as MAA tokens).
-        let pk = aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        assert!(crate::crypto::check::verify_rs256(
             &keys[0].1,
-        );
-        pk.verify(c.signing_input.as_bytes(), &c.signature).unwrap();
+            c.signing_input.as_bytes(),
+            &c.signature
+        ));
         assert!(parse_certs(b"{\"keys\":[]}").is_err());
     }
 }

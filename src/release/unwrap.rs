@@ -5,6 +5,7 @@
 use super::b64url_decode;
 use super::transfer_key::{strip_leading_zeros, OaepHash, TransferKey};
 use super::KeyMaterial;
+use crate::crypto::check;
 use crate::crypto::keywrap::{self, UnwrapError};
 use crate::error::{Error, Result, Step};
 use crate::secret::SecretBytes;
@@ -204,13 +205,9 @@ pub fn check_material(
     };
     match public {
         PublicKeyInfo::Rsa { n, e } => {
-            use aws_lc_rs::signature::KeyPair;
-            let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(material.as_slice())
+            let (modulus, exponent) = check::rsa_public_of_pkcs8(material.as_slice())
                 .map_err(|e| mismatch(&format!("not a valid PKCS#8 RSA private key ({e})")))?;
-            let pk = kp.public_key();
-            if pk.modulus().big_endian_without_leading_zero() != n.as_slice()
-                || pk.exponent().big_endian_without_leading_zero() != e.as_slice()
-            {
+            if modulus != n.as_slice() || exponent != e.as_slice() {
                 return Err(mismatch(
                     "RSA modulus/exponent differ from the public key of GET {kid}",
                 ));
@@ -218,17 +215,16 @@ pub fn check_material(
             Ok(KeyMaterial::Pkcs8(material))
         }
         PublicKeyInfo::Ec { crv, x, y } => {
-            use aws_lc_rs::signature::{self as sig, KeyPair};
-            let alg = match crv.as_str() {
-                "P-256" => &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
-                "P-384" => &sig::ECDSA_P384_SHA384_ASN1_SIGNING,
-                "P-521" => &sig::ECDSA_P521_SHA512_ASN1_SIGNING,
-                "P-256K" => &sig::ECDSA_P256K1_SHA256_ASN1_SIGNING,
-                other => return Err(mismatch(&format!("unsupported curve {other:?}"))),
-            };
-            let kp = sig::EcdsaKeyPair::from_pkcs8(alg, material.as_slice())
-                .map_err(|e| mismatch(&format!("not a valid PKCS#8 {crv} private key ({e})")))?;
-            let point = kp.public_key().as_ref();
+            let point =
+                check::ec_public_point_of_pkcs8(crv, material.as_slice()).map_err(|e| match e {
+                    check::PublicHalfError::UnsupportedCurve => {
+                        mismatch(&format!("unsupported curve {crv:?}"))
+                    }
+                    check::PublicHalfError::Invalid(e) => {
+                        mismatch(&format!("not a valid PKCS#8 {crv} private key ({e})"))
+                    }
+                })?;
+            let point = point.as_slice();
             let clen = (point.len().saturating_sub(1)) / 2;
             let pad = |c: &[u8]| {
                 let mut v = vec![0u8; clen.saturating_sub(c.len())];

@@ -209,39 +209,36 @@ pub struct LoginLease<'a> {
 
 impl LoginLease<'_> {
     /// Install the keys (one short write) or record the failure; wake the joined callers.
-    pub fn finish(mut self, result: Result<Arc<Material>>) -> Result<Vec<String>> {
+    pub fn finish(mut self, result: Result<Arc<Material>>) -> Result<()> {
         self.done = true;
         let token = self.token;
-        let (outcome, warnings) = match result.and_then(|m| token.build_keyset(m)) {
-            Ok((ks, warnings)) => {
+        let outcome = match result.and_then(|m| token.build_keyset(m)) {
+            Ok(ks) => {
                 let mut st = lock(&token.login);
                 if st.closed {
                     // C_Finalize ran while the release was in flight: the keys go nowhere.
                     drop(st);
                     drop(ks);
-                    (
-                        Err(Error::new(
-                            CKR_CRYPTOKI_NOT_INITIALIZED,
-                            "C_Finalize was called during the login",
-                        )),
-                        vec![],
-                    )
+                    Err(Error::new(
+                        CKR_CRYPTOKI_NOT_INITIALIZED,
+                        "C_Finalize was called during the login",
+                    ))
                 } else {
                     retain(&token.config.label, ks.material.clone());
                     st.keys = Some(Arc::new(ks));
                     token.logged_in.store(true, Ordering::SeqCst);
                     token.epoch.fetch_add(1, Ordering::SeqCst);
-                    (Ok(()), warnings)
+                    Ok(())
                 }
             }
-            Err(e) => (Err(e), vec![]),
+            Err(e) => Err(e),
         };
         let mut st = lock(&token.login);
         st.in_flight = false;
         st.outcome = Some((self.attempt, outcome.clone()));
         drop(st);
         token.login_done.notify_all();
-        outcome.map(|_| warnings)
+        outcome
     }
 }
 
@@ -414,10 +411,10 @@ impl Token {
 
     /// Objects for released material: private (and secret) keys with fresh handles, and the
     /// public keys taken from the released keys (keeping the handle of the certificate-derived
-    /// public key object where there is one). Warnings name certificates that do not match.
-    fn build_keyset(&self, material: Arc<Material>) -> Result<(KeySet, Vec<String>)> {
+    /// public key object where there is one). A released key that does not match its
+    /// configured certificate fails the login (integrity).
+    fn build_keyset(&self, material: Arc<Material>) -> Result<KeySet> {
         let mut objects = Vec::new();
-        let mut warnings = Vec::new();
         for (ki, parsed) in &material.keys {
             let k = &self.config.keys[*ki];
             let id = k.id_bytes()?;
@@ -428,12 +425,24 @@ impl Token {
             let subject = cert_pub.map(|o| o.subject.clone()).unwrap_or_default();
             match parsed {
                 ParsedKey::Asym(key) => {
+                    // A key served next to a certificate it does not match breaks every TLS
+                    // handshake in a way clients report as a bad signature: refuse the login
+                    // instead (the released material is wiped when `material` drops).
                     if let Some(Body::PublicKey(cp)) = cert_pub.map(|o| &o.body) {
                         if cp.info != key.info {
-                            warnings.push(format!(
-                                "key {:?}: its certificate's public key differs from the released key; hint: configure the certificate issued for {}",
-                                k.label, k.kid
-                            ));
+                            let cert = k
+                                .certificate
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default();
+                            return Err(Error::integrity(
+                                Step::Install,
+                                format!(
+                                    "key {:?}: the key released from {} does not match its certificate {cert} (different public keys)",
+                                    k.label, k.kid
+                                ),
+                            )
+                            .with_hint("configure the certificate issued for this key version (after a rotation, replace the certificate file too)"));
                         }
                     }
                     objects.push(Arc::new(Object {
@@ -474,7 +483,7 @@ impl Token {
                 })),
             }
         }
-        Ok((KeySet { objects, material }, warnings))
+        Ok(KeySet { objects, material })
     }
 
     /// Drop the released keys of this token (logout, last session closed, C_Finalize).

@@ -60,26 +60,24 @@ impl CertInfo {
 
     /// Every certificate of a PEM file, leaf first.
     pub fn chain_from_pem(pem: &[u8]) -> Result<Vec<CertInfo>> {
-        let certs = x509_cert::Certificate::load_pem_chain(pem)
+        let certs = crate::pem::certificates(pem)
             .map_err(|e| Error::config(format!("not a PEM certificate chain: {e}")))?;
-        if certs.is_empty() {
-            return Err(Error::config("no certificate in the PEM file"));
-        }
         certs
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let der = c
-                    .to_der()
-                    .map_err(|e| Error::config(format!("cannot encode certificate: {e}")))?;
-                CertInfo::from_der(
-                    &der,
-                    if i == 0 {
-                        CK_CERTIFICATE_CATEGORY_TOKEN_USER
-                    } else {
-                        CK_CERTIFICATE_CATEGORY_AUTHORITY
-                    },
-                )
+            .map(|(i, der)| {
+                let category = if i == 0 {
+                    CK_CERTIFICATE_CATEGORY_TOKEN_USER
+                } else {
+                    CK_CERTIFICATE_CATEGORY_AUTHORITY
+                };
+                CertInfo::from_der(der, category).map_err(|e| {
+                    Error::config(format!(
+                        "certificate {} of the file: {}",
+                        i + 1,
+                        e.message()
+                    ))
+                })
             })
             .collect()
     }

@@ -178,7 +178,7 @@ pub(crate) fn login_with(t: &Token, released: Vec<ReleasedKey>) -> Result<()> {
     match t.begin_login() {
         LoginStart::Lead(l) => {
             let m = Material::from_released(&t.config, released).map(Arc::new);
-            l.finish(m).map(|_| ())
+            l.finish(m)
         }
         LoginStart::AlreadyLoggedIn => Err(Error::new(CKR_USER_ALREADY_LOGGED_IN, "")),
         LoginStart::Joined(r) => r,
@@ -598,4 +598,27 @@ fn public_objects_never_hold_private_keys() {
         }
     }
     m.logout(0).unwrap();
+}
+
+#[test]
+fn a_released_key_that_does_not_match_its_certificate_fails_the_login() {
+    let f = Fixture::new("");
+    let m = f.module();
+    let t = &m.tokens[0];
+    let mut released = f.released();
+    // Another P-256 key than the one ec.pem certifies (as after a rotation without the
+    // certificate file).
+    let other = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+    released[1].material = KeyMaterial::Pkcs8(SecretBytes::from_slice(&other));
+    let e = login_with(t, released).unwrap_err();
+    assert_eq!(e.rv(), CKR_GENERAL_ERROR);
+    assert_eq!(e.kind(), crate::error::ErrorKind::Integrity);
+    let msg = e.message();
+    assert!(
+        msg.contains("tls-ec") && msg.contains("keys/tls-ec") && msg.contains("ec.pem"),
+        "the error names the key and the certificate: {msg}"
+    );
+    assert!(!t.logged_in.load(Ordering::SeqCst), "nothing installed");
+    // The matching keys log in.
+    login_with(t, f.released()).unwrap();
 }

@@ -16,9 +16,28 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Where the built module, binaries and examples are: the debug profile as `cargo test`
+/// builds it, or `SKR_TEST_ARTIFACTS` (scripts/sanitize.sh points it at a sanitizer build).
+pub fn artifacts_dir() -> PathBuf {
+    std::env::var_os("SKR_TEST_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug"))
+}
+
+/// A built binary or example (`examples/NAME`) of the workspace.
+pub fn artifact(name: &str) -> PathBuf {
+    let p = artifacts_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
 /// The built cdylib (debug profile, as `cargo test` builds it).
 pub fn module_path() -> PathBuf {
-    let p = target_dir().join("debug").join("libskr_pkcs11.so");
+    let p = artifacts_dir().join("libskr_pkcs11.so");
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)",
@@ -28,7 +47,7 @@ pub fn module_path() -> PathBuf {
 }
 
 pub fn emulator_bin() -> PathBuf {
-    let p = target_dir().join("debug").join("skr-emulator");
+    let p = artifacts_dir().join("skr-emulator");
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)",

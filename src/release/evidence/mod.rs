@@ -7,7 +7,7 @@
 mod emulated;
 pub mod hcl;
 mod sev_guest;
-mod sev_legacy;
+pub(crate) mod sev_legacy;
 pub mod show;
 pub mod snp;
 pub mod tdx;
@@ -45,9 +45,7 @@ pub trait EvidenceProvider: Send + Sync {
 /// REPORT_DATA = SHA-256(runtime data bytes exactly as sent) ‖ 32 zero bytes.
 pub fn report_data_for(runtime_data: &[u8]) -> [u8; 64] {
     let mut rd = [0u8; 64];
-    rd[..32].copy_from_slice(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, runtime_data).as_ref(),
-    );
+    rd[..32].copy_from_slice(&crate::crypto::HashAlg::Sha256.digest(runtime_data));
     rd
 }
 
@@ -188,15 +186,26 @@ pub fn collateral_from_dir(dir: &Path) -> Result<Collateral> {
         )
         .with_hint("platform.security_context_dir / UVM_SECURITY_CONTEXT_DIR must point at the ACI security context (host-amd-cert-base64, reference-info-base64)")
     })?;
-    let thim = std_b64(&host_cert).ok_or_else(|| {
+    let reference_info = read("reference-info-base64").ok();
+    collateral_from_files(dir, &host_cert, reference_info.as_deref())
+}
+
+/// The collateral of a security-context directory from its two files' contents (`dir` names
+/// them in messages).
+pub fn collateral_from_files(
+    dir: &Path,
+    host_cert: &str,
+    reference_info: Option<&str>,
+) -> Result<Collateral> {
+    let thim = std_b64(host_cert).ok_or_else(|| {
         Error::evidence(
             Step::Evidence,
             format!("{}/host-amd-cert-base64 is not base64", dir.display()),
         )
     })?;
     let (vcek_chain_pem, tcbm) = thim_chain(&thim, "host-amd-cert-base64")?;
-    let uvm_reference_info = match read("reference-info-base64") {
-        Ok(text) if !text.trim().is_empty() => Some(std_b64(&text).ok_or_else(|| {
+    let uvm_reference_info = match reference_info {
+        Some(text) if !text.trim().is_empty() => Some(std_b64(text).ok_or_else(|| {
             Error::evidence(
                 Step::Evidence,
                 format!("{}/reference-info-base64 is not base64", dir.display()),

@@ -22,7 +22,7 @@ pub(super) fn report_request(report_data: &[u8; 64]) -> [u8; REQUEST_LEN] {
 }
 
 /// Check the MSG_REPORT_RSP and take the report out of it.
-pub(super) fn parse_response(rsp: &[u8; RESPONSE_LEN]) -> std::result::Result<Vec<u8>, String> {
+pub(crate) fn parse_response(rsp: &[u8; RESPONSE_LEN]) -> std::result::Result<Vec<u8>, String> {
     let status = u32::from_le_bytes(rsp[0..4].try_into().expect("4 bytes"));
     let size = u32::from_le_bytes(rsp[4..8].try_into().expect("4 bytes")) as usize;
     if status != 0 {

@@ -1,8 +1,11 @@
 //! Azure Key Vault (Premium) and Managed HSM data plane for keys: create, import, get, update
 //! (release policy), and Secure Key Release (skr-protocol.md §1–§7).
 
+mod target;
+
 use crate::admin::{generic_fault_response, FaultKind};
-use crate::app::App;
+use crate::context::App;
+use crate::keystore::{KeyVersion, Kind, StoredPolicy};
 use crate::policy;
 use crate::util::{b64_lenient, b64std, b64url, now_secs, random_hex};
 use axum::body::Bytes;
@@ -14,33 +17,10 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use rsa::traits::PublicKeyParts;
 use rsa::BigUint;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha384};
-use std::collections::BTreeMap;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Vault,
-    Mhsm,
-}
-
-impl Kind {
-    pub fn audience(self) -> &'static str {
-        match self {
-            Kind::Vault => "https://vault.azure.net",
-            Kind::Mhsm => "https://managedhsm.azure.net",
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Vault => "vault",
-            Kind::Mhsm => "mhsm",
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct Service {
@@ -56,61 +36,6 @@ impl Service {
         }
     }
 }
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredPolicy {
-    pub content_type: String,
-    /// The normalised policy JSON.
-    pub policy: Value,
-    pub immutable: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KeyVersion {
-    pub version: String,
-    pub kty: String,
-    #[serde(default)]
-    pub crv: Option<String>,
-    /// PKCS#8 DER (RSA, EC) or raw bytes (oct), standard base64.
-    pub material: String,
-    pub key_ops: Vec<String>,
-    pub enabled: bool,
-    pub created: u64,
-    pub updated: u64,
-    #[serde(default)]
-    pub nbf: Option<u64>,
-    #[serde(default)]
-    pub exp: Option<u64>,
-    pub exportable: bool,
-    #[serde(default)]
-    pub tags: Option<Map<String, Value>>,
-    #[serde(default)]
-    pub release_policy: Option<StoredPolicy>,
-}
-
-/// All versions of every key of one service; the last version is the current one.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Store {
-    pub keys: BTreeMap<String, Vec<KeyVersion>>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeysFile {
-    pub vault: Store,
-    pub mhsm: Store,
-}
-
-impl KeysFile {
-    pub fn store(&mut self, kind: Kind) -> &mut Store {
-        match kind {
-            Kind::Vault => &mut self.vault,
-            Kind::Mhsm => &mut self.mhsm,
-        }
-    }
-}
-
-// ---- errors --------------------------------------------------------------------------------
 
 #[derive(Debug)]
 pub struct KvError {
@@ -418,12 +343,12 @@ fn challenge(kind: Kind) -> HeaderValue {
     let value = match kind {
         Kind::Vault => format!(
             "Bearer authorization=\"https://login.windows.net/{}\", resource=\"{}\"",
-            crate::imds::TENANT_ID,
+            crate::tenant::TENANT_ID,
             kind.audience()
         ),
         Kind::Mhsm => format!(
             "Bearer authorization=\"https://login.microsoftonline.com/{}\", resource=\"{}\"",
-            crate::imds::TENANT_ID,
+            crate::tenant::TENANT_ID,
             kind.audience()
         ),
     };
@@ -457,7 +382,7 @@ fn check_bearer(svc: &Service, headers: &HeaderMap) -> Result<(), Box<Response>>
     else {
         return Err(Box::new(unauthorized(svc.kind, None)));
     };
-    crate::imds::verify_access_token(&svc.app, token.trim(), svc.kind.audience())
+    crate::tenant::verify_access_token(&svc.app, token.trim(), svc.kind.audience())
         .map_err(|m| Box::new(unauthorized(svc.kind, Some(m))))
 }
 
@@ -559,19 +484,21 @@ pub async fn dispatch(
     let result = match r {
         Route::List => list(&svc, None),
         Route::Versions(name) => list(&svc, Some(&name)),
-        // Key generation (RSA-4096 takes seconds) runs off the async workers.
+        // Key generation (RSA-4096 takes seconds) runs off the async workers, bounded.
         Route::Create(name) => match body_json() {
             Ok(request) => {
                 let worker_svc = svc.clone();
-                tokio::task::spawn_blocking(move || create(&worker_svc, &name, &request, skr_api))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(kv_err(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "InternalError",
-                            e.to_string(),
-                        ))
-                    })
+                crate::util::off_workers(std::time::Duration::from_secs(60), move || {
+                    create(&worker_svc, &name, &request, skr_api)
+                })
+                .await
+                .unwrap_or_else(|late| {
+                    Err(kv_err(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        format!("key generation {late}"),
+                    ))
+                })
             }
             Err(e) => Err(e),
         },
@@ -1240,7 +1167,7 @@ async fn release(
     }
     // The exact wording of AKV's denial messages is not public (skr-protocol.md §5.2); these
     // keep the service's 403 and add the reason, which is what a developer needs.
-    let claims = match svc.app.verify_attestation_token(target).await {
+    let claims = match target::verify_attestation_token(&svc.app, target).await {
         Ok(c) => c,
         Err(TargetError::Malformed(m)) => {
             return Err(bad(format!(

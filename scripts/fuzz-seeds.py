@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz targets (fuzz/corpus/<target>/seed-*, accept-*) from the
+real artifacts in testdata/ and the harnesses' test fixtures (testdata/fuzz/). A file named
+accept-* must pass every check of its harness: the stable replay (tests/fuzz_corpus.rs,
+emulator/tests/fuzz_corpus.rs) asserts it, so the structure-aware seeds provably reach the end
+of the parser. Inputs the fuzzer found (crash-*, slow-*) are kept beside them by hand.
+
+The harness constants (MAA_URL, KEY_URL, NONCE, REPORT_DATA, NOW) are src/fuzzing.rs's.
+Needs python3-cryptography. Run from anywhere: scripts/fuzz-seeds.py
+"""
+import base64
+import hashlib
+import json
+import os
+import struct
+import sys
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TD = os.path.join(ROOT, "testdata")
+CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+
+MAA_URL = "https://fuzz.attest.azure.net"
+KEY_URL = "https://fuzz.vault.azure.net/keys/web/0123456789abcdef0123456789abcdef"
+NONCE = "fuzz-nonce"
+REPORT_DATA = bytes([0x5A]) * 64
+NOW = 1_893_456_000
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def read(path):
+    with open(os.path.join(TD, path), "rb") as f:
+        return f.read()
+
+
+def write(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def uint(n):
+    return n.to_bytes((n.bit_length() + 7) // 8, "big")
+
+
+def dumps(v):
+    return json.dumps(v, separators=(",", ":"), sort_keys=True).encode()
+
+
+# Deterministic bytes (seeds must not change on every run).
+def det(label, n):
+    out = b""
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{label}/{i}".encode()).digest()
+        i += 1
+    return out[:n]
+
+
+test_key = serialization.load_der_private_key(read("fuzz/test-key.pk8"), None)
+pub = test_key.public_key().public_numbers()
+n_b, e_b = uint(pub.n), uint(pub.e)
+kid = b64url(hashlib.sha256(
+    ('{"e":"%s","kty":"RSA","n":"%s"}' % (b64url(e_b), b64url(n_b))).encode()).digest())
+transfer_jwk = {"kid": kid, "kty": "RSA", "key_ops": ["encrypt"], "n": b64url(n_b), "e": b64url(e_b)}
+test_key_pkcs8 = read("fuzz/test-key.pk8")
+test_jwk_public = {"kty": "RSA-HSM", "n": b64url(n_b), "e": "AQAB"}
+
+# ---- maa_token: 0 token text | 1 claims | 2 header\nclaims | 3 /certs body ----
+real_jwt = read("maa/sevsnpvm-token.jwt").strip()
+write("maa_token", "seed-real-token", b"\x00" + real_jwt)
+real_claims = json.loads(base64.urlsafe_b64decode(real_jwt.split(b".")[1] + b"=="))
+claims = dict(real_claims)
+claims.update({
+    "iss": MAA_URL, "iat": NOW - 60, "nbf": NOW - 60, "exp": NOW + 8 * 3600,
+    "nonce": NONCE, "x-ms-sevsnpvm-reportdata": REPORT_DATA.hex(),
+    "x-ms-runtime": {"keys": [transfer_jwk]},
+})
+write("maa_token", "accept-claims", b"\x01" + dumps(claims))
+header = {"alg": "RS256", "jku": MAA_URL + "/certs", "kid": "fuzz-maa-signing-key", "typ": "JWT"}
+write("maa_token", "accept-header-and-claims", b"\x02" + dumps(header) + b"\n" + dumps(claims))
+write("maa_token", "seed-real-claims", b"\x01" + dumps(real_claims))
+leaf_b64 = base64.b64encode(read("fuzz/test-leaf.der")).decode()
+write("maa_token", "seed-certs", b"\x03" + dumps({"keys": [{"kid": "k1", "kty": "RSA", "x5c": [leaf_b64]}]}))
+
+# ---- key_hsm / release_response: material wrapped to the test transfer key ----
+def key_hsm_text(kek, material, hash_alg=hashes.SHA256(), enc="RSA_AES_KEY_WRAP_256"):
+    block = test_key.public_key().encrypt(
+        kek, padding.OAEP(mgf=padding.MGF1(hash_alg), algorithm=hash_alg, label=None))
+    ct = block + aes_key_wrap_with_padding(kek, material)
+    env = {"schema_version": "1.0", "header": {"kid": kid, "alg": "dir", "enc": enc},
+           "ciphertext": b64url(ct), "generator": "scripts/fuzz-seeds.py"}
+    return b64url(json.dumps(env).encode())
+
+
+ec_key = ec.derive_private_key(int.from_bytes(det("ec-p256", 32), "big") % (2**255), ec.SECP256R1())
+ec_pkcs8 = ec_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+ec_nums = ec_key.public_key().public_numbers()
+ec_jwk = {"kty": "EC-HSM", "crv": "P-256", "x": b64url(ec_nums.x.to_bytes(32, "big")),
+          "y": b64url(ec_nums.y.to_bytes(32, "big"))}
+aes_material = det("aes-256", 32)
+
+
+def key_hsm_input(flags, kek, material, jwk):
+    return (bytes([flags, len(kek)]) + kek + struct.pack("<H", len(material)) + material
+            + dumps(jwk))
+
+
+write("key_hsm", "accept-rsa", key_hsm_input(1, det("kek", 32), test_key_pkcs8, test_jwk_public))
+write("key_hsm", "accept-ec-sha1", key_hsm_input(0, det("kek", 16), ec_pkcs8, ec_jwk))
+write("key_hsm", "accept-oct-sha384", key_hsm_input(2, det("kek", 32), aes_material,
+                                                    {"kty": "oct-HSM", "key_size": 256}))
+write("key_hsm", "seed-aes192-kek", key_hsm_input(1, det("kek", 24), det("wrapped", 40), ec_jwk))
+write("key_hsm", "seed-wrong-kid", key_hsm_input(5, det("kek", 32), ec_pkcs8, ec_jwk))
+mhsm = json.loads(read("akv/mhsm-release-response-payload.decoded.json"))
+write("key_hsm", "seed-real-key-hsm", b"\x03" + mhsm["payload"]["response"]["key"]["key"]["key_hsm"].encode())
+
+# release_response: 0 JWS text | 1 payload | 2 header\npayload
+write("release_response", "seed-real-jws", b"\x00" + read("akv/vault-release-response.jws").strip())
+payload = mhsm["payload"]
+payload["request"] = {"api-version": "7.4", "enc": "RSA_AES_KEY_WRAP_256", "kid": KEY_URL, "nonce": NONCE}
+payload["response"]["key"]["key"] = dict(test_jwk_public, key_hsm=key_hsm_text(det("kek", 32), test_key_pkcs8),
+                                         kid=KEY_URL, key_ops=["sign", "decrypt"])
+write("release_response", "accept-payload", b"\x01" + dumps(payload))
+x5c = [leaf_b64, base64.b64encode(read("fuzz/test-ca.der")).decode()]
+write("release_response", "accept-header-and-payload",
+      b"\x02" + dumps({"alg": "RS256", "x5c": x5c}) + b"\n" + dumps(payload))
+write("release_response", "seed-real-payload", b"\x01" + dumps(mhsm["payload"]))
+
+# ---- jwk ----
+write("jwk", "accept-test-key", dumps(test_jwk_public))
+write("jwk", "seed-ec", dumps(ec_jwk))
+write("jwk", "seed-oct", dumps({"kty": "oct-HSM", "key_size": 256}))
+write("jwk", "seed-transfer-jwk", dumps(transfer_jwk))
+
+# ---- snp_report ----
+for name in ["aci/snp_report.bin", "snp/trustee-milan-v2-report.bin", "snp/trustee-milan-vlek-v3-report.bin"]:
+    write("snp_report", "seed-" + os.path.basename(name), read(name))
+report = bytearray(read("aci/snp_report.bin"))
+report[0x50:0x90] = REPORT_DATA
+write("snp_report", "accept-report-data", bytes(report))
+write("snp_report", "seed-milan-v2-hex", bytes.fromhex(read("snp/milan-v2-report.hex").decode().strip()))
+
+# ---- collateral: 0 THIM JSON | 1 host-amd-cert-base64 \0 reference-info-base64 ----
+write("collateral", "accept-thim", b"\x00" + read("aci/uvm_host_amd_certificate.json"))
+write("collateral", "accept-security-context",
+      b"\x01" + read("aci/security-context/host-amd-cert-base64") + b"\x00"
+      + read("aci/security-context/reference-info-base64"))
+
+# ---- config ----
+write("config", "accept-emulator-config", """[platform]
+evidence = "emulated"
+emulator_url = "https://127.0.0.1:1"
+[attestation]
+url = "https://127.0.0.1:2"
+[identity]
+source = "imds"
+imds_url = "http://127.0.0.1:3"
+[[token]]
+label = "fuzz"
+[[token.key]]
+label = "web"
+id = "01"
+kid = "https://fuzz.vault.azure.net/keys/web"
+""")
+with open(os.path.join(ROOT, "packaging/debian/config.toml"), "rb") as f:
+    write("config", "seed-packaged-example", f.read())
+with open(os.path.join(ROOT, "docs/CONFIG.md")) as f:
+    doc = f.read()
+block = doc.split("```toml", 1)[1].split("```", 1)[0]
+write("config", "seed-config-md", block)
+
+# ---- pem_chain ----
+write("pem_chain", "accept-uvm-host-amd-chain", read("aci/uvm_host_amd_certificate.pem"))
+write("pem_chain", "accept-milan-chain", read("snp/milan-cert_chain.pem"))
+write("pem_chain", "seed-truncated-block", b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+
+# ---- release_policy: policy \0 claims ----
+examples = json.loads(read("policy/published-examples.json"))
+for name, entry in examples.items():
+    if isinstance(entry, dict) and "policy" in entry:
+        write("release_policy", "seed-" + name, dumps(entry["policy"]) + b"\x00" + dumps(real_claims))
+for name in ["policy/cvm-platform-skr-policy.json", "policy/cvm-datadisk-skr-policy.json"]:
+    write("release_policy", "seed-" + os.path.basename(name), read(name) + b"\x00" + dumps(real_claims))
+write("release_policy", "accept-sevsnp-policy", dumps({
+    "version": "1.0.0",
+    "anyOf": [{"authority": MAA_URL, "allOf": [
+        {"claim": "x-ms-attestation-type", "equals": "sevsnpvm"},
+        {"claim": "x-ms-compliance-status", "equals": "azure-compliant-uvm"}]}]})
+      + b"\x00" + dumps(dict(real_claims, **{"x-ms-compliance-status": "azure-compliant-uvm"})))
+
+# ---- http_dates ----
+write("http_dates", "accept-seconds", b"120")
+write("http_dates", "accept-imf-fixdate", b"Sun, 06 Nov 1994 08:49:37 GMT")
+write("http_dates", "seed-rfc850", b"Sunday, 06-Nov-94 08:49:37 GMT")
+
+# ---- emulator: MAA attest request bodies, Key Vault request bodies ----
+example = json.loads(read("maa/attest-sevsnpvm-example.json"))
+
+
+def find_request(v):
+    if isinstance(v, dict):
+        if "report" in v and isinstance(v["report"], str):
+            return v
+        for x in v.values():
+            r = find_request(x)
+            if r is not None:
+                return r
+    return None
+
+
+request = find_request(example)
+if request is None:
+    sys.exit("no MAA request in maa/attest-sevsnpvm-example.json")
+write("emulator_maa_request", "seed-spec-example", dumps(request))
+evidence = {"SnpReport": b64url(read("aci/snp_report.bin")),
+            "VcekCertChain": b64url(read("aci/uvm_host_amd_certificate.pem"))}
+write("emulator_maa_request", "seed-aci-report", dumps({"report": b64url(dumps(evidence))}))
+write("emulator_maa_request", "seed-truncated-chain", dumps({"report": b64url(dumps(dict(
+    evidence, VcekCertChain=b64url(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"))))}))
+
+# Key Vault: first byte selects the operation (0 create, 1 import, 2 update, 3 release, 4 get),
+# the second the service (0 Key Vault, 1 Managed HSM), the rest is the JSON body
+# (emulator/src/fuzzing.rs).
+policy = {"version": "1.0.0", "anyOf": [{"authority": "https://fuzz.attest.azure.net",
+                                         "allOf": [{"claim": "x-ms-attestation-type", "equals": "sevsnpvm"}]}]}
+policy_data = {"contentType": "application/json; charset=utf-8", "data": b64url(dumps(policy))}
+write("emulator_keyvault_request", "accept-create-ec", b"\x00\x00" + dumps(
+    {"kty": "EC-HSM", "crv": "P-256", "attributes": {"exportable": True}, "release_policy": policy_data}))
+write("emulator_keyvault_request", "accept-import-rsa", b"\x01\x00" + dumps(
+    {"key": {"kty": "RSA-HSM", "n": b64url(n_b), "e": b64url(e_b),
+             "d": b64url(uint(test_key.private_numbers().d)),
+             "p": b64url(uint(test_key.private_numbers().p)), "q": b64url(uint(test_key.private_numbers().q))},
+     "attributes": {"exportable": True}, "release_policy": policy_data}))
+write("emulator_keyvault_request", "accept-update", b"\x02\x00" + dumps(
+    {"attributes": {"enabled": True}, "tags": {"purpose": "fuzz"}}))
+write("emulator_keyvault_request", "seed-release", b"\x03\x00" + dumps(
+    {"target": real_jwt.decode(), "enc": "RSA_AES_KEY_WRAP_256", "nonce": NONCE}))
+write("emulator_keyvault_request", "accept-create-oct-mhsm", b"\x00\x01" + dumps(
+    {"kty": "oct-HSM", "key_size": 256, "attributes": {"exportable": True}, "release_policy": policy_data}))
+write("emulator_keyvault_request", "accept-get", b"\x04\x00")
+print("seeds written under", CORPUS)

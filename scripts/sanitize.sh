@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The module under AddressSanitizer and ThreadSanitizer (issue 11): its ABI tests and a
+# p11-stress run, with the module, the test binaries, the examples they drive and p11-stress
+# built by nightly rustc with -Zsanitizer (the emulator stays an ordinary debug build: it is
+# the other side of the wire). Not part of scripts/test.sh (two nightly builds, ~30 min on
+# 2 cores); results go to docs/RELIABILITY.md.
+# Usage: scripts/sanitize.sh [STRESS_STEPS]    (SANITIZERS="address thread" by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-300000}
+TRIPLE=x86_64-unknown-linux-gnu
+ABI_TESTS=(abi_login abi_concurrency abi_faults abi_fork abi_config_permissions abi_memory)
+cargo +nightly --version >/dev/null 2>&1 || { echo "sanitize: needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 2; }
+cargo build -q -p skr-emulator
+status=0
+for san in ${SANITIZERS:-address thread}; do
+  T=target/sanitize-$san
+  A=$T/$TRIPLE/debug
+  echo "== $san: build"
+  # --target keeps the sanitizer out of build scripts and proc macros; -rdynamic exports the
+  # executables' sanitizer runtime to the module they dlopen (else: undefined __asan_* / __tsan_*).
+  RUSTFLAGS="-Zsanitizer=$san -Clink-arg=-rdynamic" cargo +nightly build -q --target "$TRIPLE" --target-dir "$T" \
+    -p skr-pkcs11 --lib --examples --tests -p pkcs11-conformance --bins
+  ln -sf "$(pwd)/target/debug/skr-emulator" "$A/skr-emulator"
+  # Leaks at exit are not what this run is about (the module keeps process-wide state until
+  # C_Finalize); halt on the first real report so that it is not lost in the output.
+  export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
+  export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+  echo "== $san: ABI tests"
+  args=(); for t in "${ABI_TESTS[@]}"; do args+=(--test "$t"); done
+  if ! SKR_TEST_ARTIFACTS="$A" RUSTFLAGS="-Zsanitizer=$san -Clink-arg=-rdynamic" cargo +nightly test -q --target "$TRIPLE" \
+      --target-dir "$T" -p skr-pkcs11 "${args[@]}" 2>&1 | tee "$T/abi.log" | grep -E "^test result|SUMMARY|WARNING: ThreadSanitizer|ERROR: AddressSanitizer"; then
+    :
+  fi
+  grep -qE "SUMMARY: (Address|Thread)Sanitizer|FAILED|error: test failed" "$T/abi.log" && { echo "sanitize: $san: ABI tests report a problem ($T/abi.log)"; status=1; }
+  echo "== $san: p11-stress ($STEPS steps)"
+  W=$(mktemp -d /tmp/skr-sanitize.XXXXXX)
+  target/debug/skr-emulator up --dir "$W/emu" >/dev/null
+  # shellcheck disable=SC1091
+  (source "$W/emu/env"; export SKR_PKCS11_CONFIG
+   "$A/p11-stress" --module "$(pwd)/$A/libskr_pkcs11.so" --token-label skr-demo --steps "$STEPS" --threads 2 --seed 20261204 \
+     > "$T/stress.log" 2> "$T/stress.err") || { echo "sanitize: $san: p11-stress failed ($T/stress.log, $T/stress.err)"; status=1; }
+  target/debug/skr-emulator down --dir "$W/emu" >/dev/null; rm -rf "$W"
+  tail -1 "$T/stress.log"
+  grep -E "SUMMARY: (Address|Thread)Sanitizer" "$T/stress.err" && status=1
+done
+exit "$status"
