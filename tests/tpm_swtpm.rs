@@ -19,6 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 use tss_esapi::abstraction::nv;
 use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
@@ -72,13 +73,15 @@ impl Swtpm {
             "swtpm_setup: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // A free pair of ports: a listener on port 0 gives P; P + 1 must be free too.
-        for _ in 0..20 {
-            let port = {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap().port()
-            };
-            if port == u16::MAX || TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
+        // A pair of free ports P, P + 1 (the swtpm TCTI's control port is the command port + 1),
+        // below the kernel's ephemeral range so that other tests' port-0 listeners never take
+        // P + 1 while swtpm starts; per process, a pid-derived base and a counter.
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        for _ in 0..50 {
+            let step = NEXT.fetch_add(2, Ordering::Relaxed);
+            let port = 20000 + ((std::process::id() as u16 % 3000) * 4 + step) % 12000;
+            let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+            if !free(port) || !free(port + 1) {
                 continue;
             }
             let mut child = Command::new("swtpm")
@@ -92,25 +95,19 @@ impl Swtpm {
                 .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
                 .args(["--flags", "not-need-init,startup-clear"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::null())
                 .spawn()
                 .expect("swtpm (Debian package swtpm) must be installed");
-            // Ready when the command port accepts a connection; gone if the port was taken.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Swtpm {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
-                }
-                assert!(Instant::now() < deadline, "swtpm did not listen");
-                std::thread::sleep(Duration::from_millis(20));
+            if wait_ready(&mut child, port) {
+                return Swtpm {
+                    child,
+                    port,
+                    _dir: dir,
+                };
             }
+            // Lost a race for a port: stop this one, try the next pair.
+            let _ = child.kill();
+            let _ = child.wait();
         }
         panic!("no free port pair for swtpm");
     }
@@ -391,6 +388,7 @@ fn nv_reads_return_the_provisioned_hcl_report_and_ak_certificate() {
     let ak = t.ak_public().unwrap();
     assert_eq!(ak.n, p.ak.n().to_bytes_be());
     assert_eq!(ak.e, [1, 0, 1]);
+    assert!(ak.restricted, "the test AK is a restricted signing key");
     // TPM2B_PUBLIC: a u16 size, then that many bytes.
     let size = u16::from_be_bytes([ak.tpm2b_public[0], ak.tpm2b_public[1]]) as usize;
     assert_eq!(size + 2, ak.tpm2b_public.len());
@@ -641,6 +639,29 @@ fn without_an_ak_the_transfer_key_fails_and_nothing_is_left() {
     assert!(e.message().contains("0x81000003"), "{e}");
     assert!(t.ak_certificate().is_err());
     assert_clean(&mut t, "a failed quote");
+}
+
+/// Ready when both ports accept, a TPM command is answered, and our swtpm is still the process
+/// behind them (not another test's, holding a port ours failed to bind).
+fn wait_ready(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "swtpm did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+    let answered = Context::new(TctiNameConf::from_str(&tcti).unwrap())
+        .and_then(|mut c| c.get_random(8))
+        .is_ok();
+    answered && matches!(child.try_wait(), Ok(None))
 }
 
 /// The leak check is not vacuous: what is left loaded is counted.

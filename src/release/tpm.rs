@@ -95,6 +95,9 @@ pub struct TpmRsaPublic {
     pub n: Vec<u8>,
     /// Public exponent, big-endian (the TPM's 0 means 65537).
     pub e: Vec<u8>,
+    /// The `restricted` object attribute. Whether Azure's AK is restricted is [uncertain]
+    /// (§6.2): it is shown by doctor, not required here; MAA judges the AK by its certificate.
+    pub restricted: bool,
 }
 
 /// A PCR quote by the AK.
@@ -186,7 +189,10 @@ fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
 
 fn rsa_public(public: &Public) -> Result<TpmRsaPublic> {
     let Public::Rsa {
-        parameters, unique, ..
+        parameters,
+        unique,
+        object_attributes,
+        ..
     } = public
     else {
         return Err(Error::evidence(
@@ -207,6 +213,7 @@ fn rsa_public(public: &Public) -> Result<TpmRsaPublic> {
         tpm2b_public,
         n: unique.value().to_vec(),
         e: e[first..].to_vec(),
+        restricted: object_attributes.restricted(),
     })
 }
 
@@ -744,8 +751,13 @@ pub fn doctor_steps(tcti: Option<&str>) -> Vec<(&'static str, Result<String>)> {
                 check_ak_is_hcl_akpub(&HclReport::parse(bytes)?, ak)?;
             }
             Ok(format!(
-                "AK 0x81000003 RSA-{} = HCLAkPub; certificate at 0x01C101D0 ({} bytes)",
+                "AK 0x81000003 RSA-{} ({}) = HCLAkPub; certificate at 0x01C101D0 ({} bytes)",
                 8 * ak.n.len(),
+                if ak.restricted {
+                    "restricted"
+                } else {
+                    "not restricted"
+                },
                 cert.len()
             ))
         }),
