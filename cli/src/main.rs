@@ -6,6 +6,8 @@
 //! * `release` — run the whole login path for a token; print what was released (kinds and
 //!   sizes only) and the step timings.
 //! * `policy check` — evaluate a release policy against a claim set locally.
+//! * `evidence show` — what an evidence file holds (HCL report, SNP report, TD quote,
+//!   TPMS_ATTEST), as JSON.
 
 use clap::{Parser, Subcommand};
 use serde_json::Value;
@@ -49,6 +51,19 @@ enum Cmd {
         #[command(subcommand)]
         command: PolicyCmd,
     },
+    /// Evidence tools.
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvidenceCmd {
+    /// Print, as JSON, what an evidence file holds: an Azure HCL report (vTPM NV 0x01400001),
+    /// a raw SNP report (binary or hex), a DCAP v4 TD quote, or a TPMS_ATTEST. For an HCL
+    /// report, binding_ok says whether the hardware report binds the runtime claims.
+    Show { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +125,9 @@ fn main() -> ExitCode {
                     issuer,
                 },
         } => policy_check(policy, claims, issuer.as_deref()),
+        Cmd::Evidence {
+            command: EvidenceCmd::Show { file },
+        } => evidence_show(file),
     };
     match result {
         Ok(code) => code,
@@ -430,4 +448,28 @@ fn policy_check(
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn evidence_show(file: &Path) -> Result<ExitCode, Error> {
+    // Evidence files are small (an HCL report is 2600 bytes, a TD quote ~5 KB); refuse
+    // anything large instead of reading it whole.
+    const MAX_EVIDENCE: u64 = 1 << 20;
+    let meta =
+        std::fs::metadata(file).map_err(|e| Error::config(format!("{}: {e}", file.display())))?;
+    if meta.len() > MAX_EVIDENCE {
+        return Err(Error::config(format!(
+            "{}: {} bytes is too large for an evidence file",
+            file.display(),
+            meta.len()
+        )));
+    }
+    let bytes =
+        std::fs::read(file).map_err(|e| Error::config(format!("{}: {e}", file.display())))?;
+    let described =
+        evidence::show::describe(&bytes).map_err(|e| e.context(&file.display().to_string()))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&described).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }

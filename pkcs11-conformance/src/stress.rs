@@ -795,7 +795,7 @@ impl<'a> Worker<'a> {
 
     fn find(&mut self) {
         let sess = self.session();
-        let mut class: CK_OBJECT_CLASS = self
+        let class: CK_OBJECT_CLASS = self
             .rng
             .pick(&[
                 CKO_PRIVATE_KEY,
@@ -805,9 +805,13 @@ impl<'a> Worker<'a> {
                 77,
             ])
             .unwrap_or(CKO_PRIVATE_KEY);
+        // The value lives in a 16-byte buffer: a template may lie about the value's type
+        // (a length other than 8) but never about the memory behind pValue, which a module
+        // cannot check (that would be the caller's bug, not the module's).
+        let mut value = [class, 0];
         let mut tmpl = [CK_ATTRIBUTE {
             type_: CKA_CLASS,
-            pValue: &mut class as *mut _ as *mut c_void,
+            pValue: value.as_mut_ptr() as *mut c_void,
             ulValueLen: 8,
         }];
         let count = self.rng.below(2);

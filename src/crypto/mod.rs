@@ -7,6 +7,7 @@
 
 pub mod aes;
 pub mod check;
+pub mod evidence_sig;
 pub mod implicit;
 pub mod keywrap;
 pub mod mechanism;

@@ -10,7 +10,7 @@ use crate::error::{Error, Result, Step};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Allowed clock difference for `nbf` / `exp`.
 pub const CLOCK_SKEW_SECS: i64 = 60;
@@ -18,13 +18,19 @@ pub const CLOCK_SKEW_SECS: i64 = 60;
 /// RSA public keys (PKCS#1 `RSAPublicKey` DER) of each MAA `/certs`, by `kid`; per process.
 /// Only public data, so it may outlive a fork.
 type SigningKeys = Vec<(Option<String>, Vec<u8>)>;
-static CERTS_CACHE: Mutex<Option<HashMap<String, SigningKeys>>> = Mutex::new(None);
+/// Per MAA URL: when its `/certs` was fetched, and the keys. Entries expire after
+/// `CERTS_TTL`, so that a key MAA has withdrawn stops verifying tokens within that time (an
+/// unknown `kid` refetches at once).
+static CERTS_CACHE: Mutex<Option<HashMap<String, (Instant, SigningKeys)>>> = Mutex::new(None);
+const CERTS_TTL: Duration = Duration::from_secs(3600);
 
 pub struct Maa<'a> {
     http: &'a Http,
     /// Configured base URL without a trailing slash: also the expected `iss`.
     url: String,
     api_version: String,
+    /// How long a fetched `/certs` is used (CERTS_TTL; tests shorten it).
+    certs_ttl: Duration,
 }
 
 /// What the token must show about our request.
@@ -46,6 +52,7 @@ impl<'a> Maa<'a> {
             http,
             url: url.trim_end_matches('/').to_string(),
             api_version: api_version.to_string(),
+            certs_ttl: CERTS_TTL,
         }
     }
 
@@ -110,8 +117,10 @@ impl<'a> Maa<'a> {
         // it just fetches again.
         if !refresh {
             if let Ok(cache) = CERTS_CACHE.try_lock() {
-                if let Some(keys) = cache.as_ref().and_then(|m| m.get(&self.url)) {
-                    return Ok(keys.clone());
+                if let Some((fetched, keys)) = cache.as_ref().and_then(|m| m.get(&self.url)) {
+                    if fetched.elapsed() < self.certs_ttl {
+                        return Ok(keys.clone());
+                    }
                 }
             }
         }
@@ -130,7 +139,7 @@ impl<'a> Maa<'a> {
         if let Ok(mut cache) = CERTS_CACHE.try_lock() {
             cache
                 .get_or_insert_with(HashMap::new)
-                .insert(self.url.clone(), keys.clone());
+                .insert(self.url.clone(), (Instant::now(), keys.clone()));
         }
         Ok(keys)
     }
@@ -538,7 +547,7 @@ mod tests {
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(maa.url.clone(), stale);
+            .insert(maa.url.clone(), (Instant::now(), stale));
         Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
         // Now the cache holds the fresh set; the kid is still unknown, so the next check
         // refreshes again and this time gets only a wrong key: refused.
@@ -555,8 +564,24 @@ mod tests {
             .lock()
             .unwrap()
             .get_or_insert_with(HashMap::new)
-            .insert(maa.url.clone(), known);
+            .insert(maa.url.clone(), (Instant::now(), known.clone()));
         Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
+
+        // The same known kid, cached longer than the TTL ago: fetched again (one request).
+        let (url, server_ttl) = certs_server(vec![jwks(kid, &leaf)]);
+        let mut maa = Maa::new(&http, &url, "2022-08-01");
+        maa.certs_ttl = Duration::ZERO;
+        CERTS_CACHE
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(maa.url.clone(), (Instant::now(), known));
+        Maa::verify_signature(&c, &|r| maa.signing_keys(r)).unwrap();
+        assert_eq!(
+            server_ttl.join().unwrap(),
+            1,
+            "an expired entry is refetched"
+        );
         assert_eq!(server.join().unwrap(), 0);
     }
 

@@ -5,8 +5,13 @@
 //! the emulator's simulated platform, and `auto` (device probing; never a fake report).
 
 mod emulated;
+pub mod hcl;
 mod sev_guest;
 pub(crate) mod sev_legacy;
+pub mod show;
+pub mod snp;
+pub mod tdx;
+pub mod tpm_attest;
 
 pub use emulated::EmulatedProvider;
 pub use sev_guest::SevGuestProvider;
