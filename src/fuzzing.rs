@@ -10,6 +10,9 @@
 //! fuzzer's claims (MAA token) or payload (release JWS) with the test key of [`Fixtures`], whose
 //! certificate the harness trusts, and wraps the fuzzer's KEK and key material to the test
 //! transfer key (`key_hsm`), so every check after the signature or the decryption is reached.
+//! Playing MAA and Key Vault, it signs and wraps with aws-lc-rs directly, as the unit tests do:
+//! it is test code, kept in the library only so that the fuzz targets (another crate) and the
+//! stable replay share one harness; nothing of the module calls it.
 
 use crate::config::Config;
 use crate::release::b64url;
