@@ -136,6 +136,11 @@ install -D -m 0644 packaging/debian/skr-emulator.lintian-overrides "$EMU/usr/sha
 
 echo "== Depends"
 MAIN_DEPENDS=$(shlibs_depends skr-pkcs11 "usr/lib/$TRIPLET/pkcs11/libskr_pkcs11.so" usr/bin/skr-pkcs11)
+# The vTPM path (cvm feature) links libtss2-esys; the TCTI module that reaches /dev/tpmrm0 is
+# dlopen'ed at run time, so dpkg-shlibdeps cannot see it.
+if readelf -d "$MAIN/usr/lib/$TRIPLET/pkcs11/libskr_pkcs11.so" | grep -q 'libtss2-esys'; then
+  MAIN_DEPENDS="$MAIN_DEPENDS, libtss2-tcti-device0 | libtss2-tcti-device0t64"
+fi
 EMU_DEPENDS=$(shlibs_depends skr-emulator usr/bin/skr-emulator)
 echo "   skr-pkcs11: $MAIN_DEPENDS"
 echo "   skr-emulator: $EMU_DEPENDS"

@@ -82,6 +82,9 @@ pub struct Platform {
     pub security_context_dir: Option<PathBuf>,
     /// IMDS base URL for THIM collateral (default `http://169.254.169.254`).
     pub imds_url: Option<String>,
+    /// TPM TCTI of the Azure CVM path (tpm2-tss syntax, e.g. `device:/dev/tpmrm0`,
+    /// `swtpm:host=127.0.0.1,port=2321`); default the kernel resource manager.
+    pub tpm_tcti: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -225,6 +225,15 @@ fn doctor(cfg: &Config) -> ExitCode {
         }),
     );
 
+    // The Azure CVM vTPM path, step by step, when there is a TPM to check (configured, or the
+    // kernel resource manager exists). It writes nothing to the TPM's NV.
+    #[cfg(feature = "cvm")]
+    if cfg.platform.tpm_tcti.is_some() || Path::new("/dev/tpmrm0").exists() {
+        for (what, r) in release::tpm::doctor_steps(cfg.platform.tpm_tcti.as_deref()) {
+            push(what, r);
+        }
+    }
+
     // MAA: the full attestation, so that policy mismatches show up here too.
     let attested = release::attest(cfg, &session, &mut timings);
     let claims = match &attested {

@@ -11,6 +11,8 @@ pub mod http;
 pub mod identity;
 pub mod jws;
 pub mod maa;
+#[cfg(feature = "cvm")]
+pub mod tpm;
 pub mod transfer_key;
 pub mod unwrap;
 

@@ -211,6 +211,9 @@ impl<'a> HclReport<'a> {
             HardwareReportType::Snp => HardwareReport::Snp(SnpReport::parse(slot)?),
             HardwareReportType::Tdx => HardwareReport::Tdx(TdReport::parse(slot)?),
         };
+        // Bytes after the claims (zero padding to the 2600-byte NV area in every sample) are
+        // covered by nothing and read by nothing: ignored, not required to be zero. The same
+        // holds for the TDX slot's padding after the 1024-byte TDREPORT.
         let claims_json = &bytes[CLAIMS_OFFSET..CLAIMS_OFFSET + claims_size];
         let claims = parse_runtime_claims(claims_json)?;
         Ok(HclReport {
