@@ -9,6 +9,7 @@ The harness constants (MAA_URL, KEY_URL, NONCE, REPORT_DATA, NOW) are src/fuzzin
 Needs python3-cryptography. Run from anywhere: scripts/fuzz-seeds.py
 """
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -127,7 +128,7 @@ write("key_hsm", "seed-real-key-hsm", b"\x03" + mhsm["payload"]["response"]["key
 
 # release_response: 0 JWS text | 1 payload | 2 header\npayload
 write("release_response", "seed-real-jws", b"\x00" + read("akv/vault-release-response.jws").strip())
-payload = mhsm["payload"]
+payload = copy.deepcopy(mhsm["payload"])
 payload["request"] = {"api-version": "7.4", "enc": "RSA_AES_KEY_WRAP_256", "kid": KEY_URL, "nonce": NONCE}
 payload["response"]["key"]["key"] = dict(test_jwk_public, key_hsm=key_hsm_text(det("kek", 32), test_key_pkcs8),
                                          kid=KEY_URL, key_ops=["sign", "decrypt"])
@@ -150,6 +151,28 @@ report = bytearray(read("aci/snp_report.bin"))
 report[0x50:0x90] = REPORT_DATA
 write("snp_report", "accept-report-data", bytes(report))
 write("snp_report", "seed-milan-v2-hex", bytes.fromhex(read("snp/milan-v2-report.hex").decode().strip()))
+
+# ---- cvm_evidence: 0 any (describe) | 1 HCL report | 2 TD quote + HCL report | 3 TPMS_ATTEST | 4 claims ----
+hcls = ["kinvolk-snp-v1-2048.bin", "trustee-snp-v1-2600.bin", "kinvolk-tdx-v2-2600.bin",
+        "trustee-tdx-v2-2600.bin", "cvm-attestation-tools-tdx-v2-2600.bin"]
+for name in hcls:
+    write("cvm_evidence", "accept-describe-" + name, b"\x00" + read("azure-cvm/hcl/" + name))
+    write("cvm_evidence", "seed-hcl-" + name, b"\x01" + read("azure-cvm/hcl/" + name))
+write("cvm_evidence", "accept-describe-td-quote", b"\x00" + read("azure-cvm/tdx/trustee-td-quote-v4.bin"))
+write("cvm_evidence", "seed-td-quote-and-hcl",
+      b"\x02" + read("azure-cvm/tdx/trustee-td-quote-v4.bin") + read("azure-cvm/hcl/trustee-tdx-v2-2600.bin"))
+write("cvm_evidence", "seed-td-quote-cvm-tools-and-hcl",
+      b"\x02" + read("azure-cvm/tdx/cvm-attestation-tools-td-quote-v4.dat")
+      + read("azure-cvm/hcl/cvm-attestation-tools-tdx-v2-2600.bin"))
+# kinvolk-quote.bin is a Go-serialised (u64 length, signature, u64 length, TPMS_ATTEST, PCRs).
+quote = read("azure-cvm/tpm/kinvolk-quote.bin")
+sig_len = int.from_bytes(quote[:8], "little")
+msg_len = int.from_bytes(quote[8 + sig_len:16 + sig_len], "little")
+tpms_attest = quote[16 + sig_len:16 + sig_len + msg_len]
+write("cvm_evidence", "accept-tpms-attest", b"\x03" + tpms_attest)
+write("cvm_evidence", "accept-describe-tpms-attest", b"\x00" + tpms_attest)
+write("cvm_evidence", "accept-runtime-claims", b"\x04" + read("azure-cvm/tpm/kinvolk-runtime-claims.json"))
+write("cvm_evidence", "accept-describe-snp-hex", b"\x00" + read("snp/milan-v2-report.hex"))
 
 # ---- collateral: 0 THIM JSON | 1 host-amd-cert-base64 \0 reference-info-base64 ----
 write("collateral", "accept-thim", b"\x00" + read("aci/uvm_host_amd_certificate.json"))

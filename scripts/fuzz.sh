@@ -43,9 +43,10 @@ for t in "${targets[@]}"; do
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
         >"target/logs/$t.log" 2>&1 || true
     log="target/logs/$t.log"
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+    # A run that stops early (a finding) may lack any of these lines.
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1 || true)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1 || true)
+    cov=$({ grep -o 'cov: [0-9]*' "$log" || true; } | tail -1 | cut -d' ' -f2)
     after=$(find "artifacts/$t" -type f | wc -l)
     found=$((after - before))
     if [ "$found" -gt 0 ] || grep -q '^==[0-9]*==ERROR\|^SUMMARY: \|panicked at' "$log"; then

@@ -10,6 +10,9 @@
 //! fuzzer's claims (MAA token) or payload (release JWS) with the test key of [`Fixtures`], whose
 //! certificate the harness trusts, and wraps the fuzzer's KEK and key material to the test
 //! transfer key (`key_hsm`), so every check after the signature or the decryption is reached.
+//! Playing MAA and Key Vault, it signs and wraps with aws-lc-rs directly, as the unit tests do:
+//! it is test code, kept in the library only so that the fuzz targets (another crate) and the
+//! stable replay share one harness; nothing of the module calls it.
 
 use crate::config::Config;
 use crate::release::b64url;
@@ -301,6 +304,47 @@ pub fn snp_report(_fx: &Fixtures, data: &[u8]) -> bool {
     evidence::check_report(data, &REPORT_DATA).is_ok()
 }
 
+/// Azure confidential-VM evidence (the vTPM path): HCL reports, TD quotes, TPMS_ATTEST
+/// quotes, runtime claims. First byte: 0 the rest goes to `show::describe` (which recognises
+/// each format); 1 an HCL report (structure, binding, user-data echo); 2 a TD quote and the
+/// TDREPORT of an HCL report, cut at the first `HCLA`; 3 a TPMS_ATTEST (with all-zero PCRs);
+/// 4 runtime-claims JSON.
+pub fn cvm_evidence(_fx: &Fixtures, data: &[u8]) -> bool {
+    use evidence::{hcl, show, tdx, tpm_attest};
+    let Some((&mode, rest)) = data.split_first() else {
+        return false;
+    };
+    match mode % 5 {
+        0 => show::describe(rest).is_ok(),
+        1 => hcl::HclReport::parse(rest).is_ok_and(|h| {
+            let _ = h.user_data_echoes(&[0; hcl::USER_DATA_LEN]);
+            let _ = show::hcl_json(&h);
+            h.check_binding().is_ok()
+        }),
+        2 => {
+            let at = rest
+                .windows(hcl::MAGIC.len())
+                .position(|w| w == hcl::MAGIC)
+                .unwrap_or(rest.len());
+            let (quote, report) = rest.split_at(at);
+            let Ok(quote) = tdx::TdQuote::parse(quote) else {
+                return false;
+            };
+            let _ = show::td_quote_json(&quote);
+            match hcl::HclReport::parse(report).map(|h| h.hardware) {
+                Ok(hcl::HardwareReport::Tdx(td)) => quote.check_matches(&td).is_ok(),
+                _ => false,
+            }
+        }
+        3 => tpm_attest::TpmsAttest::parse(rest).is_ok_and(|a| {
+            let _ = show::tpms_attest_json(&a);
+            let _ = a.check_pcr_digest(&[[0u8; 32]; 24]);
+            true
+        }),
+        _ => hcl::parse_runtime_claims(rest).is_ok(),
+    }
+}
+
 /// THIM / security-context collateral. First byte: 0 the rest is a THIM JSON (IMDS); 1 the
 /// rest is the `host-amd-cert-base64` and `reference-info-base64` texts of a security-context
 /// directory, cut at the first NUL.
@@ -392,6 +436,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("key_hsm", key_hsm),
     ("jwk", jwk),
     ("snp_report", snp_report),
+    ("cvm_evidence", cvm_evidence),
     ("collateral", collateral),
     ("config", config),
     ("pem_chain", pem_chain),

@@ -53,7 +53,20 @@ impl KeyVault {
         let layout = Layout::new(dir);
         std::fs::create_dir_all(layout.state()).expect("scratch state directory");
         let platform = state::load_platform(&layout).expect("default platform");
+        // A new PKI (RSA-4096 AMD-style roots among others) takes minutes under the fuzzer's
+        // instrumentation: reuse the one an earlier harness process made. Test keys of a
+        // scratch emulator, nothing else.
+        let cache = base.join("skr-emulator-fuzz-pki.json");
+        if let Ok(bytes) = std::fs::read(&cache) {
+            let _ = std::fs::write(layout.pki_file(), bytes);
+        }
         let pki = Pki::load_or_create(&layout, &platform).expect("emulator PKI");
+        if !cache.exists() {
+            let tmp = base.join(format!("skr-emulator-fuzz-pki.{}.tmp", std::process::id()));
+            if std::fs::copy(layout.pki_file(), &tmp).is_ok() {
+                let _ = std::fs::rename(&tmp, &cache);
+            }
+        }
         let trusted_arks = crate::maa::trusted_arks(&pki.ark_der);
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),

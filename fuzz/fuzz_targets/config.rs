@@ -4,6 +4,7 @@
 #[path = "fixtures.rs"]
 mod fixtures;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+// The fixtures are built before fuzzing starts, not inside the first input's time limit.
+libfuzzer_sys::fuzz_target!(init: { std::sync::LazyLock::force(&fixtures::FIXTURES); }, |data: &[u8]| {
     let _ = skr_pkcs11::fuzzing::config(&fixtures::FIXTURES, data);
 });

@@ -234,6 +234,16 @@ pub(crate) fn httpdate_to_unix(s: &str) -> Option<u64> {
     if hms.len() != 3 {
         return None;
     }
+    // Only dates a server can mean: this keeps the arithmetic below in range (the fuzzer found
+    // `06 Nov 0068` underflowing it, and huge days or years overflow it).
+    if !(1..=31).contains(&day)
+        || !(1970..=9999).contains(&year)
+        || hms[0] > 23
+        || hms[1] > 59
+        || hms[2] > 60
+    {
+        return None;
+    }
     // Days from civil date (Howard Hinnant's algorithm).
     let (y, m) = if month <= 2 {
         (year - 1, month + 9)
@@ -321,6 +331,28 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(httpdate_to_unix("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            httpdate_to_unix("Fri, 31 Dec 9999 23:59:60 GMT"),
+            Some(253402300800)
+        );
+    }
+
+    /// Fuzzer findings (fuzz/corpus/http_dates/crash-*): out-of-range fields are not dates,
+    /// never an arithmetic overflow.
+    #[test]
+    fn dates_out_of_range_are_refused() {
+        for bad in [
+            "Sun, 06 Nov 0068 08:49:37 GMT",
+            "Sun, 00 Nov 1994 08:49:37 GMT",
+            "Sun, 99999999999999999 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 18446744073709551615 08:49:37 GMT",
+            "Sun, 06 Nov 1994 99999999999:49:37 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+        ] {
+            assert_eq!(httpdate_to_unix(bad), None, "{bad}");
+            assert_eq!(parse_retry_after(bad), None, "{bad}");
+        }
     }
 
     #[test]
