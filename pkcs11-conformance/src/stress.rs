@@ -42,6 +42,11 @@ pub struct Options {
     pub fork_steps: u64,
     /// No progress for this long is a hang.
     pub hang: Duration,
+    /// Run phases until this much time has passed (a soak) instead of `steps`.
+    pub duration: Option<Duration>,
+    /// Logins between phases may fail with a documented CK_RV (faults injected into the
+    /// services): counted and retried, not a reason to stop.
+    pub login_faults: bool,
 }
 
 /// The outcome: counts per function and CK_RV, and every invariant violation.
@@ -52,6 +57,33 @@ pub struct Report {
     pub violations: Vec<String>,
     pub forks: u64,
     pub reinitialisations: u64,
+    /// Logins that failed with a documented CK_RV while faults were injected, then retried.
+    pub failed_logins: BTreeMap<CK_RV, u64>,
+    /// VmRSS and VmLck (kB) logged in and idle after the first setup, the largest VmRSS seen
+    /// at a phase boundary, and both again after the last phase.
+    pub memory: Option<Memory>,
+}
+
+#[derive(Default, Clone, Copy)]
+pub struct Memory {
+    pub rss_start: u64,
+    pub lck_start: u64,
+    pub rss_max: u64,
+    pub rss_end: u64,
+    pub lck_end: u64,
+}
+
+/// A `/proc/self/status` figure in kB.
+fn proc_status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 impl Report {
@@ -63,6 +95,9 @@ impl Report {
         self.violations.extend(o.violations);
         self.forks += o.forks;
         self.reinitialisations += o.reinitialisations;
+        for (rv, n) in o.failed_logins {
+            *self.failed_logins.entry(rv).or_default() += n;
+        }
     }
 }
 
@@ -1581,7 +1616,48 @@ fn initialize(m: &Module, rng: &mut Rng, threads: bool) -> CK_RV {
 
 /// Finds the slot of the token, its keys and mechanisms, and logs in (on a session that the
 /// setup keeps open for the phase).
-fn setup(s: &Shared) -> Result<(), String> {
+/// Why a setup failed: a message, and the CK_RV of C_Login when that was the step.
+struct SetupError {
+    message: String,
+    login_rv: Option<CK_RV>,
+}
+
+impl From<String> for SetupError {
+    fn from(message: String) -> SetupError {
+        SetupError {
+            message,
+            login_rv: None,
+        }
+    }
+}
+
+/// What a login may answer while the services fail on purpose (README's failure table).
+const LOGIN_FAULT_RVS: &[CK_RV] = &[
+    CKR_FUNCTION_FAILED,
+    CKR_GENERAL_ERROR,
+    CKR_DEVICE_ERROR,
+    CKR_FUNCTION_REJECTED,
+];
+
+/// `setup`, retried while a login fails with a documented CK_RV and faults are expected.
+fn setup_retrying(s: &Shared, faults: bool, rep: &mut Report) -> Result<(), String> {
+    let mut attempts = 0;
+    loop {
+        match setup(s) {
+            Ok(()) => return Ok(()),
+            Err(e) => match e.login_rv {
+                Some(rv) if faults && LOGIN_FAULT_RVS.contains(&rv) && attempts < 60 => {
+                    *rep.failed_logins.entry(rv).or_default() += 1;
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                _ => return Err(e.message),
+            },
+        }
+    }
+}
+
+fn setup(s: &Shared) -> Result<(), SetupError> {
     let slots =
         s.m.slots(true)
             .map_err(|rv| format!("C_GetSlotList: {}", rv_name(rv)))?;
@@ -1613,7 +1689,11 @@ fn setup(s: &Shared) -> Result<(), String> {
         None => call!(s.m, C_Login, h, CKU_USER, ptr::null_mut(), 0),
     };
     if rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN {
-        return Err(format!("C_Login: {}", rv_name(rv)));
+        call!(s.m, C_CloseSession, h);
+        return Err(SetupError {
+            message: format!("C_Login: {}", rv_name(rv)),
+            login_rv: Some(rv),
+        });
     }
     // Every object the token shows (private ones need the login above).
     let mut keys = Vec::new();
@@ -1626,16 +1706,16 @@ fn setup(s: &Shared) -> Result<(), String> {
         call!(s.m, C_FindObjectsFinal, h);
     }
     if keys.is_empty() {
-        return Err("the token shows no objects".into());
+        return Err(String::from("the token shows no objects").into());
     }
-    *s.keys.lock().map_err(|_| "poisoned")? = keys;
-    *s.mechs.lock().map_err(|_| "poisoned")? = mechs;
+    *s.keys.lock().map_err(|_| String::from("poisoned"))? = keys;
+    *s.mechs.lock().map_err(|_| String::from("poisoned"))? = mechs;
     Ok(())
 }
 
 /// A forked child: re-initialises (a PKCS#11 child must), runs a short single-threaded
 /// sequence and reports through its exit status; the parent waits with a deadline.
-fn fork_child(s: &Shared, seed: u64, steps: u64, hang: Duration, rep: &mut Report) {
+fn fork_child(s: &Shared, faults: bool, seed: u64, steps: u64, hang: Duration, rep: &mut Report) {
     // SAFETY: fork in a process whose other threads wait at a barrier (they hold no lock of
     // ours); the child only calls the module and exits with _exit.
     let pid = unsafe { libc::fork() };
@@ -1651,7 +1731,7 @@ fn fork_child(s: &Shared, seed: u64, steps: u64, hang: Duration, rep: &mut Repor
         let code = if rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED {
             eprintln!("p11-stress: child C_Initialize: {}", rv_name(rv));
             2
-        } else if let Err(e) = setup(s) {
+        } else if let Err(e) = setup_retrying(s, faults, &mut Report::default()) {
             eprintln!("p11-stress: child setup: {e}");
             3
         } else {
@@ -1732,7 +1812,14 @@ pub fn run(module: Module, o: &Options) -> Result<Report, String> {
     if rv != CKR_OK {
         return Err(format!("C_Initialize: {}", rv_name(rv)));
     }
-    setup(&s)?;
+    let mut report = Report::default();
+    setup_retrying(&s, o.login_faults, &mut report)?;
+    let mut memory = Memory {
+        rss_start: proc_status_kb("VmRSS:"),
+        lck_start: proc_status_kb("VmLck:"),
+        ..Memory::default()
+    };
+    memory.rss_max = memory.rss_start;
 
     // The watchdog: no progress for `hang` is a hang.
     let wd = {
@@ -1760,10 +1847,16 @@ pub fn run(module: Module, o: &Options) -> Result<Report, String> {
         })
     };
 
-    let mut report = Report::default();
     let phases = o.steps.div_ceil(o.phase_steps.max(1)).max(1);
     let per_thread = (o.phase_steps.max(1) / threads as u64).max(1);
-    for phase in 0..phases {
+    let started = Instant::now();
+    // With a duration: phases until it has passed; else `phases` of them.
+    let last_phase = |phase: u64| match o.duration {
+        Some(d) => started.elapsed() >= d,
+        None => phase + 1 >= phases,
+    };
+    let mut phase: u64 = 0;
+    loop {
         let barrier = Arc::new(Barrier::new(threads));
         let results: Vec<Report> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
@@ -1804,16 +1897,22 @@ pub fn run(module: Module, o: &Options) -> Result<Report, String> {
             report.merge(r);
         }
         // Between phases, single-threaded: a fork, then logout / close-all / re-initialise.
-        if o.fork && phase % 2 == 0 {
+        if o.fork && phase.is_multiple_of(2) {
             fork_child(
                 &s,
+                o.login_faults,
                 o.seed ^ phase ^ 0xF0F0,
                 o.fork_steps,
                 o.hang,
                 &mut report,
             );
         }
-        if phase + 1 < phases {
+        memory.rss_max = memory.rss_max.max(proc_status_kb("VmRSS:"));
+        if last_phase(phase) {
+            break;
+        }
+        phase += 1;
+        {
             s.epoch.fetch_add(1, Ordering::AcqRel);
             match main_rng.below(3) {
                 0 => {
@@ -1846,9 +1945,12 @@ pub fn run(module: Module, o: &Options) -> Result<Report, String> {
                 }
                 _ => {}
             }
-            setup(&s)?;
+            setup_retrying(&s, o.login_faults, &mut report)?;
         }
     }
+    memory.rss_end = proc_status_kb("VmRSS:");
+    memory.lck_end = proc_status_kb("VmLck:");
+    report.memory = Some(memory);
     s.stop.store(true, Ordering::Relaxed);
     let _ = wd.join();
     let rv = s.m.finalize();
@@ -1876,6 +1978,23 @@ pub fn print(r: &Report) {
             .map(|(rv, n)| format!("{}={n}", rv_name(*rv)))
             .collect();
         println!("  {f}: {}", list.join(" "));
+    }
+    if let Some(m) = r.memory {
+        println!(
+            "memory: VmRSS {} kB at the start, {} kB at the end, {} kB at most; VmLck {} kB at the start, {} kB at the end",
+            m.rss_start, m.rss_end, m.rss_max, m.lck_start, m.lck_end
+        );
+    }
+    if !r.failed_logins.is_empty() {
+        let list: Vec<String> = r
+            .failed_logins
+            .iter()
+            .map(|(rv, n)| format!("{}={n}", rv_name(*rv)))
+            .collect();
+        println!(
+            "logins failed under injected faults (retried): {}",
+            list.join(" ")
+        );
     }
     for v in &r.violations {
         println!("VIOLATION {v}");

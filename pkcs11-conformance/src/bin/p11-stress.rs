@@ -50,6 +50,13 @@ struct Args {
     /// Name every call on stderr before making it (slow; to locate a crash).
     #[arg(long)]
     trace: bool,
+    /// Soak: run phases for this many seconds instead of --steps.
+    #[arg(long)]
+    duration_seconds: Option<u64>,
+    /// Faults are injected into the services: a login between phases that fails with a
+    /// documented CK_RV is counted and retried instead of ending the run.
+    #[arg(long)]
+    login_faults: bool,
 }
 
 fn main() {
@@ -82,6 +89,8 @@ fn main() {
         fork: !a.no_fork,
         fork_steps: a.fork_steps,
         hang: Duration::from_secs(a.hang_seconds),
+        duration: a.duration_seconds.map(Duration::from_secs),
+        login_faults: a.login_faults,
     };
     match stress::run(m, &o) {
         Ok(r) => {
