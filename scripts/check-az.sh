@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=target/azure-cli-venv
-if [ ! -x "$VENV/bin/az" ]; then
+# A venv that no longer runs (e.g. the checkout moved: its scripts name their interpreter by
+# absolute path) is made again.
+if [ ! -x "$VENV/bin/az" ] || ! "$VENV/bin/az" --version >/dev/null 2>&1; then
   rm -rf "$VENV"
   if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q azure-cli; } > target/azure-cli-install.log 2>&1; then
     tail -3 target/azure-cli-install.log
