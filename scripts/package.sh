@@ -136,9 +136,10 @@ install -D -m 0644 packaging/debian/skr-emulator.lintian-overrides "$EMU/usr/sha
 
 echo "== Depends"
 MAIN_DEPENDS=$(shlibs_depends skr-pkcs11 "usr/lib/$TRIPLET/pkcs11/libskr_pkcs11.so" usr/bin/skr-pkcs11)
-# The vTPM path (cvm feature) links libtss2-esys; the TCTI module that reaches /dev/tpmrm0 is
-# dlopen'ed at run time, so dpkg-shlibdeps cannot see it.
-if readelf -d "$MAIN/usr/lib/$TRIPLET/pkcs11/libskr_pkcs11.so" | grep -q 'libtss2-esys'; then
+# The vTPM path (cvm feature) links libtss2-esys (today into skr-pkcs11's doctor; into the
+# module once C_Login uses it); the TCTI module that reaches /dev/tpmrm0 is dlopen'ed at run
+# time, so dpkg-shlibdeps cannot see it.
+if grep -aq libtss2-esys "$MAIN/usr/lib/$TRIPLET/pkcs11/libskr_pkcs11.so" "$MAIN/usr/bin/skr-pkcs11"; then
   MAIN_DEPENDS="$MAIN_DEPENDS, libtss2-tcti-device0 | libtss2-tcti-device0t64"
 fi
 EMU_DEPENDS=$(shlibs_depends skr-emulator usr/bin/skr-emulator)
