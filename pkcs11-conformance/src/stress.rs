@@ -519,6 +519,15 @@ fn mechanism(rng: &mut Rng, mechs: &[CK_MECHANISM_TYPE]) -> MechBuf {
     }
 }
 
+/// `call!` on a worker's module, naming the function first (for `--trace` and the hang
+/// watchdog: a crash or hang inside the call is reported under its own name).
+macro_rules! marked {
+    ($w:expr, $name:ident $(, $arg:expr)*) => {{
+        $w.mark(stringify!($name));
+        call!($w.s.m, $name $(, $arg)*)
+    }};
+}
+
 /// The operation families that share the Init / single / Update / Final shape.
 #[derive(Clone, Copy)]
 enum Family {
@@ -956,8 +965,8 @@ impl<'a> Worker<'a> {
         let (name, rv) = match which {
             0 => (
                 "C_SignUpdate",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_SignUpdate,
                     sess,
                     data.as_mut_ptr(),
@@ -966,12 +975,12 @@ impl<'a> Worker<'a> {
             ),
             1 => (
                 "C_SignFinal",
-                call!(self.s.m, C_SignFinal, sess, out.ptr(), &mut out_len),
+                marked!(self, C_SignFinal, sess, out.ptr(), &mut out_len),
             ),
             2 => (
                 "C_VerifyFinal",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_VerifyFinal,
                     sess,
                     data.as_mut_ptr(),
@@ -980,8 +989,8 @@ impl<'a> Worker<'a> {
             ),
             3 => (
                 "C_EncryptUpdate",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_EncryptUpdate,
                     sess,
                     data.as_mut_ptr(),
@@ -992,16 +1001,16 @@ impl<'a> Worker<'a> {
             ),
             4 => (
                 "C_DecryptFinal",
-                call!(self.s.m, C_DecryptFinal, sess, out.ptr(), &mut out_len),
+                marked!(self, C_DecryptFinal, sess, out.ptr(), &mut out_len),
             ),
             5 => (
                 "C_DigestFinal",
-                call!(self.s.m, C_DigestFinal, sess, out.ptr(), &mut out_len),
+                marked!(self, C_DigestFinal, sess, out.ptr(), &mut out_len),
             ),
             6 => (
                 "C_Decrypt",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_Decrypt,
                     sess,
                     data.as_mut_ptr(),
@@ -1012,8 +1021,8 @@ impl<'a> Worker<'a> {
             ),
             _ => (
                 "C_Sign",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_Sign,
                     sess,
                     data.as_mut_ptr(),
@@ -1023,7 +1032,6 @@ impl<'a> Worker<'a> {
                 ),
             ),
         };
-        self.mark(name);
         self.note(name, rv);
         self.guard(name, &out);
         if rv == CKR_OK && out_len as usize > out.len {
@@ -1064,8 +1072,8 @@ impl<'a> Worker<'a> {
         let (name, rv): (&'static str, CK_RV) = match self.rng.below(16) {
             0 => ("C_InitToken", {
                 let mut label = [b' '; 32];
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_InitToken,
                     far_handle(&mut self.rng),
                     data.as_mut_ptr(),
@@ -1075,8 +1083,8 @@ impl<'a> Worker<'a> {
             }),
             1 => (
                 "C_InitPIN",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_InitPIN,
                     sess,
                     data.as_mut_ptr(),
@@ -1087,8 +1095,8 @@ impl<'a> Worker<'a> {
                 // Never the real PIN as the old one: the token must keep its PIN.
                 let mut other = self.rng.bytes(9);
                 other[0] = 0xFF;
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_SetPIN,
                     sess,
                     other.as_mut_ptr(),
@@ -1099,12 +1107,12 @@ impl<'a> Worker<'a> {
             }),
             3 => (
                 "C_GetOperationState",
-                call!(self.s.m, C_GetOperationState, sess, out.ptr(), &mut out_len),
+                marked!(self, C_GetOperationState, sess, out.ptr(), &mut out_len),
             ),
             4 => (
                 "C_SetOperationState",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_SetOperationState,
                     sess,
                     data.as_mut_ptr(),
@@ -1115,35 +1123,20 @@ impl<'a> Worker<'a> {
             ),
             5 => (
                 "C_CreateObject",
-                call!(
-                    self.s.m,
-                    C_CreateObject,
-                    sess,
-                    tmpl.as_mut_ptr(),
-                    tn,
-                    &mut h
-                ),
+                marked!(self, C_CreateObject, sess, tmpl.as_mut_ptr(), tn, &mut h),
             ),
             6 => (
                 "C_CopyObject",
-                call!(
-                    self.s.m,
-                    C_CopyObject,
-                    sess,
-                    key,
-                    tmpl.as_mut_ptr(),
-                    tn,
-                    &mut h
-                ),
+                marked!(self, C_CopyObject, sess, key, tmpl.as_mut_ptr(), tn, &mut h),
             ),
             7 => (
                 "C_DestroyObject",
-                call!(self.s.m, C_DestroyObject, sess, far_handle(&mut self.rng)),
+                marked!(self, C_DestroyObject, sess, far_handle(&mut self.rng)),
             ),
             8 => (
                 "C_SetAttributeValue",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_SetAttributeValue,
                     sess,
                     far_handle(&mut self.rng),
@@ -1153,8 +1146,8 @@ impl<'a> Worker<'a> {
             ),
             9 => (
                 "C_GenerateKey",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_GenerateKey,
                     sess,
                     &mut mb.mech,
@@ -1165,8 +1158,8 @@ impl<'a> Worker<'a> {
             ),
             10 => (
                 "C_GenerateKeyPair",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_GenerateKeyPair,
                     sess,
                     &mut mb.mech,
@@ -1180,8 +1173,8 @@ impl<'a> Worker<'a> {
             ),
             11 => (
                 "C_WrapKey",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_WrapKey,
                     sess,
                     &mut mb.mech,
@@ -1193,8 +1186,8 @@ impl<'a> Worker<'a> {
             ),
             12 => (
                 "C_UnwrapKey",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_UnwrapKey,
                     sess,
                     &mut mb.mech,
@@ -1208,8 +1201,8 @@ impl<'a> Worker<'a> {
             ),
             13 => (
                 "C_DeriveKey",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_DeriveKey,
                     sess,
                     &mut mb.mech,
@@ -1221,13 +1214,13 @@ impl<'a> Worker<'a> {
             ),
             14 => (
                 "C_GetFunctionStatus",
-                call!(self.s.m, C_GetFunctionStatus, sess),
+                marked!(self, C_GetFunctionStatus, sess),
             ),
             _ => ("C_WaitForSlotEvent", {
                 // Never a blocking wait: that would be a hang by design.
                 let mut slot: CK_SLOT_ID = 0;
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_WaitForSlotEvent,
                     CKF_DONT_BLOCK,
                     &mut slot,
@@ -1235,7 +1228,6 @@ impl<'a> Worker<'a> {
                 )
             }),
         };
-        self.mark(name);
         self.note(name, rv);
         self.guard(name, &out);
         // Session objects this run created are destroyed again (a module that supports them
@@ -1243,7 +1235,7 @@ impl<'a> Worker<'a> {
         for o in [h, h2] {
             if rv == CKR_OK && o != 0 {
                 self.mark("C_DestroyObject");
-                let rv = call!(self.s.m, C_DestroyObject, sess, o);
+                let rv = marked!(self, C_DestroyObject, sess, o);
                 self.note("C_DestroyObject", rv);
             }
         }
@@ -1257,15 +1249,15 @@ impl<'a> Worker<'a> {
         let mut mb = mechanism(&mut self.rng, &mechs);
         let mut len: CK_ULONG = self.rng.len() as CK_ULONG;
         let (name, rv): (&'static str, CK_RV) = match self.rng.below(12) {
-            0 => ("C_GetInfo", call!(self.s.m, C_GetInfo, ptr::null_mut())),
+            0 => ("C_GetInfo", marked!(self, C_GetInfo, ptr::null_mut())),
             1 => (
                 "C_GetSlotList",
-                call!(self.s.m, C_GetSlotList, 0, ptr::null_mut(), ptr::null_mut()),
+                marked!(self, C_GetSlotList, 0, ptr::null_mut(), ptr::null_mut()),
             ),
             2 => (
                 "C_GetTokenInfo",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_GetTokenInfo,
                     self.s.slot.load(Ordering::Relaxed),
                     ptr::null_mut()
@@ -1273,12 +1265,12 @@ impl<'a> Worker<'a> {
             ),
             3 => (
                 "C_SignInit",
-                call!(self.s.m, C_SignInit, sess, ptr::null_mut(), key),
+                marked!(self, C_SignInit, sess, ptr::null_mut(), key),
             ),
             4 => (
                 "C_Sign",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_Sign,
                     sess,
                     ptr::null_mut(),
@@ -1289,8 +1281,8 @@ impl<'a> Worker<'a> {
             ),
             5 => (
                 "C_Decrypt",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_Decrypt,
                     sess,
                     ptr::null_mut(),
@@ -1301,8 +1293,8 @@ impl<'a> Worker<'a> {
             ),
             6 => (
                 "C_GetAttributeValue",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_GetAttributeValue,
                     sess,
                     key,
@@ -1312,8 +1304,8 @@ impl<'a> Worker<'a> {
             ),
             7 => (
                 "C_FindObjects",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_FindObjects,
                     sess,
                     ptr::null_mut(),
@@ -1323,8 +1315,8 @@ impl<'a> Worker<'a> {
             ),
             8 => (
                 "C_GenerateRandom",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_GenerateRandom,
                     sess,
                     ptr::null_mut(),
@@ -1333,12 +1325,12 @@ impl<'a> Worker<'a> {
             ),
             9 => (
                 "C_EncryptInit",
-                call!(self.s.m, C_EncryptInit, sess, &mut mb.mech, key),
+                marked!(self, C_EncryptInit, sess, &mut mb.mech, key),
             ),
             10 => (
                 "C_DigestUpdate",
-                call!(
-                    self.s.m,
+                marked!(
+                    self,
                     C_DigestUpdate,
                     sess,
                     ptr::null_mut(),
@@ -1347,10 +1339,9 @@ impl<'a> Worker<'a> {
             ),
             _ => (
                 "C_GetSessionInfo",
-                call!(self.s.m, C_GetSessionInfo, sess, ptr::null_mut()),
+                marked!(self, C_GetSessionInfo, sess, ptr::null_mut()),
             ),
         };
-        self.mark(name);
         self.note(name, rv);
     }
 
