@@ -739,3 +739,128 @@ pub fn aes_gcm_raw(
         Ok(out)
     }
 }
+
+/// The AES modes the raw streaming cipher runs (no padding: the caller's input must fill
+/// whole blocks for ECB and CBC; CTR is a stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AesMode {
+    Ecb,
+    Cbc,
+    Ctr,
+}
+
+/// A streaming AES cipher over the raw EVP interface (ECB, CBC without padding, CTR): its
+/// context, and with it the key schedule, lives in AWS-LC memory (the locked arena).
+pub struct EvpStream {
+    ctx: CipherCtx,
+    encrypt: bool,
+}
+
+// The context is owned exclusively by this value and only used through &mut self.
+unsafe impl Send for EvpStream {}
+
+impl EvpStream {
+    pub fn new(
+        mode: AesMode,
+        key: &[u8],
+        iv: Option<&[u8; 16]>,
+        encrypt: bool,
+    ) -> Result<EvpStream> {
+        crate::secret::arena::install();
+        // SAFETY: static cipher tables; the context is owned by CipherCtx; key and IV are
+        // valid for the lengths the cipher reads (checked key length, 16-byte IV).
+        unsafe {
+            let cipher = match (mode, key.len()) {
+                (AesMode::Ecb, 16) => sys::EVP_aes_128_ecb(),
+                (AesMode::Ecb, 24) => sys::EVP_aes_192_ecb(),
+                (AesMode::Ecb, 32) => sys::EVP_aes_256_ecb(),
+                (AesMode::Cbc, 16) => sys::EVP_aes_128_cbc(),
+                (AesMode::Cbc, 24) => sys::EVP_aes_192_cbc(),
+                (AesMode::Cbc, 32) => sys::EVP_aes_256_cbc(),
+                (AesMode::Ctr, 16) => sys::EVP_aes_128_ctr(),
+                (AesMode::Ctr, 24) => sys::EVP_aes_192_ctr(),
+                (AesMode::Ctr, 32) => sys::EVP_aes_256_ctr(),
+                (_, n) => {
+                    return Err(Error::new(
+                        CKR_KEY_SIZE_RANGE,
+                        format!("AES key of {n} bytes"),
+                    ))
+                }
+            };
+            let ctx = CipherCtx(sys::EVP_CIPHER_CTX_new());
+            if ctx.0.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let iv_ptr = iv.map_or(ptr::null(), |v| v.as_ptr());
+            if sys::EVP_CipherInit_ex(
+                ctx.0,
+                cipher,
+                ptr::null_mut(),
+                key.as_ptr(),
+                iv_ptr,
+                encrypt as i32,
+            ) != 1
+                || sys::EVP_CIPHER_CTX_set_padding(ctx.0, 0) != 1
+            {
+                return Err(failed("AES cipher setup failed"));
+            }
+            Ok(EvpStream { ctx, encrypt })
+        }
+    }
+
+    /// Output for `input` (whole blocks so far; partial blocks wait inside the context).
+    pub fn update(&mut self, input: &[u8]) -> Result<crate::secret::Wiped> {
+        let len = i32::try_from(input.len())
+            .map_err(|_| Error::new(CKR_DATA_LEN_RANGE, "input too long"))?;
+        let mut out = crate::secret::Wiped::new(vec![0u8; input.len() + 16]);
+        if input.is_empty() {
+            out.truncate(0);
+            return Ok(out);
+        }
+        let mut n = 0i32;
+        // SAFETY: live context; `out` has room for the input plus one block.
+        let ok = unsafe {
+            if self.encrypt {
+                sys::EVP_EncryptUpdate(self.ctx.0, out.as_mut_ptr(), &mut n, input.as_ptr(), len)
+            } else {
+                sys::EVP_DecryptUpdate(self.ctx.0, out.as_mut_ptr(), &mut n, input.as_ptr(), len)
+            }
+        };
+        if ok != 1 {
+            return Err(failed("AES update failed"));
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// The end: an unfinished block (ECB, CBC) is a length error.
+    pub fn finish(&mut self) -> Result<crate::secret::Wiped> {
+        let mut out = crate::secret::Wiped::new(vec![0u8; 16]);
+        let mut n = 0i32;
+        // SAFETY: live context; `out` holds one block.
+        let ok = unsafe {
+            if self.encrypt {
+                sys::EVP_EncryptFinal_ex(self.ctx.0, out.as_mut_ptr(), &mut n)
+            } else {
+                sys::EVP_DecryptFinal_ex(self.ctx.0, out.as_mut_ptr(), &mut n)
+            }
+        };
+        if ok != 1 {
+            // SAFETY: clears this thread's AWS-LC error queue.
+            unsafe { sys::ERR_clear_error() };
+            return Err(if self.encrypt {
+                Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    "input is not a whole number of AES blocks",
+                )
+            } else {
+                Error::new(
+                    CKR_ENCRYPTED_DATA_LEN_RANGE,
+                    "input is not a whole number of AES blocks",
+                )
+            });
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+}

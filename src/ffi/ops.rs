@@ -97,6 +97,14 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 tag_bits: g.ulTagBits,
             }
         }
+        ParamShape::Ctr => {
+            // SAFETY: as above.
+            let c: CK_AES_CTR_PARAMS = unsafe { param_struct(&m, "CK_AES_CTR_PARAMS")? };
+            RawParam::Ctr {
+                counter_bits: c.ulCounterBits,
+                block: c.cb,
+            }
+        }
         ParamShape::Bytes if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
         // SAFETY: as above.
         ParamShape::Bytes => RawParam::Bytes(unsafe {
@@ -163,7 +171,7 @@ fn key_object(
         }
         (Body::PrivateKey { .. }, Purpose::Sign | Purpose::Decrypt)
         | (Body::PublicKey(_), Purpose::Verify | Purpose::Encrypt)
-        | (Body::SecretKey(_), Purpose::Encrypt | Purpose::Decrypt) => {}
+        | (Body::SecretKey(_), _) => {}
         _ => return Err(not_permitted("the key cannot be used for this operation")),
     }
     if !o.allows(ckm) {
@@ -353,8 +361,14 @@ macro_rules! family {
 }
 
 family! {
-    Sign: SignOp, Some(Purpose::Sign), sign, |m, key| SignOp::new(m, asym(key_of(key)?)?);
-    Verify: VerifyOp, Some(Purpose::Verify), verify, |m, key| VerifyOp::new(m, asym(key_of(key)?)?);
+    Sign: SignOp, Some(Purpose::Sign), sign, |m, key| match &key_of(key)?.body {
+        Body::SecretKey(s) => SignOp::mac(m, s),
+        _ => SignOp::new(m, asym(key_of(key)?)?),
+    };
+    Verify: VerifyOp, Some(Purpose::Verify), verify, |m, key| match &key_of(key)?.body {
+        Body::SecretKey(s) => VerifyOp::mac(m, s),
+        _ => VerifyOp::new(m, asym(key_of(key)?)?),
+    };
     Digest: DigestOp, None, digest, |m, _| match m {
         Mechanism::Digest(alg) => Ok(DigestOp::new(alg)),
         _ => Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism")),
