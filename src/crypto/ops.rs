@@ -24,6 +24,24 @@ impl AsymKey {
         let info = evp.public_info()?;
         Ok(AsymKey { evp, info })
     }
+    /// A fresh RSA key pair (`bits` 2048..=4096).
+    pub fn generate_rsa(bits: usize, exponent: &[u8]) -> Result<AsymKey> {
+        if !(2048..=4096).contains(&bits) {
+            return Err(Error::new(
+                CKR_KEY_SIZE_RANGE,
+                format!("RSA keys are 2048..4096 bits, asked for {bits}"),
+            ));
+        }
+        let evp = EvpKey::generate_rsa(bits, exponent)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
+    /// A fresh EC key pair on `curve`.
+    pub fn generate_ec(curve: super::pkey::Curve) -> Result<AsymKey> {
+        let evp = EvpKey::generate_ec(curve)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
     pub fn from_spki(der: &[u8]) -> Result<AsymKey> {
         let evp = EvpKey::from_spki(der)?;
         let info = evp.public_info()?;

@@ -31,6 +31,21 @@ impl Curve {
             _ => None,
         }
     }
+    pub const ALL: [Curve; 3] = [Curve::P256, Curve::P384, Curve::P521];
+
+    /// The curve a CKA_EC_PARAMS (DER namedCurve OID) names.
+    pub fn from_params_der(der: &[u8]) -> Option<Curve> {
+        Curve::ALL.into_iter().find(|c| c.ec_params_der() == der)
+    }
+
+    fn nid(self) -> i32 {
+        match self {
+            Curve::P256 => sys::NID_X9_62_prime256v1,
+            Curve::P384 => sys::NID_secp384r1,
+            Curve::P521 => sys::NID_secp521r1,
+        }
+    }
+
     /// Bytes of one coordinate / one of r, s.
     pub fn field_len(self) -> usize {
         match self {
@@ -158,6 +173,66 @@ impl EvpKey {
             None => failed("released key is not a PKCS#8 RSA/EC key"),
             Some(e) => e,
         })
+    }
+
+    /// A fresh RSA key of `bits` with public exponent `exponent` (big-endian).
+    pub fn generate_rsa(bits: usize, exponent: &[u8]) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        // SAFETY: every object is created here, checked for NULL, and either handed to the
+        // next owner (RSA into the EVP_PKEY) or freed on the error path.
+        unsafe {
+            let e = sys::BN_bin2bn(exponent.as_ptr(), exponent.len(), ptr::null_mut());
+            if e.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let rsa = sys::RSA_new();
+            let ok = !rsa.is_null()
+                && sys::RSA_generate_key_ex(rsa, bits as i32, e, ptr::null_mut()) == 1;
+            sys::BN_free(e);
+            if !ok {
+                sys::RSA_free(rsa);
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_TEMPLATE_INCONSISTENT,
+                    "RSA key generation refused these parameters (public exponent)",
+                ));
+            }
+            let pkey = sys::EVP_PKEY_new();
+            if pkey.is_null() || sys::EVP_PKEY_assign_RSA(pkey, rsa) != 1 {
+                sys::RSA_free(rsa);
+                sys::EVP_PKEY_free(pkey);
+                return Err(failed("out of memory"));
+            }
+            let k = EvpKey {
+                ptr: NonNull::new(pkey).ok_or_else(|| failed("out of memory"))?,
+                private: true,
+            };
+            k.check_supported()?;
+            Ok(k)
+        }
+    }
+
+    /// A fresh EC key on `curve`.
+    pub fn generate_ec(curve: Curve) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        // SAFETY: as in generate_rsa.
+        unsafe {
+            let ec = sys::EC_KEY_new_by_curve_name(curve.nid());
+            if ec.is_null() || sys::EC_KEY_generate_key(ec) != 1 {
+                sys::EC_KEY_free(ec);
+                return Err(failed("EC key generation failed"));
+            }
+            let pkey = sys::EVP_PKEY_new();
+            if pkey.is_null() || sys::EVP_PKEY_assign_EC_KEY(pkey, ec) != 1 {
+                sys::EC_KEY_free(ec);
+                sys::EVP_PKEY_free(pkey);
+                return Err(failed("out of memory"));
+            }
+            Ok(EvpKey {
+                ptr: NonNull::new(pkey).ok_or_else(|| failed("out of memory"))?,
+                private: true,
+            })
+        }
     }
 
     /// Parse a SubjectPublicKeyInfo.

@@ -9,6 +9,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod general;
+mod keys;
 mod objects;
 mod ops;
 mod process;

@@ -141,7 +141,21 @@ fn not_permitted(msg: &str) -> Error {
     Error::new(CKR_KEY_FUNCTION_NOT_PERMITTED, msg.to_string())
 }
 
-/// The key object for an operation, checked against the mechanism and purpose.
+impl Purpose {
+    /// The key attribute that permits the purpose.
+    fn attribute(self) -> CK_ATTRIBUTE_TYPE {
+        match self {
+            Purpose::Sign => CKA_SIGN,
+            Purpose::Verify => CKA_VERIFY,
+            Purpose::Encrypt => CKA_ENCRYPT,
+            Purpose::Decrypt => CKA_DECRYPT,
+        }
+    }
+}
+
+/// The key object for an operation, checked against the mechanism and purpose: a key at all
+/// (CKR_KEY_HANDLE_INVALID), of the mechanism's key type (CKR_KEY_TYPE_INCONSISTENT), allowed
+/// this use (CKR_KEY_FUNCTION_NOT_PERMITTED) and this mechanism (CKR_MECHANISM_INVALID).
 fn key_object(
     t: &Token,
     h: CK_OBJECT_HANDLE,
@@ -155,24 +169,36 @@ fn key_object(
         )
     })?;
     let ckm = m.ckm();
-    let listed = lookup(ckm).is_some_and(|i| i.can(purpose.flag()));
-    if !listed {
-        return Err(Error::new(
-            CKR_MECHANISM_INVALID,
-            format!("mechanism {ckm:#x} does not support this operation"),
-        ));
-    }
+    let info = lookup(ckm)
+        .filter(|i| i.can(purpose.flag()))
+        .ok_or_else(|| {
+            Error::new(
+                CKR_MECHANISM_INVALID,
+                format!("mechanism {ckm:#x} does not support this operation"),
+            )
+        })?;
     match (&o.body, purpose) {
-        (Body::Certificate(_), _) => {
+        (Body::Certificate(_) | Body::Stored, _) => {
             return Err(Error::new(
                 CKR_KEY_HANDLE_INVALID,
-                "a certificate is not a key",
+                "this object is not a key",
             ))
         }
         (Body::PrivateKey { .. }, Purpose::Sign | Purpose::Decrypt)
         | (Body::PublicKey(_), Purpose::Verify | Purpose::Encrypt)
         | (Body::SecretKey(_), _) => {}
         _ => return Err(not_permitted("the key cannot be used for this operation")),
+    }
+    if info.key != o.key_type() {
+        return Err(Error::new(
+            CKR_KEY_TYPE_INCONSISTENT,
+            format!("mechanism {ckm:#x} needs another key type"),
+        ));
+    }
+    if !o.flag(purpose.attribute()) {
+        return Err(not_permitted(
+            "the key's attributes do not permit this operation (CKA_SIGN / CKA_VERIFY / CKA_ENCRYPT / CKA_DECRYPT)",
+        ));
     }
     if !o.allows(ckm) {
         return Err(Error::new(
@@ -200,7 +226,7 @@ fn key_object(
     Ok(o)
 }
 
-fn asym(o: &Object) -> Result<Arc<AsymKey>> {
+pub(super) fn asym(o: &Object) -> Result<Arc<AsymKey>> {
     match &o.body {
         Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => Ok(k.clone()),
         _ => Err(Error::new(
@@ -210,7 +236,7 @@ fn asym(o: &Object) -> Result<Arc<AsymKey>> {
     }
 }
 
-fn cipher_key(o: &Object) -> Result<CipherKey> {
+pub(super) fn cipher_key(o: &Object) -> Result<CipherKey> {
     match &o.body {
         Body::SecretKey(s) => Ok(CipherKey::Secret(s.clone())),
         _ => asym(o).map(CipherKey::Asym),
@@ -288,7 +314,7 @@ unsafe fn produce_into<T>(
 
 /// Whether an operation on this key object must end with the login.
 fn needs_login(t: &Token, o: &Object) -> bool {
-    o.is_private() || !t.is_permanent(o.handle)
+    o.is_private() || (!o.is_session() && !t.is_permanent(o.handle))
 }
 
 /// One operation family (Sign, Verify, Encrypt, Decrypt, Digest): where its active operation

@@ -500,11 +500,11 @@ fn sessions_login_states_and_refusals() {
         call!(C_Login(rw, CKU_USER, right.as_mut_ptr(), 4)),
         CKR_USER_ALREADY_LOGGED_IN
     );
-    // Read-only token refusals.
+    // Token objects are read-only; an empty template is incomplete (no CKA_CLASS).
     let mut h = 0;
     assert_eq!(
         call!(C_CreateObject(rw, null_mut(), 0, &mut h)),
-        CKR_TOKEN_WRITE_PROTECTED
+        CKR_TEMPLATE_INCOMPLETE
     );
     let key = live.find(rw, CKO_PRIVATE_KEY, 1);
     assert_eq!(call!(C_DestroyObject(rw, key)), CKR_TOKEN_WRITE_PROTECTED);
@@ -527,7 +527,7 @@ fn sessions_login_states_and_refusals() {
             null_mut(),
             null_mut()
         )),
-        CKR_TOKEN_WRITE_PROTECTED
+        CKR_ARGUMENTS_BAD
     );
     assert_eq!(
         call!(C_InitToken(1, null_mut(), 0, null_mut())),
@@ -539,7 +539,7 @@ fn sessions_login_states_and_refusals() {
     );
     assert_eq!(
         call!(C_WrapKey(rw, null_mut(), key, key, null_mut(), &mut h)),
-        CKR_FUNCTION_NOT_SUPPORTED
+        CKR_ARGUMENTS_BAD
     );
     let mut rnd = [0u8; 48];
     assert_eq!(call!(C_GenerateRandom(rw, rnd.as_mut_ptr(), 48)), CKR_OK);
@@ -880,7 +880,10 @@ fn pss_and_ecdsa_through_the_table() {
         .verify_prehash(&hash, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
         .unwrap();
     // Mechanism / key type mismatch.
-    assert_eq!(call!(C_SignInit(s, &mut m, rsa_key)), CKR_MECHANISM_INVALID);
+    assert_eq!(
+        call!(C_SignInit(s, &mut m, rsa_key)),
+        CKR_KEY_TYPE_INCONSISTENT
+    );
 }
 
 #[test]

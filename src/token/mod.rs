@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod factory;
+pub mod material;
 pub mod object;
 pub mod released;
 pub mod session;
@@ -188,6 +190,8 @@ pub struct Token {
     /// every C_Sign / C_Encrypt asks, and taking the token's mutex for it made the two
     /// sessions of one token contend on every call.
     logged_in: AtomicBool,
+    /// Session objects (CKA_TOKEN = FALSE) of every session of this token, by handle.
+    session_objects: RwLock<HashMap<CK_OBJECT_HANDLE, Arc<Object>>>,
 }
 
 /// How a C_Login call proceeds.
@@ -305,6 +309,7 @@ impl Token {
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::PublicKey(Arc::new(public)),
+                stored: None,
             }));
             public_objects.push(Arc::new(Object {
                 handle: new_object_handle(),
@@ -313,6 +318,7 @@ impl Token {
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::Certificate(leaf),
+                stored: None,
             }));
             // Chain certificates once per token, each with its own CKA_ID (SHA-1 of its
             // SubjectPublicKeyInfo, the usual key identifier) so pairing by the key's id finds
@@ -329,6 +335,7 @@ impl Token {
                     key_index: None,
                     subject: c.subject.clone(),
                     body: Body::Certificate(c),
+                    stored: None,
                 }));
             }
         }
@@ -348,6 +355,7 @@ impl Token {
             login_done: Condvar::new(),
             epoch: AtomicU64::new(1),
             logged_in: AtomicBool::new(false),
+            session_objects: RwLock::new(HashMap::new()),
         })
     }
 
@@ -455,6 +463,7 @@ impl Token {
                             key: key.clone(),
                             allow_rsa_pkcs_decrypt: k.allow_rsa_pkcs_decrypt,
                         },
+                        stored: None,
                     }));
                     // A public-only key: operations on the public object never hold the
                     // private key, so a logout wipes it even while such an operation runs.
@@ -471,6 +480,7 @@ impl Token {
                         key_index: Some(*ki),
                         subject,
                         body: Body::PublicKey(public),
+                        stored: None,
                     }));
                 }
                 ParsedKey::Secret(s) => objects.push(Arc::new(Object {
@@ -480,6 +490,7 @@ impl Token {
                     key_index: Some(*ki),
                     subject,
                     body: Body::SecretKey(s.clone()),
+                    stored: None,
                 })),
             }
         }
@@ -504,6 +515,20 @@ impl Token {
 
     /// What a session of this token sees now.
     pub fn visible_objects(&self) -> Vec<Arc<Object>> {
+        let mut v = self.token_objects();
+        let logged_in = self.is_logged_in();
+        v.extend(
+            read(&self.session_objects)
+                .values()
+                .filter(|o| logged_in || !o.is_private())
+                .cloned(),
+        );
+        v.sort_by_key(|o| o.handle);
+        v
+    }
+
+    /// The configured and released objects visible now.
+    fn token_objects(&self) -> Vec<Arc<Object>> {
         let keys = lock(&self.login).keys.clone();
         match keys {
             None => self.public_objects.clone(),
@@ -543,12 +568,79 @@ impl Token {
                     .find(|o| o.handle == handle)
                     .cloned()
             })
+            .or_else(|| {
+                read(&self.session_objects)
+                    .get(&handle)
+                    .filter(|o| !o.is_private() || self.is_logged_in())
+                    .cloned()
+            })
             .ok_or_else(|| {
                 Error::new(
                     CKR_OBJECT_HANDLE_INVALID,
                     format!("object handle {handle} is not valid in this session"),
                 )
             })
+    }
+}
+
+impl Token {
+    /// Add a session object; its handle is the object's.
+    pub fn add_session_object(&self, o: Object) -> CK_OBJECT_HANDLE {
+        let h = o.handle;
+        write(&self.session_objects).insert(h, Arc::new(o));
+        h
+    }
+
+    /// Replace a session object by a new version of it (C_SetAttributeValue): operations that
+    /// started on the old version keep its key material.
+    pub fn replace_session_object(&self, o: Object) -> Result<()> {
+        let mut map = write(&self.session_objects);
+        match map.get_mut(&o.handle) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, Arc::new(o));
+                drop(map);
+                drop(old);
+                Ok(())
+            }
+            None => Err(Error::new(
+                CKR_OBJECT_HANDLE_INVALID,
+                "the object was destroyed meanwhile",
+            )),
+        }
+    }
+
+    /// Destroy one session object.
+    pub fn remove_session_object(&self, handle: CK_OBJECT_HANDLE) -> Result<()> {
+        let gone = write(&self.session_objects).remove(&handle);
+        match gone {
+            Some(o) => {
+                drop(o);
+                Ok(())
+            }
+            None => Err(Error::new(
+                CKR_OBJECT_HANDLE_INVALID,
+                format!("object handle {handle} is not valid in this session"),
+            )),
+        }
+    }
+
+    /// Destroy the session objects `which` selects; their memory is wiped after the lock.
+    fn drop_session_objects(&self, which: impl Fn(&Object) -> bool) {
+        let gone: Vec<Arc<Object>> = {
+            let mut map = write(&self.session_objects);
+            let handles: Vec<_> = map
+                .values()
+                .filter(|o| which(o))
+                .map(|o| o.handle)
+                .collect();
+            handles.iter().filter_map(|h| map.remove(h)).collect()
+        };
+        drop(gone);
+    }
+
+    /// How many session objects exist (tests, the memory checks).
+    pub fn session_object_count(&self) -> usize {
+        read(&self.session_objects).len()
     }
 }
 
@@ -691,6 +783,8 @@ impl Module {
                 .any(|m| read(&m.0).values().any(|o| o.token == t));
             (t, last)
         };
+        // Session objects die with the session that made them.
+        self.tokens[token].drop_session_objects(|o| o.owner() == Some(h));
         if last {
             // PKCS#11: closing the last session of a token logs it out.
             self.tokens[token].wipe();
@@ -706,6 +800,7 @@ impl Module {
                 write(&m.0).retain(|_, s| s.token != t);
             }
         }
+        self.tokens[t].drop_session_objects(|_| true);
         self.tokens[t].wipe();
         Ok(())
     }
@@ -729,6 +824,8 @@ impl Module {
                 "the token is not logged in",
             ));
         }
+        // Private session objects belong to the login: they go with it.
+        self.tokens[token].drop_session_objects(|o| o.is_private());
         let sessions = self.all_sessions();
         for s in sessions.iter().filter(|s| s.token == token) {
             s.lock().end_private_operations();
@@ -746,6 +843,7 @@ impl Module {
         }
         for t in &self.tokens {
             lock(&t.login).closed = true;
+            t.drop_session_objects(|_| true);
             t.wipe();
         }
     }

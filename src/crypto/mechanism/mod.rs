@@ -373,7 +373,10 @@ const RSA_ED: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
 const EC: CK_FLAGS =
     CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 const AES: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
-const AES_WRAP: CK_FLAGS = AES | CKF_WRAP | CKF_UNWRAP;
+// Key wrapping only with the authenticated formats (key wrap, GCM, OAEP): CBC-PAD unwrap would
+// be a padding oracle, ECB and CBC leak structure.
+const WRAP: CK_FLAGS = CKF_WRAP | CKF_UNWRAP;
+const AES_WRAP: CK_FLAGS = AES | WRAP;
 const MAC: CK_FLAGS = CKF_HW | CKF_SIGN | CKF_VERIFY;
 const DIG: CK_FLAGS = CKF_HW | CKF_DIGEST;
 const GEN: CK_FLAGS = CKF_HW | CKF_GENERATE;
@@ -420,17 +423,17 @@ static MECHANISMS: &[MechInfo] = &[
     row(CKM_SHA256_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
     row(CKM_SHA384_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
     row(CKM_SHA512_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
-    row(CKM_RSA_PKCS_OAEP, R, 2048, 4096, RSA_ED, Oaep, &rsa::Oaep),
+    row(CKM_RSA_PKCS_OAEP, R, 2048, 4096, RSA_ED | WRAP, Oaep, &rsa::Oaep),
     row(CKM_ECDSA, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA1, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA224, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA256, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA384, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA512, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
-    row(CKM_AES_GCM, A, 16, 32, AES, Gcm, &aes::Gcm),
-    row(CKM_AES_CBC_PAD, A, 16, 32, AES_WRAP, Bytes, &aes::CbcPad),
-    row(CKM_AES_CBC, A, 16, 32, AES_WRAP, Bytes, &aes::Cbc),
-    row(CKM_AES_ECB, A, 16, 32, AES_WRAP, Bytes, &aes::Ecb),
+    row(CKM_AES_GCM, A, 16, 32, AES_WRAP, Gcm, &aes::Gcm),
+    row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::CbcPad),
+    row(CKM_AES_CBC, A, 16, 32, AES, Bytes, &aes::Cbc),
+    row(CKM_AES_ECB, A, 16, 32, AES, Bytes, &aes::Ecb),
     row(CKM_AES_CTR, A, 16, 32, AES, Ctr, &aes::Ctr),
     row(CKM_AES_KEY_WRAP, A, 16, 32, AES_WRAP, Bytes, &keywrap::KeyWrap),
     row(CKM_AES_KEY_WRAP_KWP, A, 16, 32, AES_WRAP, Bytes, &keywrap::KeyWrap),
