@@ -211,12 +211,14 @@ fn unwrap(
         let given = collapse(&template)?;
         for (ty, v) in decode_template(required) {
             match given.get(&ty) {
-                Some(g) if *g != v => return Err(Error::new(
-                    CKR_TEMPLATE_INCONSISTENT,
-                    format!(
+                Some(g) if *g != v => {
+                    return Err(Error::new(
+                        CKR_TEMPLATE_INCONSISTENT,
+                        format!(
                         "attribute {ty:#x} contradicts the unwrapping key's CKA_UNWRAP_TEMPLATE"
                     ),
-                )),
+                    ))
+                }
                 Some(_) => {}
                 None => template.push((ty, v)),
             }

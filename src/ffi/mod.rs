@@ -274,3 +274,5 @@ pub(crate) unsafe fn deliver_list<T: Copy>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_keys;

@@ -8,9 +8,9 @@ use crate::token::tests::{login_with, Fixture};
 use std::ptr::{null, null_mut};
 use std::sync::Mutex;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+pub(super) static SERIAL: Mutex<()> = Mutex::new(());
 
-fn fl() -> &'static CK_FUNCTION_LIST {
+pub(super) fn fl() -> &'static CK_FUNCTION_LIST {
     let mut p: *mut CK_FUNCTION_LIST = null_mut();
     // SAFETY: valid out-pointer.
     assert_eq!(unsafe { C_GetFunctionList(&mut p) }, CKR_OK);
@@ -28,13 +28,13 @@ macro_rules! call {
 
 /// A test holding the module: serialised, initialised from a fixture config, finalised at
 /// the end whatever happens.
-struct Live {
-    f: Fixture,
+pub(super) struct Live {
+    pub(super) f: Fixture,
     _g: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Live {
-    fn new(extra: &str) -> Live {
+    pub(super) fn new(extra: &str) -> Live {
         let g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let _ = call!(C_Finalize(null_mut()));
         let f = Fixture::new(extra);
@@ -42,11 +42,11 @@ impl Live {
         assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
         Live { f, _g: g }
     }
-    fn login(&self) {
+    pub(super) fn login(&self) {
         let inst = instance().unwrap();
         login_with(&inst.module.tokens[0], self.f.released()).unwrap();
     }
-    fn session(&self, rw: bool) -> CK_SESSION_HANDLE {
+    pub(super) fn session(&self, rw: bool) -> CK_SESSION_HANDLE {
         let mut h = 0;
         let flags = CKF_SERIAL_SESSION | if rw { CKF_RW_SESSION } else { 0 };
         assert_eq!(
@@ -55,7 +55,12 @@ impl Live {
         );
         h
     }
-    fn find(&self, s: CK_SESSION_HANDLE, class: CK_OBJECT_CLASS, id: u8) -> CK_OBJECT_HANDLE {
+    pub(super) fn find(
+        &self,
+        s: CK_SESSION_HANDLE,
+        class: CK_OBJECT_CLASS,
+        id: u8,
+    ) -> CK_OBJECT_HANDLE {
         let mut class = class;
         let mut id = id;
         let mut tpl = [
@@ -86,7 +91,7 @@ impl Drop for Live {
     }
 }
 
-fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
+pub(super) fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
     CK_MECHANISM {
         mechanism: m,
         pParameter: null_mut(),
@@ -94,7 +99,7 @@ fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
     }
 }
 
-fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T) -> CK_MECHANISM {
+pub(super) fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T) -> CK_MECHANISM {
     CK_MECHANISM {
         mechanism: m,
         pParameter: p as *mut T as *mut std::ffi::c_void,

@@ -176,6 +176,15 @@ fn object(owner: CK_SESSION_HANDLE, attrs: Attrs, body: Body) -> Object {
 
 /// C_CreateObject.
 pub fn create(owner: CK_SESSION_HANDLE, template: &Template) -> Result<Object> {
+    let private_key = ulong_bytes(CKO_PRIVATE_KEY);
+    if template
+        .iter()
+        .any(|(ty, v)| *ty == CKA_CLASS && *v == private_key)
+    {
+        return Err(value_invalid(
+            "private keys come to this token by C_GenerateKeyPair or C_UnwrapKey, not C_CreateObject",
+        ));
+    }
     let mut attrs = new_object(Origin::Create, template, &[], None)?;
     let class = factory::ulong(&attrs, CKA_CLASS).unwrap_or(CKO_DATA);
     let body = match class {
@@ -193,11 +202,6 @@ pub fn create(owner: CK_SESSION_HANDLE, template: &Template) -> Result<Object> {
                 attrs.entry(ty).or_insert(v);
             }
             Body::PublicKey(Arc::new(k))
-        }
-        CKO_PRIVATE_KEY => {
-            return Err(value_invalid(
-                "private keys come to this token by C_GenerateKeyPair or C_UnwrapKey, not C_CreateObject",
-            ))
         }
         _ => Body::Stored,
     };
