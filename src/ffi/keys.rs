@@ -231,6 +231,14 @@ fn unwrap(
             "only secret keys are unwrapped by this token (CKA_CLASS = CKO_SECRET_KEY)",
         ));
     }
+    // Unwrapped keys stay secret: unwrapping as non-sensitive would read any key wrapped
+    // under this one in the clear.
+    if !flag(&attrs, CKA_SENSITIVE) {
+        return Err(Error::new(
+            CKR_TEMPLATE_INCONSISTENT,
+            "unwrapped keys are sensitive (CKA_SENSITIVE = FALSE refused)",
+        ));
+    }
     let unwrapper_crypts = u.flag(CKA_ENCRYPT) || u.flag(CKA_DECRYPT);
     if unwrapper_crypts && (flag(&attrs, CKA_WRAP) || flag(&attrs, CKA_UNWRAP)) {
         return Err(Error::new(

@@ -433,7 +433,7 @@ fn templates_are_checked_with_the_spec_codes() {
         Err(CKR_ATTRIBUTE_VALUE_INVALID)
     );
     // A wrapping key defaults to no data role; asking for one is inconsistent.
-    let w = k(&[(CKA_WRAP, b(true))]).unwrap();
+    let w = k(&[(CKA_UNWRAP, b(true))]).unwrap();
     assert_eq!(get(s, w, CKA_ENCRYPT).unwrap(), b(false));
     assert_eq!(
         set(s, w, &[(CKA_DECRYPT, b(true))]),
@@ -877,4 +877,530 @@ fn generated_key_pairs_sign_what_rustcrypto_verifies() {
         ),
         Err(CKR_TEMPLATE_INCONSISTENT)
     );
+}
+
+fn oaep_params() -> CK_RSA_PKCS_OAEP_PARAMS {
+    CK_RSA_PKCS_OAEP_PARAMS {
+        hashAlg: CKM_SHA256,
+        mgf: CKG_MGF1_SHA256,
+        source: CKZ_DATA_SPECIFIED,
+        pSourceData: null_mut(),
+        ulSourceDataLen: 0,
+    }
+}
+
+fn unwrap_key(
+    s: CK_SESSION_HANDLE,
+    m: &mut CK_MECHANISM,
+    with: CK_OBJECT_HANDLE,
+    wrapped: &[u8],
+    entries: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    let mut t = tpl(entries);
+    let mut w = wrapped.to_vec();
+    let mut h = 0;
+    match call!(C_UnwrapKey(
+        s,
+        m,
+        with,
+        w.as_mut_ptr(),
+        w.len() as CK_ULONG,
+        t.p(),
+        t.n(),
+        &mut h
+    )) {
+        CKR_OK => Ok(h),
+        rv => Err(rv),
+    }
+}
+
+fn wrap_key(
+    s: CK_SESSION_HANDLE,
+    m: &mut CK_MECHANISM,
+    with: CK_OBJECT_HANDLE,
+    key: CK_OBJECT_HANDLE,
+) -> Result<Vec<u8>, CK_RV> {
+    produce(|o, l| call!(C_WrapKey(s, m, with, key, o, l)))
+}
+
+fn data_key_template() -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+    vec![
+        (CKA_CLASS, u(CKO_SECRET_KEY)),
+        (CKA_KEY_TYPE, u(CKK_AES)),
+        (CKA_TOKEN, b(false)),
+        (CKA_DECRYPT, b(true)),
+    ]
+}
+
+/// The envelope: a data key wrapped outside the TEE (RustCrypto) to a released key unwraps on
+/// the token into a sensitive session key that decrypts what RustCrypto encrypted.
+#[test]
+fn data_keys_wrapped_outside_unwrap_under_released_keys() {
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let dk: Vec<u8> = (100..132).collect();
+    let iv = [3u8; 12];
+    let ct = rustcrypto_gcm_encrypt(&dk, &iv, b"the enveloped file");
+    let open = |k: CK_OBJECT_HANDLE| {
+        let mut iv = iv;
+        let mut p = gcm_params(&mut iv);
+        let mut m = mech_with(CKM_AES_GCM, &mut p);
+        decrypt(s, &mut m, k, &ct)
+    };
+    // RSA-OAEP (SHA-256) to tls-rsa's public key.
+    use rsa::pkcs8::DecodePrivateKey;
+    let public = rsa::RsaPrivateKey::from_pkcs8_der(&live.f.rsa)
+        .unwrap()
+        .to_public_key();
+    let wrapped = public
+        .encrypt(
+            &mut rand::thread_rng(),
+            rsa::Oaep::new::<sha2::Sha256>(),
+            &dk,
+        )
+        .unwrap();
+    let tls_rsa = live.find(s, CKO_PRIVATE_KEY, 1);
+    assert_eq!(get(s, tls_rsa, CKA_UNWRAP).unwrap(), b(true));
+    let mut op = oaep_params();
+    let mut m = mech_with(CKM_RSA_PKCS_OAEP, &mut op);
+    let k = unwrap_key(s, &mut m, tls_rsa, &wrapped, &data_key_template()).unwrap();
+    assert_eq!(open(k).unwrap(), b"the enveloped file");
+    assert_eq!(get(s, k, CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE));
+    assert_eq!(get(s, k, CKA_SENSITIVE).unwrap(), b(true));
+    assert_eq!(get(s, k, CKA_ALWAYS_SENSITIVE).unwrap(), b(false));
+    assert_eq!(get(s, k, CKA_NEVER_EXTRACTABLE).unwrap(), b(false));
+    assert_eq!(get(s, k, CKA_LOCAL).unwrap(), b(false));
+    let mut bad = wrapped.clone();
+    bad[10] ^= 1;
+    assert_eq!(
+        unwrap_key(s, &mut m, tls_rsa, &bad, &data_key_template()),
+        Err(CKR_WRAPPED_KEY_INVALID)
+    );
+    // AES key wrap with padding (RFC 5649) under data-aes.
+    let data_aes = live.find(s, CKO_SECRET_KEY, 3);
+    let kek: [u8; 32] = live.f.aes.clone().try_into().unwrap();
+    let wrapped = aes_kw::KekAes256::from(kek)
+        .wrap_with_padding_vec(&dk)
+        .unwrap();
+    let mut m = mech(CKM_AES_KEY_WRAP_KWP);
+    let k = unwrap_key(s, &mut m, data_aes, &wrapped, &data_key_template()).unwrap();
+    assert_eq!(open(k).unwrap(), b"the enveloped file");
+    let mut bad = wrapped.clone();
+    bad[0] ^= 1;
+    assert_eq!(
+        unwrap_key(s, &mut m, data_aes, &bad, &data_key_template()),
+        Err(CKR_WRAPPED_KEY_INVALID)
+    );
+    assert_eq!(
+        unwrap_key(s, &mut m, data_aes, &wrapped[..20], &data_key_template()),
+        Err(CKR_WRAPPED_KEY_LEN_RANGE)
+    );
+    // RFC 3394 key wrap.
+    let wrapped = aes_kw::KekAes256::from(kek).wrap_vec(&dk).unwrap();
+    let mut m = mech(CKM_AES_KEY_WRAP);
+    let k = unwrap_key(s, &mut m, data_aes, &wrapped, &data_key_template()).unwrap();
+    assert_eq!(open(k).unwrap(), b"the enveloped file");
+    // AES-GCM as the wrapping format.
+    let wiv = [9u8; 12];
+    let wrapped = rustcrypto_gcm_encrypt(&kek, &wiv, &dk);
+    let mut wiv2 = wiv;
+    let mut p = gcm_params(&mut wiv2);
+    let mut m = mech_with(CKM_AES_GCM, &mut p);
+    let k = unwrap_key(s, &mut m, data_aes, &wrapped, &data_key_template()).unwrap();
+    assert_eq!(open(k).unwrap(), b"the enveloped file");
+    // The unwrapped key dies with the login, like the key that unwrapped it.
+    assert_eq!(call!(C_Logout(s)), CKR_OK);
+    live.login();
+    assert_eq!(get(s, k, CKA_CLASS), Err(CKR_OBJECT_HANDLE_INVALID));
+}
+
+/// A generated wrapping key wraps an extractable data key; the blob unwraps back into a key
+/// that encrypts exactly like the original (whose value RustCrypto knows).
+#[test]
+fn generated_wrapping_keys_wrap_and_unwrap_session_keys() {
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let w = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[
+            (CKA_VALUE_LEN, u(32)),
+            (CKA_WRAP, b(true)),
+            (CKA_UNWRAP, b(true)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(get(s, w, CKA_ENCRYPT).unwrap(), b(false));
+    let d = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[
+            (CKA_VALUE_LEN, u(32)),
+            (CKA_SENSITIVE, b(false)),
+            (CKA_EXTRACTABLE, b(true)),
+        ],
+    )
+    .unwrap();
+    let dv = get(s, d, CKA_VALUE).unwrap();
+    let iv = [5u8; 12];
+    let expected = rustcrypto_gcm_encrypt(&dv, &iv, b"same key");
+    let seal = |k: CK_OBJECT_HANDLE| {
+        let mut iv = iv;
+        let mut p = gcm_params(&mut iv);
+        let mut m = mech_with(CKM_AES_GCM, &mut p);
+        encrypt(s, &mut m, k, b"same key").unwrap()
+    };
+    let mut wiv = [1u8; 12];
+    let mut gp = gcm_params(&mut wiv);
+    let mut kw = mech(CKM_AES_KEY_WRAP);
+    let mut kwp = mech(CKM_AES_KEY_WRAP_KWP);
+    let mut gcm = mech_with(CKM_AES_GCM, &mut gp);
+    for (m, len) in [(&mut kw, 40usize), (&mut kwp, 40), (&mut gcm, 48)] {
+        let blob = wrap_key(s, m, w, d).unwrap();
+        assert_eq!(blob.len(), len);
+        let back = unwrap_key(
+            s,
+            m,
+            w,
+            &blob,
+            &[
+                (CKA_CLASS, u(CKO_SECRET_KEY)),
+                (CKA_KEY_TYPE, u(CKK_AES)),
+                (CKA_ENCRYPT, b(true)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(seal(back), expected);
+    }
+    // The size-query protocol: a short buffer answers the length and CKR_BUFFER_TOO_SMALL.
+    let mut out = [0u8; 8];
+    let mut len: CK_ULONG = 8;
+    assert_eq!(
+        call!(C_WrapKey(s, &mut kw, w, d, out.as_mut_ptr(), &mut len)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, 40);
+    // RSA-OAEP with a generated pair whose public half wraps and private half unwraps.
+    let (pubk, privk) = gen_pair(
+        s,
+        CKM_RSA_PKCS_KEY_PAIR_GEN,
+        &[(CKA_MODULUS_BITS, u(2048)), (CKA_WRAP, b(true))],
+        &[(CKA_UNWRAP, b(true))],
+    )
+    .unwrap();
+    assert_eq!(get(s, pubk, CKA_ENCRYPT).unwrap(), b(false));
+    let mut op = oaep_params();
+    let mut m = mech_with(CKM_RSA_PKCS_OAEP, &mut op);
+    let blob = wrap_key(s, &mut m, pubk, d).unwrap();
+    assert_eq!(blob.len(), 256);
+    let back = unwrap_key(
+        s,
+        &mut m,
+        privk,
+        &blob,
+        &[(CKA_CLASS, u(CKO_SECRET_KEY)), (CKA_KEY_TYPE, u(CKK_AES))],
+    )
+    .unwrap();
+    assert_eq!(seal(back), expected);
+}
+
+/// The published PKCS#11 key-management attacks, each refused with its code.
+#[test]
+fn key_management_attacks_are_refused() {
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let data_aes = live.find(s, CKO_SECRET_KEY, 3);
+    let tls_rsa_pub = live.find(s, CKO_PUBLIC_KEY, 1);
+    let w = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[
+            (CKA_VALUE_LEN, u(32)),
+            (CKA_WRAP, b(true)),
+            (CKA_UNWRAP, b(true)),
+        ],
+    )
+    .unwrap();
+    let d = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[(CKA_VALUE_LEN, u(32)), (CKA_EXTRACTABLE, b(true))],
+    )
+    .unwrap();
+    let mut kw = mech(CKM_AES_KEY_WRAP);
+    // Released keys never leave the TEE.
+    assert_eq!(
+        wrap_key(s, &mut kw, w, data_aes),
+        Err(CKR_KEY_UNEXTRACTABLE)
+    );
+    let tls_rsa = live.find(s, CKO_PRIVATE_KEY, 1);
+    assert_eq!(wrap_key(s, &mut kw, w, tls_rsa), Err(CKR_KEY_UNEXTRACTABLE));
+    // Released keys (and their public halves) never wrap: they also decrypt.
+    assert_eq!(
+        wrap_key(s, &mut kw, data_aes, d),
+        Err(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    );
+    let mut op = oaep_params();
+    let mut oaep = mech_with(CKM_RSA_PKCS_OAEP, &mut op);
+    assert_eq!(
+        wrap_key(s, &mut oaep, tls_rsa_pub, d),
+        Err(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    );
+    // Wrap-then-decrypt: no key both wraps and decrypts, and a wrapping key cannot decrypt.
+    assert_eq!(
+        gen_secret(
+            s,
+            CKM_AES_KEY_GEN,
+            &[
+                (CKA_VALUE_LEN, u(32)),
+                (CKA_WRAP, b(true)),
+                (CKA_DECRYPT, b(true))
+            ]
+        ),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+    assert_eq!(
+        set(s, w, &[(CKA_DECRYPT, b(true))]),
+        CKR_TEMPLATE_INCONSISTENT
+    );
+    let mut iv = [0u8; 12];
+    let mut p = gcm_params(&mut iv);
+    let mut gcm = mech_with(CKM_AES_GCM, &mut p);
+    assert_eq!(
+        call!(C_DecryptInit(s, &mut gcm, w)),
+        CKR_KEY_FUNCTION_NOT_PERMITTED
+    );
+    // Encrypt-then-unwrap: a wrapping key does not encrypt, and a key unwrapped by a key that
+    // encrypts (a released key) cannot become a wrapping key.
+    assert_eq!(
+        call!(C_EncryptInit(s, &mut gcm, w)),
+        CKR_KEY_FUNCTION_NOT_PERMITTED
+    );
+    let blob = aes_kw::KekAes256::from(<[u8; 32]>::try_from(live.f.aes.clone()).unwrap())
+        .wrap_vec(&[7u8; 32])
+        .unwrap();
+    let mut unwrap_tpl = data_key_template();
+    unwrap_tpl.push((CKA_UNWRAP, b(true)));
+    unwrap_tpl.retain(|(t, _)| *t != CKA_DECRYPT);
+    assert_eq!(
+        unwrap_key(s, &mut kw, data_aes, &blob, &unwrap_tpl),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+    // Wrap with a key of known value: created or unwrapped keys never wrap.
+    assert_eq!(
+        create(s, &aes_key(&[1; 32], &[(CKA_WRAP, b(true))])),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+    let public_wrap = [
+        (CKA_CLASS, u(CKO_PUBLIC_KEY)),
+        (CKA_KEY_TYPE, u(CKK_RSA)),
+        (CKA_MODULUS, get(s, tls_rsa_pub, CKA_MODULUS).unwrap()),
+        (CKA_PUBLIC_EXPONENT, vec![1, 0, 1]),
+        (CKA_WRAP, b(true)),
+    ];
+    assert_eq!(create(s, &public_wrap), Err(CKR_TEMPLATE_INCONSISTENT));
+    // Unwrapping as non-sensitive would read the wrapped key in the clear.
+    let blob = wrap_key(s, &mut kw, w, d).unwrap();
+    let mut readable = data_key_template();
+    readable.push((CKA_SENSITIVE, b(false)));
+    assert_eq!(
+        unwrap_key(s, &mut kw, w, &blob, &readable),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+    // Unextractable keys are not wrapped.
+    let fixed = gen_secret(s, CKM_AES_KEY_GEN, &[(CKA_VALUE_LEN, u(16))]).unwrap();
+    assert_eq!(wrap_key(s, &mut kw, w, fixed), Err(CKR_KEY_UNEXTRACTABLE));
+    // CKA_WRAP_WITH_TRUSTED: no key of this token is trusted; the flag latches.
+    let guarded = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[
+            (CKA_VALUE_LEN, u(16)),
+            (CKA_EXTRACTABLE, b(true)),
+            (CKA_WRAP_WITH_TRUSTED, b(true)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(wrap_key(s, &mut kw, w, guarded), Err(CKR_KEY_NOT_WRAPPABLE));
+    assert_eq!(
+        set(s, guarded, &[(CKA_WRAP_WITH_TRUSTED, b(false))]),
+        CKR_ATTRIBUTE_READ_ONLY
+    );
+    assert_eq!(
+        set(s, w, &[(CKA_TRUSTED, b(true))]),
+        CKR_ATTRIBUTE_READ_ONLY
+    );
+    // Role checks on the (un)wrapping key itself.
+    let g = gen_secret(
+        s,
+        CKM_GENERIC_SECRET_KEY_GEN,
+        &[(CKA_VALUE_LEN, u(32)), (CKA_EXTRACTABLE, b(true))],
+    )
+    .unwrap();
+    assert_eq!(
+        wrap_key(s, &mut kw, g, d),
+        Err(CKR_WRAPPING_KEY_TYPE_INCONSISTENT)
+    );
+    assert_eq!(
+        unwrap_key(s, &mut kw, d, &blob, &data_key_template()),
+        Err(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    );
+    assert_eq!(
+        unwrap_key(s, &mut kw, 0xdead_beef, &blob, &data_key_template()),
+        Err(CKR_UNWRAPPING_KEY_HANDLE_INVALID)
+    );
+    assert_eq!(
+        wrap_key(s, &mut kw, 0xdead_beef, d),
+        Err(CKR_WRAPPING_KEY_HANDLE_INVALID)
+    );
+    let mut cbc_iv = [0u8; 16];
+    let mut cbc = CK_MECHANISM {
+        mechanism: CKM_AES_CBC_PAD,
+        pParameter: cbc_iv.as_mut_ptr() as *mut _,
+        ulParameterLen: 16,
+    };
+    assert_eq!(wrap_key(s, &mut cbc, w, d), Err(CKR_MECHANISM_INVALID));
+    assert_eq!(
+        unwrap_key(s, &mut kw, w, &blob, &[(CKA_CLASS, u(CKO_DATA))]),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+}
+
+/// CKA_UNWRAP_TEMPLATE and CKA_WRAP_TEMPLATE bind what a key may unwrap into or wrap.
+#[test]
+fn wrap_and_unwrap_templates_are_enforced() {
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let mut sensitive = [CK_TRUE];
+    let mut unextractable = [CK_FALSE];
+    let mut inner = [
+        CK_ATTRIBUTE {
+            type_: CKA_SENSITIVE,
+            pValue: sensitive.as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_EXTRACTABLE,
+            pValue: unextractable.as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+    ];
+    let mut len = [32u8, 0, 0, 0, 0, 0, 0, 0];
+    let mut class = CKO_SECRET_KEY.to_ne_bytes();
+    let mut kt = CKK_AES.to_ne_bytes();
+    let mut yes = [CK_TRUE];
+    let mut outer = [
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: class.as_mut_ptr() as *mut _,
+            ulValueLen: 8,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_KEY_TYPE,
+            pValue: kt.as_mut_ptr() as *mut _,
+            ulValueLen: 8,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_VALUE_LEN,
+            pValue: len.as_mut_ptr() as *mut _,
+            ulValueLen: 8,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_WRAP,
+            pValue: yes.as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_UNWRAP,
+            pValue: yes.as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_UNWRAP_TEMPLATE,
+            pValue: inner.as_mut_ptr() as *mut _,
+            ulValueLen: (2 * std::mem::size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
+        },
+    ];
+    let mut m = mech(CKM_AES_KEY_GEN);
+    let mut w = 0;
+    assert_eq!(
+        call!(C_GenerateKey(s, &mut m, outer.as_mut_ptr(), 6, &mut w)),
+        CKR_OK
+    );
+    // The template reads back as an attribute array (two-level size query).
+    let mut a = CK_ATTRIBUTE {
+        type_: CKA_UNWRAP_TEMPLATE,
+        pValue: null_mut(),
+        ulValueLen: 0,
+    };
+    assert_eq!(call!(C_GetAttributeValue(s, w, &mut a, 1)), CKR_OK);
+    assert_eq!(
+        a.ulValueLen as usize,
+        2 * std::mem::size_of::<CK_ATTRIBUTE>()
+    );
+    let mut vals = [[9u8; 1]; 2];
+    let mut back = [
+        CK_ATTRIBUTE {
+            type_: 0,
+            pValue: vals[0].as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: 0,
+            pValue: vals[1].as_mut_ptr() as *mut _,
+            ulValueLen: 1,
+        },
+    ];
+    a.pValue = back.as_mut_ptr() as *mut _;
+    assert_eq!(call!(C_GetAttributeValue(s, w, &mut a, 1)), CKR_OK);
+    let got: Vec<(CK_ULONG, u8)> = back
+        .iter()
+        .zip(vals)
+        .map(|(e, v)| (e.type_, v[0]))
+        .collect();
+    assert!(
+        got.contains(&(CKA_SENSITIVE, CK_TRUE)) && got.contains(&(CKA_EXTRACTABLE, CK_FALSE)),
+        "{got:?}"
+    );
+    // A key to carry around.
+    let d = gen_secret(
+        s,
+        CKM_AES_KEY_GEN,
+        &[(CKA_VALUE_LEN, u(32)), (CKA_EXTRACTABLE, b(true))],
+    )
+    .unwrap();
+    let mut kw = mech(CKM_AES_KEY_WRAP);
+    let blob = wrap_key(s, &mut kw, w, d).unwrap();
+    let mut extractable = data_key_template();
+    extractable.push((CKA_EXTRACTABLE, b(true)));
+    assert_eq!(
+        unwrap_key(s, &mut kw, w, &blob, &extractable),
+        Err(CKR_TEMPLATE_INCONSISTENT)
+    );
+    let k = unwrap_key(s, &mut kw, w, &blob, &data_key_template()).unwrap();
+    assert_eq!(get(s, k, CKA_EXTRACTABLE).unwrap(), b(false));
+    // CKA_WRAP_TEMPLATE: this wrapping key wraps only keys labelled "export".
+    let mut label = *b"export";
+    let mut winner = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_mut_ptr() as *mut _,
+        ulValueLen: 6,
+    }];
+    outer[5] = CK_ATTRIBUTE {
+        type_: CKA_WRAP_TEMPLATE,
+        pValue: winner.as_mut_ptr() as *mut _,
+        ulValueLen: std::mem::size_of::<CK_ATTRIBUTE>() as CK_ULONG,
+    };
+    let mut w2 = 0;
+    assert_eq!(
+        call!(C_GenerateKey(s, &mut m, outer.as_mut_ptr(), 6, &mut w2)),
+        CKR_OK
+    );
+    assert_eq!(wrap_key(s, &mut kw, w2, d), Err(CKR_KEY_NOT_WRAPPABLE));
+    assert_eq!(set(s, d, &[(CKA_LABEL, b"export".to_vec())]), CKR_OK);
+    assert_eq!(wrap_key(s, &mut kw, w2, d).unwrap().len(), 40);
 }

@@ -579,8 +579,20 @@ fn fill_defaults(
     }
 }
 
-/// A key is a wrapping key or a data key, never both (see the module comment).
+/// A key is a wrapping key or a data key, never both (see the module comment); and only a key
+/// that never existed outside the token, and stays sensitive, may wrap: wrapping under a key
+/// of known value (created, unwrapped, or readable) would export any extractable key in the
+/// clear (the "wrap with a known key" attack).
 pub fn check_roles(a: &Attrs) -> Result<()> {
+    let class = ulong(a, CKA_CLASS);
+    let readable = class == Some(CKO_SECRET_KEY) && !flag(a, CKA_SENSITIVE);
+    if flag(a, CKA_WRAP) && (!flag(a, CKA_LOCAL) || readable) {
+        return Err(err(
+            CKR_TEMPLATE_INCONSISTENT,
+            "only a sensitive key generated on this token (CKA_LOCAL = TRUE) may wrap other keys"
+                .into(),
+        ));
+    }
     let wrap_role = flag(a, CKA_WRAP) || flag(a, CKA_UNWRAP);
     let crypt_role = flag(a, CKA_ENCRYPT) || flag(a, CKA_DECRYPT);
     if wrap_role && crypt_role {
