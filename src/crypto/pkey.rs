@@ -235,6 +235,64 @@ impl EvpKey {
         }
     }
 
+    /// ECDH: the shared secret Z (the x-coordinate, field length) of this private EC key and a
+    /// peer's uncompressed or compressed point on the same curve. Into locked memory.
+    pub fn ecdh(&self, peer_point: &[u8]) -> Result<crate::secret::LockedBuf> {
+        if !self.private {
+            return Err(Error::new(
+                CKR_KEY_TYPE_INCONSISTENT,
+                "ECDH needs a private key",
+            ));
+        }
+        // SAFETY: live key; the peer point is created here, checked and freed on every path;
+        // the output buffer holds the field length that ECDH_compute_key writes at most.
+        unsafe {
+            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
+            if ec.is_null() {
+                return Err(Error::new(
+                    CKR_KEY_TYPE_INCONSISTENT,
+                    "ECDH needs an EC key",
+                ));
+            }
+            let group = sys::EC_KEY_get0_group(ec);
+            let curve = Curve::from_nid(sys::EC_GROUP_get_curve_name(group))
+                .ok_or_else(|| failed("EC key on an unsupported curve"))?;
+            let point = sys::EC_POINT_new(group);
+            if point.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let ok = sys::EC_POINT_oct2point(
+                group,
+                point,
+                peer_point.as_ptr(),
+                peer_point.len(),
+                ptr::null_mut(),
+            ) == 1;
+            if !ok {
+                sys::EC_POINT_free(point);
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_MECHANISM_PARAM_INVALID,
+                    "the ECDH public data is not a point on the key's curve",
+                ));
+            }
+            let mut out = crate::secret::LockedBuf::zeroed(curve.field_len());
+            let n = sys::ECDH_compute_key(
+                out.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
+                out.len(),
+                point,
+                ec,
+                None,
+            );
+            sys::EC_POINT_free(point);
+            if n != curve.field_len() as i32 {
+                sys::ERR_clear_error();
+                return Err(failed("ECDH failed"));
+            }
+            Ok(out)
+        }
+    }
+
     /// Parse a SubjectPublicKeyInfo.
     pub fn from_spki(der: &[u8]) -> Result<EvpKey> {
         // SAFETY: EVP_parse_public_key reads a CBS and returns an owned key or NULL.

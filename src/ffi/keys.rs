@@ -413,11 +413,89 @@ p11_fn! {
         unsafe { install(t, o, ph) }
     }
 
-    fn C_DeriveKey(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, _k: CK_OBJECT_HANDLE, _t: *mut CK_ATTRIBUTE, _n: CK_ULONG, ph: *mut CK_OBJECT_HANDLE) [h] {
+    fn C_DeriveKey(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, base: CK_OBJECT_HANDLE, p_template: *mut CK_ATTRIBUTE, count: CK_ULONG, ph: *mut CK_OBJECT_HANDLE) [h, base, count] {
         let inst = instance()?;
         mechanism_arg(p_mech)?;
         handle_out(ph, "phKey")?;
-        inst.module.session(h)?;
-        Err(Error::new(CKR_MECHANISM_INVALID, "no derivation mechanism is offered"))
+        // SAFETY: API template.
+        let template = unsafe { read_template(p_template, count)? };
+        let (_, t) = inst.module.session_token(h)?;
+        // SAFETY: non-NULL API mechanism.
+        let m = unsafe { decode_mechanism(p_mech)? };
+        let o = derive(t, h, m, base, &template)?;
+        // SAFETY: checked API out-pointer.
+        unsafe { install(t, o, ph) }
     }
+}
+
+/// C_DeriveKey: a secret key from a base key through the mechanism's family.
+fn derive(
+    t: &Token,
+    h: CK_SESSION_HANDLE,
+    m: Mechanism,
+    base: CK_OBJECT_HANDLE,
+    template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+) -> Result<Object> {
+    let info = mech_for(&m, CKF_DERIVE, "derive keys")?;
+    let b = t.object(base).map_err(|_| {
+        Error::new(
+            CKR_KEY_HANDLE_INVALID,
+            format!("key handle {base} is not valid"),
+        )
+    })?;
+    let Body::PrivateKey { key, .. } = &b.body else {
+        return Err(Error::new(
+            CKR_KEY_TYPE_INCONSISTENT,
+            "ECDH derives from a private EC key",
+        ));
+    };
+    if b.key_type() != info.key {
+        return Err(Error::new(
+            CKR_KEY_TYPE_INCONSISTENT,
+            "ECDH derives from a private EC key",
+        ));
+    }
+    if !b.flag(CKA_DERIVE) {
+        return Err(Error::new(
+            CKR_KEY_FUNCTION_NOT_PERMITTED,
+            "the key may not derive (CKA_DERIVE = FALSE)",
+        ));
+    }
+    if !b.allows(info.ckm) {
+        return Err(Error::new(
+            CKR_MECHANISM_INVALID,
+            "the mechanism is not allowed for this key",
+        ));
+    }
+    let mut attrs = material::key_attrs(Origin::Derive, template, CKO_SECRET_KEY, None, None)?;
+    check_private(t, &attrs)?;
+    let key_type = factory::ulong(&attrs, CKA_KEY_TYPE).unwrap_or(CKK_GENERIC_SECRET);
+    let field = match &key.info.parts {
+        crate::crypto::pkey::PublicParts::Ec { curve, .. } => curve.field_len(),
+        _ => 0,
+    };
+    let len = match (factory::ulong(&attrs, CKA_VALUE_LEN), key_type, &m) {
+        (Some(n), _, _) => n as usize,
+        (None, CKK_GENERIC_SECRET, Mechanism::Ecdh(p)) if p.kdf.is_none() => field,
+        _ => {
+            return Err(Error::new(
+                CKR_TEMPLATE_INCOMPLETE,
+                "CKA_VALUE_LEN is needed for this derived key",
+            ))
+        }
+    };
+    material::check_secret_len(key_type, len, CKR_TEMPLATE_INCONSISTENT)?;
+    let secret = info.family.derive(&m, key, len).unwrap_or_else(|| {
+        Err(Error::new(
+            CKR_MECHANISM_INVALID,
+            "not a derivation mechanism",
+        ))
+    })?;
+    // PKCS#11 §5.18.5: a derived key is always sensitive / never extractable only if its base
+    // key was and it is itself.
+    let always = b.flag(CKA_ALWAYS_SENSITIVE) && flag(&attrs, CKA_SENSITIVE);
+    let never = b.flag(CKA_NEVER_EXTRACTABLE) && !flag(&attrs, CKA_EXTRACTABLE);
+    attrs.insert(CKA_ALWAYS_SENSITIVE, vec![always as u8]);
+    attrs.insert(CKA_NEVER_EXTRACTABLE, vec![never as u8]);
+    material::secret_key(h, attrs, secret)
 }

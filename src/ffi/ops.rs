@@ -105,6 +105,20 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 block: c.cb,
             }
         }
+        ParamShape::Ecdh => {
+            // SAFETY: as above.
+            let e: CK_ECDH1_DERIVE_PARAMS = unsafe { param_struct(&m, "CK_ECDH1_DERIVE_PARAMS")? };
+            // SAFETY: pSharedData / pPublicData are valid for their lengths per the API.
+            let shared =
+                unsafe { param_bytes(e.pSharedData, e.ulSharedDataLen, "ECDH shared data")? };
+            let public =
+                unsafe { param_bytes(e.pPublicData, e.ulPublicDataLen, "ECDH public data")? };
+            RawParam::Ecdh {
+                kdf: e.kdf,
+                shared,
+                public,
+            }
+        }
         ParamShape::Bytes if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
         // SAFETY: as above.
         ParamShape::Bytes => RawParam::Bytes(unsafe {

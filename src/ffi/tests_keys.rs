@@ -1404,3 +1404,221 @@ fn wrap_and_unwrap_templates_are_enforced() {
     assert_eq!(set(s, d, &[(CKA_LABEL, b"export".to_vec())]), CKR_OK);
     assert_eq!(wrap_key(s, &mut kw, w2, d).unwrap().len(), 40);
 }
+
+fn derive_key(
+    s: CK_SESSION_HANDLE,
+    base: CK_OBJECT_HANDLE,
+    kdf: CK_EC_KDF_TYPE,
+    shared: &[u8],
+    peer_point: &[u8],
+    entries: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    let (mut sd, mut pd) = (shared.to_vec(), peer_point.to_vec());
+    let mut p = CK_ECDH1_DERIVE_PARAMS {
+        kdf,
+        ulSharedDataLen: sd.len() as CK_ULONG,
+        pSharedData: if sd.is_empty() {
+            null_mut()
+        } else {
+            sd.as_mut_ptr()
+        },
+        ulPublicDataLen: pd.len() as CK_ULONG,
+        pPublicData: pd.as_mut_ptr(),
+    };
+    let mut m = mech_with(CKM_ECDH1_DERIVE, &mut p);
+    let mut t = tpl(entries);
+    let mut h = 0;
+    match call!(C_DeriveKey(s, &mut m, base, t.p(), t.n(), &mut h)) {
+        CKR_OK => Ok(h),
+        rv => Err(rv),
+    }
+}
+
+/// ANSI X9.63 KDF with SHA-256, written out independently of the module.
+fn x963_sha256(z: &[u8], shared: &[u8], len: usize) -> Vec<u8> {
+    use sha2::Digest;
+    let mut out = vec![];
+    let mut counter = 1u32;
+    while out.len() < len {
+        let mut h = sha2::Sha256::new();
+        h.update(z);
+        h.update(counter.to_be_bytes());
+        h.update(shared);
+        out.extend_from_slice(&h.finalize());
+        counter += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn readable_secret(kt: CK_KEY_TYPE, len: Option<CK_ULONG>) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+    let mut v = vec![
+        (CKA_CLASS, u(CKO_SECRET_KEY)),
+        (CKA_KEY_TYPE, u(kt)),
+        (CKA_SENSITIVE, b(false)),
+        (CKA_EXTRACTABLE, b(true)),
+    ];
+    if let Some(n) = len {
+        v.push((CKA_VALUE_LEN, u(n)));
+    }
+    v
+}
+
+#[test]
+fn ecdh_derives_what_rustcrypto_agrees_on() {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use p256::pkcs8::DecodePrivateKey;
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    // The released tls-ec key (P-256) with a RustCrypto peer.
+    let released = live.find(s, CKO_PRIVATE_KEY, 2);
+    assert_eq!(get(s, released, CKA_DERIVE).unwrap(), b(true));
+    let token_point = {
+        let sk = p256::SecretKey::from_pkcs8_der(&live.f.ec).unwrap();
+        sk.public_key()
+    };
+    let peer = p256::SecretKey::random(&mut rand::thread_rng());
+    let peer_point = peer
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    let z = p256::ecdh::diffie_hellman(peer.to_nonzero_scalar(), token_point.as_affine());
+    let z = z.raw_secret_bytes().to_vec();
+    // CKD_NULL: Z itself (the peer point given raw).
+    let k = derive_key(
+        s,
+        released,
+        CKD_NULL,
+        &[],
+        &peer_point,
+        &readable_secret(CKK_GENERIC_SECRET, None),
+    )
+    .unwrap();
+    assert_eq!(get(s, k, CKA_VALUE).unwrap(), z);
+    // SHA-256 KDF with shared info into an AES key (the peer point as CKA_EC_POINT DER).
+    let der_point = crate::token::attr::der_octet_string(&peer_point);
+    let k = derive_key(
+        s,
+        released,
+        CKD_SHA256_KDF,
+        b"info",
+        &der_point,
+        &readable_secret(CKK_AES, Some(32)),
+    )
+    .unwrap();
+    assert_eq!(get(s, k, CKA_VALUE).unwrap(), x963_sha256(&z, b"info", 32));
+    // A derived key from a released key stays sensitive by default; ALWAYS_SENSITIVE follows
+    // the base key.
+    let k = derive_key(
+        s,
+        released,
+        CKD_SHA256_KDF,
+        &[],
+        &peer_point,
+        &[
+            (CKA_CLASS, u(CKO_SECRET_KEY)),
+            (CKA_KEY_TYPE, u(CKK_AES)),
+            (CKA_VALUE_LEN, u(16)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(get(s, k, CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE));
+    assert_eq!(get(s, k, CKA_ALWAYS_SENSITIVE).unwrap(), b(true));
+    // A session P-384 key that may derive, against p384's ECDH.
+    let (pubk, privk) = gen_pair(
+        s,
+        CKM_EC_KEY_PAIR_GEN,
+        &[(CKA_EC_PARAMS, P384.to_vec())],
+        &[(CKA_DERIVE, b(true))],
+    )
+    .unwrap();
+    let token_pub = p384::PublicKey::from_sec1_bytes(&ec_point(s, pubk)).unwrap();
+    let peer = p384::SecretKey::random(&mut rand::thread_rng());
+    let z = p384::ecdh::diffie_hellman(peer.to_nonzero_scalar(), token_pub.as_affine());
+    let peer_point = peer
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    let k = derive_key(
+        s,
+        privk,
+        CKD_NULL,
+        &[],
+        &peer_point,
+        &readable_secret(CKK_GENERIC_SECRET, None),
+    )
+    .unwrap();
+    assert_eq!(get(s, k, CKA_VALUE).unwrap(), z.raw_secret_bytes().to_vec());
+    // Refusals: a key without CKA_DERIVE, a point on another curve, an unknown KDF, no length.
+    let (_, no_derive) = gen_pair(
+        s,
+        CKM_EC_KEY_PAIR_GEN,
+        &[(CKA_EC_PARAMS, P384.to_vec())],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        derive_key(
+            s,
+            no_derive,
+            CKD_NULL,
+            &[],
+            &peer_point,
+            &readable_secret(CKK_GENERIC_SECRET, None)
+        ),
+        Err(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    );
+    let p256_point = p256::SecretKey::random(&mut rand::thread_rng())
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    assert_eq!(
+        derive_key(
+            s,
+            privk,
+            CKD_NULL,
+            &[],
+            &p256_point,
+            &readable_secret(CKK_GENERIC_SECRET, None)
+        ),
+        Err(CKR_MECHANISM_PARAM_INVALID)
+    );
+    assert_eq!(
+        derive_key(
+            s,
+            privk,
+            0x77,
+            &[],
+            &peer_point,
+            &readable_secret(CKK_GENERIC_SECRET, None)
+        ),
+        Err(CKR_MECHANISM_PARAM_INVALID)
+    );
+    assert_eq!(
+        derive_key(
+            s,
+            privk,
+            CKD_SHA256_KDF,
+            &[],
+            &peer_point,
+            &readable_secret(CKK_GENERIC_SECRET, None)
+        ),
+        Err(CKR_TEMPLATE_INCOMPLETE)
+    );
+    let rsa = live.find(s, CKO_PRIVATE_KEY, 1);
+    assert_eq!(
+        derive_key(
+            s,
+            rsa,
+            CKD_NULL,
+            &[],
+            &peer_point,
+            &readable_secret(CKK_GENERIC_SECRET, None)
+        ),
+        Err(CKR_KEY_TYPE_INCONSISTENT)
+    );
+}

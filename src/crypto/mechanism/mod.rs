@@ -4,6 +4,7 @@
 
 mod aes;
 mod digest;
+mod ecdh;
 mod ecdsa;
 mod keygen;
 mod keywrap;
@@ -38,6 +39,14 @@ pub struct GcmParams {
     pub tag_bits: usize,
 }
 
+/// CK_ECDH1_DERIVE_PARAMS, checked: the KDF (None: CKD_NULL), shared info, the peer's point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EcdhParams {
+    pub kdf: Option<HashAlg>,
+    pub shared: Vec<u8>,
+    pub public: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mechanism {
     /// CKM_RSA_PKCS: sign input is a DigestInfo (or any ≤ k−11 bytes); also encrypt/decrypt.
@@ -69,6 +78,8 @@ pub enum Mechanism {
     /// CKM_AES_KEY_WRAP_KWP (RFC 5649).
     AesKeyWrapPad,
     Digest(HashAlg),
+    /// CKM_ECDH1_DERIVE.
+    Ecdh(EcdhParams),
     /// A key or key-pair generation mechanism (CKM_AES_KEY_GEN, CKM_EC_KEY_PAIR_GEN, ...).
     KeyGen(CK_MECHANISM_TYPE),
 }
@@ -112,6 +123,7 @@ impl Mechanism {
             Mechanism::AesKeyWrapPad => CKM_AES_KEY_WRAP_KWP,
             Mechanism::Digest(h) => h.ckm(),
             Mechanism::KeyGen(ckm) => *ckm,
+            Mechanism::Ecdh(_) => CKM_ECDH1_DERIVE,
         }
     }
 }
@@ -163,6 +175,11 @@ pub enum RawParam {
         counter_bits: CK_ULONG,
         block: [u8; 16],
     },
+    Ecdh {
+        kdf: CK_EC_KDF_TYPE,
+        shared: Vec<u8>,
+        public: Vec<u8>,
+    },
 }
 
 pub(super) fn param_invalid(msg: impl Into<String>) -> Error {
@@ -194,6 +211,8 @@ pub enum ParamShape {
     Gcm,
     /// CK_AES_CTR_PARAMS.
     Ctr,
+    /// CK_ECDH1_DERIVE_PARAMS (with its shared and public data).
+    Ecdh,
 }
 
 /// A secret-key cipher (C_Encrypt / C_Decrypt, and C_WrapKey / C_UnwrapKey over the same
@@ -298,6 +317,15 @@ pub trait Family: Sync {
     fn mac(&self, _m: &Mechanism, _key: &Arc<SecretBytes>) -> Option<Result<Box<dyn Mac>>> {
         None
     }
+    /// A derived secret of `len` bytes from a base key (C_DeriveKey).
+    fn derive(
+        &self,
+        _m: &Mechanism,
+        _base: &crate::crypto::ops::AsymKey,
+        _len: usize,
+    ) -> Option<Result<SecretBytes>> {
+        None
+    }
 }
 
 /// The family of a parsed mechanism.
@@ -382,6 +410,8 @@ const DIG: CK_FLAGS = CKF_HW | CKF_DIGEST;
 const GEN: CK_FLAGS = CKF_HW | CKF_GENERATE;
 const GEN_PAIR: CK_FLAGS = CKF_HW | CKF_GENERATE_KEY_PAIR;
 const EC_GEN: CK_FLAGS = GEN_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
+const EC_DERIVE: CK_FLAGS =
+    CKF_HW | CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 
 const fn row(
     ckm: CK_MECHANISM_TYPE,
@@ -403,7 +433,7 @@ const fn row(
     }
 }
 
-use ParamShape::{Bytes, Ctr, Gcm, Oaep, Pss};
+use ParamShape::{Bytes, Ctr, Ecdh, Gcm, Oaep, Pss};
 const R: Option<CK_KEY_TYPE> = Some(CKK_RSA);
 const E: Option<CK_KEY_TYPE> = Some(CKK_EC);
 const A: Option<CK_KEY_TYPE> = Some(CKK_AES);
@@ -443,6 +473,7 @@ static MECHANISMS: &[MechInfo] = &[
     row(CKM_SHA256_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
     row(CKM_SHA384_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
     row(CKM_SHA512_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_ECDH1_DERIVE, E, 256, 521, EC_DERIVE, Ecdh, &ecdh::Ecdh),
     row(CKM_AES_KEY_GEN, A, 16, 32, GEN, Bytes, &keygen::KeyGen),
     row(CKM_GENERIC_SECRET_KEY_GEN, G, 1, 512, GEN, Bytes, &keygen::KeyGen),
     row(CKM_RSA_PKCS_KEY_PAIR_GEN, R, 2048, 4096, GEN_PAIR, Bytes, &keygen::KeyGen),
@@ -549,6 +580,11 @@ mod tests {
                     tag_bits: 128,
                 },
                 (ParamShape::Bytes, CKM_AES_CBC_PAD | CKM_AES_CBC) => RawParam::Bytes(vec![0; 16]),
+                (ParamShape::Ecdh, _) => RawParam::Ecdh {
+                    kdf: CKD_NULL,
+                    shared: vec![],
+                    public: vec![4; 65],
+                },
                 (ParamShape::Ctr, _) => RawParam::Ctr {
                     counter_bits: 128,
                     block: [0; 16],
