@@ -639,7 +639,6 @@ fn login_state(t: &Target) -> Outcome {
             &[
                 CKR_USER_ANOTHER_ALREADY_LOGGED_IN,
                 CKR_SESSION_READ_ONLY_EXISTS,
-                CKR_USER_TYPE_INVALID,
                 CKR_USER_ALREADY_LOGGED_IN,
             ],
         )?;

@@ -677,8 +677,29 @@ p11_fn! {
         unsafe { absorb::<Digest>(h, p_data, len) }
     }
     fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) [h, key] {
-        instance()?.module.session(h)?;
-        Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, "key values are never digested"))
+        with_slot::<Digest, _>(h, |slot, t| {
+            let r = (|| {
+                let a = active(slot, t.is_logged_in(), t.epoch())?;
+                let o = t.object(key).map_err(|_| {
+                    Error::new(CKR_KEY_HANDLE_INVALID, format!("key handle {key} is not valid"))
+                })?;
+                // A session secret key's value joins the digest; released keys give nothing
+                // of themselves away, not even a hash.
+                let value = match &o.body {
+                    Body::SecretKey(v) if o.is_session() => v,
+                    Body::SecretKey(_) => {
+                        return Err(Error::new(CKR_KEY_INDIGESTIBLE, "released keys are never digested"))
+                    }
+                    _ => return Err(Error::new(CKR_KEY_INDIGESTIBLE, "only secret keys can be digested")),
+                };
+                a.multipart = true;
+                a.op.update(value.as_slice())
+            })();
+            if r.as_ref().is_err_and(|e| e.rv() != CKR_KEY_HANDLE_INVALID && e.rv() != CKR_OPERATION_NOT_INITIALIZED) {
+                *slot = None;
+            }
+            r
+        })
     }
     fn C_DigestFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
         // SAFETY: API arguments.

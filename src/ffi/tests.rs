@@ -483,9 +483,10 @@ fn sessions_login_states_and_refusals() {
     assert_eq!(state(ro), CKS_RO_PUBLIC_SESSION);
     assert_eq!(state(rw), CKS_RW_PUBLIC_SESSION);
     assert_eq!(call!(C_GetSessionInfo(ro, null_mut())), CKR_ARGUMENTS_BAD);
+    // CKU_SO is a valid user type; the token has no security officer.
     assert_eq!(
         call!(C_Login(ro, CKU_SO, null_mut(), 0)),
-        CKR_USER_TYPE_INVALID
+        CKR_SESSION_READ_ONLY_EXISTS
     );
     assert_eq!(
         call!(C_Login(ro, CKU_CONTEXT_SPECIFIC, null_mut(), 0)),
@@ -1074,7 +1075,11 @@ fn encrypt_decrypt_and_digest_through_the_table() {
     assert_eq!(&dg[..], &sha2::Sha384::digest(b"abcabc")[..]);
     let mut bad = mech(CKM_RSA_PKCS);
     assert_eq!(call!(C_DigestInit(s, &mut bad)), CKR_MECHANISM_INVALID);
-    assert_eq!(call!(C_DigestKey(s, aes)), CKR_FUNCTION_NOT_SUPPORTED);
+    // No digest active (the refused init left none); released keys are never digested.
+    assert_eq!(call!(C_DigestKey(s, aes)), CKR_OPERATION_NOT_INITIALIZED);
+    let mut sha = mech(CKM_SHA256);
+    assert_eq!(call!(C_DigestInit(s, &mut sha)), CKR_OK);
+    assert_eq!(call!(C_DigestKey(s, aes)), CKR_KEY_INDIGESTIBLE);
     let _ = null::<u8>();
 }
 

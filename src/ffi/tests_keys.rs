@@ -1622,3 +1622,162 @@ fn ecdh_derives_what_rustcrypto_agrees_on() {
         Err(CKR_KEY_TYPE_INCONSISTENT)
     );
 }
+
+#[test]
+fn digest_key_hashes_session_secret_keys_only() {
+    use sha2::Digest;
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let value = [0x42u8; 32];
+    let k = create(s, &aes_key(&value, &[])).unwrap();
+    let mut m = mech(CKM_SHA256);
+    assert_eq!(call!(C_DigestInit(s, &mut m)), CKR_OK);
+    let mut pre = *b"prefix";
+    assert_eq!(call!(C_DigestUpdate(s, pre.as_mut_ptr(), 6)), CKR_OK);
+    assert_eq!(call!(C_DigestKey(s, k)), CKR_OK);
+    let out = produce(|o, l| call!(C_DigestFinal(s, o, l))).unwrap();
+    let mut h = sha2::Sha256::new();
+    h.update(b"prefix");
+    h.update(value);
+    assert_eq!(out, h.finalize().to_vec());
+    // Released keys and non-secret keys are indigestible; no digest active: not initialised.
+    assert_eq!(call!(C_DigestKey(s, k)), CKR_OPERATION_NOT_INITIALIZED);
+    assert_eq!(call!(C_DigestInit(s, &mut m)), CKR_OK);
+    assert_eq!(call!(C_DigestInit(s, &mut m)), CKR_OPERATION_ACTIVE);
+    let released = live.find(s, CKO_SECRET_KEY, 3);
+    assert_eq!(call!(C_DigestKey(s, released)), CKR_KEY_INDIGESTIBLE);
+    assert_eq!(call!(C_DigestInit(s, &mut m)), CKR_OK);
+    let public = live.find(s, CKO_PUBLIC_KEY, 1);
+    assert_eq!(call!(C_DigestKey(s, public)), CKR_KEY_INDIGESTIBLE);
+}
+
+#[test]
+fn login_as_security_officer_is_answered_with_spec_codes() {
+    let live = Live::new("");
+    let rw = live.session(true);
+    assert_eq!(call!(C_Login(rw, CKU_SO, null_mut(), 0)), CKR_PIN_INCORRECT);
+    let ro = live.session(false);
+    assert_eq!(
+        call!(C_Login(rw, CKU_SO, null_mut(), 0)),
+        CKR_SESSION_READ_ONLY_EXISTS
+    );
+    assert_eq!(call!(C_CloseSession(ro)), CKR_OK);
+    live.login();
+    assert_eq!(
+        call!(C_Login(rw, CKU_SO, null_mut(), 0)),
+        CKR_USER_ANOTHER_ALREADY_LOGGED_IN
+    );
+}
+
+/// NULL pointers and impossible lengths are CKR_ARGUMENTS_BAD before anything else is looked
+/// at (the session handle, the mechanism, the template, write protection).
+#[test]
+fn null_arguments_come_first() {
+    let live = Live::new("");
+    let s = live.session(false);
+    let bogus_session = 0xdead;
+    let mut h = 0;
+    let mut t = tpl(&[(CKA_TOKEN, b(true))]);
+    let mut m = mech(0xFFFF_FFF0);
+    assert_eq!(
+        call!(C_CreateObject(bogus_session, t.p(), t.n(), null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_CreateObject(bogus_session, null_mut(), 1, &mut h)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GenerateKey(
+            bogus_session,
+            null_mut(),
+            t.p(),
+            t.n(),
+            &mut h
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GenerateKey(
+            bogus_session,
+            &mut m,
+            t.p(),
+            t.n(),
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GenerateKeyPair(
+            bogus_session,
+            &mut m,
+            t.p(),
+            t.n(),
+            t.p(),
+            t.n(),
+            &mut h,
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_WrapKey(
+            bogus_session,
+            &mut m,
+            1,
+            2,
+            null_mut(),
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_UnwrapKey(
+            bogus_session,
+            &mut m,
+            1,
+            null_mut(),
+            5,
+            t.p(),
+            t.n(),
+            &mut h
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_DeriveKey(
+            bogus_session,
+            &mut m,
+            1,
+            t.p(),
+            t.n(),
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_CopyObject(bogus_session, 1, t.p(), t.n(), null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GetObjectSize(bogus_session, 1, null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_SetAttributeValue(bogus_session, 1, null_mut(), 2)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_FindObjectsInit(s, null_mut(), 1)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_FindObjects(bogus_session, null_mut(), 1, &mut h)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GetAttributeValue(bogus_session, 1, null_mut(), 1)),
+        CKR_ARGUMENTS_BAD
+    );
+}
