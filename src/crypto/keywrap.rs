@@ -199,7 +199,7 @@ pub fn aes_kw_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, WrapErro
     if wrapped.len() < 24 || !wrapped.len().is_multiple_of(8) {
         return Err(WrapError::Length);
     }
-    let mut out = SecretBytes::zeroed(wrapped.len() - 8);
+    let mut out = SecretBytes::in_arena(wrapped.len() - 8);
     let a = w_inverse(kek, wrapped, out.as_mut_slice())?;
     if aws_lc_rs::constant_time::verify_slices_are_equal(&a, &KW_IV).is_err() {
         return Err(WrapError::Integrity);
@@ -237,9 +237,9 @@ pub fn aes_kwp_unwrap_any(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, Wra
     if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) {
         return Err(WrapError::Length);
     }
-    let mut out = SecretBytes::zeroed(wrapped.len() - 8);
+    let mut out = SecretBytes::in_arena(wrapped.len() - 8);
     let n = kwp_unwrap_ecb(kek, wrapped, out.as_mut_slice()).ok_or(WrapError::Integrity)?;
-    Ok(SecretBytes::from_slice(&out.as_slice()[..n]))
+    Ok(SecretBytes::in_arena_from(&out.as_slice()[..n]))
 }
 
 #[cfg(test)]

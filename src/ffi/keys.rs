@@ -265,7 +265,7 @@ fn unwrap(
         ),
         _ => e,
     })?;
-    let secret = SecretBytes::from_slice(&value);
+    let secret = SecretBytes::in_arena_from(&value);
     material::secret_key(h, attrs, secret)
 }
 
@@ -335,7 +335,7 @@ p11_fn! {
         check_private(t, &attrs)?;
         let len = factory::ulong(&attrs, CKA_VALUE_LEN).unwrap_or(0) as usize;
         material::check_secret_len(key_type, len, CKR_ATTRIBUTE_VALUE_INVALID)?;
-        let mut secret = SecretBytes::zeroed(len);
+        let mut secret = SecretBytes::in_arena(len);
         crate::crypto::random(secret.as_mut_slice())?;
         let o = material::secret_key(h, attrs, secret)?;
         // SAFETY: checked API out-pointer.

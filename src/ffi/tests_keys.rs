@@ -967,6 +967,15 @@ fn data_keys_wrapped_outside_unwrap_under_released_keys() {
     let k = unwrap_key(s, &mut m, tls_rsa, &wrapped, &data_key_template()).unwrap();
     assert_eq!(open(k).unwrap(), b"the enveloped file");
     assert_eq!(get(s, k, CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE));
+    // The unwrapped value lives in the locked, non-dumpable arena.
+    {
+        let inst = super::instance().unwrap();
+        let o = inst.module.tokens[0].object(k).unwrap();
+        let crate::token::object::Body::SecretKey(v) = &o.body else {
+            panic!("not a secret key")
+        };
+        assert!(crate::secret::arena::contains(v.as_slice().as_ptr()));
+    }
     assert_eq!(get(s, k, CKA_SENSITIVE).unwrap(), b(true));
     assert_eq!(get(s, k, CKA_ALWAYS_SENSITIVE).unwrap(), b(false));
     assert_eq!(get(s, k, CKA_NEVER_EXTRACTABLE).unwrap(), b(false));

@@ -190,8 +190,9 @@ pub fn create(owner: CK_SESSION_HANDLE, template: &Template) -> Result<Object> {
     let body = match class {
         CKO_SECRET_KEY => {
             let key_type = factory::ulong(&attrs, CKA_KEY_TYPE).unwrap_or(CKK_AES);
-            let value = attrs.remove(&CKA_VALUE).unwrap_or_default();
-            let secret = SecretBytes::from_vec(value);
+            let mut value = attrs.remove(&CKA_VALUE).unwrap_or_default();
+            let secret = SecretBytes::in_arena_from(&value);
+            crate::secret::wipe(&mut value);
             check_secret_len(key_type, secret.len(), CKR_ATTRIBUTE_VALUE_INVALID)?;
             finish_secret(&mut attrs, key_type, &secret)?;
             Body::SecretKey(Arc::new(secret))

@@ -65,7 +65,7 @@ impl Family for Ecdh {
 
 fn derive(p: &EcdhParams, base: &AsymKey, len: usize) -> Result<SecretBytes> {
     let z = base.evp.ecdh(&p.public)?;
-    let mut out = SecretBytes::zeroed(len);
+    let mut out = SecretBytes::in_arena(len);
     match p.kdf {
         None => {
             if len > z.len() {
