@@ -142,6 +142,11 @@ pub struct Release {
     /// First backoff; doubles with jitter; a Retry-After header wins (capped).
     #[serde(default = "default_backoff_ms")]
     pub backoff_ms: u64,
+    /// Longest one service call may take, attempts and waits included. Throttled answers
+    /// (429, or 503 with Retry-After) are retried until it passes; other failures stop after
+    /// `retries`.
+    #[serde(default = "default_deadline")]
+    pub deadline_seconds: u64,
 }
 impl Default for Release {
     fn default() -> Self {
@@ -151,6 +156,7 @@ impl Default for Release {
             timeout_seconds: default_timeout(),
             retries: default_retries(),
             backoff_ms: default_backoff_ms(),
+            deadline_seconds: default_deadline(),
         }
     }
 }
@@ -168,6 +174,9 @@ fn default_retries() -> u32 {
 }
 fn default_backoff_ms() -> u64 {
     500
+}
+fn default_deadline() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
