@@ -143,6 +143,17 @@ impl Emulator {
         assert!(r.status().is_success(), "POST {url}: {}", r.status());
     }
 
+    pub fn admin_put(&self, path: &str, body: serde_json::Value) {
+        let url = format!("{}{}", self.var("SKR_EMULATOR_PLATFORM_URL"), path);
+        let r = self
+            .client()
+            .put(&url)
+            .json(&body)
+            .send()
+            .expect("admin PUT");
+        assert!(r.status().is_success(), "PUT {url}: {}", r.status());
+    }
+
     pub fn admin_delete(&self, path: &str) {
         let url = format!("{}{}", self.var("SKR_EMULATOR_PLATFORM_URL"), path);
         let r = self.client().delete(&url).send().expect("admin DELETE");
