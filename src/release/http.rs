@@ -131,8 +131,8 @@ impl Http {
     /// returned to the caller. `what` names the call in messages, e.g. `MAA attest`.
     ///
     /// Throttled answers (429, or 503 with Retry-After) are retried for as long as the deadline
-    /// allows, waiting at least Retry-After plus a random share of it, so that a fleet told the
-    /// same Retry-After does not come back in lock-step; other failures count against
+    /// allows, waiting Retry-After plus a random share of up to half of it, so that a fleet told
+    /// the same Retry-After does not come back in lock-step; other failures count against
     /// `retries`. Nothing outlives the deadline: each request's timeout is cut to what is left.
     pub fn send(
         &self,
@@ -179,7 +179,7 @@ impl Http {
                     if last_throttled {
                         throttled += 1;
                         match retry_after {
-                            Some(ra) => ra + self.jitter(ra),
+                            Some(ra) => ra + self.jitter(ra / 2),
                             None => self.backoff_for(throttled - 1),
                         }
                     } else {
