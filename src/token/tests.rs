@@ -160,14 +160,17 @@ kid = "https://127.0.0.1:1/keys/other"
             ReleasedKey {
                 index: 0,
                 material: KeyMaterial::Pkcs8(SecretBytes::from_slice(&self.rsa)),
+                version: "v1".into(),
             },
             ReleasedKey {
                 index: 1,
                 material: KeyMaterial::Pkcs8(SecretBytes::from_slice(&self.ec)),
+                version: "v1".into(),
             },
             ReleasedKey {
                 index: 2,
                 material: KeyMaterial::Raw(SecretBytes::from_slice(&self.aes)),
+                version: "v1".into(),
             },
         ]
     }
