@@ -12,19 +12,14 @@
 use super::lease::{now_ms, LeaseState};
 use super::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 /// How stale an operation's view of the store may be (a rotation or a revocation reaches
 /// the operations of every process within this, plus the refresh itself).
 const FOLLOW_INTERVAL_MS: u64 = 100;
 
-/// Certificate files are re-read at most this often by lookups.
-const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
 pub(crate) struct RotationState {
     /// Each key's certificate file as last used (None: the key has none).
     cert_pems: Vec<Option<Vec<u8>>>,
-    last_cert_check: Option<Instant>,
     /// What was already logged, so that each event has one log line per process.
     logged: Vec<(usize, String)>,
 }
@@ -33,7 +28,6 @@ impl RotationState {
     pub(crate) fn new(cert_pems: Vec<Option<Vec<u8>>>) -> RotationState {
         RotationState {
             cert_pems,
-            last_cert_check: None,
             logged: Vec::new(),
         }
     }
@@ -103,12 +97,10 @@ impl Token {
             return FollowOutcome::Current;
         };
         let mut new_pems: Vec<Option<Vec<u8>>> = vec![None; self.config.keys.len()];
-        if mode == Follow::Lookup
-            && has_certs
-            && rot
-                .last_cert_check
-                .is_none_or(|t| t.elapsed() >= CERT_CHECK_INTERVAL)
-        {
+        // Lookups are rare next to operations (an application finds its keys when it loads
+        // them), and reading a small PEM file costs microseconds: no rate limit, so a reload
+        // right after the file was replaced sees it.
+        if mode == Follow::Lookup && has_certs {
             for (i, k) in self.config.keys.iter().enumerate() {
                 let Some(path) = &k.certificate else { continue };
                 if let Some(pem) = read_pem(path) {
@@ -117,16 +109,12 @@ impl Token {
                     }
                 }
             }
-            // Unchanged files are not read again for a while; a changed one is looked at
-            // again by the next lookup until it is taken.
-            if new_pems.iter().all(Option::is_none) {
-                rot.last_cert_check = Some(Instant::now());
-            }
         }
         if !stale && !expired && new_pems.iter().all(Option::is_none) {
             return FollowOutcome::Current;
         }
-        let record = if stale {
+        // A held-back version waits in the store: a changed certificate may now admit it.
+        let record = if stale || new_pems.iter().any(Option::is_some) {
             store
                 .as_ref()
                 .and_then(|s| s.read())
@@ -248,8 +236,9 @@ impl Token {
                 },
                 None => cur.map(ServedKey::same),
             };
-            // A certificate file that changed with no new version in the store.
-            if let (Some((_, objs)), None) = (&new_cert, entry) {
+            // A certificate file that changed to a key we do not serve: a re-issued certificate
+            // of the same key is taken; one for a key nobody released asks for a release.
+            if let (Some((_, objs)), false) = (&new_cert, take_cert) {
                 match &choice {
                     Some(c) if matches(&c.parsed, objs) => take_cert = true,
                     Some(_) => needs_release = true,
@@ -335,5 +324,196 @@ impl ServedKey {
             released_at_ms: self.released_at_ms,
             parsed: self.parsed.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::lease::{encode, LeasedKey};
+    use super::super::tests::{cert, login_with, pem, spki_of, Fixture};
+    use super::*;
+    use crate::crypto::ops::tests::ec_pkcs8;
+    use std::time::Duration;
+
+    fn no_files(_: &Path) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn live(index: usize, version: &str, m: KeyMaterial) -> LeasedKey {
+        LeasedKey {
+            index,
+            version: version.into(),
+            released_at_ms: now_ms(),
+            state: LeaseState::Live(m),
+        }
+    }
+
+    /// The fixture's three keys as store entries, version v1, with `edit` applied.
+    fn record(f: &Fixture, edit: impl FnOnce(&mut Vec<LeasedKey>)) -> SecretBytes {
+        let mut keys = vec![
+            live(0, "v1", KeyMaterial::Pkcs8(SecretBytes::from_slice(&f.rsa))),
+            live(1, "v1", KeyMaterial::Pkcs8(SecretBytes::from_slice(&f.ec))),
+            live(2, "v1", KeyMaterial::Raw(SecretBytes::from_slice(&f.aes))),
+        ];
+        edit(&mut keys);
+        encode(&keys)
+    }
+
+    fn handle_of(t: &Token, class: CK_OBJECT_CLASS, label: &str) -> CK_OBJECT_HANDLE {
+        t.visible_objects()
+            .iter()
+            .find(|o| o.class() == class && o.label == label)
+            .map(|o| o.handle)
+            .unwrap_or_else(|| panic!("no {class:#x} {label}"))
+    }
+
+    fn secret_of(t: &Token, h: CK_OBJECT_HANDLE) -> Vec<u8> {
+        match &t.object(h).unwrap().body {
+            Body::SecretKey(s) => s.as_slice().to_vec(),
+            _ => panic!("not a secret key"),
+        }
+    }
+
+    fn spki_served(t: &Token, h: CK_OBJECT_HANDLE) -> Vec<u8> {
+        match &t.object(h).unwrap().body {
+            Body::PrivateKey { key, .. } => key.info.spki_der.clone(),
+            _ => panic!("not a private key"),
+        }
+    }
+
+    #[test]
+    fn a_new_version_of_a_key_without_certificate_is_served_at_the_next_operation_under_the_same_handle() {
+        let f = Fixture::new("");
+        let m = f.module();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let h = handle_of(t, CKO_SECRET_KEY, "data-aes");
+        let epoch = t.epoch();
+        let store = t.store().expect("a shared store");
+        store.publish(record(&f, |k| {
+            k[2] = live(2, "v2", KeyMaterial::Raw(SecretBytes::from_slice(&[9; 32])));
+        }).as_slice());
+        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
+        assert_eq!(secret_of(t, h), vec![9; 32], "same handle, new material");
+        assert_eq!(t.epoch(), epoch, "a rotation does not end operations in flight");
+        let versions = t.served_versions();
+        assert!(versions.iter().any(|(i, v, _, _)| *i == 2 && v == "v2"));
+        assert!(versions.iter().any(|(i, v, _, _)| *i == 0 && v == "v1"));
+    }
+
+    #[test]
+    fn a_key_with_a_certificate_switches_only_at_a_lookup_that_finds_its_new_certificate() {
+        let f = Fixture::new("");
+        let m = f.module();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let (private, public, certificate) = (
+            handle_of(t, CKO_PRIVATE_KEY, "tls-ec"),
+            handle_of(t, CKO_PUBLIC_KEY, "tls-ec"),
+            handle_of(t, CKO_CERTIFICATE, "tls-ec"),
+        );
+        let ec2 = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let store = t.store().unwrap();
+        store.publish(record(&f, |k| {
+            k[1] = live(1, "v2", KeyMaterial::Pkcs8(SecretBytes::from_slice(&ec2)));
+        }).as_slice());
+        let cert_path = f.dir.path().join("ec.pem");
+        let read = |p: &Path| std::fs::read(p).ok();
+        // The certificate file still names v1: operations and lookups keep v1.
+        t.follow(Follow::Operation, &read);
+        t.next_follow_ms.store(0, Ordering::Relaxed);
+        t.follow(Follow::Lookup, &read);
+        assert_eq!(spki_served(t, private), spki_of(&f.ec));
+        // The operator replaces the certificate: an operation still keeps v1 (the application
+        // may present the old certificate from memory), a lookup switches key and certificate.
+        let signer = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let new_cert = cert("CN=tls-ec v2", &spki_of(&ec2), "CN=Test CA", &signer, 9);
+        std::fs::write(&cert_path, pem(&new_cert)).unwrap();
+        t.next_follow_ms.store(0, Ordering::Relaxed);
+        t.follow(Follow::Operation, &read);
+        assert_eq!(spki_served(t, private), spki_of(&f.ec));
+        assert_eq!(t.follow(Follow::Lookup, &read), FollowOutcome::Changed);
+        assert_eq!(spki_served(t, private), spki_of(&ec2));
+        assert_eq!(handle_of(t, CKO_PRIVATE_KEY, "tls-ec"), private);
+        assert_eq!(handle_of(t, CKO_PUBLIC_KEY, "tls-ec"), public);
+        assert_eq!(handle_of(t, CKO_CERTIFICATE, "tls-ec"), certificate);
+        match &t.object(certificate).unwrap().body {
+            Body::Certificate(c) => assert_eq!(c.der, new_cert),
+            _ => panic!("not a certificate"),
+        }
+    }
+
+    #[test]
+    fn a_certificate_naming_a_key_nobody_released_asks_for_a_release_and_keeps_serving() {
+        let f = Fixture::new("");
+        let m = f.module();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let private = handle_of(t, CKO_PRIVATE_KEY, "tls-ec");
+        let other = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let new_cert = cert("CN=tls-ec v2", &spki_of(&other), "CN=Test CA", &other, 9);
+        std::fs::write(f.dir.path().join("ec.pem"), pem(&new_cert)).unwrap();
+        let read = |p: &Path| std::fs::read(p).ok();
+        assert_eq!(t.follow(Follow::Lookup, &read), FollowOutcome::NeedsRelease);
+        assert_eq!(spki_served(t, private), spki_of(&f.ec), "served with its own certificate");
+    }
+
+    #[test]
+    fn a_revoked_key_is_dropped_at_once_and_ends_the_operations_using_it() {
+        let f = Fixture::new("");
+        let m = f.module();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let h = handle_of(t, CKO_PRIVATE_KEY, "tls-rsa");
+        let aes = handle_of(t, CKO_SECRET_KEY, "data-aes");
+        let epoch = t.epoch();
+        t.store().unwrap().publish(record(&f, |k| {
+            k[0].state = LeaseState::Revoked;
+        }).as_slice());
+        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
+        assert_eq!(t.object(h).err().map(|e| e.rv()), Some(CKR_OBJECT_HANDLE_INVALID));
+        assert_ne!(t.epoch(), epoch);
+        assert_eq!(secret_of(t, aes), f.aes, "the other keys keep serving");
+        assert!(t.is_logged_in());
+    }
+
+    #[test]
+    fn a_lease_past_max_age_is_dropped_even_when_no_refresh_ever_ran() {
+        let f = Fixture::new("");
+        let mut cfg = crate::config::Config::load(&f.config_path()).unwrap();
+        cfg.release.refresh = crate::config::DurationSetting(Duration::from_millis(100));
+        cfg.release.max_age = crate::config::DurationSetting(Duration::from_millis(300));
+        let mut pems = HashMap::new();
+        for name in ["rsa.pem", "ec.pem"] {
+            let p = f.dir.path().join(name);
+            pems.insert(p.clone(), std::fs::read(&p).unwrap());
+        }
+        let m = Module::new(Arc::new(cfg), &pems).unwrap();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let h = handle_of(t, CKO_SECRET_KEY, "data-aes");
+        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Current);
+        // Wait out the lease on the clock the lease is measured with.
+        let ends = t.served_versions()[0].3;
+        while now_ms() <= ends {
+            std::thread::sleep(Duration::from_millis(ends + 1 - now_ms().min(ends)));
+        }
+        t.next_follow_ms.store(0, Ordering::Relaxed);
+        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
+        assert!(t.object(h).is_err(), "expired keys are wiped");
+        assert!(t.served_versions().is_empty());
+    }
+
+    #[test]
+    fn logout_of_the_last_process_zeroes_the_shared_store() {
+        let f = Fixture::new("");
+        let m = f.module();
+        let t = &m.tokens[0];
+        login_with(t, f.released()).unwrap();
+        let store = t.store().unwrap();
+        assert!(store.read().is_some());
+        assert_eq!(store.status().attached, 1);
+        m.logout(0).unwrap();
+        assert!(store.read().is_none(), "nothing left in the store after the last logout");
     }
 }
