@@ -262,6 +262,8 @@ pub struct Token {
     pub terms: lease::LeaseTerms,
     /// When an operation next looks at the store (`rotation.rs`).
     next_follow_ms: AtomicU64,
+    /// (key index, class, handle) of the released keys' objects.
+    key_handles: Mutex<Vec<(usize, CK_OBJECT_CLASS, CK_OBJECT_HANDLE)>>,
     login_done: Condvar,
     /// Bumped by every login and logout; operations remember it.
     epoch: AtomicU64,
@@ -294,7 +296,7 @@ impl LoginLease<'_> {
         self.done = true;
         let token = self.token;
         let public = lock(&token.login).public.clone();
-        let outcome = match result.and_then(|m| token.build_keyset(m, &public, None)) {
+        let outcome = match result.and_then(|m| token.build_keyset(m, &public)) {
             Ok(ks) => {
                 let mut st = lock(&token.login);
                 if st.closed {
@@ -393,6 +395,7 @@ impl Token {
             rotation: Mutex::new(rotation::RotationState::new(cert_pems)),
             terms,
             next_follow_ms: AtomicU64::new(0),
+            key_handles: Mutex::new(Vec::new()),
             login_done: Condvar::new(),
             epoch: AtomicU64::new(1),
             logged_in: AtomicBool::new(false),
@@ -558,25 +561,23 @@ impl Token {
 
     /// Objects for released material: private (and secret) keys, and the public keys taken
     /// from the released keys (keeping the handle of the certificate-derived public key object
-    /// where there is one). Objects of a key that `previous` served keep their handles, so a
+    /// where there is one). A key's objects keep their handles for the life of the token, so a
     /// rotation is invisible to a client holding them. A released key that does not match its
     /// configured certificate fails (integrity).
-    fn build_keyset(
-        &self,
-        material: Arc<Material>,
-        public: &[Arc<Object>],
-        previous: Option<&KeySet>,
-    ) -> Result<KeySet> {
+    fn build_keyset(&self, material: Arc<Material>, public: &[Arc<Object>]) -> Result<KeySet> {
         let mut objects = Vec::new();
+        // A key's objects keep their handles for the life of the token: across rotations,
+        // and across a revocation or an expiry and the release that brings the key back.
         let handle_of = |ki: usize, class: CK_OBJECT_CLASS| {
-            previous
-                .and_then(|p| {
-                    p.objects
-                        .iter()
-                        .find(|o| o.key_index == Some(ki) && o.class() == class)
-                })
-                .map(|o| o.handle)
-                .unwrap_or_else(new_object_handle)
+            let mut known = lock(&self.key_handles);
+            match known.iter().find(|(i, c, _)| *i == ki && *c == class) {
+                Some((_, _, h)) => *h,
+                None => {
+                    let h = new_object_handle();
+                    known.push((ki, class, h));
+                    h
+                }
+            }
         };
         for served in &material.keys {
             let ki = served.index;

@@ -268,6 +268,20 @@ impl Token {
             }
             served.extend(choice);
         }
+        log::debug!(
+            "token {:?}: store generation {generation} (had {}): serving {:?}{}",
+            self.config.label,
+            ks.material.generation,
+            served
+                .iter()
+                .map(|k| (k.index, k.version.as_str()))
+                .collect::<Vec<_>>(),
+            if record.is_none() && stale {
+                " (store unreadable)"
+            } else {
+                ""
+            }
+        );
         if !changed && generation == ks.material.generation {
             return if needs_release {
                 FollowOutcome::NeedsRelease
@@ -281,7 +295,7 @@ impl Token {
             generation,
         });
         let public = dedupe_chains(public);
-        let new_ks = match self.build_keyset(material.clone(), &public, Some(&ks)) {
+        let new_ks = match self.build_keyset(material.clone(), &public) {
             Ok(n) => n,
             Err(e) => {
                 log::error!(
@@ -382,7 +396,8 @@ mod tests {
     }
 
     #[test]
-    fn a_new_version_of_a_key_without_certificate_is_served_at_the_next_operation_under_the_same_handle() {
+    fn a_new_version_of_a_key_without_certificate_is_served_at_the_next_operation_under_the_same_handle(
+    ) {
         let f = Fixture::new("");
         let m = f.module();
         let t = &m.tokens[0];
@@ -390,12 +405,22 @@ mod tests {
         let h = handle_of(t, CKO_SECRET_KEY, "data-aes");
         let epoch = t.epoch();
         let store = t.store().expect("a shared store");
-        store.publish(record(&f, |k| {
-            k[2] = live(2, "v2", KeyMaterial::Raw(SecretBytes::from_slice(&[9; 32])));
-        }).as_slice());
-        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
+        store.publish(
+            record(&f, |k| {
+                k[2] = live(2, "v2", KeyMaterial::Raw(SecretBytes::from_slice(&[9; 32])));
+            })
+            .as_slice(),
+        );
+        assert_eq!(
+            t.follow(Follow::Operation, &no_files),
+            FollowOutcome::Changed
+        );
         assert_eq!(secret_of(t, h), vec![9; 32], "same handle, new material");
-        assert_eq!(t.epoch(), epoch, "a rotation does not end operations in flight");
+        assert_eq!(
+            t.epoch(),
+            epoch,
+            "a rotation does not end operations in flight"
+        );
         let versions = t.served_versions();
         assert!(versions.iter().any(|(i, v, _, _)| *i == 2 && v == "v2"));
         assert!(versions.iter().any(|(i, v, _, _)| *i == 0 && v == "v1"));
@@ -414,9 +439,12 @@ mod tests {
         );
         let ec2 = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
         let store = t.store().unwrap();
-        store.publish(record(&f, |k| {
-            k[1] = live(1, "v2", KeyMaterial::Pkcs8(SecretBytes::from_slice(&ec2)));
-        }).as_slice());
+        store.publish(
+            record(&f, |k| {
+                k[1] = live(1, "v2", KeyMaterial::Pkcs8(SecretBytes::from_slice(&ec2)));
+            })
+            .as_slice(),
+        );
         let cert_path = f.dir.path().join("ec.pem");
         let read = |p: &Path| std::fs::read(p).ok();
         // The certificate file still names v1: operations and lookups keep v1.
@@ -455,7 +483,11 @@ mod tests {
         std::fs::write(f.dir.path().join("ec.pem"), pem(&new_cert)).unwrap();
         let read = |p: &Path| std::fs::read(p).ok();
         assert_eq!(t.follow(Follow::Lookup, &read), FollowOutcome::NeedsRelease);
-        assert_eq!(spki_served(t, private), spki_of(&f.ec), "served with its own certificate");
+        assert_eq!(
+            spki_served(t, private),
+            spki_of(&f.ec),
+            "served with its own certificate"
+        );
     }
 
     #[test]
@@ -467,14 +499,31 @@ mod tests {
         let h = handle_of(t, CKO_PRIVATE_KEY, "tls-rsa");
         let aes = handle_of(t, CKO_SECRET_KEY, "data-aes");
         let epoch = t.epoch();
-        t.store().unwrap().publish(record(&f, |k| {
-            k[0].state = LeaseState::Revoked;
-        }).as_slice());
-        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
-        assert_eq!(t.object(h).err().map(|e| e.rv()), Some(CKR_OBJECT_HANDLE_INVALID));
+        t.store().unwrap().publish(
+            record(&f, |k| {
+                k[0].state = LeaseState::Revoked;
+            })
+            .as_slice(),
+        );
+        assert_eq!(
+            t.follow(Follow::Operation, &no_files),
+            FollowOutcome::Changed
+        );
+        assert_eq!(
+            t.object(h).err().map(|e| e.rv()),
+            Some(CKR_OBJECT_HANDLE_INVALID)
+        );
         assert_ne!(t.epoch(), epoch);
         assert_eq!(secret_of(t, aes), f.aes, "the other keys keep serving");
         assert!(t.is_logged_in());
+        // A later refresh that releases it again brings it back under its handle.
+        t.store().unwrap().publish(record(&f, |_| {}).as_slice());
+        t.next_follow_ms.store(0, Ordering::Relaxed);
+        assert_eq!(
+            t.follow(Follow::Operation, &no_files),
+            FollowOutcome::Changed
+        );
+        assert_eq!(spki_served(t, h), spki_of(&f.rsa));
     }
 
     #[test]
@@ -492,14 +541,20 @@ mod tests {
         let t = &m.tokens[0];
         login_with(t, f.released()).unwrap();
         let h = handle_of(t, CKO_SECRET_KEY, "data-aes");
-        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Current);
+        assert_eq!(
+            t.follow(Follow::Operation, &no_files),
+            FollowOutcome::Current
+        );
         // Wait out the lease on the clock the lease is measured with.
         let ends = t.served_versions()[0].3;
         while now_ms() <= ends {
             std::thread::sleep(Duration::from_millis(ends + 1 - now_ms().min(ends)));
         }
         t.next_follow_ms.store(0, Ordering::Relaxed);
-        assert_eq!(t.follow(Follow::Operation, &no_files), FollowOutcome::Changed);
+        assert_eq!(
+            t.follow(Follow::Operation, &no_files),
+            FollowOutcome::Changed
+        );
         assert!(t.object(h).is_err(), "expired keys are wiped");
         assert!(t.served_versions().is_empty());
     }
@@ -514,6 +569,9 @@ mod tests {
         assert!(store.read().is_some());
         assert_eq!(store.status().attached, 1);
         m.logout(0).unwrap();
-        assert!(store.read().is_none(), "nothing left in the store after the last logout");
+        assert!(
+            store.read().is_none(),
+            "nothing left in the store after the last logout"
+        );
     }
 }

@@ -22,7 +22,13 @@ pub(crate) struct Fixture {
     pub ca_cert: Vec<u8>,
 }
 
-pub(crate) fn cert(subject: &str, spki: &[u8], issuer: &str, signer_pkcs8: &[u8], serial: u8) -> Vec<u8> {
+pub(crate) fn cert(
+    subject: &str,
+    spki: &[u8],
+    issuer: &str,
+    signer_pkcs8: &[u8],
+    serial: u8,
+) -> Vec<u8> {
     use x509_cert::spki::{AlgorithmIdentifierOwned, ObjectIdentifier, SubjectPublicKeyInfoOwned};
     let alg = AlgorithmIdentifierOwned {
         oid: ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2"),
