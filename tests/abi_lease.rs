@@ -38,6 +38,11 @@ fn vault(emu: &Emulator) -> String {
 /// Import a fresh P-256 key as a new version of `name` (the first import creates the key) with
 /// the demo keys' release policy; returns its public key.
 fn import_ec(emu: &Emulator, name: &str) -> p256::ecdsa::VerifyingKey {
+    import_ec_versioned(emu, name).0
+}
+
+/// `import_ec`, also returning the new version's kid.
+fn import_ec_versioned(emu: &Emulator, name: &str) -> (p256::ecdsa::VerifyingKey, String) {
     let (st, demo) = emu.akv(reqwest::Method::GET, &vault(emu), "/keys/tls-ec", None);
     assert_eq!(st, 200, "GET tls-ec: {demo}");
     let sk = p256::SecretKey::random(&mut rand::thread_rng());
@@ -64,7 +69,11 @@ fn import_ec(emu: &Emulator, name: &str) -> p256::ecdsa::VerifyingKey {
         Some(body),
     );
     assert_eq!(st, 200, "import {name}: {v}");
-    p256::ecdsa::VerifyingKey::from(sk.public_key())
+    let kid = v["key"]["kid"]
+        .as_str()
+        .expect("kid of the new version")
+        .to_string();
+    (p256::ecdsa::VerifyingKey::from(sk.public_key()), kid)
 }
 
 /// Replace the release policy of `name`'s current version (`edit` on the policy JSON text).
@@ -107,6 +116,8 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         for name in ["lease-rotate", "lease-revoke", "lease-fork"] {
             keys.insert(name.to_string(), import_ec(&emu, name));
         }
+        let (pinned, pinned_kid) = import_ec_versioned(&emu, "lease-pinned");
+        keys.insert("lease-pinned".to_string(), pinned);
         PUBLIC.set(Mutex::new(keys)).ok();
         let log = emu.path().join("module-lease.log");
         let cfg = common::config_logging_to(&emu, "lease.toml", &log);
@@ -118,6 +129,9 @@ fn fixture() -> MutexGuard<'static, Fixture> {
                 vault(&emu)
             ));
         }
+        text.push_str(&format!(
+            "\n[[token]]\nlabel = \"lease-pinned\"\n[[token.key]]\nlabel = \"lease-pinned\"\nid = \"01\"\nkid = \"{pinned_kid}\"\n"
+        ));
         std::fs::write(&cfg, text).unwrap();
         std::env::set_var("SKR_PKCS11_CONFIG", &cfg);
         let p11 = Pkcs11::new(common::module_path()).expect("load module");
@@ -297,6 +311,24 @@ fn a_child_forked_before_a_rotation_sees_the_new_version_and_the_tree_releases_o
         "{releases} releases in {periods} refresh periods for a tree of two processes: one per refresh, not one per process"
     );
     drop(s);
+}
+
+#[test]
+fn a_kid_with_a_version_stays_on_that_version_across_rotations_while_its_lease_is_refreshed() {
+    let f = fixture();
+    let (s, key) = logged_in(&f.p11, "lease-pinned");
+    let pinned = public("lease-pinned");
+    import_ec(&f.emu, "lease-pinned");
+    let before = f.emu.releases("lease-pinned");
+    // Two refreshes after the rotation: the pinned version is what they release.
+    wait_for(Duration::from_secs(10), "two refreshes", || {
+        f.emu.releases("lease-pinned") >= before + 2
+    });
+    let sig = s.sign(&Mechanism::EcdsaSha256, key, MESSAGE).expect("sign");
+    assert!(
+        verifies(&pinned, &sig),
+        "a pinned kid does not follow the rotation"
+    );
 }
 
 /// In the forked child: log in from the inherited keys, report it, then sign until the

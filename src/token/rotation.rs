@@ -163,12 +163,11 @@ impl Token {
             let mut choice: Option<ServedKey> = match entry.map(|e| (e, &e.state)) {
                 Some((e, LeaseState::Revoked | LeaseState::Expired)) => {
                     if cur.is_some() {
-                        log::error!(
-                            "key {:?}: {} (version {}): wiped; operations on it fail with CKR_KEY_HANDLE_INVALID until a refresh releases it again",
-                            k.label,
-                            if matches!(e.state, LeaseState::Revoked) { "the vault refused its refresh (403): the release policy no longer admits this TEE or the release right was removed" } else { "its lease expired (no refresh succeeded within release.max_age)" },
-                            e.version
-                        );
+                        if matches!(e.state, LeaseState::Revoked) {
+                            log::error!("key {:?}: the vault refused its refresh (403: the release policy no longer admits this TEE, or the release right was removed): version {} wiped; operations on it fail with CKR_KEY_HANDLE_INVALID until a refresh releases it again", k.label, e.version);
+                        } else if rot.first(i, format!("expired {}", e.version)) {
+                            log::error!("key {:?}: the lease of version {} ended (no refresh succeeded within release.max_age = {} ms): wiped; operations on it fail with CKR_KEY_HANDLE_INVALID until a refresh succeeds", k.label, e.version, self.terms.max_age_ms);
+                        }
                     }
                     changed = true;
                     dropped |= cur.is_some();
@@ -248,13 +247,18 @@ impl Token {
             if let Some(c) = &choice {
                 let ends = self.terms.expires_at(c.released_at_ms);
                 if ends <= now {
-                    if rot.first(i, format!("expired {} {}", c.version, c.released_at_ms)) {
-                        log::error!("key {:?}: the lease of version {} ended (released {} ms ago, release.max_age {} ms) and no refresh renewed it: wiped; operations on it fail with CKR_KEY_HANDLE_INVALID until a refresh succeeds", k.label, c.version, now.saturating_sub(c.released_at_ms), self.terms.max_age_ms);
+                    if rot.first(i, format!("expired {}", c.version)) {
+                        log::error!("key {:?}: the lease of version {} ended (no refresh succeeded within release.max_age = {} ms): wiped; operations on it fail with CKR_KEY_HANDLE_INVALID until a refresh succeeds", k.label, c.version, self.terms.max_age_ms);
                     }
                     choice = None;
                     changed = true;
                     dropped = true;
                 }
+            }
+            if choice.is_some() {
+                // Served again: a later expiry is a new event with its own log line.
+                rot.logged
+                    .retain(|(j, e)| !(*j == i && e.starts_with("expired")));
             }
             if take_cert {
                 if let Some((pem, objs)) = new_cert {
