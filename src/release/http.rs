@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub const MAX_BODY: usize = 1 << 20;
 /// Longest honoured Retry-After.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Shortest wait after a throttled answer: `Retry-After: 0` (or a zero backoff) must not turn
+/// the retries until the deadline into a busy loop against the service.
+const MIN_THROTTLED_WAIT: Duration = Duration::from_millis(100);
 
 pub struct Http {
     /// For MAA and AKV: honours the proxy environment.
@@ -178,10 +181,10 @@ impl Http {
                     last_throttled = status == 429 || (status == 503 && retry_after.is_some());
                     if last_throttled {
                         throttled += 1;
-                        match retry_after {
-                            Some(ra) => ra + self.jitter(ra / 2),
-                            None => self.backoff_for(throttled - 1),
-                        }
+                        let base = retry_after
+                            .unwrap_or_else(|| self.backoff_for(throttled - 1))
+                            .max(MIN_THROTTLED_WAIT);
+                        base + self.jitter(base / 2)
                     } else {
                         failures += 1;
                         if failures > self.retries {
@@ -489,7 +492,12 @@ mod tests {
             .send(Step::Release, "AKV release", &|| h.direct.get(&url))
             .unwrap();
         assert_eq!(r.status, 200);
-        assert_eq!(server.join().unwrap().len(), 7);
+        let arrivals = server.join().unwrap();
+        assert_eq!(arrivals.len(), 7);
+        // Retry-After: 0 and a 1 ms backoff still leave the service a breather.
+        for pair in arrivals.windows(2) {
+            assert!(pair[1] - pair[0] >= MIN_THROTTLED_WAIT, "{arrivals:?}");
+        }
     }
 
     /// Retry-After is honoured (never earlier), and the deadline ends the wait: with
