@@ -262,7 +262,7 @@ pub struct Token {
     pub terms: lease::LeaseTerms,
     /// When an operation next looks at the store (`rotation.rs`).
     next_follow_ms: AtomicU64,
-    /// (key index, class, handle) of the released keys' objects.
+    /// (key index, class, handle) of the released keys' objects, until logout.
     key_handles: Mutex<Vec<(usize, CK_OBJECT_CLASS, CK_OBJECT_HANDLE)>>,
     login_done: Condvar,
     /// Bumped by every login and logout; operations remember it.
@@ -566,7 +566,7 @@ impl Token {
     /// configured certificate fails (integrity).
     fn build_keyset(&self, material: Arc<Material>, public: &[Arc<Object>]) -> Result<KeySet> {
         let mut objects = Vec::new();
-        // A key's objects keep their handles for the life of the token: across rotations,
+        // A key's objects keep their handles while the token is logged in: across rotations,
         // and across a revocation or an expiry and the release that brings the key back.
         let handle_of = |ki: usize, class: CK_OBJECT_CLASS| {
             let mut known = lock(&self.key_handles);
@@ -668,6 +668,9 @@ impl Token {
         if let Some(r) = refresher {
             r.stop();
         }
+        // A new login gives new handles: a handle from before the logout never names a key
+        // again.
+        lock(&self.key_handles).clear();
         // This process no longer uses the tree's store; the last one out zeroes it.
         if let Some(store) = old.as_ref().and_then(|ks| ks.material.store.as_ref()) {
             if store.detach(std::process::id()) {
