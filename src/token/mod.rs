@@ -168,6 +168,46 @@ impl Material {
         }
     }
 
+    /// The tree's current keys, read from its store (every configured key must be live).
+    pub fn from_store(token: &TokenConfig, store: Arc<SharedStore>) -> Result<Material> {
+        let unreadable = || {
+            Error::integrity(
+                Step::Install,
+                "the shared key store holds no readable record",
+            )
+        };
+        let (generation, bytes) = store.read().ok_or_else(unreadable)?;
+        let leased = lease::decode(bytes.as_slice()).ok_or_else(unreadable)?;
+        let mut keys = Vec::with_capacity(token.keys.len());
+        for (i, k) in token.keys.iter().enumerate() {
+            match leased.iter().find(|l| l.index == i).map(|l| (l, &l.state)) {
+                Some((l, LeaseState::Live(m))) => keys.push(ServedKey {
+                    index: i,
+                    version: l.version.clone(),
+                    released_at_ms: l.released_at_ms,
+                    parsed: parse_key(k, m)?,
+                }),
+                Some((l, _)) => {
+                    return Err(Error::denied(
+                        Step::Release,
+                        format!("key {:?}: {} in this process tree", k.label, l.state.name()),
+                    ))
+                }
+                None => {
+                    return Err(Error::integrity(
+                        Step::Install,
+                        format!("key {:?} is not in the shared key store", k.label),
+                    ))
+                }
+            }
+        }
+        Ok(Material {
+            keys,
+            store: Some(store),
+            generation,
+        })
+    }
+
     pub fn served(&self, index: usize) -> Option<&ServedKey> {
         self.keys.iter().find(|k| k.index == index)
     }
@@ -679,6 +719,22 @@ impl Token {
         }
         forget(&self.config.label);
         old.is_some()
+    }
+
+    /// Whether every released asymmetric key of `m` matches the certificate configured for
+    /// it (as read at C_Initialize).
+    pub fn certificates_match(&self, m: &Material) -> bool {
+        let public = lock(&self.login).public.clone();
+        m.keys.iter().all(|k| {
+            let cert_key = public.iter().find_map(|o| match (&o.body, o.key_index) {
+                (Body::PublicKey(p), Some(i)) if i == k.index => Some(p.info.clone()),
+                _ => None,
+            });
+            match (&k.parsed, cert_key) {
+                (ParsedKey::Asym(key), Some(info)) => key.info == info,
+                _ => true,
+            }
+        })
     }
 
     /// Keep the stop signal of this process's refresher for the token (ended by logout).
