@@ -23,6 +23,20 @@ fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `skr-pkcs11 status` with this config: (exit code, output).
+fn status_cli(cfg: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(common::artifacts_dir().join("skr-pkcs11"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("status")
+        .output()
+        .expect("run skr-pkcs11 status (cargo build --workspace builds it)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 #[test]
 fn an_outage_longer_than_max_age_fails_closed_and_the_key_returns_with_the_service() {
     let emu = Emulator::start();
@@ -126,6 +140,16 @@ fn an_outage_longer_than_max_age_fails_closed_and_the_key_returns_with_the_servi
         !prom.contains("BEGIN") && !prom.contains("\"d\""),
         "no key material in the status file"
     );
+
+    let (code, table) = status_cli(&cfg);
+    assert_eq!(code, 1, "status exits 1 while a key is not live:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("tls-ec") && l.contains("expired")),
+        "{table}"
+    );
+    assert!(table.contains("(last: service)"), "{table}");
 
     emu.admin_delete("/admin/faults");
     wait_for(Duration::from_secs(10), "the key to return", || {

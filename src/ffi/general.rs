@@ -467,7 +467,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     };
     let started = Instant::now();
     let (material, timings, inherited) = match token::retained(&t.config.label) {
-        Some(m) => (Ok(m), None, true),
+        Some(m) => (Ok(super::lease::inherited_keys(inst, t, m)), None, true),
         None => {
             let (r, timings) = run_release(&inst.module.config, token_index, !inst.no_threads);
             (r, timings, false)

@@ -20,7 +20,7 @@ use crate::error::{ErrorKind, Step};
 use crate::release;
 use crate::secret::shared::{FailureClass, SharedStore};
 use crate::token::lease::{self, now_ms, LeaseState, LeaseTerms, LeasedKey, StopSignal};
-use crate::token::Token;
+use crate::token::{Material, Token};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,11 +108,47 @@ pub(crate) fn refresh_inline_if_due(inst: &Instance, t: &Token) {
 /// (or wait for the process already refreshing), so that an application reloading its
 /// configuration after a rotation finds the new version.
 pub(crate) fn refresh_for_rotation(inst: &Instance, t: &Token) {
-    let Some(store) = t.store() else { return };
-    let cfg = &inst.module.config;
+    if let Some(store) = t.store() {
+        refresh_now(&inst.module.config, t.index, &store);
+    }
+}
+
+/// A process of the tree logs in from the keys it inherited: take the tree's newer keys from
+/// the store if a refresh ran since the fork, and refresh now if the certificate files (read
+/// at this C_Initialize) name a version the tree does not have yet — an application
+/// re-initialising to reload its configuration after a rotation (nginx's master after
+/// `nginx -s reload`) finds the new version, not a mismatch.
+pub(crate) fn inherited_keys(inst: &Instance, t: &Token, m: Arc<Material>) -> Arc<Material> {
+    let Some(store) = m.store.clone() else {
+        return m;
+    };
+    let tcfg = &inst.module.config.tokens[t.index];
+    let current = |m: Arc<Material>| -> Arc<Material> {
+        if store.generation() == m.generation {
+            return m;
+        }
+        match Material::from_store(tcfg, store.clone()) {
+            Ok(newer) => Arc::new(newer),
+            Err(_) => m,
+        }
+    };
+    let m = current(m);
+    if t.certificates_match(&m) {
+        return m;
+    }
+    log::info!(
+        "token {:?}: a certificate file names a key version this process tree has not released yet: refreshing now",
+        t.config.label
+    );
+    refresh_now(&inst.module.config, t.index, &store);
+    current(m)
+}
+
+/// Refresh now, or wait for the process that holds the claim to publish (bounded).
+fn refresh_now(cfg: &Config, token_index: usize, store: &SharedStore) {
     let before = store.generation();
     store.set_next_refresh_ms(0);
-    if refresh(cfg, t.index, &store) {
+    if refresh(cfg, token_index, store) {
         return;
     }
     // Another process holds the claim: wait for its publish, bounded by its claim time.
@@ -120,7 +156,7 @@ pub(crate) fn refresh_for_rotation(inst: &Instance, t: &Token) {
     let signal = StopSignal::default();
     while store.generation() == before && std::time::Instant::now() < deadline {
         signal.wait(Duration::from_millis(20));
-        if refresh(cfg, t.index, &store) {
+        if refresh(cfg, token_index, store) {
             return;
         }
     }

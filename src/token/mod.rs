@@ -168,6 +168,46 @@ impl Material {
         }
     }
 
+    /// The tree's current keys, read from its store (every configured key must be live).
+    pub fn from_store(token: &TokenConfig, store: Arc<SharedStore>) -> Result<Material> {
+        let unreadable = || {
+            Error::integrity(
+                Step::Install,
+                "the shared key store holds no readable record",
+            )
+        };
+        let (generation, bytes) = store.read().ok_or_else(unreadable)?;
+        let leased = lease::decode(bytes.as_slice()).ok_or_else(unreadable)?;
+        let mut keys = Vec::with_capacity(token.keys.len());
+        for (i, k) in token.keys.iter().enumerate() {
+            match leased.iter().find(|l| l.index == i).map(|l| (l, &l.state)) {
+                Some((l, LeaseState::Live(m))) => keys.push(ServedKey {
+                    index: i,
+                    version: l.version.clone(),
+                    released_at_ms: l.released_at_ms,
+                    parsed: parse_key(k, m)?,
+                }),
+                Some((l, _)) => {
+                    return Err(Error::denied(
+                        Step::Release,
+                        format!("key {:?}: {} in this process tree", k.label, l.state.name()),
+                    ))
+                }
+                None => {
+                    return Err(Error::integrity(
+                        Step::Install,
+                        format!("key {:?} is not in the shared key store", k.label),
+                    ))
+                }
+            }
+        }
+        Ok(Material {
+            keys,
+            store: Some(store),
+            generation,
+        })
+    }
+
     pub fn served(&self, index: usize) -> Option<&ServedKey> {
         self.keys.iter().find(|k| k.index == index)
     }
@@ -262,7 +302,7 @@ pub struct Token {
     pub terms: lease::LeaseTerms,
     /// When an operation next looks at the store (`rotation.rs`).
     next_follow_ms: AtomicU64,
-    /// (key index, class, handle) of the released keys' objects.
+    /// (key index, class, handle) of the released keys' objects, until logout.
     key_handles: Mutex<Vec<(usize, CK_OBJECT_CLASS, CK_OBJECT_HANDLE)>>,
     login_done: Condvar,
     /// Bumped by every login and logout; operations remember it.
@@ -566,7 +606,7 @@ impl Token {
     /// configured certificate fails (integrity).
     fn build_keyset(&self, material: Arc<Material>, public: &[Arc<Object>]) -> Result<KeySet> {
         let mut objects = Vec::new();
-        // A key's objects keep their handles for the life of the token: across rotations,
+        // A key's objects keep their handles while the token is logged in: across rotations,
         // and across a revocation or an expiry and the release that brings the key back.
         let handle_of = |ki: usize, class: CK_OBJECT_CLASS| {
             let mut known = lock(&self.key_handles);
@@ -668,6 +708,9 @@ impl Token {
         if let Some(r) = refresher {
             r.stop();
         }
+        // A new login gives new handles: a handle from before the logout never names a key
+        // again.
+        lock(&self.key_handles).clear();
         // This process no longer uses the tree's store; the last one out zeroes it.
         if let Some(store) = old.as_ref().and_then(|ks| ks.material.store.as_ref()) {
             if store.detach(std::process::id()) {
@@ -676,6 +719,22 @@ impl Token {
         }
         forget(&self.config.label);
         old.is_some()
+    }
+
+    /// Whether every released asymmetric key of `m` matches the certificate configured for
+    /// it (as read at C_Initialize).
+    pub fn certificates_match(&self, m: &Material) -> bool {
+        let public = lock(&self.login).public.clone();
+        m.keys.iter().all(|k| {
+            let cert_key = public.iter().find_map(|o| match (&o.body, o.key_index) {
+                (Body::PublicKey(p), Some(i)) if i == k.index => Some(p.info.clone()),
+                _ => None,
+            });
+            match (&k.parsed, cert_key) {
+                (ParsedKey::Asym(key), Some(info)) => key.info == info,
+                _ => true,
+            }
+        })
     }
 
     /// Keep the stop signal of this process's refresher for the token (ended by logout).
