@@ -142,9 +142,9 @@ pub struct Release {
     /// First backoff; doubles with jitter; a Retry-After header wins (capped).
     #[serde(default = "default_backoff_ms")]
     pub backoff_ms: u64,
-    /// Longest one service call may take, attempts and waits included. Throttled answers
-    /// (429, or 503 with Retry-After) are retried until it passes; other failures stop after
-    /// `retries`.
+    /// Longest one login (or refresh) may spend on the network: all calls, attempts and waits.
+    /// Throttled answers (429, or 503 with Retry-After) are retried until it passes; other
+    /// failures stop after `retries`.
     #[serde(default = "default_deadline")]
     pub deadline_seconds: u64,
     /// How often released keys are re-attested and re-released in the background (±10 %).

@@ -1,8 +1,9 @@
 //! HTTPS for one login: a blocking reqwest client built inside the login (never carried across
 //! fork), rustls with the aws-lc-rs provider and the configured trust anchors, timeouts,
-//! retries with full-jitter exponential backoff, capped response bodies. Every call is bounded
-//! by `release.deadline_seconds`: throttled answers are retried until then (a fleet queued
-//! behind a vault's limit gets through), other failures `release.retries` times.
+//! retries with full-jitter exponential backoff, capped response bodies. A login's calls
+//! together are bounded by `release.deadline_seconds` from the moment its `Http` is built:
+//! throttled answers are retried until then (a fleet queued behind a vault's limit gets
+//! through), other failures `release.retries` times.
 
 use super::jws::TrustAnchors;
 use crate::config::Release;
@@ -28,7 +29,9 @@ pub struct Http {
     retries: u32,
     backoff: Duration,
     timeout: Duration,
-    deadline: Duration,
+    /// The end of this login's network time (`release.deadline_seconds` after `new`).
+    deadline: Instant,
+    deadline_seconds: u64,
 }
 
 /// A response read to the end (bounded).
@@ -107,7 +110,8 @@ impl Http {
             retries: release.retries,
             backoff: Duration::from_millis(release.backoff_ms),
             timeout,
-            deadline: Duration::from_secs(release.deadline_seconds.max(1)),
+            deadline: Instant::now() + Duration::from_secs(release.deadline_seconds.max(1)),
+            deadline_seconds: release.deadline_seconds.max(1),
         })
     }
 
@@ -136,7 +140,8 @@ impl Http {
     /// Throttled answers (429, or 503 with Retry-After) are retried for as long as the deadline
     /// allows, waiting Retry-After plus a random share of up to half of it, so that a fleet told
     /// the same Retry-After does not come back in lock-step; other failures count against
-    /// `retries`. Nothing outlives the deadline: each request's timeout is cut to what is left.
+    /// `retries`. Nothing outlives the login's deadline: each request's timeout is cut to what
+    /// is left, and a wait that would end past it ends the call.
     pub fn send(
         &self,
         step: Step,
@@ -144,12 +149,15 @@ impl Http {
         build: &dyn Fn() -> RequestBuilder,
     ) -> Result<Response> {
         let started = Instant::now();
-        let deadline = started + self.deadline;
+        let deadline = self.deadline;
         let (mut attempts, mut failures, mut throttled) = (0u32, 0u32, 0u32);
-        let mut last_cause: String;
-        let mut last_throttled: bool;
+        let mut last_cause = String::from("no time left for a request");
+        let mut last_throttled = false;
         let out_of_time = loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break true;
+            }
             attempts += 1;
             let sent = build()
                 .timeout(self.timeout.min(left).max(Duration::from_millis(1)))
@@ -213,8 +221,8 @@ impl Http {
         let (message, hint) = if out_of_time {
             (
                 format!(
-                    "{what} gave up after {attempts} attempt(s) in {spent:.1} s, at release.deadline_seconds = {}: {last_cause}",
-                    self.deadline.as_secs()
+                    "{what} gave up after {attempts} attempt(s) in {spent:.1} s, at the end of the login's release.deadline_seconds = {}: {last_cause}",
+                    self.deadline_seconds
                 ),
                 if last_throttled {
                     "the service throttled this host until the deadline: let fewer hosts log in at once, raise release.deadline_seconds, or spread the keys over more vaults (a managed HSM allows more releases)"
@@ -570,6 +578,19 @@ mod tests {
         server.join().unwrap();
         assert!(took < Duration::from_secs(3), "{took:?}");
         assert!(e.message().contains("timed out"), "{}", e.message());
+        // The deadline is the login's: a later call of the same login has no time left and
+        // sends nothing (the listener is gone; a request would fail differently).
+        let started = Instant::now();
+        let e = h
+            .send(Step::Release, "AKV release", &|| h.direct.get(&url))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(
+            e.message().contains("after 0 attempt(s)"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("no time left"), "{}", e.message());
     }
 
     #[test]
