@@ -534,8 +534,11 @@ fn human(secs: f64) -> String {
     }
 }
 
-/// Samples of a Prometheus text document: (name, labels, value). Comments skipped.
-fn parse_prometheus(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample of a Prometheus text document: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a Prometheus text document (comments skipped).
+fn parse_prometheus(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text
         .lines()

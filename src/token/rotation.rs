@@ -89,7 +89,7 @@ impl Token {
             .iter()
             .any(|k| self.terms.expires_at(k.released_at_ms) <= now);
         let has_certs = self.config.keys.iter().any(|k| k.certificate.is_some());
-        if !stale && !expired && !(mode == Follow::Lookup && has_certs) {
+        if !(stale || expired || (mode == Follow::Lookup && has_certs)) {
             return FollowOutcome::Current;
         }
         // One import at a time; the others go on with the keys they have.
