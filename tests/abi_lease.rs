@@ -112,6 +112,8 @@ fn fixture() -> MutexGuard<'static, Fixture> {
     static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         let emu = Emulator::start();
+        // The fixture lives in a static that is never dropped: stop this emulator at exit.
+        common::stop_at_exit(emu.path());
         let mut keys = std::collections::HashMap::new();
         for name in ["lease-rotate", "lease-revoke", "lease-fork"] {
             keys.insert(name.to_string(), import_ec(&emu, name));

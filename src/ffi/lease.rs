@@ -41,10 +41,11 @@ fn terms(cfg: &Config) -> LeaseTerms {
 }
 
 /// How long a refresher may hold the claim before another process may take over (it died or
-/// hung mid-way): every HTTP attempt of a login, with room.
+/// hung mid-way): the whole refresh is bounded by `release.deadline_seconds` (every call,
+/// attempt and wait of its login), and renewing a version a certificate names may run a second
+/// one; then a margin.
 fn claim_hold_seconds(cfg: &Config) -> u64 {
-    let attempts = u64::from(cfg.release.retries) + 1;
-    (cfg.release.timeout_seconds * attempts * 4).clamp(30, 3600)
+    (cfg.release.deadline_seconds.saturating_mul(2) + 30).clamp(30, 7200)
 }
 
 /// After a login installed keys: schedule the first refresh (once per store) and start this
