@@ -524,6 +524,60 @@ pub fn key_unwrap(_fx: &Fixtures, data: &[u8]) -> bool {
         .is_ok()
 }
 
+/// A lease record as a process of the tree reads it from the shared key store (a torn or
+/// foreign mapping must be refused, never panic): decode, re-encode, and decode again to the
+/// same entries.
+pub fn lease_record(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::token::lease::{decode, encode};
+    let Some(keys) = decode(data) else {
+        return false;
+    };
+    let again = encode(&keys);
+    let back = decode(again.as_slice()).expect("a record we encoded decodes");
+    assert_eq!(back.len(), keys.len());
+    for (a, b) in keys.iter().zip(&back) {
+        assert_eq!(
+            (a.index, &a.version, a.released_at_ms),
+            (b.index, &b.version, b.released_at_ms)
+        );
+        assert_eq!(a.state.name(), b.state.name());
+    }
+    true
+}
+
+/// An identity service's answer: the first line is a vault's `WWW-Authenticate` challenge
+/// (whose `resource=` the module may follow), the rest a token response body (IMDS, identity
+/// endpoint, Entra). Passes when the body yields a token.
+pub fn identity_response(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::release::identity::{
+        access_token_from, is_key_vault_audience, resource_from_challenge,
+    };
+    let (header, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    if let Some(r) = resource_from_challenge(&String::from_utf8_lossy(header)) {
+        let _ = is_key_vault_audience(&r);
+    }
+    access_token_from("fuzz", body).is_ok()
+}
+
+/// skr-emulator's simulated platform answer (`POST /platform/snp/report`), then what the login
+/// does with it: the report checked against the report data asked for, the chain parsed.
+/// Passes when the response parses.
+pub fn platform_response(_fx: &Fixtures, data: &[u8]) -> bool {
+    match evidence::parse_platform_response(data) {
+        Ok(ev) => {
+            let _ = evidence::check_report(&ev.report, &[0x5A; 64]);
+            if let Some(chain) = &ev.vcek_chain_pem {
+                let _ = crate::pem::certificates(chain.as_bytes());
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// A harness: the fixtures and the fuzzer's bytes in, whether they passed every check out.
 pub type Harness = fn(&Fixtures, &[u8]) -> bool;
 
@@ -542,6 +596,9 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("http_dates", http_dates),
     ("session_object", session_object),
     ("key_unwrap", key_unwrap),
+    ("lease_record", lease_record),
+    ("identity_response", identity_response),
+    ("platform_response", platform_response),
 ];
 
 /// Reads structure-aware input front to back; past the end every read is empty / zero.

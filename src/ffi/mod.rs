@@ -10,9 +10,11 @@
 
 mod general;
 mod keys;
+mod lease;
 mod objects;
 mod ops;
 mod process;
+pub mod status;
 mod tables;
 
 pub(crate) use process::{instance, Instance};
