@@ -467,7 +467,7 @@ const TEMPLATE_TYPES: &[cryptoki_sys::CK_ATTRIBUTE_TYPE] = {
 
 /// A C_CreateObject template, then a C_SetAttributeValue / C_CopyObject template on the new
 /// object: each entry is a type byte (index into a table of the attributes that matter), a
-/// length byte and that many value bytes; a zero type byte ends the first template. Passes
+/// length byte and that many value bytes; a type byte 0xFF ends the first template. Passes
 /// when the object is made and modified.
 pub fn session_object(_fx: &Fixtures, data: &[u8]) -> bool {
     use crate::token::{factory, material};
@@ -476,7 +476,7 @@ pub fn session_object(_fx: &Fixtures, data: &[u8]) -> bool {
     let mut which = 0;
     while !r.0.is_empty() {
         let t = r.byte();
-        if t == 0 && which == 0 {
+        if t == 0xFF && which == 0 {
             which = 1;
             continue;
         }
