@@ -492,7 +492,7 @@ pub fn session_object(_fx: &Fixtures, data: &[u8]) -> bool {
         .as_ref()
         .map(|s| s.attrs.clone())
         .unwrap_or_default();
-    let in_copy = data.len() % 2 == 0;
+    let in_copy = data.len().is_multiple_of(2);
     factory::modify(&attrs, &templates[1], in_copy).is_ok()
 }
 

@@ -90,11 +90,10 @@ fn wrap_key_object(
     let o = t
         .object(h)
         .map_err(|_| Error::new(handle_rv, format!("key handle {h} is not valid")))?;
-    let usable = match (&o.body, unwrap) {
-        (Body::SecretKey(_), _) => true,
-        (Body::PublicKey(_), false) | (Body::PrivateKey { .. }, true) => true,
-        _ => false,
-    };
+    let usable = matches!(
+        (&o.body, unwrap),
+        (Body::SecretKey(_), _) | (Body::PublicKey(_), false) | (Body::PrivateKey { .. }, true)
+    );
     if !usable || o.key_type() != info.key {
         return Err(Error::new(
             type_rv,

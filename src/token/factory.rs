@@ -271,7 +271,7 @@ fn check_kind(ty: CK_ATTRIBUTE_TYPE, kind: Kind, v: &[u8]) -> Result<()> {
                 format!("attribute {ty:#x} must be an empty or 8-digit CK_DATE"),
             ))
         }
-        Kind::Mechs if v.len() % std::mem::size_of::<CK_ULONG>() != 0 => Err(err(
+        Kind::Mechs if !v.len().is_multiple_of(std::mem::size_of::<CK_ULONG>()) => Err(err(
             CKR_ATTRIBUTE_VALUE_INVALID,
             format!("attribute {ty:#x} must be an array of CK_MECHANISM_TYPE"),
         )),
