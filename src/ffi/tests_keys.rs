@@ -430,7 +430,7 @@ fn templates_are_checked_with_the_spec_codes() {
             s,
             &[(CKA_CLASS, u(CKO_PRIVATE_KEY)), (CKA_KEY_TYPE, u(CKK_EC))]
         ),
-        Err(CKR_ATTRIBUTE_VALUE_INVALID)
+        Err(CKR_TEMPLATE_INCOMPLETE)
     );
     // A wrapping key defaults to no data role; asking for one is inconsistent.
     let w = k(&[(CKA_UNWRAP, b(true))]).unwrap();
@@ -1788,5 +1788,95 @@ fn null_arguments_come_first() {
     assert_eq!(
         call!(C_GetAttributeValue(bogus_session, 1, null_mut(), 1)),
         CKR_ARGUMENTS_BAD
+    );
+}
+
+/// Private keys imported from their components (what SunPKCS11 does with a software key) sign
+/// what RustCrypto verifies; their secret parts are never readable and never stored as
+/// attributes.
+#[test]
+fn imported_private_keys_sign_what_rustcrypto_verifies() {
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let mut k = rsa::RsaPrivateKey::from_pkcs8_der(&live.f.rsa).unwrap();
+    k.precompute().unwrap();
+    let primes = k.primes();
+    let crt = k.crt_coefficient().unwrap();
+    let mut rsa_tpl = vec![
+        (CKA_CLASS, u(CKO_PRIVATE_KEY)),
+        (CKA_KEY_TYPE, u(CKK_RSA)),
+        (CKA_MODULUS, k.n().to_bytes_be()),
+        (CKA_PUBLIC_EXPONENT, k.e().to_bytes_be()),
+        (CKA_PRIVATE_EXPONENT, k.d().to_bytes_be()),
+        (CKA_PRIME_1, primes[0].to_bytes_be()),
+        (CKA_PRIME_2, primes[1].to_bytes_be()),
+        (CKA_EXPONENT_1, k.dp().unwrap().to_bytes_be()),
+        (CKA_EXPONENT_2, k.dq().unwrap().to_bytes_be()),
+        (CKA_COEFFICIENT, crt.to_bytes_be()),
+    ];
+    let h = create(s, &rsa_tpl).unwrap();
+    assert_eq!(
+        get(s, h, CKA_PRIVATE_EXPONENT),
+        Err(CKR_ATTRIBUTE_SENSITIVE)
+    );
+    assert_eq!(get(s, h, CKA_SENSITIVE).unwrap(), b(true));
+    assert_eq!(get(s, h, CKA_ALWAYS_SENSITIVE).unwrap(), b(false));
+    assert_eq!(get(s, h, CKA_MODULUS).unwrap(), k.n().to_bytes_be());
+    {
+        let inst = super::instance().unwrap();
+        let o = inst.module.tokens[0].object(h).unwrap();
+        let attrs = &o.stored.as_ref().unwrap().attrs;
+        assert!(!attrs.contains_key(&CKA_PRIVATE_EXPONENT) && !attrs.contains_key(&CKA_PRIME_1));
+    }
+    let mut m = mech(CKM_SHA256_RSA_PKCS);
+    let sig = sign(s, &mut m, h, b"imported").unwrap();
+    use sha2::Digest;
+    k.to_public_key()
+        .verify(
+            rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+            &sha2::Sha256::digest(b"imported"),
+            &sig,
+        )
+        .unwrap();
+    // A modulus that is not the key's (AWS-LC's key check refuses it); a readable private key.
+    rsa_tpl[2].1[10] ^= 1;
+    assert_eq!(create(s, &rsa_tpl), Err(CKR_ATTRIBUTE_VALUE_INVALID));
+    rsa_tpl[2].1[10] ^= 1;
+    rsa_tpl.push((CKA_SENSITIVE, b(false)));
+    assert_eq!(create(s, &rsa_tpl), Err(CKR_ATTRIBUTE_VALUE_INVALID));
+    // EC: the scalar only; the token computes the public point.
+    let sk = p256::ecdsa::SigningKey::from_pkcs8_der(&live.f.ec).unwrap();
+    let ec = create(
+        s,
+        &[
+            (CKA_CLASS, u(CKO_PRIVATE_KEY)),
+            (CKA_KEY_TYPE, u(CKK_EC)),
+            (CKA_EC_PARAMS, P256.to_vec()),
+            (CKA_VALUE, sk.to_bytes().to_vec()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(get(s, ec, CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE));
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    let hash = sha2::Sha256::digest(b"ec import").to_vec();
+    let mut m = mech(CKM_ECDSA);
+    let sig = sign(s, &mut m, ec, &hash).unwrap();
+    sk.verifying_key()
+        .verify_prehash(&hash, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
+        .unwrap();
+    assert_eq!(
+        create(
+            s,
+            &[
+                (CKA_CLASS, u(CKO_PRIVATE_KEY)),
+                (CKA_KEY_TYPE, u(CKK_EC)),
+                (CKA_EC_PARAMS, P256.to_vec()),
+                (CKA_VALUE, vec![0xff; 40]),
+            ],
+        ),
+        Err(CKR_ATTRIBUTE_VALUE_INVALID)
     );
 }

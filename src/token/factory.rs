@@ -315,14 +315,27 @@ pub fn ulong_bytes(v: CK_ULONG) -> Vec<u8> {
 /// `implied` (what the mechanism or the key material fixes: class, key type, modulus, ...) merged
 /// in (a template that contradicts them is inconsistent), defaults filled in, derived attributes
 /// set. `mechanism` is the generating mechanism (CKA_KEY_GEN_MECHANISM).
+/// Attributes whose values are wiped when dropped: copies of a template can hold key values.
+struct Wiping(Attrs);
+
+impl Drop for Wiping {
+    fn drop(&mut self) {
+        for v in self.0.values_mut() {
+            crate::secret::wipe(v);
+        }
+    }
+}
+
 pub fn new_object(
     origin: Origin,
     template: &Template,
     implied: &Template,
     mechanism: Option<CK_MECHANISM_TYPE>,
 ) -> Result<Attrs> {
-    let given = collapse(template)?;
-    let mut attrs = given.clone();
+    let given = Wiping(collapse(template)?);
+    let given = &given.0;
+    let mut guard = Wiping(given.clone());
+    let attrs = &mut guard.0;
     for (ty, v) in implied {
         match given.get(ty) {
             Some(g) if g != v => {
@@ -390,7 +403,7 @@ pub fn new_object(
         }
     }
     // Every given attribute: known for the class, well formed, allowed for the operation.
-    for (ty, v) in &given {
+    for (ty, v) in given {
         let rule = rule(class, key_type, *ty).ok_or_else(|| {
             err(
                 CKR_ATTRIBUTE_TYPE_INVALID,
@@ -417,7 +430,7 @@ pub fn new_object(
             ));
         }
     }
-    if flag(&attrs, CKA_TOKEN) {
+    if flag(attrs, CKA_TOKEN) {
         return Err(err(
             CKR_TOKEN_WRITE_PROTECTED,
             "the token is write-protected: only session objects (CKA_TOKEN = FALSE) can be created"
@@ -442,15 +455,15 @@ pub fn new_object(
                 .into(),
         ));
     }
-    if flag(&attrs, CKA_ALWAYS_AUTHENTICATE) {
+    if flag(attrs, CKA_ALWAYS_AUTHENTICATE) {
         return Err(err(
             CKR_ATTRIBUTE_VALUE_INVALID,
             "CKA_ALWAYS_AUTHENTICATE = TRUE is not supported (no context-specific login)".into(),
         ));
     }
-    fill_defaults(&mut attrs, class, key_type, origin, mechanism);
-    check_roles(&attrs)?;
-    Ok(attrs)
+    fill_defaults(attrs, class, key_type, origin, mechanism);
+    check_roles(attrs)?;
+    Ok(std::mem::take(attrs))
 }
 
 /// The attributes an operation may have to require (checked against the table per class).
@@ -607,11 +620,12 @@ pub fn check_roles(a: &Attrs) -> Result<()> {
 /// Apply C_SetAttributeValue (`in_copy` false) or the template of C_CopyObject (`in_copy` true)
 /// to an object's attributes: the new attribute set, or the spec's refusal.
 pub fn modify(current: &Attrs, changes: &Template, in_copy: bool) -> Result<Attrs> {
-    let changes = collapse(changes)?;
+    let changes = Wiping(collapse(changes)?);
+    let changes = &changes.0;
     let class = ulong(current, CKA_CLASS).unwrap_or(CKO_DATA);
     let key_type = ulong(current, CKA_KEY_TYPE).unwrap_or(CK_UNAVAILABLE_INFORMATION);
     let mut out = current.clone();
-    for (ty, v) in &changes {
+    for (ty, v) in changes {
         let rule = rule(class, key_type, *ty).ok_or_else(|| {
             err(
                 CKR_ATTRIBUTE_TYPE_INVALID,

@@ -89,6 +89,98 @@ fn public_key(attrs: &Attrs) -> Result<AsymKey> {
     }
 }
 
+/// The private components of a C_CreateObject template (taken out of the stored attributes and
+/// wiped), as the PKCS#8 PrivateKeyInfo AWS-LC parses into the locked arena.
+fn private_key(attrs: &mut Attrs) -> Result<AsymKey> {
+    fn take(attrs: &mut Attrs, ty: CK_ATTRIBUTE_TYPE) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(attrs.remove(&ty).unwrap_or_default())
+    }
+    let key_type = factory::ulong(attrs, CKA_KEY_TYPE);
+    let pkcs8 = match key_type {
+        Some(CKK_RSA) => {
+            // RSAPrivateKey (RFC 8017 A.1.2): version 0, n, e, d, p, q, dP, dQ, qInv.
+            let mut seq = zeroize::Zeroizing::new(der_uint(&[0]));
+            let n = attrs.get(&CKA_MODULUS).cloned().unwrap_or_default();
+            let e = attrs.get(&CKA_PUBLIC_EXPONENT).cloned().unwrap_or_default();
+            seq.extend(der_uint(&n));
+            seq.extend(der_uint(&e));
+            for ty in [
+                CKA_PRIVATE_EXPONENT,
+                CKA_PRIME_1,
+                CKA_PRIME_2,
+                CKA_EXPONENT_1,
+                CKA_EXPONENT_2,
+                CKA_COEFFICIENT,
+            ] {
+                let v = take(attrs, ty);
+                let mut int = der_uint(&v);
+                seq.extend_from_slice(&int);
+                crate::secret::wipe(&mut int);
+            }
+            let mut inner = zeroize::Zeroizing::new(tlv(0x30, &seq));
+            let mut body = der_uint(&[0]);
+            body.extend_from_slice(RSA_ALG);
+            body.extend(tlv(0x04, &inner));
+            crate::secret::wipe(&mut inner);
+            zeroize::Zeroizing::new(tlv(0x30, &body))
+        }
+        Some(CKK_EC) => {
+            let params = attrs.get(&CKA_EC_PARAMS).cloned().unwrap_or_default();
+            let curve = Curve::from_params_der(&params).ok_or_else(|| {
+                value_invalid("CKA_EC_PARAMS must name P-256, P-384 or P-521 (DER namedCurve OID)")
+            })?;
+            let d = take(attrs, CKA_VALUE);
+            if d.is_empty() || d.len() > curve.field_len() {
+                return Err(value_invalid(
+                    "CKA_VALUE is not a private scalar of the curve",
+                ));
+            }
+            // ECPrivateKey (RFC 5915) without the public key: AWS-LC computes it.
+            let mut scalar = zeroize::Zeroizing::new(vec![0u8; curve.field_len() - d.len()]);
+            scalar.extend_from_slice(&d);
+            let mut ec = zeroize::Zeroizing::new(der_uint(&[1]));
+            ec.extend(tlv(0x04, &scalar));
+            let mut alg = EC_PUBLIC_KEY_OID.to_vec();
+            alg.extend_from_slice(&params);
+            let mut body = der_uint(&[0]);
+            body.extend(tlv(0x30, &alg));
+            let mut inner = tlv(0x30, &ec);
+            body.extend(tlv(0x04, &inner));
+            crate::secret::wipe(&mut inner);
+            zeroize::Zeroizing::new(tlv(0x30, &body))
+        }
+        _ => return Err(value_invalid("private keys are RSA or EC")),
+    };
+    let k = AsymKey::from_pkcs8(&pkcs8)
+        .map_err(|_| value_invalid("the private key components do not form a valid key"))?;
+    // A key whose public half contradicts the template (another modulus) is inconsistent.
+    if let (
+        PublicParts::Rsa {
+            modulus, exponent, ..
+        },
+        Some(n),
+        Some(e),
+    ) = (
+        &k.info.parts,
+        attrs.get(&CKA_MODULUS),
+        attrs.get(&CKA_PUBLIC_EXPONENT),
+    ) {
+        let strip = |v: &[u8]| {
+            v.iter()
+                .skip_while(|b| **b == 0)
+                .copied()
+                .collect::<Vec<u8>>()
+        };
+        if strip(modulus) != strip(n) || strip(exponent) != strip(e) {
+            return Err(Error::new(
+                CKR_TEMPLATE_INCONSISTENT,
+                "the private key does not match CKA_MODULUS / CKA_PUBLIC_EXPONENT",
+            ));
+        }
+    }
+    Ok(k)
+}
+
 /// The content of a DER OCTET STRING that spans all of `b`.
 fn der_octet_content(b: &[u8]) -> Option<&[u8]> {
     if b.len() < 2 || b[0] != 0x04 {
@@ -176,15 +268,6 @@ fn object(owner: CK_SESSION_HANDLE, attrs: Attrs, body: Body) -> Object {
 
 /// C_CreateObject.
 pub fn create(owner: CK_SESSION_HANDLE, template: &Template) -> Result<Object> {
-    let private_key = ulong_bytes(CKO_PRIVATE_KEY);
-    if template
-        .iter()
-        .any(|(ty, v)| *ty == CKA_CLASS && *v == private_key)
-    {
-        return Err(value_invalid(
-            "private keys come to this token by C_GenerateKeyPair or C_UnwrapKey, not C_CreateObject",
-        ));
-    }
     let mut attrs = new_object(Origin::Create, template, &[], None)?;
     let class = factory::ulong(&attrs, CKA_CLASS).unwrap_or(CKO_DATA);
     let body = match class {
@@ -203,6 +286,10 @@ pub fn create(owner: CK_SESSION_HANDLE, template: &Template) -> Result<Object> {
                 attrs.entry(ty).or_insert(v);
             }
             Body::PublicKey(Arc::new(k))
+        }
+        CKO_PRIVATE_KEY => {
+            let k = Arc::new(private_key(&mut attrs)?);
+            return Ok(asym_key(owner, attrs, k));
         }
         _ => Body::Stored,
     };
