@@ -34,7 +34,7 @@ mkdir -p "$W/softhsm/tokens"; echo "directories.tokendir = $W/softhsm/tokens" > 
 export SOFTHSM2_CONF="$W/softhsm/conf"
 softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 5678 >/dev/null
 i=16; for k in rsa2048 rsa3072 p256 p384; do
-  pkcs11-tool --module "$SOFTHSM" --token-label bench --login --pin 1234 --write-object "$W/keys/$k.der" --type privkey --label "bench-$k" --id "$(printf %x $i)" --usage-sign --usage-decrypt >/dev/null
+  pkcs11-tool --module "$SOFTHSM" --token-label bench --login --pin 1234 --write-object "$W/keys/$k.der" --type privkey --label "bench-$k" --id "$(printf %x $i)" --usage-sign --usage-decrypt $(case $k in rsa*) echo --usage-wrap;; *) echo --usage-derive;; esac) >/dev/null
   # The public half too: libp11 (nginx) builds an EC key's EVP_PKEY from the public object.
   openssl pkey -inform DER -in "$W/keys/$k.der" -pubout -outform DER -out "$W/keys/$k.pub.der"
   pkcs11-tool --module "$SOFTHSM" --token-label bench --login --pin 1234 --write-object "$W/keys/$k.pub.der" --type pubkey --label "bench-$k" --id "$(printf %x $i)" >/dev/null

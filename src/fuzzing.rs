@@ -426,6 +426,104 @@ pub fn http_dates(_fx: &Fixtures, data: &[u8]) -> bool {
     parse_retry_after(&text).is_some()
 }
 
+/// The attribute types a session-object template harness draws from (by one byte each).
+const TEMPLATE_TYPES: &[cryptoki_sys::CK_ATTRIBUTE_TYPE] = {
+    use cryptoki_sys::*;
+    &[
+        CKA_CLASS,
+        CKA_KEY_TYPE,
+        CKA_TOKEN,
+        CKA_PRIVATE,
+        CKA_LABEL,
+        CKA_VALUE,
+        CKA_VALUE_LEN,
+        CKA_SENSITIVE,
+        CKA_EXTRACTABLE,
+        CKA_ENCRYPT,
+        CKA_DECRYPT,
+        CKA_WRAP,
+        CKA_UNWRAP,
+        CKA_SIGN,
+        CKA_VERIFY,
+        CKA_MODULUS,
+        CKA_PUBLIC_EXPONENT,
+        CKA_EC_PARAMS,
+        CKA_EC_POINT,
+        CKA_CERTIFICATE_TYPE,
+        CKA_SUBJECT,
+        CKA_CHECK_VALUE,
+        CKA_ALLOWED_MECHANISMS,
+        CKA_START_DATE,
+        CKA_WRAP_TEMPLATE,
+        CKA_UNWRAP_TEMPLATE,
+        CKA_LOCAL,
+        CKA_TRUSTED,
+        CKA_WRAP_WITH_TRUSTED,
+        CKA_COPYABLE,
+        CKA_MODIFIABLE,
+        CKA_APPLICATION,
+    ]
+};
+
+/// A C_CreateObject template, then a C_SetAttributeValue / C_CopyObject template on the new
+/// object: each entry is a type byte (index into a table of the attributes that matter), a
+/// length byte and that many value bytes; a type byte 0xFF ends the first template. Passes
+/// when the object is made and modified.
+pub fn session_object(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::token::{factory, material};
+    let mut r = Reader(data);
+    let mut templates: [Vec<(cryptoki_sys::CK_ATTRIBUTE_TYPE, Vec<u8>)>; 2] = Default::default();
+    let mut which = 0;
+    while !r.0.is_empty() {
+        let t = r.byte();
+        if t == 0xFF && which == 0 {
+            which = 1;
+            continue;
+        }
+        let ty = TEMPLATE_TYPES[t as usize % TEMPLATE_TYPES.len()];
+        let len = r.byte() as usize;
+        templates[which].push((ty, r.take(len).to_vec()));
+    }
+    let Ok(o) = material::create(1, &templates[0]) else {
+        return false;
+    };
+    let attrs = o
+        .stored
+        .as_ref()
+        .map(|s| s.attrs.clone())
+        .unwrap_or_default();
+    let in_copy = data.len().is_multiple_of(2);
+    factory::modify(&attrs, &templates[1], in_copy).is_ok()
+}
+
+/// A wrapped key as C_UnwrapKey hands it to the mechanism: the first byte picks CKM_AES_KEY_WRAP,
+/// CKM_AES_KEY_WRAP_KWP or CKM_AES_GCM (12-byte IV), the second the KEK size; the rest is the
+/// wrapped key. Passes when it unwraps.
+pub fn key_unwrap(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::crypto::mechanism::{Mechanism, RawParam};
+    use crate::crypto::ops::{CipherKey, CipherOp};
+    use cryptoki_sys::*;
+    let mut r = Reader(data);
+    let ckm = [CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_KWP, CKM_AES_GCM][r.byte() as usize % 3];
+    let kek_len = [16, 24, 32][r.byte() as usize % 3];
+    let param = if ckm == CKM_AES_GCM {
+        RawParam::Gcm {
+            iv: vec![7; 12],
+            aad: vec![],
+            tag_bits: 128,
+        }
+    } else {
+        RawParam::None
+    };
+    let Ok(m) = Mechanism::from_raw(ckm, param) else {
+        return false;
+    };
+    let kek = std::sync::Arc::new(SecretBytes::from_slice(&vec![0x4b; kek_len]));
+    CipherOp::new(m, CipherKey::Secret(kek), false)
+        .and_then(|mut op| op.single(r.0))
+        .is_ok()
+}
+
 /// A lease record as a process of the tree reads it from the shared key store (a torn or
 /// foreign mapping must be refused, never panic): decode, re-encode, and decode again to the
 /// same entries.
@@ -496,6 +594,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("pem_chain", pem_chain),
     ("release_policy", release_policy),
     ("http_dates", http_dates),
+    ("session_object", session_object),
+    ("key_unwrap", key_unwrap),
     ("lease_record", lease_record),
     ("identity_response", identity_response),
     ("platform_response", platform_response),

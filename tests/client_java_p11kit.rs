@@ -30,6 +30,16 @@ fn java_sunpkcs11_keystore_signatures_decrypt_and_jsse_tls() {
     run("java.sh", "java: all checks passed");
 }
 
+/// SunPKCS11 imports a SecretKeySpec as a session object (C_CreateObject) and generates session
+/// keys (C_GenerateKey); AES/GCM on them matches SunJCE both ways.
+#[test]
+fn java_sunpkcs11_aes_gcm_with_session_keys_matches_sunjce() {
+    run(
+        "java_session_keys.sh",
+        "java session keys: all checks passed",
+    );
+}
+
 #[test]
 fn p11kit_lists_the_module_and_gnutls_signs() {
     run("p11kit.sh", "p11-kit: all checks passed");

@@ -40,6 +40,39 @@ fn demo_example_runs_every_step_against_the_emulator() {
     }
 }
 
+/// The envelope-encryption walk-through: a file encrypted outside the TEE under a data key
+/// wrapped to tls-rsa's public key is opened inside by C_UnwrapKey + C_Decrypt, and neither
+/// the data key nor the released key can be wrapped back out.
+#[test]
+fn envelope_example_unwraps_on_the_token_and_decrypts() {
+    let emu = common::Emulator::shared();
+    let out = Command::new(common::artifact("examples/envelope"))
+        .arg(common::module_path())
+        .arg(emu.path())
+        .envs(&emu.env)
+        .output()
+        .expect("run envelope");
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "envelope failed:\n{o}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "decrypted inside the TEE: \"quarterly numbers: confidential\"",
+        "Sensitive(true)",
+        "Extractable(false)",
+        "C_WrapKey(data key): KeyUnextractable",
+        "C_WrapKey(tls-rsa): KeyUnextractable",
+        "Envelope complete.",
+    ] {
+        assert!(
+            o.contains(expected),
+            "envelope output lacks {expected:?}:\n{o}"
+        );
+    }
+}
+
 #[test]
 fn pkcs11_provider_uri_pem_has_the_documented_asn1_shape() {
     let dir = tempfile::tempdir().unwrap();

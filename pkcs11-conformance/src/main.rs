@@ -5,6 +5,7 @@
 //! spec says) and a summary. With `--strict` the exit code is 1 when any check departs.
 
 mod checks;
+mod key_checks;
 mod module;
 
 use clap::Parser;

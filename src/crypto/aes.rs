@@ -2,7 +2,8 @@
 //! plaintext, so multipart calls collect their input; any IV length, tags of 96..128 bits) and AES-CBC with PKCS#7 padding
 //! (streaming, the cipher context lives in AWS-LC memory, i.e. the locked arena).
 
-use super::{GcmParams, Mechanism};
+use super::mechanism::SecretCipher;
+use super::GcmParams;
 use crate::error::{Error, Result};
 use crate::secret::Wiped;
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
@@ -85,45 +86,6 @@ pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
     Ok(buf)
 }
 
-/// A secret-key cipher that streams: output as input arrives, the rest at the end. Output is
-/// `Wiped` in both directions (a decryption's output is plaintext).
-pub trait StreamCipher: Send {
-    fn update(&mut self, input: &[u8]) -> Result<Wiped>;
-    fn finish(&mut self) -> Result<Wiped>;
-}
-
-/// The AES operation for `mech` with `key`: a stream for streaming modes (CBC-PAD), `None`
-/// for the modes that need their whole input (GCM, see `collected`). A new AES mode is its
-/// engine here and one arm in this match or in `collected`; `CipherOp` needs no change.
-pub fn streaming(
-    mech: &Mechanism,
-    key: &[u8],
-    encrypt: bool,
-) -> Option<Result<Box<dyn StreamCipher>>> {
-    let stream = match mech {
-        Mechanism::AesCbcPad(iv) if encrypt => {
-            CbcEncrypt::new(key, *iv).map(|s| Box::new(s) as Box<dyn StreamCipher>)
-        }
-        Mechanism::AesCbcPad(iv) => CbcDecrypt::new(key, *iv).map(|s| Box::new(s) as _),
-        _ => return None,
-    };
-    Some(stream)
-}
-
-/// A one-shot AES mode over its whole input (GCM); `None` when `mech` is not one.
-pub fn collected(
-    mech: &Mechanism,
-    key: &[u8],
-    encrypt: bool,
-    input: &[u8],
-) -> Option<Result<Wiped>> {
-    match mech {
-        Mechanism::AesGcm(p) if encrypt => Some(gcm_seal(key, p, input).map(Wiped::new)),
-        Mechanism::AesGcm(p) => Some(gcm_open(key, p, input)),
-        _ => None,
-    }
-}
-
 /// Streaming AES-CBC-PAD encryption.
 pub struct CbcEncrypt(Option<cipher::StreamingEncryptingKey>);
 /// Streaming AES-CBC-PAD decryption.
@@ -169,7 +131,7 @@ impl CbcDecrypt {
 /// no trait; only how `finish` reports differs.
 macro_rules! cbc_stream {
     ($($stream:ty => $finish:expr;)*) => {$(
-        impl StreamCipher for $stream {
+        impl SecretCipher for $stream {
             fn update(&mut self, input: &[u8]) -> Result<Wiped> {
                 let k = self.0.as_mut().ok_or_else(cbc_failed)?;
                 written(input.len() + 16, |out| {

@@ -91,6 +91,157 @@ pub(crate) fn kwp_unwrap_ecb(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Opti
     Some(mli)
 }
 
+/// The RFC 3394 default IV (§2.2.3.1).
+const KW_IV: [u8; 8] = [0xA6; 8];
+
+/// Why a wrap or unwrap of the PKCS#11 key-wrap mechanisms failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WrapError {
+    /// Input length impossible for the mode (KW: multiple of 8, at least 16 bytes).
+    Length,
+    /// The KEK is not 16, 24 or 32 bytes.
+    KekLength(usize),
+    /// The integrity check failed (unwrap).
+    Integrity,
+}
+
+fn ecb_keys(
+    kek: &[u8],
+) -> Result<
+    (
+        aws_lc_rs::cipher::EncryptingKey,
+        aws_lc_rs::cipher::DecryptingKey,
+    ),
+    WrapError,
+> {
+    use aws_lc_rs::cipher::{
+        DecryptingKey, EncryptingKey, UnboundCipherKey, AES_128, AES_192, AES_256,
+    };
+    let alg = match kek.len() {
+        16 => &AES_128,
+        24 => &AES_192,
+        32 => &AES_256,
+        n => return Err(WrapError::KekLength(n)),
+    };
+    let e = UnboundCipherKey::new(alg, kek).and_then(EncryptingKey::ecb);
+    let d = UnboundCipherKey::new(alg, kek).and_then(DecryptingKey::ecb);
+    match (e, d) {
+        (Ok(e), Ok(d)) => Ok((e, d)),
+        _ => Err(WrapError::KekLength(kek.len())),
+    }
+}
+
+/// RFC 3394 §2.2.1 W over the semiblocks of `plain` with initial value `a`: A ‖ R[1..n].
+fn w(kek: &[u8], a: [u8; 8], plain: &[u8]) -> Result<Vec<u8>, WrapError> {
+    use aws_lc_rs::cipher::EncryptionContext;
+    let (enc, _) = ecb_keys(kek)?;
+    let n = plain.len() / 8;
+    let mut out = vec![0u8; 8 + plain.len()];
+    let mut a = a;
+    let mut block = [0u8; 16];
+    out[8..].copy_from_slice(plain);
+    for j in 0..6u64 {
+        for i in 1..=n {
+            block[..8].copy_from_slice(&a);
+            block[8..].copy_from_slice(&out[i * 8..i * 8 + 8]);
+            enc.less_safe_encrypt(&mut block, EncryptionContext::None)
+                .map_err(|_| WrapError::Integrity)?;
+            let t = (n as u64) * j + i as u64;
+            a.copy_from_slice(&block[..8]);
+            for (x, y) in a.iter_mut().zip(t.to_be_bytes()) {
+                *x ^= y;
+            }
+            out[i * 8..i * 8 + 8].copy_from_slice(&block[8..]);
+        }
+    }
+    zeroize::Zeroize::zeroize(&mut block);
+    out[..8].copy_from_slice(&a);
+    Ok(out)
+}
+
+/// RFC 3394 §2.2.2 W⁻¹: (A, R[1..n]) into `out`, which holds n semiblocks.
+fn w_inverse(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Result<[u8; 8], WrapError> {
+    use aws_lc_rs::cipher::DecryptionContext;
+    let (_, dec) = ecb_keys(kek)?;
+    let n = wrapped.len() / 8 - 1;
+    let mut a = [0u8; 8];
+    let mut block = [0u8; 16];
+    a.copy_from_slice(&wrapped[..8]);
+    out.copy_from_slice(&wrapped[8..]);
+    for j in (0..6u64).rev() {
+        for i in (1..=n).rev() {
+            let t = (n as u64) * j + i as u64;
+            for (x, y) in a.iter_mut().zip(t.to_be_bytes()) {
+                *x ^= y;
+            }
+            block[..8].copy_from_slice(&a);
+            block[8..].copy_from_slice(&out[(i - 1) * 8..i * 8]);
+            dec.decrypt(&mut block, DecryptionContext::None)
+                .map_err(|_| WrapError::Integrity)?;
+            a.copy_from_slice(&block[..8]);
+            out[(i - 1) * 8..i * 8].copy_from_slice(&block[8..]);
+        }
+    }
+    zeroize::Zeroize::zeroize(&mut block);
+    Ok(a)
+}
+
+/// CKM_AES_KEY_WRAP: RFC 3394 wrap with the default IV.
+pub fn aes_kw_wrap(kek: &[u8], plain: &[u8]) -> Result<Vec<u8>, WrapError> {
+    if plain.len() < 16 || !plain.len().is_multiple_of(8) {
+        return Err(WrapError::Length);
+    }
+    w(kek, KW_IV, plain)
+}
+
+/// CKM_AES_KEY_WRAP: RFC 3394 unwrap, checking the default IV; into locked memory.
+pub fn aes_kw_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, WrapError> {
+    if wrapped.len() < 24 || !wrapped.len().is_multiple_of(8) {
+        return Err(WrapError::Length);
+    }
+    let mut out = SecretBytes::in_arena(wrapped.len() - 8);
+    let a = w_inverse(kek, wrapped, out.as_mut_slice())?;
+    if aws_lc_rs::constant_time::verify_slices_are_equal(&a, &KW_IV).is_err() {
+        return Err(WrapError::Integrity);
+    }
+    Ok(out)
+}
+
+/// CKM_AES_KEY_WRAP_KWP: RFC 5649 wrap (any non-empty length).
+pub fn aes_kwp_wrap(kek: &[u8], plain: &[u8]) -> Result<Vec<u8>, WrapError> {
+    use aws_lc_rs::cipher::EncryptionContext;
+    if plain.is_empty() || plain.len() > u32::MAX as usize {
+        return Err(WrapError::Length);
+    }
+    let mut aiv = [0xA6, 0x59, 0x59, 0xA6, 0, 0, 0, 0];
+    aiv[4..].copy_from_slice(&(plain.len() as u32).to_be_bytes());
+    let mut padded = zeroize::Zeroizing::new(vec![0u8; plain.len().div_ceil(8) * 8]);
+    padded[..plain.len()].copy_from_slice(plain);
+    if padded.len() == 8 {
+        let (enc, _) = ecb_keys(kek)?;
+        let mut block = [0u8; 16];
+        block[..8].copy_from_slice(&aiv);
+        block[8..].copy_from_slice(&padded);
+        enc.less_safe_encrypt(&mut block, EncryptionContext::None)
+            .map_err(|_| WrapError::Integrity)?;
+        return Ok(block.to_vec());
+    }
+    w(kek, aiv, &padded)
+}
+
+/// CKM_AES_KEY_WRAP_KWP: RFC 5649 unwrap for any AES KEK size.
+pub fn aes_kwp_unwrap_any(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, WrapError> {
+    if ![16, 24, 32].contains(&kek.len()) {
+        return Err(WrapError::KekLength(kek.len()));
+    }
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) {
+        return Err(WrapError::Length);
+    }
+    let mut out = SecretBytes::in_arena(wrapped.len() - 8);
+    let n = kwp_unwrap_ecb(kek, wrapped, out.as_mut_slice()).ok_or(WrapError::Integrity)?;
+    Ok(SecretBytes::in_arena_from(&out.as_slice()[..n]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! in one or several parts and produces its output once. Hashed mechanisms hash as data
 //! arrives (true multipart); raw mechanisms collect their (short) input.
 
-use super::aes::{self, StreamCipher};
+use super::mechanism::{family_of, Mac, SecretCipher, MAX_COLLECT};
 use super::pkey::{EvpKey, PublicInfo, PublicParts, RsaPad};
 use super::{HashAlg, Hasher, Mechanism};
 use crate::error::{Error, Result};
@@ -21,6 +21,24 @@ pub struct AsymKey {
 impl AsymKey {
     pub fn from_pkcs8(der: &[u8]) -> Result<AsymKey> {
         let evp = EvpKey::from_pkcs8(der)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
+    /// A fresh RSA key pair (`bits` 2048..=4096).
+    pub fn generate_rsa(bits: usize, exponent: &[u8]) -> Result<AsymKey> {
+        if !(2048..=4096).contains(&bits) {
+            return Err(Error::new(
+                CKR_KEY_SIZE_RANGE,
+                format!("RSA keys are 2048..4096 bits, asked for {bits}"),
+            ));
+        }
+        let evp = EvpKey::generate_rsa(bits, exponent)?;
+        let info = evp.public_info()?;
+        Ok(AsymKey { evp, info })
+    }
+    /// A fresh EC key pair on `curve`.
+    pub fn generate_ec(curve: super::pkey::Curve) -> Result<AsymKey> {
+        let evp = EvpKey::generate_ec(curve)?;
         let info = evp.public_info()?;
         Ok(AsymKey { evp, info })
     }
@@ -42,9 +60,6 @@ impl AsymKey {
         }
     }
 }
-
-/// Largest raw input collected for single-part mechanisms fed through Update.
-const MAX_COLLECT: usize = 64 * 1024 * 1024;
 
 fn inconsistent(what: &str) -> Error {
     Error::new(
@@ -179,10 +194,37 @@ fn primitive_input(m: &Mechanism, key: &AsymKey, data: Wiped) -> Result<Wiped> {
     }
 }
 
+/// What a sign or verify works with: an RSA / EC key and its input, or a secret-key MAC.
+enum SigKey {
+    Asym { key: Arc<AsymKey>, input: Input },
+    Mac(Box<dyn Mac>),
+}
+
+impl SigKey {
+    fn update(&mut self, data: &[u8]) -> Result<()> {
+        match self {
+            SigKey::Asym { input, .. } => input.update(data),
+            SigKey::Mac(m) => m.update(data),
+        }
+    }
+}
+
+/// The MAC engine of `m` from its family, or the reason there is none.
+fn mac_of(m: &Mechanism, key: &Arc<SecretBytes>) -> Result<Box<dyn Mac>> {
+    match family_of(m).and_then(|f| f.mac(m, key)) {
+        Some(mac) => mac,
+        None if is_signature(m) => Err(inconsistent("signature mechanism")),
+        None => Err(not_for("sign or verify", m)),
+    }
+}
+
+fn is_signature(m: &Mechanism) -> bool {
+    super::mechanism::lookup(m.ckm()).is_some_and(|i| i.can(CKF_SIGN))
+}
+
 pub struct SignOp {
     mech: Mechanism,
-    key: Arc<AsymKey>,
-    input: Input,
+    key: SigKey,
 }
 
 impl SignOp {
@@ -195,68 +237,105 @@ impl SignOp {
         }
         check_sig_mech(&mech, &key)?;
         let input = Input::for_mech(&mech);
-        Ok(SignOp { mech, key, input })
+        Ok(SignOp {
+            mech,
+            key: SigKey::Asym { key, input },
+        })
+    }
+    /// A MAC (HMAC, CMAC) with a secret key.
+    pub fn mac(mech: Mechanism, key: &Arc<SecretBytes>) -> Result<SignOp> {
+        let mac = mac_of(&mech, key)?;
+        Ok(SignOp {
+            mech,
+            key: SigKey::Mac(mac),
+        })
     }
     pub fn mechanism(&self) -> &Mechanism {
         &self.mech
     }
-    /// Signature length for this key (exact: RSA k bytes, ECDSA 2 × field bytes).
+    /// Signature length for this key (exact: RSA k bytes, ECDSA 2 × field bytes, the MAC's
+    /// tag length).
     pub fn signature_len(&self) -> usize {
-        self.key.info.output_len()
+        match &self.key {
+            SigKey::Asym { key, .. } => key.info.output_len(),
+            SigKey::Mac(m) => m.output_len(),
+        }
     }
     pub fn update(&mut self, data: &[u8]) -> Result<()> {
-        self.input.update(data)
+        self.key.update(data)
     }
     pub fn finish(&mut self) -> Result<Vec<u8>> {
-        let data = self.input.take();
-        let input = primitive_input(&self.mech, &self.key, data)?;
+        let (key, input) = match &mut self.key {
+            SigKey::Mac(m) => return Ok(m.finish()?.to_vec()),
+            SigKey::Asym { key, input } => (key, input),
+        };
+        let data = input.take();
+        let input = primitive_input(&self.mech, key, data)?;
         match &self.mech {
             Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
-                let f = self
-                    .key
-                    .ec_field_len()
-                    .ok_or_else(|| inconsistent("ECDSA"))?;
-                self.key.evp.ecdsa_sign_raw(&input, f)
+                let f = key.ec_field_len().ok_or_else(|| inconsistent("ECDSA"))?;
+                key.evp.ecdsa_sign_raw(&input, f)
             }
-            m => self.key.evp.rsa_sign(&input, &rsa_pad(m)),
+            m => key.evp.rsa_sign(&input, &rsa_pad(m)),
         }
     }
 }
 
 pub struct VerifyOp {
     mech: Mechanism,
-    key: Arc<AsymKey>,
-    input: Input,
+    key: SigKey,
 }
 
 impl VerifyOp {
     pub fn new(mech: Mechanism, key: Arc<AsymKey>) -> Result<VerifyOp> {
         check_sig_mech(&mech, &key)?;
         let input = Input::for_mech(&mech);
-        Ok(VerifyOp { mech, key, input })
+        Ok(VerifyOp {
+            mech,
+            key: SigKey::Asym { key, input },
+        })
+    }
+    /// A MAC check (HMAC, CMAC) with a secret key.
+    pub fn mac(mech: Mechanism, key: &Arc<SecretBytes>) -> Result<VerifyOp> {
+        let mac = mac_of(&mech, key)?;
+        Ok(VerifyOp {
+            mech,
+            key: SigKey::Mac(mac),
+        })
     }
     pub fn update(&mut self, data: &[u8]) -> Result<()> {
-        self.input.update(data)
+        self.key.update(data)
     }
     /// Ok(()) for a valid signature; CKR_SIGNATURE_INVALID / CKR_SIGNATURE_LEN_RANGE otherwise.
     pub fn finish(&mut self, sig: &[u8]) -> Result<()> {
-        if sig.len() != self.key.info.output_len() {
+        let expected_len = match &self.key {
+            SigKey::Asym { key, .. } => key.info.output_len(),
+            SigKey::Mac(m) => m.output_len(),
+        };
+        if sig.len() != expected_len {
             return Err(Error::new(
                 CKR_SIGNATURE_LEN_RANGE,
                 format!(
-                    "signature is {} bytes, the key makes {}",
+                    "signature is {} bytes, the key makes {expected_len}",
                     sig.len(),
-                    self.key.info.output_len()
                 ),
             ));
         }
-        let data = self.input.take();
-        let input = primitive_input(&self.mech, &self.key, data)?;
-        let ok = match &self.mech {
-            Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
-                self.key.evp.ecdsa_verify_raw(&input, sig)?
+        let ok = match &mut self.key {
+            SigKey::Mac(m) => {
+                let tag = m.finish()?;
+                aws_lc_rs::constant_time::verify_slices_are_equal(&tag, sig).is_ok()
             }
-            m => self.key.evp.rsa_verify(&input, sig, &rsa_pad(m))?,
+            SigKey::Asym { key, input } => {
+                let data = input.take();
+                let input = primitive_input(&self.mech, key, data)?;
+                match &self.mech {
+                    Mechanism::Ecdsa | Mechanism::EcdsaHash(_) => {
+                        key.evp.ecdsa_verify_raw(&input, sig)?
+                    }
+                    m => key.evp.rsa_verify(&input, sig, &rsa_pad(m))?,
+                }
+            }
         };
         if ok {
             Ok(())
@@ -277,10 +356,10 @@ pub enum CipherKey {
 }
 
 enum CipherState {
-    /// RSA PKCS#1 / OAEP and AES-GCM: the whole input, processed at the end.
+    /// RSA PKCS#1 / OAEP: the whole input, processed at the end.
     Collect(Wiped),
-    /// AES-CBC-PAD (and any streaming mode `aes::streaming` knows).
-    Stream(Box<dyn StreamCipher>),
+    /// A secret-key cipher, built by the mechanism's family.
+    Secret(Box<dyn SecretCipher>),
 }
 
 /// Whether the registry lists `m` for encryption: a cipher mechanism whose key is the wrong
@@ -306,14 +385,11 @@ impl CipherOp {
                 }
                 CipherState::Collect(Wiped::new(Vec::new()))
             }
-            (m, CipherKey::Secret(s))
-                if super::mechanism::lookup(m.ckm()).is_some_and(|i| i.key == Some(CKK_AES)) =>
-            {
-                match aes::streaming(m, s.as_slice(), encrypt) {
-                    Some(stream) => CipherState::Stream(stream?),
-                    None => CipherState::Collect(Wiped::new(Vec::new())),
-                }
-            }
+            (m, CipherKey::Secret(s)) => match family_of(m).and_then(|f| f.cipher(m, s, encrypt)) {
+                Some(c) => CipherState::Secret(c?),
+                None if is_cipher(m) => return Err(inconsistent("cipher mechanism")),
+                None => return Err(not_for("encrypt or decrypt", m)),
+            },
             (m, _) if is_cipher(m) => return Err(inconsistent("cipher mechanism")),
             (m, _) => return Err(not_for("encrypt or decrypt", m)),
         };
@@ -339,7 +415,7 @@ impl CipherOp {
                 v.extend_from_slice(data);
                 Ok(Wiped::new(Vec::new()))
             }
-            CipherState::Stream(s) => s.update(data),
+            CipherState::Secret(s) => s.update(data),
         }
     }
 
@@ -347,11 +423,9 @@ impl CipherOp {
     /// computing: AES-GCM encryption (input + tag). A size query then needs no computation,
     /// no copy of the input to check the retry against and nothing to wipe afterwards.
     pub fn single_output_len(&self, n: usize) -> Option<usize> {
-        match (&self.mech, &self.state, self.encrypt) {
-            (Mechanism::AesGcm(p), CipherState::Collect(v), true) if v.is_empty() => {
-                Some(n + p.tag_bits / 8)
-            }
-            _ => None,
+        match &self.state {
+            CipherState::Secret(s) => s.single_output_len(n),
+            CipherState::Collect(_) => None,
         }
     }
 
@@ -359,6 +433,9 @@ impl CipherOp {
     /// collected works on `data` in place: no copy of the input to collect and wipe again
     /// (a quarter of the memory traffic of a 4 KiB AES-GCM C_Encrypt).
     pub fn single(&mut self, data: &[u8]) -> Result<Wiped> {
+        if let CipherState::Secret(s) = &mut self.state {
+            return s.single(data);
+        }
         if let CipherState::Collect(v) = &self.state {
             if v.is_empty() {
                 if data.len() > MAX_COLLECT {
@@ -379,7 +456,7 @@ impl CipherOp {
     /// The remaining output; the operation is spent afterwards.
     pub fn finish(&mut self) -> Result<Wiped> {
         match &mut self.state {
-            CipherState::Stream(s) => s.finish(),
+            CipherState::Secret(s) => s.finish(),
             CipherState::Collect(v) => {
                 let input = std::mem::take(v);
                 self.finish_collected(&input)
@@ -390,8 +467,7 @@ impl CipherOp {
     /// The output of a collecting mechanism over its whole input.
     fn finish_collected(&self, input: &[u8]) -> Result<Wiped> {
         match (&self.mech, &self.key) {
-            (m, CipherKey::Secret(s)) => aes::collected(m, s.as_slice(), self.encrypt, input)
-                .unwrap_or_else(|| Err(Error::general("cipher state does not match its key"))),
+            (_, CipherKey::Secret(_)) => Err(Error::general("cipher state does not match its key")),
             (m, CipherKey::Asym(k)) => {
                 let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
                 let pad = rsa_pad(m);

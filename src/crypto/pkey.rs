@@ -31,6 +31,21 @@ impl Curve {
             _ => None,
         }
     }
+    pub const ALL: [Curve; 3] = [Curve::P256, Curve::P384, Curve::P521];
+
+    /// The curve a CKA_EC_PARAMS (DER namedCurve OID) names.
+    pub fn from_params_der(der: &[u8]) -> Option<Curve> {
+        Curve::ALL.into_iter().find(|c| c.ec_params_der() == der)
+    }
+
+    fn nid(self) -> i32 {
+        match self {
+            Curve::P256 => sys::NID_X9_62_prime256v1,
+            Curve::P384 => sys::NID_secp384r1,
+            Curve::P521 => sys::NID_secp521r1,
+        }
+    }
+
     /// Bytes of one coordinate / one of r, s.
     pub fn field_len(self) -> usize {
         match self {
@@ -158,6 +173,124 @@ impl EvpKey {
             None => failed("released key is not a PKCS#8 RSA/EC key"),
             Some(e) => e,
         })
+    }
+
+    /// A fresh RSA key of `bits` with public exponent `exponent` (big-endian).
+    pub fn generate_rsa(bits: usize, exponent: &[u8]) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        // SAFETY: every object is created here, checked for NULL, and either handed to the
+        // next owner (RSA into the EVP_PKEY) or freed on the error path.
+        unsafe {
+            let e = sys::BN_bin2bn(exponent.as_ptr(), exponent.len(), ptr::null_mut());
+            if e.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let rsa = sys::RSA_new();
+            let ok = !rsa.is_null()
+                && sys::RSA_generate_key_ex(rsa, bits as i32, e, ptr::null_mut()) == 1;
+            sys::BN_free(e);
+            if !ok {
+                sys::RSA_free(rsa);
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_TEMPLATE_INCONSISTENT,
+                    "RSA key generation refused these parameters (public exponent)",
+                ));
+            }
+            let pkey = sys::EVP_PKEY_new();
+            if pkey.is_null() || sys::EVP_PKEY_assign_RSA(pkey, rsa) != 1 {
+                sys::RSA_free(rsa);
+                sys::EVP_PKEY_free(pkey);
+                return Err(failed("out of memory"));
+            }
+            let k = EvpKey {
+                ptr: NonNull::new(pkey).ok_or_else(|| failed("out of memory"))?,
+                private: true,
+            };
+            k.check_supported()?;
+            Ok(k)
+        }
+    }
+
+    /// A fresh EC key on `curve`.
+    pub fn generate_ec(curve: Curve) -> Result<EvpKey> {
+        crate::secret::arena::install();
+        // SAFETY: as in generate_rsa.
+        unsafe {
+            let ec = sys::EC_KEY_new_by_curve_name(curve.nid());
+            if ec.is_null() || sys::EC_KEY_generate_key(ec) != 1 {
+                sys::EC_KEY_free(ec);
+                return Err(failed("EC key generation failed"));
+            }
+            let pkey = sys::EVP_PKEY_new();
+            if pkey.is_null() || sys::EVP_PKEY_assign_EC_KEY(pkey, ec) != 1 {
+                sys::EC_KEY_free(ec);
+                sys::EVP_PKEY_free(pkey);
+                return Err(failed("out of memory"));
+            }
+            Ok(EvpKey {
+                ptr: NonNull::new(pkey).ok_or_else(|| failed("out of memory"))?,
+                private: true,
+            })
+        }
+    }
+
+    /// ECDH: the shared secret Z (the x-coordinate, field length) of this private EC key and a
+    /// peer's uncompressed or compressed point on the same curve. Into locked memory.
+    pub fn ecdh(&self, peer_point: &[u8]) -> Result<crate::secret::LockedBuf> {
+        if !self.private {
+            return Err(Error::new(
+                CKR_KEY_TYPE_INCONSISTENT,
+                "ECDH needs a private key",
+            ));
+        }
+        // SAFETY: live key; the peer point is created here, checked and freed on every path;
+        // the output buffer holds the field length that ECDH_compute_key writes at most.
+        unsafe {
+            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
+            if ec.is_null() {
+                return Err(Error::new(
+                    CKR_KEY_TYPE_INCONSISTENT,
+                    "ECDH needs an EC key",
+                ));
+            }
+            let group = sys::EC_KEY_get0_group(ec);
+            let curve = Curve::from_nid(sys::EC_GROUP_get_curve_name(group))
+                .ok_or_else(|| failed("EC key on an unsupported curve"))?;
+            let point = sys::EC_POINT_new(group);
+            if point.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let ok = sys::EC_POINT_oct2point(
+                group,
+                point,
+                peer_point.as_ptr(),
+                peer_point.len(),
+                ptr::null_mut(),
+            ) == 1;
+            if !ok {
+                sys::EC_POINT_free(point);
+                sys::ERR_clear_error();
+                return Err(Error::new(
+                    CKR_MECHANISM_PARAM_INVALID,
+                    "the ECDH public data is not a point on the key's curve",
+                ));
+            }
+            let mut out = crate::secret::LockedBuf::zeroed(curve.field_len());
+            let n = sys::ECDH_compute_key(
+                out.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
+                out.len(),
+                point,
+                ec,
+                None,
+            );
+            sys::EC_POINT_free(point);
+            if n != curve.field_len() as i32 {
+                sys::ERR_clear_error();
+                return Err(failed("ECDH failed"));
+            }
+            Ok(out)
+        }
     }
 
     /// Parse a SubjectPublicKeyInfo.
@@ -736,6 +869,131 @@ pub fn aes_gcm_raw(
             written += n as usize;
         }
         out.truncate(written);
+        Ok(out)
+    }
+}
+
+/// The AES modes the raw streaming cipher runs (no padding: the caller's input must fill
+/// whole blocks for ECB and CBC; CTR is a stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AesMode {
+    Ecb,
+    Cbc,
+    Ctr,
+}
+
+/// A streaming AES cipher over the raw EVP interface (ECB, CBC without padding, CTR): its
+/// context, and with it the key schedule, lives in AWS-LC memory (the locked arena).
+pub struct EvpStream {
+    ctx: CipherCtx,
+    encrypt: bool,
+}
+
+// The context is owned exclusively by this value and only used through &mut self.
+unsafe impl Send for EvpStream {}
+
+impl EvpStream {
+    pub fn new(
+        mode: AesMode,
+        key: &[u8],
+        iv: Option<&[u8; 16]>,
+        encrypt: bool,
+    ) -> Result<EvpStream> {
+        crate::secret::arena::install();
+        // SAFETY: static cipher tables; the context is owned by CipherCtx; key and IV are
+        // valid for the lengths the cipher reads (checked key length, 16-byte IV).
+        unsafe {
+            let cipher = match (mode, key.len()) {
+                (AesMode::Ecb, 16) => sys::EVP_aes_128_ecb(),
+                (AesMode::Ecb, 24) => sys::EVP_aes_192_ecb(),
+                (AesMode::Ecb, 32) => sys::EVP_aes_256_ecb(),
+                (AesMode::Cbc, 16) => sys::EVP_aes_128_cbc(),
+                (AesMode::Cbc, 24) => sys::EVP_aes_192_cbc(),
+                (AesMode::Cbc, 32) => sys::EVP_aes_256_cbc(),
+                (AesMode::Ctr, 16) => sys::EVP_aes_128_ctr(),
+                (AesMode::Ctr, 24) => sys::EVP_aes_192_ctr(),
+                (AesMode::Ctr, 32) => sys::EVP_aes_256_ctr(),
+                (_, n) => {
+                    return Err(Error::new(
+                        CKR_KEY_SIZE_RANGE,
+                        format!("AES key of {n} bytes"),
+                    ))
+                }
+            };
+            let ctx = CipherCtx(sys::EVP_CIPHER_CTX_new());
+            if ctx.0.is_null() {
+                return Err(failed("out of memory"));
+            }
+            let iv_ptr = iv.map_or(ptr::null(), |v| v.as_ptr());
+            if sys::EVP_CipherInit_ex(
+                ctx.0,
+                cipher,
+                ptr::null_mut(),
+                key.as_ptr(),
+                iv_ptr,
+                encrypt as i32,
+            ) != 1
+                || sys::EVP_CIPHER_CTX_set_padding(ctx.0, 0) != 1
+            {
+                return Err(failed("AES cipher setup failed"));
+            }
+            Ok(EvpStream { ctx, encrypt })
+        }
+    }
+
+    /// Output for `input` (whole blocks so far; partial blocks wait inside the context).
+    pub fn update(&mut self, input: &[u8]) -> Result<crate::secret::Wiped> {
+        let len = i32::try_from(input.len())
+            .map_err(|_| Error::new(CKR_DATA_LEN_RANGE, "input too long"))?;
+        let mut out = crate::secret::Wiped::new(vec![0u8; input.len() + 16]);
+        if input.is_empty() {
+            out.truncate(0);
+            return Ok(out);
+        }
+        let mut n = 0i32;
+        // SAFETY: live context; `out` has room for the input plus one block.
+        let ok = unsafe {
+            if self.encrypt {
+                sys::EVP_EncryptUpdate(self.ctx.0, out.as_mut_ptr(), &mut n, input.as_ptr(), len)
+            } else {
+                sys::EVP_DecryptUpdate(self.ctx.0, out.as_mut_ptr(), &mut n, input.as_ptr(), len)
+            }
+        };
+        if ok != 1 {
+            return Err(failed("AES update failed"));
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// The end: an unfinished block (ECB, CBC) is a length error.
+    pub fn finish(&mut self) -> Result<crate::secret::Wiped> {
+        let mut out = crate::secret::Wiped::new(vec![0u8; 16]);
+        let mut n = 0i32;
+        // SAFETY: live context; `out` holds one block.
+        let ok = unsafe {
+            if self.encrypt {
+                sys::EVP_EncryptFinal_ex(self.ctx.0, out.as_mut_ptr(), &mut n)
+            } else {
+                sys::EVP_DecryptFinal_ex(self.ctx.0, out.as_mut_ptr(), &mut n)
+            }
+        };
+        if ok != 1 {
+            // SAFETY: clears this thread's AWS-LC error queue.
+            unsafe { sys::ERR_clear_error() };
+            return Err(if self.encrypt {
+                Error::new(
+                    CKR_DATA_LEN_RANGE,
+                    "input is not a whole number of AES blocks",
+                )
+            } else {
+                Error::new(
+                    CKR_ENCRYPTED_DATA_LEN_RANGE,
+                    "input is not a whole number of AES blocks",
+                )
+            });
+        }
+        out.truncate(n as usize);
         Ok(out)
     }
 }

@@ -362,8 +362,18 @@ p11_fn! {
         let (_, t) = inst.module.session_token(h)?;
         match user_type {
             CKU_USER => {}
-            // The token has no security officer: nothing to initialise, no SO PIN.
-            CKU_SO => return Err(Error::new(CKR_USER_TYPE_INVALID, "this token has no security officer")),
+            // CKU_SO is a valid user type, but this token has no security officer: the codes
+            // PKCS#11 gives an SO login in this state, and otherwise no SO PIN is correct.
+            CKU_SO => {
+                let (open, rw) = inst.module.session_counts(t.index);
+                return Err(if t.is_logged_in() {
+                    Error::new(CKR_USER_ANOTHER_ALREADY_LOGGED_IN, "the user is logged in; this token has no security officer")
+                } else if open > rw {
+                    Error::new(CKR_SESSION_READ_ONLY_EXISTS, "a read-only session is open; this token has no security officer anyway")
+                } else {
+                    Error::new(CKR_PIN_INCORRECT, "this token has no security officer: no SO PIN is correct (docs/MODULE.md)")
+                });
+            }
             // No key has CKA_ALWAYS_AUTHENTICATE, so no operation ever waits for this.
             CKU_CONTEXT_SPECIFIC => return Err(Error::new(CKR_OPERATION_NOT_INITIALIZED, "no operation needs context-specific login")),
             _ => return Err(Error::new(CKR_USER_TYPE_INVALID, format!("user type {user_type} is not CKU_USER"))),

@@ -97,6 +97,28 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
                 tag_bits: g.ulTagBits,
             }
         }
+        ParamShape::Ctr => {
+            // SAFETY: as above.
+            let c: CK_AES_CTR_PARAMS = unsafe { param_struct(&m, "CK_AES_CTR_PARAMS")? };
+            RawParam::Ctr {
+                counter_bits: c.ulCounterBits,
+                block: c.cb,
+            }
+        }
+        ParamShape::Ecdh => {
+            // SAFETY: as above.
+            let e: CK_ECDH1_DERIVE_PARAMS = unsafe { param_struct(&m, "CK_ECDH1_DERIVE_PARAMS")? };
+            // SAFETY: pSharedData / pPublicData are valid for their lengths per the API.
+            let shared =
+                unsafe { param_bytes(e.pSharedData, e.ulSharedDataLen, "ECDH shared data")? };
+            let public =
+                unsafe { param_bytes(e.pPublicData, e.ulPublicDataLen, "ECDH public data")? };
+            RawParam::Ecdh {
+                kdf: e.kdf,
+                shared,
+                public,
+            }
+        }
         ParamShape::Bytes if m.pParameter.is_null() || m.ulParameterLen == 0 => RawParam::None,
         // SAFETY: as above.
         ParamShape::Bytes => RawParam::Bytes(unsafe {
@@ -133,7 +155,21 @@ fn not_permitted(msg: &str) -> Error {
     Error::new(CKR_KEY_FUNCTION_NOT_PERMITTED, msg.to_string())
 }
 
-/// The key object for an operation, checked against the mechanism and purpose.
+impl Purpose {
+    /// The key attribute that permits the purpose.
+    fn attribute(self) -> CK_ATTRIBUTE_TYPE {
+        match self {
+            Purpose::Sign => CKA_SIGN,
+            Purpose::Verify => CKA_VERIFY,
+            Purpose::Encrypt => CKA_ENCRYPT,
+            Purpose::Decrypt => CKA_DECRYPT,
+        }
+    }
+}
+
+/// The key object for an operation, checked against the mechanism and purpose: a key at all
+/// (CKR_KEY_HANDLE_INVALID), of the mechanism's key type (CKR_KEY_TYPE_INCONSISTENT), allowed
+/// this use (CKR_KEY_FUNCTION_NOT_PERMITTED) and this mechanism (CKR_MECHANISM_INVALID).
 fn key_object(
     t: &Token,
     h: CK_OBJECT_HANDLE,
@@ -151,24 +187,36 @@ fn key_object(
         )
     })?;
     let ckm = m.ckm();
-    let listed = lookup(ckm).is_some_and(|i| i.can(purpose.flag()));
-    if !listed {
-        return Err(Error::new(
-            CKR_MECHANISM_INVALID,
-            format!("mechanism {ckm:#x} does not support this operation"),
-        ));
-    }
+    let info = lookup(ckm)
+        .filter(|i| i.can(purpose.flag()))
+        .ok_or_else(|| {
+            Error::new(
+                CKR_MECHANISM_INVALID,
+                format!("mechanism {ckm:#x} does not support this operation"),
+            )
+        })?;
     match (&o.body, purpose) {
-        (Body::Certificate(_), _) => {
+        (Body::Certificate(_) | Body::Stored, _) => {
             return Err(Error::new(
                 CKR_KEY_HANDLE_INVALID,
-                "a certificate is not a key",
+                "this object is not a key",
             ))
         }
         (Body::PrivateKey { .. }, Purpose::Sign | Purpose::Decrypt)
         | (Body::PublicKey(_), Purpose::Verify | Purpose::Encrypt)
-        | (Body::SecretKey(_), Purpose::Encrypt | Purpose::Decrypt) => {}
+        | (Body::SecretKey(_), _) => {}
         _ => return Err(not_permitted("the key cannot be used for this operation")),
+    }
+    if info.key != o.key_type() {
+        return Err(Error::new(
+            CKR_KEY_TYPE_INCONSISTENT,
+            format!("mechanism {ckm:#x} needs another key type"),
+        ));
+    }
+    if !o.flag(purpose.attribute()) {
+        return Err(not_permitted(
+            "the key's attributes do not permit this operation (CKA_SIGN / CKA_VERIFY / CKA_ENCRYPT / CKA_DECRYPT)",
+        ));
     }
     if !o.allows(ckm) {
         return Err(Error::new(
@@ -196,7 +244,7 @@ fn key_object(
     Ok(o)
 }
 
-fn asym(o: &Object) -> Result<Arc<AsymKey>> {
+pub(super) fn asym(o: &Object) -> Result<Arc<AsymKey>> {
     match &o.body {
         Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => Ok(k.clone()),
         _ => Err(Error::new(
@@ -206,7 +254,7 @@ fn asym(o: &Object) -> Result<Arc<AsymKey>> {
     }
 }
 
-fn cipher_key(o: &Object) -> Result<CipherKey> {
+pub(super) fn cipher_key(o: &Object) -> Result<CipherKey> {
     match &o.body {
         Body::SecretKey(s) => Ok(CipherKey::Secret(s.clone())),
         _ => asym(o).map(CipherKey::Asym),
@@ -284,7 +332,7 @@ unsafe fn produce_into<T>(
 
 /// Whether an operation on this key object must end with the login.
 fn needs_login(t: &Token, o: &Object) -> bool {
-    o.is_private() || !t.is_permanent(o.handle)
+    o.is_private() || (!o.is_session() && !t.is_permanent(o.handle))
 }
 
 /// One operation family (Sign, Verify, Encrypt, Decrypt, Digest): where its active operation
@@ -357,8 +405,14 @@ macro_rules! family {
 }
 
 family! {
-    Sign: SignOp, Some(Purpose::Sign), sign, |m, key| SignOp::new(m, asym(key_of(key)?)?);
-    Verify: VerifyOp, Some(Purpose::Verify), verify, |m, key| VerifyOp::new(m, asym(key_of(key)?)?);
+    Sign: SignOp, Some(Purpose::Sign), sign, |m, key| match &key_of(key)?.body {
+        Body::SecretKey(s) => SignOp::mac(m, s),
+        _ => SignOp::new(m, asym(key_of(key)?)?),
+    };
+    Verify: VerifyOp, Some(Purpose::Verify), verify, |m, key| match &key_of(key)?.body {
+        Body::SecretKey(s) => VerifyOp::mac(m, s),
+        _ => VerifyOp::new(m, asym(key_of(key)?)?),
+    };
     Digest: DigestOp, None, digest, |m, _| match m {
         Mechanism::Digest(alg) => Ok(DigestOp::new(alg)),
         _ => Err(Error::new(CKR_MECHANISM_INVALID, "not a digest mechanism")),
@@ -627,8 +681,29 @@ p11_fn! {
         unsafe { absorb::<Digest>(h, p_data, len) }
     }
     fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) [h, key] {
-        instance()?.module.session(h)?;
-        Err(Error::new(CKR_FUNCTION_NOT_SUPPORTED, "key values are never digested"))
+        with_slot::<Digest, _>(h, |slot, t| {
+            let r = (|| {
+                let a = active(slot, t.is_logged_in(), t.epoch())?;
+                let o = t.object(key).map_err(|_| {
+                    Error::new(CKR_KEY_HANDLE_INVALID, format!("key handle {key} is not valid"))
+                })?;
+                // A session secret key's value joins the digest; released keys give nothing
+                // of themselves away, not even a hash.
+                let value = match &o.body {
+                    Body::SecretKey(v) if o.is_session() => v,
+                    Body::SecretKey(_) => {
+                        return Err(Error::new(CKR_KEY_INDIGESTIBLE, "released keys are never digested"))
+                    }
+                    _ => return Err(Error::new(CKR_KEY_INDIGESTIBLE, "only secret keys can be digested")),
+                };
+                a.multipart = true;
+                a.op.update(value.as_slice())
+            })();
+            if r.as_ref().is_err_and(|e| e.rv() != CKR_KEY_HANDLE_INVALID && e.rv() != CKR_OPERATION_NOT_INITIALIZED) {
+                *slot = None;
+            }
+            r
+        })
     }
     fn C_DigestFinal(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
         // SAFETY: API arguments.

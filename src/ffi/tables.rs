@@ -5,6 +5,7 @@
 #![allow(non_snake_case)]
 
 use super::general::*;
+use super::keys::*;
 use super::objects::*;
 use super::ops::*;
 use super::{bad, deliver_list, out, run};

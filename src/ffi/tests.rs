@@ -8,9 +8,9 @@ use crate::token::tests::{login_with, Fixture};
 use std::ptr::{null, null_mut};
 use std::sync::Mutex;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+pub(super) static SERIAL: Mutex<()> = Mutex::new(());
 
-fn fl() -> &'static CK_FUNCTION_LIST {
+pub(super) fn fl() -> &'static CK_FUNCTION_LIST {
     let mut p: *mut CK_FUNCTION_LIST = null_mut();
     // SAFETY: valid out-pointer.
     assert_eq!(unsafe { C_GetFunctionList(&mut p) }, CKR_OK);
@@ -28,13 +28,13 @@ macro_rules! call {
 
 /// A test holding the module: serialised, initialised from a fixture config, finalised at
 /// the end whatever happens.
-struct Live {
-    f: Fixture,
+pub(super) struct Live {
+    pub(super) f: Fixture,
     _g: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Live {
-    fn new(extra: &str) -> Live {
+    pub(super) fn new(extra: &str) -> Live {
         let g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let _ = call!(C_Finalize(null_mut()));
         let f = Fixture::new(extra);
@@ -42,11 +42,11 @@ impl Live {
         assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
         Live { f, _g: g }
     }
-    fn login(&self) {
+    pub(super) fn login(&self) {
         let inst = instance().unwrap();
         login_with(&inst.module.tokens[0], self.f.released()).unwrap();
     }
-    fn session(&self, rw: bool) -> CK_SESSION_HANDLE {
+    pub(super) fn session(&self, rw: bool) -> CK_SESSION_HANDLE {
         let mut h = 0;
         let flags = CKF_SERIAL_SESSION | if rw { CKF_RW_SESSION } else { 0 };
         assert_eq!(
@@ -55,7 +55,12 @@ impl Live {
         );
         h
     }
-    fn find(&self, s: CK_SESSION_HANDLE, class: CK_OBJECT_CLASS, id: u8) -> CK_OBJECT_HANDLE {
+    pub(super) fn find(
+        &self,
+        s: CK_SESSION_HANDLE,
+        class: CK_OBJECT_CLASS,
+        id: u8,
+    ) -> CK_OBJECT_HANDLE {
         let mut class = class;
         let mut id = id;
         let mut tpl = [
@@ -86,7 +91,7 @@ impl Drop for Live {
     }
 }
 
-fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
+pub(super) fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
     CK_MECHANISM {
         mechanism: m,
         pParameter: null_mut(),
@@ -94,7 +99,7 @@ fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
     }
 }
 
-fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T) -> CK_MECHANISM {
+pub(super) fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T) -> CK_MECHANISM {
     CK_MECHANISM {
         mechanism: m,
         pParameter: p as *mut T as *mut std::ffi::c_void,
@@ -478,9 +483,10 @@ fn sessions_login_states_and_refusals() {
     assert_eq!(state(ro), CKS_RO_PUBLIC_SESSION);
     assert_eq!(state(rw), CKS_RW_PUBLIC_SESSION);
     assert_eq!(call!(C_GetSessionInfo(ro, null_mut())), CKR_ARGUMENTS_BAD);
+    // CKU_SO is a valid user type; the token has no security officer.
     assert_eq!(
         call!(C_Login(ro, CKU_SO, null_mut(), 0)),
-        CKR_USER_TYPE_INVALID
+        CKR_SESSION_READ_ONLY_EXISTS
     );
     assert_eq!(
         call!(C_Login(ro, CKU_CONTEXT_SPECIFIC, null_mut(), 0)),
@@ -500,11 +506,11 @@ fn sessions_login_states_and_refusals() {
         call!(C_Login(rw, CKU_USER, right.as_mut_ptr(), 4)),
         CKR_USER_ALREADY_LOGGED_IN
     );
-    // Read-only token refusals.
+    // Token objects are read-only; an empty template is incomplete (no CKA_CLASS).
     let mut h = 0;
     assert_eq!(
         call!(C_CreateObject(rw, null_mut(), 0, &mut h)),
-        CKR_TOKEN_WRITE_PROTECTED
+        CKR_TEMPLATE_INCOMPLETE
     );
     let key = live.find(rw, CKO_PRIVATE_KEY, 1);
     assert_eq!(call!(C_DestroyObject(rw, key)), CKR_TOKEN_WRITE_PROTECTED);
@@ -527,7 +533,7 @@ fn sessions_login_states_and_refusals() {
             null_mut(),
             null_mut()
         )),
-        CKR_TOKEN_WRITE_PROTECTED
+        CKR_ARGUMENTS_BAD
     );
     assert_eq!(
         call!(C_InitToken(1, null_mut(), 0, null_mut())),
@@ -539,7 +545,7 @@ fn sessions_login_states_and_refusals() {
     );
     assert_eq!(
         call!(C_WrapKey(rw, null_mut(), key, key, null_mut(), &mut h)),
-        CKR_FUNCTION_NOT_SUPPORTED
+        CKR_ARGUMENTS_BAD
     );
     let mut rnd = [0u8; 48];
     assert_eq!(call!(C_GenerateRandom(rw, rnd.as_mut_ptr(), 48)), CKR_OK);
@@ -880,7 +886,10 @@ fn pss_and_ecdsa_through_the_table() {
         .verify_prehash(&hash, &p256::ecdsa::Signature::from_slice(&sig).unwrap())
         .unwrap();
     // Mechanism / key type mismatch.
-    assert_eq!(call!(C_SignInit(s, &mut m, rsa_key)), CKR_MECHANISM_INVALID);
+    assert_eq!(
+        call!(C_SignInit(s, &mut m, rsa_key)),
+        CKR_KEY_TYPE_INCONSISTENT
+    );
 }
 
 #[test]
@@ -1066,7 +1075,11 @@ fn encrypt_decrypt_and_digest_through_the_table() {
     assert_eq!(&dg[..], &sha2::Sha384::digest(b"abcabc")[..]);
     let mut bad = mech(CKM_RSA_PKCS);
     assert_eq!(call!(C_DigestInit(s, &mut bad)), CKR_MECHANISM_INVALID);
-    assert_eq!(call!(C_DigestKey(s, aes)), CKR_FUNCTION_NOT_SUPPORTED);
+    // No digest active (the refused init left none); released keys are never digested.
+    assert_eq!(call!(C_DigestKey(s, aes)), CKR_OPERATION_NOT_INITIALIZED);
+    let mut sha = mech(CKM_SHA256);
+    assert_eq!(call!(C_DigestInit(s, &mut sha)), CKR_OK);
+    assert_eq!(call!(C_DigestKey(s, aes)), CKR_KEY_INDIGESTIBLE);
     let _ = null::<u8>();
 }
 

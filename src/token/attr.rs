@@ -11,6 +11,34 @@ pub enum Attr {
     Sensitive,
     /// The object has no such attribute (case 2).
     Invalid,
+    /// An attribute array (CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE): answered entry by entry at
+    /// the C boundary.
+    Nested(Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>),
+}
+
+/// The stored form of an attribute array: (type, length, value) triples, native-endian.
+pub fn encode_template(t: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (ty, v) in t {
+        out.extend_from_slice(&ty.to_ne_bytes());
+        out.extend_from_slice(&(v.len() as CK_ULONG).to_ne_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// Inverse of `encode_template` (the bytes are always ours).
+pub fn decode_template(mut b: &[u8]) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+    const W: usize = std::mem::size_of::<CK_ULONG>();
+    let mut out = Vec::new();
+    while b.len() >= 2 * W {
+        let ty = CK_ULONG::from_ne_bytes(b[..W].try_into().unwrap_or([0; W]));
+        let len = CK_ULONG::from_ne_bytes(b[W..2 * W].try_into().unwrap_or([0; W])) as usize;
+        let end = (2 * W + len).min(b.len());
+        out.push((ty, b[2 * W..end].to_vec()));
+        b = &b[end..];
+    }
+    out
 }
 
 pub fn bool_attr(b: bool) -> Attr {
@@ -41,6 +69,8 @@ pub fn answer(attr: Attr, buffer: Option<usize>) -> Entry {
     match attr {
         Attr::Sensitive => Entry::Unavailable(CKR_ATTRIBUTE_SENSITIVE),
         Attr::Invalid => Entry::Unavailable(CKR_ATTRIBUTE_TYPE_INVALID),
+        // Arrays are answered by the C boundary; reaching here means a plain length query.
+        Attr::Nested(v) => Entry::Length(v.len() * std::mem::size_of::<CK_ATTRIBUTE>()),
         Attr::Value(v) => match buffer {
             None => Entry::Length(v.len()),
             Some(n) if n >= v.len() => Entry::Copy(v),

@@ -8,7 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod factory;
 pub mod lease;
+pub mod material;
 pub mod object;
 pub mod released;
 mod rotation;
@@ -311,6 +313,8 @@ pub struct Token {
     /// every C_Sign / C_Encrypt asks, and taking the token's mutex for it made the two
     /// sessions of one token contend on every call.
     logged_in: AtomicBool,
+    /// Session objects (CKA_TOKEN = FALSE) of every session of this token, by handle.
+    session_objects: RwLock<HashMap<CK_OBJECT_HANDLE, Arc<Object>>>,
 }
 
 /// How a C_Login call proceeds.
@@ -439,6 +443,7 @@ impl Token {
             login_done: Condvar::new(),
             epoch: AtomicU64::new(1),
             logged_in: AtomicBool::new(false),
+            session_objects: RwLock::new(HashMap::new()),
         })
     }
 }
@@ -513,6 +518,7 @@ pub(crate) fn certificate_objects(
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::PublicKey(Arc::new(public)),
+                stored: None,
             }));
             out.push(Arc::new(Object {
                 handle: handle_for(CKO_CERTIFICATE, &k.label),
@@ -521,6 +527,7 @@ pub(crate) fn certificate_objects(
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::Certificate(leaf),
+                stored: None,
             }));
             // Chain certificates, each with its own CKA_ID (SHA-1 of its SubjectPublicKeyInfo,
             // the usual key identifier) so pairing by the key's id finds only the leaf.
@@ -533,6 +540,7 @@ pub(crate) fn certificate_objects(
                     key_index: None,
                     subject: c.subject.clone(),
                     body: Body::Certificate(c),
+                    stored: None,
                 }));
             }
         }
@@ -659,6 +667,7 @@ impl Token {
                             key: key.clone(),
                             allow_rsa_pkcs_decrypt: k.allow_rsa_pkcs_decrypt,
                         },
+                        stored: None,
                     }));
                     // A public-only key: operations on the public object never hold the
                     // private key, so a logout wipes it even while such an operation runs.
@@ -678,6 +687,7 @@ impl Token {
                         key_index: Some(ki),
                         subject,
                         body: Body::PublicKey(public_key),
+                        stored: None,
                     }));
                 }
                 ParsedKey::Secret(secret) => objects.push(Arc::new(Object {
@@ -687,6 +697,7 @@ impl Token {
                     key_index: Some(ki),
                     subject,
                     body: Body::SecretKey(secret.clone()),
+                    stored: None,
                 })),
             }
         }
@@ -784,6 +795,20 @@ impl Token {
 
     /// What a session of this token sees now.
     pub fn visible_objects(&self) -> Vec<Arc<Object>> {
+        let mut v = self.token_objects();
+        let logged_in = self.is_logged_in();
+        v.extend(
+            read(&self.session_objects)
+                .values()
+                .filter(|o| logged_in || !o.is_private())
+                .cloned(),
+        );
+        v.sort_by_key(|o| o.handle);
+        v
+    }
+
+    /// The configured and released objects visible now.
+    fn token_objects(&self) -> Vec<Arc<Object>> {
         let (keys, public) = {
             let st = lock(&self.login);
             (st.keys.clone(), st.public.clone())
@@ -812,17 +837,87 @@ impl Token {
     pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
         // What `visible_objects` would find, without building and sorting that list on every
         // C_*Init: a logged-in key object shadows the public object of the same handle.
-        let st = lock(&self.login);
-        st.keys
-            .as_ref()
-            .and_then(|ks| ks.objects.iter().find(|o| o.handle == handle).cloned())
-            .or_else(|| st.public.iter().find(|o| o.handle == handle).cloned())
+        let found = {
+            let st = lock(&self.login);
+            st.keys
+                .as_ref()
+                .and_then(|ks| ks.objects.iter().find(|o| o.handle == handle).cloned())
+                .or_else(|| st.public.iter().find(|o| o.handle == handle).cloned())
+        };
+        found
+            .or_else(|| {
+                read(&self.session_objects)
+                    .get(&handle)
+                    .filter(|o| !o.is_private() || self.is_logged_in())
+                    .cloned()
+            })
             .ok_or_else(|| {
                 Error::new(
                     CKR_OBJECT_HANDLE_INVALID,
                     format!("object handle {handle} is not valid in this session"),
                 )
             })
+    }
+}
+
+impl Token {
+    /// Add a session object; its handle is the object's.
+    pub fn add_session_object(&self, o: Object) -> CK_OBJECT_HANDLE {
+        let h = o.handle;
+        write(&self.session_objects).insert(h, Arc::new(o));
+        h
+    }
+
+    /// Replace a session object by a new version of it (C_SetAttributeValue): operations that
+    /// started on the old version keep its key material.
+    pub fn replace_session_object(&self, o: Object) -> Result<()> {
+        let mut map = write(&self.session_objects);
+        match map.get_mut(&o.handle) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, Arc::new(o));
+                drop(map);
+                drop(old);
+                Ok(())
+            }
+            None => Err(Error::new(
+                CKR_OBJECT_HANDLE_INVALID,
+                "the object was destroyed meanwhile",
+            )),
+        }
+    }
+
+    /// Destroy one session object.
+    pub fn remove_session_object(&self, handle: CK_OBJECT_HANDLE) -> Result<()> {
+        let gone = write(&self.session_objects).remove(&handle);
+        match gone {
+            Some(o) => {
+                drop(o);
+                Ok(())
+            }
+            None => Err(Error::new(
+                CKR_OBJECT_HANDLE_INVALID,
+                format!("object handle {handle} is not valid in this session"),
+            )),
+        }
+    }
+
+    /// Destroy the session objects `which` selects; their memory is wiped after the lock.
+    fn drop_session_objects(&self, which: impl Fn(&Object) -> bool) {
+        let gone: Vec<Arc<Object>> = {
+            let mut map = write(&self.session_objects);
+            let handles: Vec<_> = map
+                .values()
+                .filter(|o| which(o))
+                .map(|o| o.handle)
+                .collect();
+            handles.iter().filter_map(|h| map.remove(h)).collect()
+        };
+        drop(gone);
+    }
+
+    /// How many session objects exist (tests, the memory checks).
+    pub fn session_object_count(&self) -> usize {
+        read(&self.session_objects).len()
     }
 }
 
@@ -969,6 +1064,8 @@ impl Module {
                 .any(|m| read(&m.0).values().any(|o| o.token == t));
             (t, last)
         };
+        // Session objects die with the session that made them.
+        self.tokens[token].drop_session_objects(|o| o.owner() == Some(h));
         if last {
             // PKCS#11: closing the last session of a token logs it out.
             self.tokens[token].wipe();
@@ -984,6 +1081,7 @@ impl Module {
                 write(&m.0).retain(|_, s| s.token != t);
             }
         }
+        self.tokens[t].drop_session_objects(|_| true);
         self.tokens[t].wipe();
         Ok(())
     }
@@ -1007,6 +1105,8 @@ impl Module {
                 "the token is not logged in",
             ));
         }
+        // Private session objects belong to the login: they go with it.
+        self.tokens[token].drop_session_objects(|o| o.is_private());
         let sessions = self.all_sessions();
         for s in sessions.iter().filter(|s| s.token == token) {
             s.lock().end_private_operations();
@@ -1024,6 +1124,7 @@ impl Module {
         }
         for t in &self.tokens {
             lock(&t.login).closed = true;
+            t.drop_session_objects(|_| true);
             t.wipe();
         }
     }

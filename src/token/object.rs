@@ -3,6 +3,7 @@
 //! counter and are never reused.
 
 use super::attr::{bool_attr, bytes_attr, ck_date, der_octet_string, ulong_attr, Attr};
+use super::factory::{self, Attrs};
 use crate::crypto::mechanism::{lookup, mechanisms};
 use crate::crypto::ops::AsymKey;
 use crate::crypto::pkey::PublicParts;
@@ -83,6 +84,7 @@ impl CertInfo {
     }
 }
 
+#[derive(Clone)]
 pub enum Body {
     Certificate(CertInfo),
     PublicKey(Arc<AsymKey>),
@@ -91,6 +93,16 @@ pub enum Body {
         allow_rsa_pkcs_decrypt: bool,
     },
     SecretKey(Arc<SecretBytes>),
+    /// A session data object or certificate: everything is in its stored attributes.
+    Stored,
+}
+
+/// What a session object keeps besides its key material: the session that made it (it dies
+/// with that session) and every non-secret attribute, checked by `factory`.
+#[derive(Clone)]
+pub struct Stored {
+    pub owner: CK_SESSION_HANDLE,
+    pub attrs: Attrs,
 }
 
 pub struct Object {
@@ -102,21 +114,64 @@ pub struct Object {
     /// Subject of the key's leaf certificate (CKA_SUBJECT of its keys), empty without one.
     pub subject: Vec<u8>,
     pub body: Body,
+    /// Session objects only: their owner and attributes. None for the configured and released
+    /// (token) objects, whose attributes are fixed by `attribute`.
+    pub stored: Option<Stored>,
 }
 
 impl Object {
     pub fn class(&self) -> CK_OBJECT_CLASS {
+        if let Some(s) = &self.stored {
+            return factory::ulong(&s.attrs, CKA_CLASS).unwrap_or(CKO_DATA);
+        }
         match self.body {
             Body::Certificate(_) => CKO_CERTIFICATE,
             Body::PublicKey(_) => CKO_PUBLIC_KEY,
             Body::PrivateKey { .. } => CKO_PRIVATE_KEY,
             Body::SecretKey(_) => CKO_SECRET_KEY,
+            Body::Stored => CKO_DATA,
         }
     }
 
     /// CKA_PRIVATE: private and secret keys are visible only to a logged-in user.
     pub fn is_private(&self) -> bool {
+        if let Some(s) = &self.stored {
+            return factory::flag(&s.attrs, CKA_PRIVATE);
+        }
         matches!(self.body, Body::PrivateKey { .. } | Body::SecretKey(_))
+    }
+
+    /// A session object (CKA_TOKEN = FALSE).
+    pub fn is_session(&self) -> bool {
+        self.stored.is_some()
+    }
+
+    /// The session that created this session object.
+    pub fn owner(&self) -> Option<CK_SESSION_HANDLE> {
+        self.stored.as_ref().map(|s| s.owner)
+    }
+
+    /// A boolean attribute (FALSE when absent).
+    pub fn flag(&self, ty: CK_ATTRIBUTE_TYPE) -> bool {
+        match &self.stored {
+            Some(s) => factory::flag(&s.attrs, ty),
+            None => self.attribute(ty) == bool_attr(true),
+        }
+    }
+
+    /// CKA_KEY_TYPE of a key object.
+    pub fn key_type(&self) -> Option<CK_KEY_TYPE> {
+        if let Some(s) = &self.stored {
+            return factory::ulong(&s.attrs, CKA_KEY_TYPE);
+        }
+        match &self.body {
+            Body::PublicKey(k) | Body::PrivateKey { key: k, .. } if k.info.is_rsa() => {
+                Some(CKK_RSA)
+            }
+            Body::PublicKey(_) | Body::PrivateKey { .. } => Some(CKK_EC),
+            Body::SecretKey(_) => Some(CKK_AES),
+            Body::Certificate(_) | Body::Stored => None,
+        }
     }
 
     fn asym(&self) -> Option<&AsymKey> {
@@ -138,17 +193,32 @@ impl Object {
     /// Whether `m` is in `allowed_mechanisms()`, without building the list (every C_*Init
     /// asks).
     pub fn allows(&self, m: CK_MECHANISM_TYPE) -> bool {
-        let key_type = match &self.body {
-            Body::PublicKey(k) | Body::PrivateKey { key: k, .. } if k.info.is_rsa() => CKK_RSA,
-            Body::PublicKey(_) | Body::PrivateKey { .. } => CKK_EC,
-            Body::SecretKey(_) => CKK_AES,
-            Body::Certificate(_) => return false,
+        let Some(key_type) = self.key_type() else {
+            return false;
         };
+        if let Some(s) = &self.stored {
+            // A caller's CKA_ALLOWED_MECHANISMS narrows the list (empty: no restriction).
+            if let Some(list) = s
+                .attrs
+                .get(&CKA_ALLOWED_MECHANISMS)
+                .filter(|l| !l.is_empty())
+            {
+                let listed = list
+                    .chunks_exact(std::mem::size_of::<CK_ULONG>())
+                    .any(|c| c == m.to_ne_bytes());
+                if !listed {
+                    return false;
+                }
+            }
+        }
         // CKM_RSA_PKCS stays listed for signing even when its decryption is refused.
         lookup(m).is_some_and(|i| i.key == Some(key_type))
     }
 
     pub fn attribute(&self, ty: CK_ATTRIBUTE_TYPE) -> Attr {
+        if let Some(s) = &self.stored {
+            return self.stored_attribute(s, ty);
+        }
         // Common to every object.
         match ty {
             CKA_CLASS => return ulong_attr(self.class()),
@@ -163,13 +233,62 @@ impl Object {
             Body::Certificate(c) => cert_attribute(c, ty),
             Body::SecretKey(k) => self.secret_attribute(k, ty),
             Body::PublicKey(_) | Body::PrivateKey { .. } => self.asym_attribute(ty),
+            Body::Stored => Attr::Invalid,
         }
+    }
+
+    /// A session object's attribute: secret parts are sensitive (a secret key's CKA_VALUE is
+    /// revealed only when it is neither sensitive nor unextractable); the rest is stored.
+    fn stored_attribute(&self, s: &Stored, ty: CK_ATTRIBUTE_TYPE) -> Attr {
+        let class = self.class();
+        match (&self.body, class, ty) {
+            (Body::SecretKey(k), _, CKA_VALUE) => {
+                if factory::flag(&s.attrs, CKA_SENSITIVE)
+                    || !factory::flag(&s.attrs, CKA_EXTRACTABLE)
+                {
+                    Attr::Sensitive
+                } else {
+                    bytes_attr(k.as_slice())
+                }
+            }
+            (Body::SecretKey(k), _, CKA_VALUE_LEN) => ulong_attr(k.len() as CK_ULONG),
+            (
+                _,
+                CKO_PRIVATE_KEY,
+                CKA_PRIVATE_EXPONENT | CKA_PRIME_1 | CKA_PRIME_2 | CKA_EXPONENT_1 | CKA_EXPONENT_2
+                | CKA_COEFFICIENT,
+            ) if self.key_type() == Some(CKK_RSA) => Attr::Sensitive,
+            (_, CKO_PRIVATE_KEY, CKA_VALUE) if self.key_type() == Some(CKK_EC) => Attr::Sensitive,
+            (_, _, CKA_WRAP_TEMPLATE | CKA_UNWRAP_TEMPLATE) => match s.attrs.get(&ty) {
+                Some(v) => Attr::Nested(super::attr::decode_template(v)),
+                None => Attr::Invalid,
+            },
+            _ => match s.attrs.get(&ty) {
+                Some(v) => Attr::Value(v.clone()),
+                None => Attr::Invalid,
+            },
+        }
+    }
+
+    /// C_GetObjectSize: the bytes its attributes and key material take (session objects).
+    pub fn size(&self) -> Option<usize> {
+        let s = self.stored.as_ref()?;
+        let attrs: usize = s.attrs.values().map(Vec::len).sum();
+        let material = match &self.body {
+            Body::SecretKey(k) => k.len(),
+            Body::PublicKey(k) | Body::PrivateKey { key: k, .. } => k.info.spki_der.len(),
+            _ => 0,
+        };
+        Some(attrs + material)
     }
 
     fn key_common(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<Attr> {
         Some(match ty {
             CKA_START_DATE | CKA_END_DATE => Attr::Value(vec![]),
-            CKA_DERIVE => bool_attr(false),
+            // A released EC private key derives (ECDH) session keys.
+            CKA_DERIVE => bool_attr(
+                matches!(self.body, Body::PrivateKey { .. }) && self.key_type() == Some(CKK_EC),
+            ),
             // Generated by Key Vault, not by this token.
             CKA_LOCAL => bool_attr(false),
             CKA_KEY_GEN_MECHANISM => ulong_attr(CK_UNAVAILABLE_INFORMATION),
@@ -216,8 +335,9 @@ impl Object {
                 CKA_EXTRACTABLE
                 | CKA_ALWAYS_AUTHENTICATE
                 | CKA_WRAP_WITH_TRUSTED
-                | CKA_SIGN_RECOVER
-                | CKA_UNWRAP => bool_attr(false),
+                | CKA_SIGN_RECOVER => bool_attr(false),
+                // A released RSA key unwraps data keys wrapped to its public key (RSA-OAEP).
+                CKA_UNWRAP => bool_attr(rsa),
                 CKA_SIGN => bool_attr(true),
                 CKA_DECRYPT => bool_attr(rsa),
                 CKA_PRIVATE_EXPONENT | CKA_PRIME_1 | CKA_PRIME_2 | CKA_EXPONENT_1
@@ -249,13 +369,13 @@ impl Object {
             CKA_VALUE_LEN => ulong_attr(k.len() as CK_ULONG),
             CKA_ENCRYPT
             | CKA_DECRYPT
+            | CKA_UNWRAP
             | CKA_SENSITIVE
             | CKA_ALWAYS_SENSITIVE
             | CKA_NEVER_EXTRACTABLE => bool_attr(true),
             CKA_SIGN
             | CKA_VERIFY
             | CKA_WRAP
-            | CKA_UNWRAP
             | CKA_EXTRACTABLE
             | CKA_TRUSTED
             | CKA_WRAP_WITH_TRUSTED
@@ -266,6 +386,15 @@ impl Object {
 
     /// Whether every (type, value) of a find template matches this object.
     pub fn matches(&self, template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)]) -> bool {
+        if let Some(s) = &self.stored {
+            // Secret parts never match; everything else compares with its stored bytes.
+            return template
+                .iter()
+                .all(|(ty, want)| match self.stored_attribute(s, *ty) {
+                    Attr::Value(v) => &v == want,
+                    _ => false,
+                });
+        }
         template.iter().all(|(ty, want)| match self.attribute(*ty) {
             Attr::Value(v) => &v == want,
             _ => false,

@@ -60,6 +60,20 @@ openssl pkeyutl -encrypt -pubin -inkey "$W/rsa.pub" -pkeyopt rsa_padding_mode:pk
 p11 --login --decrypt --id 01 -m RSA-PKCS -i "$W/ct" -o "$W/pt"
 cmp -s "$W/pt" "$W/plain" || fail "RSA-PKCS decrypt"
 
+# Key management as OpenSC 0.23 drives it. It creates token objects only (--keygen sets
+# CKA_TOKEN = TRUE): the write-protected token answers CKR_TOKEN_WRITE_PROTECTED.
+if p11 --login --keygen --key-type AES:32 --label gen > "$W/keygen.txt" 2>&1; then fail "--keygen made a token object"; fi
+grep -q CKR_TOKEN_WRITE_PROTECTED "$W/keygen.txt" || fail "--keygen: $(cat "$W/keygen.txt")"
+# Released keys never wrap and never leave: data-aes (id 03) as the wrapping key is refused.
+if p11 --login --wrap --id 03 --application-id 03 -m AES-KEY-WRAP -o "$W/wrapped" > "$W/wrap.txt" 2>&1; then fail "--wrap with a released key"; fi
+grep -q "CKR_KEY_FUNCTION_NOT_PERMITTED\|CKR_KEY_UNEXTRACTABLE" "$W/wrap.txt" || fail "--wrap: $(cat "$W/wrap.txt")"
+# ECDH: pkcs11-tool's derive template asks for CKA_WRAP on a key whose value the peer knows;
+# the role policy (docs/MODULE.md) refuses a wrapping key of known value.
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$W/peer.key" 2>/dev/null
+openssl pkey -in "$W/peer.key" -pubout -outform DER -out "$W/peer.der"
+if p11 --login --derive --id 02 -m ECDH1-DERIVE -i "$W/peer.der" -o "$W/derived" > "$W/derive.txt" 2>&1; then fail "--derive made a wrapping key of known value"; fi
+grep -q CKR_TEMPLATE_INCONSISTENT "$W/derive.txt" || fail "--derive: $(cat "$W/derive.txt")"
+
 p11 --generate-random 32 -o "$W/rand"
 [ "$(stat -c %s "$W/rand")" = 32 ] || fail "--generate-random"
 pkcs11-tool --module "$MOD" --test-fork 2>&1 | tee "$W/fork.txt"

@@ -312,7 +312,11 @@ enum Case {
     RsaPkcs(usize),
     RsaPss(usize),
     OaepDecrypt,
+    /// C_UnwrapKey of a 32-byte AES data key (RSA-OAEP SHA-1), then C_DestroyObject of it.
+    OaepUnwrap,
     Ecdsa(usize),
+    /// C_DeriveKey CKM_ECDH1_DERIVE (CKD_NULL, 32-byte generic secret), then C_DestroyObject.
+    EcdhDerive,
     AesGcm4k,
 }
 
@@ -323,13 +327,18 @@ impl Case {
             Case::RsaPss(b) => format!("RSA-{b} SHA256-RSA-PKCS-PSS sign"),
             // SHA-1 OAEP: the only OAEP hash SoftHSMv2 accepts, so the reference can run it.
             Case::OaepDecrypt => "RSA-2048 OAEP (SHA-1) decrypt".into(),
+            Case::OaepUnwrap => "RSA-2048 OAEP (SHA-1) unwrap of a 32-byte key".into(),
+            Case::EcdhDerive => "P-256 ECDH derive (CKD_NULL)".into(),
             Case::Ecdsa(c) => format!("P-{c} ECDSA sign"),
             Case::AesGcm4k => "AES-256-GCM encrypt 4 KiB".into(),
         }
     }
     fn key(self) -> &'static str {
         match self {
-            Case::RsaPkcs(2048) | Case::RsaPss(2048) | Case::OaepDecrypt => "rsa2048",
+            Case::RsaPkcs(2048) | Case::RsaPss(2048) | Case::OaepDecrypt | Case::OaepUnwrap => {
+                "rsa2048"
+            }
+            Case::EcdhDerive => "p256",
             Case::RsaPkcs(_) | Case::RsaPss(_) => "rsa3072",
             Case::Ecdsa(256) => "p256",
             Case::Ecdsa(_) => "p384",
@@ -338,14 +347,16 @@ impl Case {
     }
 }
 
-const CASES: [Case; 8] = [
+const CASES: [Case; 10] = [
     Case::RsaPkcs(2048),
     Case::RsaPkcs(3072),
     Case::RsaPss(2048),
     Case::RsaPss(3072),
     Case::OaepDecrypt,
+    Case::OaepUnwrap,
     Case::Ecdsa(256),
     Case::Ecdsa(384),
+    Case::EcdhDerive,
     Case::AesGcm4k,
 ];
 
@@ -411,6 +422,8 @@ struct Fixtures {
     sha384: Vec<u8>,
     oaep_ct: Vec<u8>,
     block: Vec<u8>,
+    /// A P-256 peer's public point (uncompressed) for ECDH.
+    peer_point: Vec<u8>,
 }
 
 fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
@@ -433,6 +446,7 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
         fx.sha256.clone()
     };
     let (msg, ct, block) = (fx.msg.clone(), fx.oaep_ct.clone(), fx.block.clone());
+    let peer_point = fx.peer_point.clone();
     let pss = PkcsPssParams {
         hash_alg: MechanismType::SHA256,
         mgf: PkcsMgfType::MGF1_SHA256,
@@ -460,6 +474,44 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
                 s.decrypt(&Mechanism::RsaPkcsOaep(p), key, &ct)
                     .map(drop)
                     .map_err(e)
+            }
+            Case::OaepUnwrap => {
+                let p = PkcsOaepParams::new(
+                    MechanismType::SHA1,
+                    PkcsMgfType::MGF1_SHA1,
+                    PkcsOaepSource::empty(),
+                );
+                let k = s
+                    .unwrap_key(
+                        &Mechanism::RsaPkcsOaep(p),
+                        key,
+                        &ct,
+                        &[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::KeyType(cryptoki::object::KeyType::AES),
+                            Attribute::Token(false),
+                            Attribute::Decrypt(true),
+                        ],
+                    )
+                    .map_err(e)?;
+                s.destroy_object(k).map_err(e)
+            }
+            Case::EcdhDerive => {
+                use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+                let p = Ecdh1DeriveParams::new(EcKdf::null(), &peer_point);
+                let k = s
+                    .derive_key(
+                        &Mechanism::Ecdh1Derive(p),
+                        key,
+                        &[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::KeyType(cryptoki::object::KeyType::GENERIC_SECRET),
+                            Attribute::ValueLen(32.into()),
+                            Attribute::Token(false),
+                        ],
+                    )
+                    .map_err(e)?;
+                s.destroy_object(k).map_err(e)
             }
             // CKM_ECDSA over a digest: the one ECDSA mechanism every token has.
             Case::Ecdsa(_) => s.sign(&Mechanism::Ecdsa, key, &digest).map(drop).map_err(e),
@@ -495,7 +547,26 @@ fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
             let mut sig = vec![0u8; k.public_modulus_len()];
             Box::new(move || k.sign(alg, &rng, &msg, &mut sig).map_err(|e| e.to_string()))
         }
-        Case::OaepDecrypt => {
+        Case::EcdhDerive => {
+            use aws_lc_rs::agreement;
+            let k = agreement::PrivateKey::from_private_key_der(
+                &agreement::ECDH_P256,
+                &rd("p256.der")?,
+            )
+            .map_err(|e| e.to_string())?;
+            let peer = fx.peer_point.clone();
+            Box::new(move || {
+                agreement::agree(
+                    &k,
+                    agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &peer),
+                    "ECDH failed".to_string(),
+                    |z| Ok(z.len()),
+                )
+                .map(drop)
+            })
+        }
+        // The raw engine's unwrap is the OAEP decryption of the wrapped key.
+        Case::OaepDecrypt | Case::OaepUnwrap => {
             let k = lrsa::OaepPrivateDecryptingKey::new(
                 lrsa::PrivateDecryptingKey::from_pkcs8(&rd("rsa2048.der")?)
                     .map_err(|e| e.to_string())?,
@@ -644,12 +715,22 @@ fn ops(module: &Token, reference: &Token, dir: &Path, run: &Run) -> Res<()> {
     let sha384 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, &msg)
         .as_ref()
         .to_vec();
+    let peer_point = {
+        use aws_lc_rs::agreement;
+        let k =
+            agreement::PrivateKey::generate(&agreement::ECDH_P256).map_err(|e| e.to_string())?;
+        k.compute_public_key()
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .to_vec()
+    };
     let fx = Fixtures {
         msg,
         sha256,
         sha384,
         oaep_ct,
         block: vec![0x5a; 4096],
+        peer_point,
     };
     let m = load(module)?;
     let r = if run.module_only {

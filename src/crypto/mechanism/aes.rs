@@ -1,8 +1,29 @@
-//! AES: GCM and CBC with PKCS#7 padding.
+//! AES block modes: GCM (one shot), CBC with PKCS#7 padding, CBC and ECB without padding
+//! (whole blocks), CTR (a stream). Parameters are parsed here and each mode's engine is built
+//! here; the engines themselves run in `crypto::aes` (aws-lc-rs) and `crypto::pkey` (raw EVP).
 
-use super::{param_invalid, Family, GcmParams, Mechanism, RawParam};
-use crate::error::Result;
+use super::{param_invalid, Collected, Family, GcmParams, Mechanism, RawParam, SecretCipher};
+use crate::crypto::aes::{gcm_open, gcm_seal, CbcDecrypt, CbcEncrypt};
+use crate::crypto::pkey::{AesMode, EvpStream};
+use crate::error::{Error, Result};
+use crate::secret::{SecretBytes, Wiped};
 use cryptoki_sys::*;
+use std::sync::Arc;
+
+type Engine = Option<Result<Box<dyn SecretCipher>>>;
+
+fn boxed<C: SecretCipher + 'static>(c: Result<C>) -> Engine {
+    Some(c.map(|c| Box::new(c) as Box<dyn SecretCipher>))
+}
+
+fn iv16(param: RawParam, what: &str) -> Result<[u8; 16]> {
+    let RawParam::Bytes(iv) = param else {
+        return Err(param_invalid(format!("{what} needs a 16-byte IV")));
+    };
+    iv.as_slice()
+        .try_into()
+        .map_err(|_| param_invalid(format!("{what} IV must be 16 bytes")))
+}
 
 pub struct Gcm;
 
@@ -30,19 +51,152 @@ impl Family for Gcm {
             tag_bits: tag_bits as usize,
         }))
     }
+
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+        let Mechanism::AesGcm(p) = m else { return None };
+        let (key, p) = (key.clone(), p.clone());
+        let tag = p.tag_bits / 8;
+        // GCM decryption must see the tag before releasing plaintext: one shot.
+        if encrypt {
+            boxed(Ok(Collected::new(
+                move |pt: &[u8]| gcm_seal(key.as_slice(), &p, pt).map(Wiped::new),
+                Some(tag),
+            )))
+        } else {
+            boxed(Ok(Collected::new(
+                move |ct: &[u8]| gcm_open(key.as_slice(), &p, ct),
+                None,
+            )))
+        }
+    }
 }
 
 pub struct CbcPad;
 
 impl Family for CbcPad {
     fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Bytes(iv) = param else {
-            return Err(param_invalid("AES-CBC-PAD needs a 16-byte IV"));
+        Ok(Mechanism::AesCbcPad(iv16(param, "AES-CBC-PAD")?))
+    }
+
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+        let Mechanism::AesCbcPad(iv) = m else {
+            return None;
         };
-        let iv: [u8; 16] = iv
-            .as_slice()
-            .try_into()
-            .map_err(|_| param_invalid("AES-CBC-PAD IV must be 16 bytes"))?;
-        Ok(Mechanism::AesCbcPad(iv))
+        if encrypt {
+            boxed(CbcEncrypt::new(key.as_slice(), *iv))
+        } else {
+            boxed(CbcDecrypt::new(key.as_slice(), *iv))
+        }
+    }
+}
+
+/// A raw EVP stream as a `SecretCipher`.
+struct Raw(EvpStream);
+
+impl SecretCipher for Raw {
+    fn update(&mut self, input: &[u8]) -> Result<Wiped> {
+        self.0.update(input)
+    }
+    fn finish(&mut self) -> Result<Wiped> {
+        self.0.finish()
+    }
+}
+
+pub struct Cbc;
+
+impl Family for Cbc {
+    fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        Ok(Mechanism::AesCbc(iv16(param, "AES-CBC")?))
+    }
+
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+        let Mechanism::AesCbc(iv) = m else {
+            return None;
+        };
+        boxed(EvpStream::new(AesMode::Cbc, key.as_slice(), Some(iv), encrypt).map(Raw))
+    }
+}
+
+pub struct Ecb;
+
+impl Family for Ecb {
+    fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        super::no_param(ckm, &param)?;
+        Ok(Mechanism::AesEcb)
+    }
+
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+        if *m != Mechanism::AesEcb {
+            return None;
+        }
+        boxed(EvpStream::new(AesMode::Ecb, key.as_slice(), None, encrypt).map(Raw))
+    }
+}
+
+pub struct Ctr;
+
+impl Family for Ctr {
+    fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        let RawParam::Ctr {
+            counter_bits,
+            block,
+        } = param
+        else {
+            return Err(param_invalid("AES-CTR needs CK_AES_CTR_PARAMS"));
+        };
+        if !(1..=128).contains(&counter_bits) {
+            return Err(param_invalid(format!(
+                "AES-CTR ulCounterBits must be 1..128, got {counter_bits}"
+            )));
+        }
+        Ok(Mechanism::AesCtr {
+            iv: block,
+            counter_bits: counter_bits as usize,
+        })
+    }
+
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+        let Mechanism::AesCtr { iv, counter_bits } = m else {
+            return None;
+        };
+        // The engine counts with all 128 bits; PKCS#11 counts with the low `counter_bits`
+        // only, so a counter that would wrap inside them is refused instead of carrying into
+        // the nonce bits.
+        let blocks_left = if *counter_bits >= 64 {
+            u64::MAX
+        } else {
+            let low = u128::from_be_bytes(*iv) & ((1u128 << counter_bits) - 1);
+            ((1u128 << counter_bits) - low) as u64
+        };
+        boxed(
+            EvpStream::new(AesMode::Ctr, key.as_slice(), Some(iv), encrypt).map(|s| CtrStream {
+                s,
+                bytes: 0,
+                blocks_left,
+            }),
+        )
+    }
+}
+
+struct CtrStream {
+    s: EvpStream,
+    bytes: u64,
+    blocks_left: u64,
+}
+
+impl SecretCipher for CtrStream {
+    fn update(&mut self, input: &[u8]) -> Result<Wiped> {
+        let bytes = self.bytes.saturating_add(input.len() as u64);
+        if bytes.div_ceil(16) > self.blocks_left {
+            return Err(Error::new(
+                CKR_DATA_LEN_RANGE,
+                "AES-CTR: the counter would wrap within ulCounterBits",
+            ));
+        }
+        self.bytes = bytes;
+        self.s.update(input)
+    }
+    fn finish(&mut self) -> Result<Wiped> {
+        self.s.finish()
     }
 }

@@ -4,12 +4,18 @@
 
 mod aes;
 mod digest;
+mod ecdh;
 mod ecdsa;
+mod keygen;
+mod keywrap;
+mod mac;
 mod rsa;
 
 use super::HashAlg;
 use crate::error::{Error, Result};
+use crate::secret::{SecretBytes, Wiped};
 use cryptoki_sys::*;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PssParams {
@@ -33,6 +39,14 @@ pub struct GcmParams {
     pub tag_bits: usize,
 }
 
+/// CK_ECDH1_DERIVE_PARAMS, checked: the KDF (None: CKD_NULL), shared info, the peer's point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EcdhParams {
+    pub kdf: Option<HashAlg>,
+    pub shared: Vec<u8>,
+    pub public: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mechanism {
     /// CKM_RSA_PKCS: sign input is a DigestInfo (or any ≤ k−11 bytes); also encrypt/decrypt.
@@ -49,7 +63,25 @@ pub enum Mechanism {
     EcdsaHash(HashAlg),
     AesGcm(GcmParams),
     AesCbcPad([u8; 16]),
+    AesCbc([u8; 16]),
+    AesEcb,
+    /// CKM_AES_CTR: the initial counter block and how many of its low bits count.
+    AesCtr {
+        iv: [u8; 16],
+        counter_bits: usize,
+    },
+    AesCmac,
+    /// CKM_SHA*_HMAC with a generic secret key, full-length output.
+    Hmac(HashAlg),
+    /// CKM_AES_KEY_WRAP (RFC 3394, default IV).
+    AesKeyWrap,
+    /// CKM_AES_KEY_WRAP_KWP (RFC 5649).
+    AesKeyWrapPad,
     Digest(HashAlg),
+    /// CKM_ECDH1_DERIVE.
+    Ecdh(EcdhParams),
+    /// A key or key-pair generation mechanism (CKM_AES_KEY_GEN, CKM_EC_KEY_PAIR_GEN, ...).
+    KeyGen(CK_MECHANISM_TYPE),
 }
 
 impl Mechanism {
@@ -76,7 +108,22 @@ impl Mechanism {
             },
             Mechanism::AesGcm(_) => CKM_AES_GCM,
             Mechanism::AesCbcPad(_) => CKM_AES_CBC_PAD,
+            Mechanism::AesCbc(_) => CKM_AES_CBC,
+            Mechanism::AesEcb => CKM_AES_ECB,
+            Mechanism::AesCtr { .. } => CKM_AES_CTR,
+            Mechanism::AesCmac => CKM_AES_CMAC,
+            Mechanism::Hmac(h) => match h {
+                HashAlg::Sha1 => CKM_SHA_1_HMAC,
+                HashAlg::Sha224 => CKM_SHA224_HMAC,
+                HashAlg::Sha256 => CKM_SHA256_HMAC,
+                HashAlg::Sha384 => CKM_SHA384_HMAC,
+                HashAlg::Sha512 => CKM_SHA512_HMAC,
+            },
+            Mechanism::AesKeyWrap => CKM_AES_KEY_WRAP,
+            Mechanism::AesKeyWrapPad => CKM_AES_KEY_WRAP_KWP,
             Mechanism::Digest(h) => h.ckm(),
+            Mechanism::KeyGen(ckm) => *ckm,
+            Mechanism::Ecdh(_) => CKM_ECDH1_DERIVE,
         }
     }
 }
@@ -124,6 +171,15 @@ pub enum RawParam {
         tag_bits: CK_ULONG,
     },
     Bytes(Vec<u8>),
+    Ctr {
+        counter_bits: CK_ULONG,
+        block: [u8; 16],
+    },
+    Ecdh {
+        kdf: CK_EC_KDF_TYPE,
+        shared: Vec<u8>,
+        public: Vec<u8>,
+    },
 }
 
 pub(super) fn param_invalid(msg: impl Into<String>) -> Error {
@@ -153,14 +209,128 @@ pub enum ParamShape {
     Oaep,
     /// CK_GCM_PARAMS (with its IV and AAD).
     Gcm,
+    /// CK_AES_CTR_PARAMS.
+    Ctr,
+    /// CK_ECDH1_DERIVE_PARAMS (with its shared and public data).
+    Ecdh,
 }
 
-/// One mechanism family: parses its mechanisms' decoded parameters into a `Mechanism`. One
-/// file per family (`rsa.rs`, `ecdsa.rs`, `aes.rs`, `digest.rs`); adding a family means a new
-/// file and its rows in `MECHANISMS`.
+/// A secret-key cipher (C_Encrypt / C_Decrypt, and C_WrapKey / C_UnwrapKey over the same
+/// engine): output as input arrives, the rest at the end. Output is `Wiped` in both
+/// directions (a decryption's output is plaintext).
+pub trait SecretCipher: Send {
+    fn update(&mut self, input: &[u8]) -> Result<Wiped>;
+    fn finish(&mut self) -> Result<Wiped>;
+    /// Single-part C_Encrypt / C_Decrypt: by default update then finish; a one-shot mode
+    /// works on `input` in place.
+    fn single(&mut self, input: &[u8]) -> Result<Wiped> {
+        let mut out = self.update(input)?;
+        let last = self.finish()?;
+        if out.is_empty() {
+            return Ok(last);
+        }
+        out.extend_from_slice(&last);
+        Ok(out)
+    }
+    /// The exact single-part output length for `n` input bytes when known without computing.
+    fn single_output_len(&self, _n: usize) -> Option<usize> {
+        None
+    }
+}
+
+/// A MAC over a secret key (C_Sign / C_Verify with HMAC, CMAC).
+pub trait Mac: Send {
+    fn update(&mut self, data: &[u8]) -> Result<()>;
+    /// The tag; the MAC is spent afterwards.
+    fn finish(&mut self) -> Result<Wiped>;
+    fn output_len(&self) -> usize;
+}
+
+/// Largest input a one-shot mode collects through Update calls.
+pub const MAX_COLLECT: usize = 64 * 1024 * 1024;
+
+/// A one-shot mode (GCM, key wrap) as a `SecretCipher`: Update collects, Final runs `run` over
+/// everything; single-part runs it on the caller's input directly (no copy to collect and
+/// wipe again).
+pub struct Collected<F> {
+    buf: Wiped,
+    run: F,
+    /// Added to the input length: the exact single-part output length (GCM encryption).
+    grows_by: Option<usize>,
+}
+
+impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> Collected<F> {
+    pub fn new(run: F, grows_by: Option<usize>) -> Collected<F> {
+        Collected {
+            buf: Wiped::new(Vec::new()),
+            run,
+            grows_by,
+        }
+    }
+}
+
+impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> SecretCipher for Collected<F> {
+    fn update(&mut self, input: &[u8]) -> Result<Wiped> {
+        if self.buf.len() + input.len() > MAX_COLLECT {
+            return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+        }
+        self.buf.extend_from_slice(input);
+        Ok(Wiped::new(Vec::new()))
+    }
+    fn finish(&mut self) -> Result<Wiped> {
+        let input = std::mem::replace(&mut self.buf, Wiped::new(Vec::new()));
+        (self.run)(&input)
+    }
+    fn single(&mut self, input: &[u8]) -> Result<Wiped> {
+        if !self.buf.is_empty() {
+            self.update(input)?;
+            return self.finish();
+        }
+        if input.len() > MAX_COLLECT {
+            return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+        }
+        (self.run)(input)
+    }
+    fn single_output_len(&self, n: usize) -> Option<usize> {
+        self.grows_by.filter(|_| self.buf.is_empty()).map(|g| n + g)
+    }
+}
+
+/// One mechanism family: parses its mechanisms' decoded parameters into a `Mechanism` and
+/// builds their engines. One file per family (`rsa.rs`, `ecdsa.rs`, `aes.rs`, `mac.rs`,
+/// `keywrap.rs`, `digest.rs`, `keygen.rs`); adding a family means a new file and its rows in
+/// `MECHANISMS` (and, for a new parameter layout, a `ParamShape`). The engines a family does
+/// not have keep their default (`None`: not this family's operation).
 pub trait Family: Sync {
     /// Shape checks only; key-dependent checks (the PSS salt bound) happen at init.
     fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism>;
+    /// The secret-key cipher of `m` in one direction.
+    fn cipher(
+        &self,
+        _m: &Mechanism,
+        _key: &Arc<SecretBytes>,
+        _encrypt: bool,
+    ) -> Option<Result<Box<dyn SecretCipher>>> {
+        None
+    }
+    /// The secret-key MAC of `m`.
+    fn mac(&self, _m: &Mechanism, _key: &Arc<SecretBytes>) -> Option<Result<Box<dyn Mac>>> {
+        None
+    }
+    /// A derived secret of `len` bytes from a base key (C_DeriveKey).
+    fn derive(
+        &self,
+        _m: &Mechanism,
+        _base: &crate::crypto::ops::AsymKey,
+        _len: usize,
+    ) -> Option<Result<SecretBytes>> {
+        None
+    }
+}
+
+/// The family of a parsed mechanism.
+pub fn family_of(m: &Mechanism) -> Option<&'static dyn Family> {
+    lookup(m.ckm()).map(|i| i.family)
 }
 
 /// A family whose mechanisms take no parameter and come raw (the input is the hash) or with
@@ -231,7 +401,17 @@ const RSA_ED: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
 const EC: CK_FLAGS =
     CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 const AES: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
+// Key wrapping only with the authenticated formats (key wrap, GCM, OAEP): CBC-PAD unwrap would
+// be a padding oracle, ECB and CBC leak structure.
+const WRAP: CK_FLAGS = CKF_WRAP | CKF_UNWRAP;
+const AES_WRAP: CK_FLAGS = AES | WRAP;
+const MAC: CK_FLAGS = CKF_HW | CKF_SIGN | CKF_VERIFY;
 const DIG: CK_FLAGS = CKF_HW | CKF_DIGEST;
+const GEN: CK_FLAGS = CKF_HW | CKF_GENERATE;
+const GEN_PAIR: CK_FLAGS = CKF_HW | CKF_GENERATE_KEY_PAIR;
+const EC_GEN: CK_FLAGS = GEN_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
+const EC_DERIVE: CK_FLAGS =
+    CKF_HW | CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 
 const fn row(
     ckm: CK_MECHANISM_TYPE,
@@ -253,10 +433,11 @@ const fn row(
     }
 }
 
-use ParamShape::{Bytes, Gcm, Oaep, Pss};
+use ParamShape::{Bytes, Ctr, Ecdh, Gcm, Oaep, Pss};
 const R: Option<CK_KEY_TYPE> = Some(CKK_RSA);
 const E: Option<CK_KEY_TYPE> = Some(CKK_EC);
 const A: Option<CK_KEY_TYPE> = Some(CKK_AES);
+const G: Option<CK_KEY_TYPE> = Some(CKK_GENERIC_SECRET);
 const NOKEY: Option<CK_KEY_TYPE> = None;
 #[rustfmt::skip]
 static MECHANISMS: &[MechInfo] = &[
@@ -272,21 +453,40 @@ static MECHANISMS: &[MechInfo] = &[
     row(CKM_SHA256_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
     row(CKM_SHA384_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
     row(CKM_SHA512_RSA_PKCS_PSS, R, 2048, 4096, RSA_SV, Pss, &rsa::Pss),
-    row(CKM_RSA_PKCS_OAEP, R, 2048, 4096, RSA_ED, Oaep, &rsa::Oaep),
+    row(CKM_RSA_PKCS_OAEP, R, 2048, 4096, RSA_ED | WRAP, Oaep, &rsa::Oaep),
     row(CKM_ECDSA, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA1, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA224, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA256, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA384, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA512, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
-    row(CKM_AES_GCM, A, 16, 32, AES, Gcm, &aes::Gcm),
+    row(CKM_AES_GCM, A, 16, 32, AES_WRAP, Gcm, &aes::Gcm),
     row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::CbcPad),
+    row(CKM_AES_CBC, A, 16, 32, AES, Bytes, &aes::Cbc),
+    row(CKM_AES_ECB, A, 16, 32, AES, Bytes, &aes::Ecb),
+    row(CKM_AES_CTR, A, 16, 32, AES, Ctr, &aes::Ctr),
+    row(CKM_AES_KEY_WRAP, A, 16, 32, AES_WRAP, Bytes, &keywrap::KeyWrap),
+    row(CKM_AES_KEY_WRAP_KWP, A, 16, 32, AES_WRAP, Bytes, &keywrap::KeyWrap),
+    row(CKM_AES_CMAC, A, 16, 32, MAC, Bytes, &mac::Cmac),
+    row(CKM_SHA_1_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_SHA224_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_SHA256_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_SHA384_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_SHA512_HMAC, G, 1, 512, MAC, Bytes, &mac::Hmac),
+    row(CKM_ECDH1_DERIVE, E, 256, 521, EC_DERIVE, Ecdh, &ecdh::Ecdh),
+    row(CKM_AES_KEY_GEN, A, 16, 32, GEN, Bytes, &keygen::KeyGen),
+    row(CKM_GENERIC_SECRET_KEY_GEN, G, 1, 512, GEN, Bytes, &keygen::KeyGen),
+    row(CKM_RSA_PKCS_KEY_PAIR_GEN, R, 2048, 4096, GEN_PAIR, Bytes, &keygen::KeyGen),
+    row(CKM_EC_KEY_PAIR_GEN, E, 256, 521, EC_GEN, Bytes, &keygen::KeyGen),
     row(CKM_SHA_1, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
     row(CKM_SHA224, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
     row(CKM_SHA256, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
     row(CKM_SHA384, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
     row(CKM_SHA512, NOKEY, 0, 0, DIG, Bytes, &digest::Digest),
 ];
+
+#[cfg(test)]
+mod engine_tests;
 
 #[cfg(test)]
 mod tests {
@@ -379,7 +579,16 @@ mod tests {
                     aad: vec![],
                     tag_bits: 128,
                 },
-                (ParamShape::Bytes, CKM_AES_CBC_PAD) => RawParam::Bytes(vec![0; 16]),
+                (ParamShape::Bytes, CKM_AES_CBC_PAD | CKM_AES_CBC) => RawParam::Bytes(vec![0; 16]),
+                (ParamShape::Ecdh, _) => RawParam::Ecdh {
+                    kdf: CKD_NULL,
+                    shared: vec![],
+                    public: vec![4; 65],
+                },
+                (ParamShape::Ctr, _) => RawParam::Ctr {
+                    counter_bits: 128,
+                    block: [0; 16],
+                },
                 (ParamShape::Bytes, _) => RawParam::None,
             };
             let m = Mechanism::from_raw(info.ckm, param)
