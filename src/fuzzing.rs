@@ -137,7 +137,9 @@ pub fn maa_token(fx: &Fixtures, data: &[u8]) -> bool {
     let expected = Expected {
         nonce: NONCE,
         transfer_key: fx.transfer.public_jwk(),
-        report_data: &REPORT_DATA,
+        binding: crate::release::maa::Binding::SevSnp {
+            report_data: &REPORT_DATA,
+        },
     };
     let keys = vec![(
         Some(MAA_KID.to_string()),

@@ -82,6 +82,9 @@ impl Default for EchoWait {
 pub enum DecryptScheme {
     /// RSA-OAEP with SHA-256 and an empty label: AKV's RSA_AES_KEY_WRAP_256 first step.
     OaepSha256,
+    /// RSA-OAEP with SHA-1 (CKM_RSA_AES_KEY_WRAP) or SHA-384 (RSA_AES_KEY_WRAP_384), empty label.
+    OaepSha1,
+    OaepSha384,
     /// RSAES-PKCS1-v1_5: MAA's sealed AzureGuest response key.
     RsaEs,
 }
@@ -976,6 +979,12 @@ impl TpmTransferKey {
         let scheme = match scheme {
             DecryptScheme::OaepSha256 => {
                 RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256))
+            }
+            DecryptScheme::OaepSha1 => {
+                RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha1))
+            }
+            DecryptScheme::OaepSha384 => {
+                RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha384))
             }
             DecryptScheme::RsaEs => RsaDecryptionScheme::RsaEs,
         };
