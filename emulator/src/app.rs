@@ -21,6 +21,33 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What the emulator simulates on the guest side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestPlatform {
+    /// A Confidential ACI container / SNP guest with an SNP report device (the default).
+    Aci,
+    /// An Azure confidential VM on SEV-SNP: evidence from a vTPM (swtpm + paravisor), MAA
+    /// AzureGuest.
+    CvmSnp,
+}
+
+impl GuestPlatform {
+    pub fn from_name(name: &str) -> Result<GuestPlatform, String> {
+        match name {
+            "aci" => Ok(GuestPlatform::Aci),
+            "cvm-snp" => Ok(GuestPlatform::CvmSnp),
+            "cvm-tdx" => Err("--platform cvm-tdx is not simulated yet (aci, cvm-snp)".into()),
+            other => Err(format!("--platform {other:?}: expected aci or cvm-snp")),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestPlatform::Aci => "aci",
+            GuestPlatform::CvmSnp => "cvm-snp",
+        }
+    }
+}
+
 /// Polls a future, turning a panic into `Err(message)`.
 struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
 
@@ -512,8 +539,131 @@ const DEMO_KEYS: [DemoKey; 4] = [
     },
 ];
 
+/// The guest-attestation policy of an Azure CVM (skr-protocol §9.4): the TEE's claims live in
+/// `x-ms-isolation-tee` of an AzureGuest token. `tee` and `compliance` as required.
+fn cvm_policy(app: &App, tee: &str, compliance: &str) -> Value {
+    json!({"version": "1.0.0", "anyOf": [{"authority": app.urls.maa, "allOf": [
+        {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": tee},
+        {"claim": "x-ms-isolation-tee.x-ms-compliance-status", "equals": compliance},
+    ]}]})
+}
+
+/// The Azure CLI's `--default-cvm-policy` (published-examples.json
+/// `azure_cli_default_cvm_policy`) with this emulator's MAA as its authority. Its claims are
+/// top-level: they describe platform (SevSnpVm / TdxVm) tokens, not AzureGuest ones.
+fn cli_default_cvm_policy(app: &App) -> Value {
+    json!({"version": "1.0.0", "anyOf": [{"authority": app.urls.maa, "allOf": [
+        {"claim": "x-ms-compliance-status", "equals": "azure-compliant-cvm"},
+        {"anyOf": [
+            {"claim": "x-ms-attestation-type", "equals": "tdxvm"},
+            {"claim": "x-ms-attestation-type", "equals": "sevsnpvm"},
+        ]},
+    ]}]})
+}
+
+/// (kind, name, kty, size, crv, policy) of the CVM platform's demo keys.
+type CvmDemoKey = (
+    Kind,
+    &'static str,
+    &'static str,
+    Option<u64>,
+    Option<&'static str>,
+    Value,
+);
+
+fn cvm_demo_keys(app: &App) -> Vec<CvmDemoKey> {
+    let ok = cvm_policy(app, "sevsnpvm", "azure-compliant-cvm");
+    vec![
+        (
+            Kind::Vault,
+            "cvm-tls-rsa",
+            "RSA-HSM",
+            Some(2048),
+            None,
+            ok.clone(),
+        ),
+        (
+            Kind::Vault,
+            "cvm-tls-ec",
+            "EC-HSM",
+            None,
+            Some("P-256"),
+            ok.clone(),
+        ),
+        (Kind::Mhsm, "cvm-data-aes", "oct-HSM", Some(256), None, ok),
+        (
+            Kind::Vault,
+            "cvm-denied-tdx",
+            "RSA-HSM",
+            Some(2048),
+            None,
+            cvm_policy(app, "tdxvm", "azure-compliant-cvm"),
+        ),
+        (
+            Kind::Vault,
+            "cvm-denied-uvm",
+            "RSA-HSM",
+            Some(2048),
+            None,
+            cvm_policy(app, "sevsnpvm", "azure-compliant-uvm"),
+        ),
+        (
+            Kind::Vault,
+            "cvm-cli-default",
+            "RSA-HSM",
+            Some(2048),
+            None,
+            cli_default_cvm_policy(app),
+        ),
+    ]
+}
+
+fn create_demo_key(
+    app: &Arc<App>,
+    kind: Kind,
+    name: &str,
+    kty: &str,
+    size: Option<u64>,
+    crv: Option<&str>,
+    policy: &Value,
+) -> Result<(), String> {
+    let exists = app
+        .keys
+        .lock()
+        .map_err(|_| "state lock")?
+        .store(kind)
+        .keys
+        .contains_key(name);
+    if exists {
+        return Ok(());
+    }
+    let mut body = json!({
+        "kty": kty,
+        "attributes": {"exportable": true},
+        "release_policy": {"contentType": "application/json; charset=utf-8", "data": b64url(policy.to_string().as_bytes())},
+    });
+    if let Some(size) = size {
+        body["key_size"] = json!(size);
+    }
+    if let Some(crv) = crv {
+        body["crv"] = json!(crv);
+    }
+    let svc = keyvault::Service {
+        app: app.clone(),
+        kind,
+    };
+    keyvault::create(&svc, name, &body, true)
+        .map(drop)
+        .map_err(|e| format!("provisioning {name}: {}", e.message()))
+}
+
 /// Creates the demo keys that do not exist yet (through the same create path as the REST API).
-fn provision_demo_keys(app: &Arc<App>) -> Result<(), String> {
+fn provision_demo_keys(app: &Arc<App>, guest: GuestPlatform) -> Result<(), String> {
+    if guest == GuestPlatform::CvmSnp {
+        for (kind, name, kty, size, crv, policy) in cvm_demo_keys(app) {
+            create_demo_key(app, kind, name, kty, size, crv, &policy)?;
+        }
+    }
     for demo in &DEMO_KEYS {
         let exists = app
             .keys
@@ -557,7 +707,7 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
     let dir = app.layout.certs_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let keys = app.keys.lock().map_err(|_| "state lock")?;
-    for name in ["tls-rsa", "tls-ec"] {
+    for name in ["tls-rsa", "tls-ec", "cvm-tls-rsa", "cvm-tls-ec"] {
         let Some(current) = keys.vault.keys.get(name).and_then(|v| v.last()) else {
             continue;
         };
@@ -579,7 +729,7 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
             &app.pki.ca_key,
             "localhost",
             spki,
-            name == "tls-rsa",
+            name.ends_with("tls-rsa"),
         )?;
         let text = pem_encode("CERTIFICATE", &crate::pki::cert_der(&leaf)?) + &app.pki.ca_pem();
         write_atomic(&path, text.as_bytes())
@@ -662,7 +812,124 @@ fn write_security_context(app: &App) -> Result<(), String> {
     Ok(())
 }
 
-fn write_files(app: &App) -> Result<(), String> {
+/// The module config's `[platform]` and tokens for the ACI guest (the emulator's simulated SNP
+/// report device).
+fn aci_config_sections(u: &Urls) -> (String, String) {
+    let platform = format!(
+        r#"[platform]
+evidence = "emulated"
+emulator_url = "{platform}"
+imds_url = "{imds}"
+"#,
+        platform = u.platform,
+        imds = u.imds
+    );
+    let tokens = format!(
+        r#"[[token]]
+label = "skr-demo"
+serial = "skr-demo-0001"
+
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "{vault}/keys/tls-rsa"
+certificate = "certs/tls-rsa.pem"
+allow_rsa_pkcs_decrypt = true
+
+[[token.key]]
+label = "tls-ec"
+id = "02"
+kid = "{vault}/keys/tls-ec"
+certificate = "certs/tls-ec.pem"
+
+[[token.key]]
+label = "data-aes"
+id = "03"
+kid = "{mhsm}/keys/data-aes"
+
+[[token]]
+label = "skr-denied"
+serial = "skr-denied-0001"
+
+[[token.key]]
+label = "denied-rsa"
+id = "04"
+kid = "{vault}/keys/denied-rsa"
+"#,
+        vault = u.vault,
+        mhsm = u.mhsm
+    );
+    (platform, tokens)
+}
+
+/// The module config's `[platform]` and tokens for a CVM guest: evidence from the simulated
+/// vTPM, the CVM demo keys under the usual token labels.
+fn cvm_config_sections(u: &Urls, tcti: &str) -> (String, String) {
+    let platform = format!(
+        r#"[platform]
+evidence = "azure-cvm"
+tpm_tcti = "{tcti}"
+imds_url = "{imds}"
+"#,
+        imds = u.imds
+    );
+    let tokens = format!(
+        r#"[[token]]
+label = "skr-demo"
+serial = "skr-demo-0001"
+
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "{vault}/keys/cvm-tls-rsa"
+certificate = "certs/cvm-tls-rsa.pem"
+allow_rsa_pkcs_decrypt = true
+
+[[token.key]]
+label = "tls-ec"
+id = "02"
+kid = "{vault}/keys/cvm-tls-ec"
+certificate = "certs/cvm-tls-ec.pem"
+
+[[token.key]]
+label = "data-aes"
+id = "03"
+kid = "{mhsm}/keys/cvm-data-aes"
+
+[[token]]
+label = "skr-denied"
+serial = "skr-denied-0001"
+
+[[token.key]]
+label = "denied-rsa"
+id = "04"
+kid = "{vault}/keys/cvm-denied-tdx"
+
+[[token]]
+label = "skr-denied-uvm"
+serial = "skr-denied-0002"
+
+[[token.key]]
+label = "denied-uvm"
+id = "05"
+kid = "{vault}/keys/cvm-denied-uvm"
+
+[[token]]
+label = "skr-cli-default"
+serial = "skr-cli-dflt-01"
+
+[[token.key]]
+label = "cli-default"
+id = "06"
+kid = "{vault}/keys/cvm-cli-default"
+"#,
+        vault = u.vault,
+        mhsm = u.mhsm
+    );
+    (platform, tokens)
+}
+
+fn write_files(app: &App, cvm_tcti: Option<&str>) -> Result<(), String> {
     let l = &app.layout;
     let w = |path: std::path::PathBuf, text: &str| {
         write_atomic(&path, text.as_bytes())
@@ -694,24 +961,33 @@ fn write_files(app: &App) -> Result<(), String> {
             "SKR_EMULATOR_TENANT_ID",
             crate::tenant::TENANT_ID.to_string(),
         ),
+        (
+            "SKR_EMULATOR_GUEST_PLATFORM",
+            if cvm_tcti.is_some() { "cvm-snp" } else { "aci" }.to_string(),
+        ),
     ]
     .iter()
+    .chain(
+        cvm_tcti
+            .map(|t| ("SKR_EMULATOR_TPM_TCTI", t.to_string()))
+            .iter(),
+    )
     .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
     .collect::<String>();
     w(l.env_file(), &env)?;
 
     let u = &app.urls;
+    let (platform_section, token_sections) = match cvm_tcti {
+        Some(tcti) => cvm_config_sections(u, tcti),
+        None => aci_config_sections(u),
+    };
     let config = format!(
         r#"# Written by skr-emulator for the emulator in this directory.
 [logging]
 level = "info"
 target = "stderr"
 
-[platform]
-evidence = "emulated"
-emulator_url = "{platform}"
-imds_url = "{imds}"
-
+{platform_section}
 [attestation]
 url = "{maa}"
 
@@ -722,42 +998,9 @@ imds_url = "{imds}"
 [tls]
 ca_file = "ca.pem"
 
-[[token]]
-label = "skr-demo"
-serial = "skr-demo-0001"
-
-[[token.key]]
-label = "tls-rsa"
-id = "01"
-kid = "{vault}/keys/tls-rsa"
-certificate = "certs/tls-rsa.pem"
-allow_rsa_pkcs_decrypt = true
-
-[[token.key]]
-label = "tls-ec"
-id = "02"
-kid = "{vault}/keys/tls-ec"
-certificate = "certs/tls-ec.pem"
-
-[[token.key]]
-label = "data-aes"
-id = "03"
-kid = "{mhsm}/keys/data-aes"
-
-[[token]]
-label = "skr-denied"
-serial = "skr-denied-0001"
-
-[[token.key]]
-label = "denied-rsa"
-id = "04"
-kid = "{vault}/keys/denied-rsa"
-"#,
-        platform = u.platform,
+{token_sections}"#,
         imds = u.imds,
         maa = u.maa,
-        vault = u.vault,
-        mhsm = u.mhsm,
     );
     w(l.config_file(), &config)?;
     Ok(())
@@ -789,8 +1032,35 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
     Ok((server, client))
 }
 
+fn start_vtpm(app: &Arc<App>) -> Result<crate::vtpm::SimulatedVtpm, String> {
+    let platform_app = app.clone();
+    let log_app = app.clone();
+    let vtpm = crate::vtpm::SimulatedVtpm::start(
+        &app.layout.dir.join("vtpm"),
+        Arc::new(move || platform_app.platform()),
+        app.pki.vcek_key.clone(),
+        Arc::new(move |refreshed: Result<(), String>| match refreshed {
+            Ok(()) => log_app.admin.log("vtpm", "hcl-report-refreshed", json!({})),
+            Err(e) => log_app
+                .admin
+                .log("vtpm", "hcl-report-refresh-failed", json!({"reason": e})),
+        }),
+    )?;
+    let _ = app.vtpm_ca.set(vtpm.ca.cert.clone());
+    app.admin.log(
+        "vtpm",
+        "started",
+        json!({"tcti": vtpm.paravisor.tcti(), "vmid": vtpm.identity.vm_id}),
+    );
+    Ok(vtpm)
+}
+
 /// Runs the emulator in this process until SIGTERM / SIGINT.
-pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), String> {
+pub fn run_foreground(
+    layout: Layout,
+    base_port: Option<u16>,
+    guest: GuestPlatform,
+) -> Result<(), String> {
     check_dir(&layout)?;
     // Held for the life of the process: two emulators never share a state directory, even
     // when started at the same moment.
@@ -828,8 +1098,14 @@ pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), Stri
         http,
     }));
     follow_maa_url(&app, previous_ports)?;
-    provision_demo_keys(&app)?;
-    write_files(&app)?;
+    // A CVM guest: a fresh simulated vTPM (like a VM's boot) behind the paravisor relay, for
+    // the life of this process (swtpm stops with it).
+    let vtpm = match guest {
+        GuestPlatform::Aci => None,
+        GuestPlatform::CvmSnp => Some(start_vtpm(&app)?),
+    };
+    provision_demo_keys(&app, guest)?;
+    write_files(&app, vtpm.as_ref().map(|v| v.paravisor.tcti()).as_deref())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -33,6 +33,9 @@ pub struct App {
     pub keys: Mutex<KeysFile>,
     pub admin: Admin,
     pub trusted_arks: Vec<(String, Certificate)>,
+    /// The simulated Azure vTPM CA (a CVM platform only): MAA's AzureGuest trusts AK
+    /// certificates it issued.
+    pub vtpm_ca: std::sync::OnceLock<Certificate>,
     /// Secret for the `IDENTITY_ENDPOINT` emulation (`DIR/identity/identity-header`).
     identity_header: String,
     http: reqwest::Client,
@@ -65,6 +68,7 @@ impl App {
             keys: Mutex::new(parts.keys),
             admin: parts.admin,
             trusted_arks: parts.trusted_arks,
+            vtpm_ca: std::sync::OnceLock::new(),
             identity_header: parts.identity_header,
             http: parts.http,
             jwks_cache: tokio::sync::Mutex::new(HashMap::new()),

@@ -7,7 +7,7 @@ const LAYERS: [&[&str]; 7] = [
     &["util", "policy", "keystore"],
     &["jwt", "pki", "admin"],
     &["snp"],
-    &["state"],
+    &["state", "vtpm"],
     &["context"],
     &["cose", "tenant"],
     &["maa", "keyvault", "imds"],

@@ -31,3 +31,4 @@ mod snp;
 pub mod state;
 mod tenant;
 mod util;
+mod vtpm;
