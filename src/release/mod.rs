@@ -271,11 +271,12 @@ fn release_token_inner(
     timings.identity += late_identity;
     timings.unwrap = unwrap_time;
     timings.release = phase.saturating_sub(late_identity);
-    // The transfer key is dropped (and wiped) here, with the session.
+    let source = attested.evidence_source;
+    // The transfer key is dropped (and wiped, or flushed from the TPM) here, with the session.
     drop(attested);
     // C_Login logs the outcome at info; this detail is for debugging the release itself.
     log::debug!(
-        "token {:?}: released {} key(s) via {} (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
+        "token {:?}: released {} key(s) via {} with {source} evidence (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
         token.label,
         released.len(),
         cfg.attestation.url,

@@ -64,6 +64,11 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start() -> Emulator {
+        Emulator::start_platform("aci")
+    }
+
+    /// `skr-emulator up --platform PLATFORM` (aci, cvm-snp) in a fresh directory.
+    pub fn start_platform(platform: &str) -> Emulator {
         let dir = tempfile::Builder::new()
             .prefix("skr-emu-")
             .tempdir()
@@ -72,6 +77,8 @@ impl Emulator {
             .arg("up")
             .arg("--dir")
             .arg(dir.path())
+            .arg("--platform")
+            .arg(platform)
             .output()
             .expect("run skr-emulator up");
         assert!(
@@ -206,15 +213,24 @@ pub fn first_cert_der(pem_path: &Path) -> Vec<u8> {
 }
 
 static SHARED_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+static SHARED_CVM_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-extern "C" fn stop_shared_emulator() {
-    if let Some(dir) = SHARED_DIR.get() {
+fn stop_emulator_in(dir: Option<&PathBuf>) {
+    if let Some(dir) = dir {
         let _ = Command::new(emulator_bin())
             .arg("down")
             .arg("--dir")
             .arg(dir)
             .output();
     }
+}
+
+extern "C" fn stop_shared_emulator() {
+    stop_emulator_in(SHARED_DIR.get());
+}
+
+extern "C" fn stop_shared_cvm_emulator() {
+    stop_emulator_in(SHARED_CVM_DIR.get());
 }
 
 impl Emulator {
@@ -226,6 +242,19 @@ impl Emulator {
             let _ = SHARED_DIR.set(e.path().to_path_buf());
             // SAFETY: registering a plain extern "C" fn with no captured state.
             unsafe { libc::atexit(stop_shared_emulator) };
+            e
+        })
+    }
+
+    /// One `--platform cvm-snp` emulator (a simulated Azure CVM with its swtpm vTPM) for the
+    /// whole test binary, stopped (`down`, which stops swtpm) when the process exits.
+    pub fn shared_cvm() -> &'static Emulator {
+        static EMU: std::sync::OnceLock<Emulator> = std::sync::OnceLock::new();
+        EMU.get_or_init(|| {
+            let e = Emulator::start_platform("cvm-snp");
+            let _ = SHARED_CVM_DIR.set(e.path().to_path_buf());
+            // SAFETY: registering a plain extern "C" fn with no captured state.
+            unsafe { libc::atexit(stop_shared_cvm_emulator) };
             e
         })
     }
