@@ -900,7 +900,7 @@ mod tests {
         let claims = &r[CLAIMS_OFFSET..CLAIMS_OFFSET + claims_len];
         let snp_report = &r[32..32 + snp::REPORT_LEN];
         let rd = snp::Report(snp_report).report_data().to_vec();
-        assert_eq!(&rd[..32], Sha256::digest(claims).as_slice());
+        assert_eq!(rd[..32], Sha256::digest(claims)[..]);
         assert!(rd[32..].iter().all(|b| *b == 0));
         let v = parse_claims(claims).unwrap();
         assert_eq!(v["user-data"], hex::encode_upper(ud));

@@ -355,3 +355,383 @@ pub fn seal(jwt: &str, to: &rsa::RsaPublicKey) -> Result<String, String> {
     });
     Ok(b64url(inner.to_string().as_bytes()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snp::{self, PlatformConfig};
+    use crate::state::{self, Layout, Pki};
+    use crate::vtpm::{CvmIdentity, VtpmCa};
+    use rsa::signature::{SignatureEncoding, Signer};
+    use rsa::traits::PublicKeyParts;
+
+    const SIGN_ATTRS: u32 = vtpm::ATTR_SIGN
+        | vtpm::ATTR_RESTRICTED
+        | vtpm::ATTR_FIXED_TPM
+        | vtpm::ATTR_FIXED_PARENT
+        | vtpm::ATTR_SENSITIVE_DATA_ORIGIN;
+    const DECRYPT_ATTRS: u32 = vtpm::ATTR_DECRYPT
+        | vtpm::ATTR_FIXED_TPM
+        | vtpm::ATTR_FIXED_PARENT
+        | vtpm::ATTR_SENSITIVE_DATA_ORIGIN;
+
+    fn tpm2b_public(key: &rsa::RsaPublicKey, attributes: u32) -> Vec<u8> {
+        let mut t = vec![];
+        t.extend_from_slice(&vtpm::TPM_ALG_RSA.to_be_bytes());
+        t.extend_from_slice(&vtpm::TPM_ALG_SHA256.to_be_bytes());
+        t.extend_from_slice(&attributes.to_be_bytes());
+        t.extend_from_slice(&0u16.to_be_bytes());
+        t.extend_from_slice(&vtpm::TPM_ALG_NULL.to_be_bytes());
+        t.extend_from_slice(&vtpm::TPM_ALG_NULL.to_be_bytes());
+        t.extend_from_slice(&2048u16.to_be_bytes());
+        t.extend_from_slice(&0u32.to_be_bytes());
+        let n = key.n().to_bytes_be();
+        t.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        t.extend_from_slice(&n);
+        let mut out = (t.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&t);
+        out
+    }
+
+    fn attest(typ: u16, extra: &[u8], body: &[u8]) -> Vec<u8> {
+        let mut a = vtpm::TPM_GENERATED.to_be_bytes().to_vec();
+        a.extend_from_slice(&typ.to_be_bytes());
+        a.extend_from_slice(&[0, 0]); // qualifiedSigner
+        a.extend_from_slice(&(extra.len() as u16).to_be_bytes());
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[0; 17 + 8]);
+        a.extend_from_slice(body);
+        a
+    }
+
+    fn quote(pcrs: &[[u8; 32]], extra: &[u8]) -> Vec<u8> {
+        let mut body = 1u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&vtpm::TPM_ALG_SHA256.to_be_bytes());
+        body.extend_from_slice(&[3, 0xff, 0, 0]);
+        let digest = Sha256::digest(pcrs.concat());
+        body.extend_from_slice(&32u16.to_be_bytes());
+        body.extend_from_slice(&digest);
+        attest(vtpm::TPM_ST_ATTEST_QUOTE, extra, &body)
+    }
+
+    fn certify(tpm2b: &[u8]) -> Vec<u8> {
+        let area = RsaPublicArea::parse(tpm2b, "test").unwrap();
+        let name = area.name().unwrap();
+        let mut body = (name.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(&name);
+        body.extend_from_slice(&[0, 0]);
+        attest(vtpm::TPM_ST_ATTEST_CERTIFY, &[], &body)
+    }
+
+    fn sign(key: &rsa::RsaPrivateKey, msg: &[u8]) -> Vec<u8> {
+        rsa::pkcs1v15::SigningKey::<Sha256>::new(key.clone())
+            .sign(msg)
+            .to_vec()
+    }
+
+    /// A simulated CVM's evidence, built in software with the emulator's simulated AMD chain.
+    struct Guest {
+        platform: PlatformConfig,
+        pki: Pki,
+        roots: Vec<(String, Certificate)>,
+        ca: VtpmCa,
+        ak: rsa::RsaPrivateKey,
+        enc: rsa::RsaPrivateKey,
+        _dir: std::path::PathBuf,
+    }
+
+    impl Guest {
+        fn new() -> Guest {
+            let dir =
+                std::env::temp_dir().join(format!("skr-emu-guest-test-{}", std::process::id()));
+            let layout = Layout::new(dir.clone());
+            std::fs::create_dir_all(layout.state()).unwrap();
+            let platform = state::load_platform(&layout).unwrap();
+            let pki = Pki::load_or_create(&layout, &platform).unwrap();
+            let roots = super::super::trusted_arks(&pki.ark_der);
+            let _ = std::fs::remove_dir_all(&dir);
+            Guest {
+                platform,
+                pki,
+                roots,
+                ca: VtpmCa::new().unwrap(),
+                ak: rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap(),
+                enc: rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap(),
+                _dir: dir,
+            }
+        }
+
+        fn runtime_claims(&self, ak: &rsa::RsaPublicKey) -> Vec<u8> {
+            let id = CvmIdentity {
+                ak_n: ak.n().to_bytes_be(),
+                ak_e: 65537,
+                vm_id: "0000AAAA-0000-0000-0000-000000000001".into(),
+            };
+            vtpm::runtime_claims(&id, &[7; 64])
+        }
+
+        /// The AttestationInfo JSON (as the module builds it) for a consistent guest.
+        fn info(&self) -> Value {
+            let ak_pub = self.ak.to_public_key();
+            let claims = self.runtime_claims(&ak_pub);
+            let mut rd = [0u8; 64];
+            rd[..32].copy_from_slice(&Sha256::digest(&claims));
+            let report =
+                snp::build_report(&vtpm::cvm_platform(&self.platform), &rd, &self.pki.vcek_key)
+                    .unwrap();
+            let chain = crate::util::pem_encode("CERTIFICATE", &self.pki.vcek_der)
+                + &self.pki.thim_chain_pem();
+            let pcrs: Vec<[u8; 32]> = (0..8u8).map(|i| [i; 32]).collect();
+            let q = quote(&pcrs, b"n0nce");
+            let enc_pub = tpm2b_public(&self.enc.to_public_key(), DECRYPT_ATTRS);
+            let cert_info = certify(&enc_pub);
+            let proof =
+                json!({"SnpReport": b64url(&report), "VcekCertChain": b64std(chain.as_bytes())});
+            json!({
+                "AttestationProtocolVersion": "2.0",
+                "OSType": b64std(b"Linux"),
+                "OSDistro": b64std(b"Debian GNU/Linux"),
+                "OSVersionMajor": 12,
+                "OSVersionMinor": 0,
+                "OSBuild": b64std(b"NotApplication"),
+                "TcgLogs": "",
+                "ClientPayload": {"nonce": b64std(b"n0nce")},
+                "TpmInfo": {
+                    "AikCert": b64std(&self.ca.issue_ak_cert(&ak_pub, "vm").unwrap()),
+                    "AikPub": b64std(&tpm2b_public(&ak_pub, SIGN_ATTRS)),
+                    "PcrQuote": b64std(&q),
+                    "PcrSignature": b64std(&sign(&self.ak, &q)),
+                    "EncKeyPub": b64std(&enc_pub),
+                    "EncKeyCertifyInfo": b64std(&cert_info),
+                    "EncKeyCertifyInfoSignature": b64std(&sign(&self.ak, &cert_info)),
+                    "PcrSet": [0, 1, 2, 3, 4, 5, 6, 7],
+                    "PCRs": pcrs.iter().enumerate().map(|(i, v)| json!({"Index": i, "Digest": b64std(v)})).collect::<Vec<_>>(),
+                },
+                "IsolationInfo": {"Type": "SevSnp", "Evidence": {
+                    "Proof": b64std(proof.to_string().as_bytes()),
+                    "RunTimeData": b64std(&claims),
+                }},
+            })
+        }
+
+        fn attest(&self, info: &Value) -> Result<GuestOutcome, String> {
+            let body = json!({"AttestationInfo": b64url(info.to_string().as_bytes())});
+            attest_azure_guest(&body, &self.roots, Some(&self.ca.cert))
+        }
+    }
+
+    #[test]
+    fn consistent_cvm_evidence_attests_and_each_tampering_is_refused() {
+        let g = Guest::new();
+        let info = g.info();
+        let ok = g.attest(&info).unwrap();
+        let c = &ok.claims;
+        assert_eq!(c["x-ms-attestation-type"], "azurevm");
+        assert_eq!(
+            c["x-ms-azurevm-attested-pcrs"],
+            json!([0, 1, 2, 3, 4, 5, 6, 7])
+        );
+        assert_eq!(
+            c["x-ms-azurevm-vmid"],
+            "0000AAAA-0000-0000-0000-000000000001"
+        );
+        let tee = &c["x-ms-isolation-tee"];
+        assert_eq!(tee["x-ms-attestation-type"], "sevsnpvm");
+        assert_eq!(tee["x-ms-compliance-status"], "azure-compliant-cvm");
+        assert_eq!(
+            tee["x-ms-runtime"]["user-data"],
+            hex::encode_upper([7u8; 64])
+        );
+        let key = &c["x-ms-runtime"]["keys"][0];
+        assert_eq!(key["kid"], "TpmEphemeralEncryptionKey");
+        assert_eq!(key["n"], b64url(&g.enc.n().to_bytes_be()));
+        assert_eq!(key["e"], "AQAB");
+        assert_eq!(c["x-ms-runtime"]["client-payload"]["nonce"], "n0nce");
+        assert_eq!(ok.seal_to, g.enc.to_public_key());
+
+        let ak_pub = g.ak.to_public_key();
+        let other = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        let set = |path: &str, value: Value| {
+            let mut v = info.clone();
+            *v.pointer_mut(path).unwrap() = value;
+            v
+        };
+        let flip = |path: &str, at: usize| {
+            let mut b = b64_lenient(info.pointer(path).unwrap().as_str().unwrap()).unwrap();
+            b[at] ^= 1;
+            set(path, json!(b64std(&b)))
+        };
+        let other_enc = tpm2b_public(&other.to_public_key(), DECRYPT_ATTRS);
+        let signing_enc = tpm2b_public(&g.enc.to_public_key(), DECRYPT_ATTRS | vtpm::ATTR_SIGN);
+        let signing_certify = certify(&signing_enc);
+        let mut wrong_hcl_ak = info.clone();
+        {
+            // The HCL claims of another AK, bound by a fresh SNP report: the binding holds,
+            // the AK does not match.
+            let claims = g.runtime_claims(&other.to_public_key());
+            let mut rd = [0u8; 64];
+            rd[..32].copy_from_slice(&Sha256::digest(&claims));
+            let report =
+                snp::build_report(&vtpm::cvm_platform(&g.platform), &rd, &g.pki.vcek_key).unwrap();
+            let chain =
+                crate::util::pem_encode("CERTIFICATE", &g.pki.vcek_der) + &g.pki.thim_chain_pem();
+            let proof =
+                json!({"SnpReport": b64url(&report), "VcekCertChain": b64std(chain.as_bytes())});
+            wrong_hcl_ak["IsolationInfo"]["Evidence"] = json!({
+                "Proof": b64std(proof.to_string().as_bytes()),
+                "RunTimeData": b64std(&claims),
+            });
+        }
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "AK certificate of another CA",
+                set(
+                    "/TpmInfo/AikCert",
+                    json!(b64std(
+                        &VtpmCa::new().unwrap().issue_ak_cert(&ak_pub, "vm").unwrap()
+                    )),
+                ),
+                "vTPM CA",
+            ),
+            (
+                "AikPub of another key",
+                set(
+                    "/TpmInfo/AikPub",
+                    json!(b64std(&tpm2b_public(&other.to_public_key(), SIGN_ATTRS))),
+                ),
+                "AikPub is not the key of AikCert",
+            ),
+            (
+                "quote signature",
+                flip("/TpmInfo/PcrSignature", 10),
+                "PcrQuote: signature",
+            ),
+            (
+                "quoted PCR value",
+                set("/TpmInfo/PCRs/3/Digest", json!(b64std(&[9u8; 32]))),
+                "PCR values do not match",
+            ),
+            (
+                "nonce other than the quote's",
+                set("/ClientPayload/nonce", json!(b64std(b"other"))),
+                "qualifying data",
+            ),
+            (
+                "PCR set",
+                set("/TpmInfo/PcrSet", json!([0, 1, 2, 3, 4, 5, 6])),
+                "PcrSet",
+            ),
+            (
+                "runtime claims",
+                set(
+                    "/IsolationInfo/Evidence/RunTimeData",
+                    json!(b64std(br#"{"keys":[]}"#)),
+                ),
+                "not bound",
+            ),
+            ("HCLAkPub of another AK", wrong_hcl_ak, "HCLAkPub"),
+            (
+                "transfer key not the certified one",
+                set("/TpmInfo/EncKeyPub", json!(b64std(&other_enc))),
+                "certifies another key",
+            ),
+            (
+                "certify signature",
+                set(
+                    "/TpmInfo/EncKeyCertifyInfoSignature",
+                    json!(b64std(&sign(
+                        &other,
+                        &certify(
+                            &b64_lenient(info["TpmInfo"]["EncKeyPub"].as_str().unwrap()).unwrap()
+                        )
+                    ))),
+                ),
+                "EncKeyCertifyInfo: signature",
+            ),
+            (
+                "a signing transfer key",
+                {
+                    let mut v = set("/TpmInfo/EncKeyPub", json!(b64std(&signing_enc)));
+                    v["TpmInfo"]["EncKeyCertifyInfo"] = json!(b64std(&signing_certify));
+                    v["TpmInfo"]["EncKeyCertifyInfoSignature"] =
+                        json!(b64std(&sign(&g.ak, &signing_certify)));
+                    v
+                },
+                "attributes",
+            ),
+            (
+                "isolation type",
+                set("/IsolationInfo/Type", json!("TrustedLaunch")),
+                "IsolationInfo.Type",
+            ),
+            (
+                "protocol version",
+                set("/AttestationProtocolVersion", json!("1.0")),
+                "AttestationProtocolVersion",
+            ),
+        ];
+        for (what, tampered, expected) in cases {
+            let e = g
+                .attest(&tampered)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"));
+            assert!(e.contains(expected), "{what}: {e}");
+        }
+        // A flipped bit of the SNP report fails its VCEK signature.
+        let mut proof: Value = serde_json::from_slice(
+            &b64_lenient(info["IsolationInfo"]["Evidence"]["Proof"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let mut report = b64_lenient(proof["SnpReport"].as_str().unwrap()).unwrap();
+        report[0x90] ^= 1;
+        proof["SnpReport"] = json!(b64url(&report));
+        let e = g
+            .attest(&set(
+                "/IsolationInfo/Evidence/Proof",
+                json!(b64std(proof.to_string().as_bytes())),
+            ))
+            .err()
+            .unwrap();
+        assert!(e.contains("signature"), "{e}");
+        // No simulated vTPM CA (an ACI emulator): refused before anything else.
+        let body = json!({"AttestationInfo": b64url(info.to_string().as_bytes())});
+        let e = attest_azure_guest(&body, &g.roots, None).err().unwrap();
+        assert!(e.contains("no vTPM CA"), "{e}");
+    }
+
+    #[test]
+    fn sealed_responses_open_with_the_transfer_key_only() {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        let sealed = seal("a.b.c", &key.to_public_key()).unwrap();
+        let v: Value = serde_json::from_slice(&b64_lenient(&sealed).unwrap()).unwrap();
+        let inner = key
+            .decrypt(
+                rsa::Pkcs1v15Encrypt,
+                &b64_lenient(v["EncryptedInnerKey"].as_str().unwrap()).unwrap(),
+            )
+            .unwrap();
+        let mut ct = b64_lenient(v["Jwt"].as_str().unwrap()).unwrap();
+        ct.extend(b64_lenient(v["AuthenticationData"].as_str().unwrap()).unwrap());
+        let iv = b64_lenient(v["EncryptionParams"]["Iv"].as_str().unwrap()).unwrap();
+        let jwt = aes_gcm::Aes256Gcm::new_from_slice(&inner)
+            .unwrap()
+            .decrypt(
+                iv.as_slice().into(),
+                Payload {
+                    msg: &ct,
+                    aad: b"Transport Key",
+                },
+            )
+            .unwrap();
+        assert_eq!(jwt, b"a.b.c");
+        assert_eq!(v["EncryptionParams"]["KeySizeInBits"], 256);
+        let other = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        assert!(other
+            .decrypt(
+                rsa::Pkcs1v15Encrypt,
+                &b64_lenient(v["EncryptedInnerKey"].as_str().unwrap()).unwrap()
+            )
+            .is_err());
+    }
+}
