@@ -29,6 +29,8 @@ pub enum GuestPlatform {
     /// An Azure confidential VM on SEV-SNP: evidence from a vTPM (swtpm + paravisor), MAA
     /// AzureGuest.
     CvmSnp,
+    /// The same on Intel TDX (HCL report_type 4, TD quote from IMDS `/acc/tdquote`).
+    CvmTdx,
 }
 
 impl GuestPlatform {
@@ -36,14 +38,25 @@ impl GuestPlatform {
         match name {
             "aci" => Ok(GuestPlatform::Aci),
             "cvm-snp" => Ok(GuestPlatform::CvmSnp),
-            "cvm-tdx" => Err("--platform cvm-tdx is not simulated yet (aci, cvm-snp)".into()),
-            other => Err(format!("--platform {other:?}: expected aci or cvm-snp")),
+            "cvm-tdx" => Ok(GuestPlatform::CvmTdx),
+            other => Err(format!(
+                "--platform {other:?}: expected aci, cvm-snp or cvm-tdx"
+            )),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             GuestPlatform::Aci => "aci",
             GuestPlatform::CvmSnp => "cvm-snp",
+            GuestPlatform::CvmTdx => "cvm-tdx",
+        }
+    }
+    /// The isolation TEE's MAA attestation type, for a CVM.
+    fn tee(self) -> Option<&'static str> {
+        match self {
+            GuestPlatform::Aci => None,
+            GuestPlatform::CvmSnp => Some("sevsnpvm"),
+            GuestPlatform::CvmTdx => Some("tdxvm"),
         }
     }
 }
@@ -297,6 +310,7 @@ fn imds_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/metadata/identity/oauth2/token", get(crate::imds::token))
         .route("/metadata/THIM/amd/certification", get(crate::imds::thim))
+        .route("/acc/tdquote", post(crate::imds::td_quote))
         .route("/msi/token", get(crate::imds::identity_endpoint))
         .with_state(app)
 }
@@ -561,60 +575,64 @@ fn cli_default_cvm_policy(app: &App) -> Value {
     ]}]})
 }
 
-/// (kind, name, kty, size, crv, policy) of the CVM platform's demo keys.
+/// (kind, name, kty, size, crv, policy) of a CVM platform's demo keys.
 type CvmDemoKey = (
     Kind,
-    &'static str,
+    String,
     &'static str,
     Option<u64>,
     Option<&'static str>,
     Value,
 );
 
-fn cvm_demo_keys(app: &App) -> Vec<CvmDemoKey> {
-    let ok = cvm_policy(app, "sevsnpvm", "azure-compliant-cvm");
-    vec![
+/// The CVM demo keys of `guest` (named `<platform>-…`, e.g. `cvm-snp-tls-rsa`, so that one
+/// directory can hold both flavours): three under the guest policy of its TEE, one asking for
+/// the other TEE, one for a UVM, one under the CLI's default CVM policy.
+fn cvm_demo_keys(app: &App, guest: GuestPlatform) -> Vec<CvmDemoKey> {
+    let Some(tee) = guest.tee() else {
+        return Vec::new();
+    };
+    let other_tee = if tee == "sevsnpvm" {
+        "tdxvm"
+    } else {
+        "sevsnpvm"
+    };
+    let p = guest.name();
+    let ok = cvm_policy(app, tee, "azure-compliant-cvm");
+    let rsa = |name: &str, policy: Value| -> CvmDemoKey {
         (
             Kind::Vault,
-            "cvm-tls-rsa",
+            format!("{p}-{name}"),
             "RSA-HSM",
             Some(2048),
             None,
-            ok.clone(),
-        ),
+            policy,
+        )
+    };
+    vec![
+        rsa("tls-rsa", ok.clone()),
         (
             Kind::Vault,
-            "cvm-tls-ec",
+            format!("{p}-tls-ec"),
             "EC-HSM",
             None,
             Some("P-256"),
             ok.clone(),
         ),
-        (Kind::Mhsm, "cvm-data-aes", "oct-HSM", Some(256), None, ok),
         (
-            Kind::Vault,
-            "cvm-denied-tdx",
-            "RSA-HSM",
-            Some(2048),
+            Kind::Mhsm,
+            format!("{p}-data-aes"),
+            "oct-HSM",
+            Some(256),
             None,
-            cvm_policy(app, "tdxvm", "azure-compliant-cvm"),
+            ok,
         ),
-        (
-            Kind::Vault,
-            "cvm-denied-uvm",
-            "RSA-HSM",
-            Some(2048),
-            None,
-            cvm_policy(app, "sevsnpvm", "azure-compliant-uvm"),
+        rsa(
+            "denied-tee",
+            cvm_policy(app, other_tee, "azure-compliant-cvm"),
         ),
-        (
-            Kind::Vault,
-            "cvm-cli-default",
-            "RSA-HSM",
-            Some(2048),
-            None,
-            cli_default_cvm_policy(app),
-        ),
+        rsa("denied-uvm", cvm_policy(app, tee, "azure-compliant-uvm")),
+        rsa("cli-default", cli_default_cvm_policy(app)),
     ]
 }
 
@@ -659,10 +677,8 @@ fn create_demo_key(
 
 /// Creates the demo keys that do not exist yet (through the same create path as the REST API).
 fn provision_demo_keys(app: &Arc<App>, guest: GuestPlatform) -> Result<(), String> {
-    if guest == GuestPlatform::CvmSnp {
-        for (kind, name, kty, size, crv, policy) in cvm_demo_keys(app) {
-            create_demo_key(app, kind, name, kty, size, crv, &policy)?;
-        }
+    for (kind, name, kty, size, crv, policy) in cvm_demo_keys(app, guest) {
+        create_demo_key(app, kind, &name, kty, size, crv, &policy)?;
     }
     for demo in &DEMO_KEYS {
         let exists = app
@@ -707,7 +723,14 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
     let dir = app.layout.certs_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let keys = app.keys.lock().map_err(|_| "state lock")?;
-    for name in ["tls-rsa", "tls-ec", "cvm-tls-rsa", "cvm-tls-ec"] {
+    for name in [
+        "tls-rsa",
+        "tls-ec",
+        "cvm-snp-tls-rsa",
+        "cvm-snp-tls-ec",
+        "cvm-tdx-tls-rsa",
+        "cvm-tdx-tls-ec",
+    ] {
         let Some(current) = keys.vault.keys.get(name).and_then(|v| v.last()) else {
             continue;
         };
@@ -864,7 +887,7 @@ kid = "{vault}/keys/denied-rsa"
 
 /// The module config's `[platform]` and tokens for a CVM guest: evidence from the simulated
 /// vTPM, the CVM demo keys under the usual token labels.
-fn cvm_config_sections(u: &Urls, tcti: &str) -> (String, String) {
+fn cvm_config_sections(u: &Urls, tcti: &str, p: &str) -> (String, String) {
     let platform = format!(
         r#"[platform]
 evidence = "azure-cvm"
@@ -881,20 +904,20 @@ serial = "skr-demo-0001"
 [[token.key]]
 label = "tls-rsa"
 id = "01"
-kid = "{vault}/keys/cvm-tls-rsa"
-certificate = "certs/cvm-tls-rsa.pem"
+kid = "{vault}/keys/{p}-tls-rsa"
+certificate = "certs/{p}-tls-rsa.pem"
 allow_rsa_pkcs_decrypt = true
 
 [[token.key]]
 label = "tls-ec"
 id = "02"
-kid = "{vault}/keys/cvm-tls-ec"
-certificate = "certs/cvm-tls-ec.pem"
+kid = "{vault}/keys/{p}-tls-ec"
+certificate = "certs/{p}-tls-ec.pem"
 
 [[token.key]]
 label = "data-aes"
 id = "03"
-kid = "{mhsm}/keys/cvm-data-aes"
+kid = "{mhsm}/keys/{p}-data-aes"
 
 [[token]]
 label = "skr-denied"
@@ -903,7 +926,7 @@ serial = "skr-denied-0001"
 [[token.key]]
 label = "denied-rsa"
 id = "04"
-kid = "{vault}/keys/cvm-denied-tdx"
+kid = "{vault}/keys/{p}-denied-tee"
 
 [[token]]
 label = "skr-denied-uvm"
@@ -912,7 +935,7 @@ serial = "skr-denied-0002"
 [[token.key]]
 label = "denied-uvm"
 id = "05"
-kid = "{vault}/keys/cvm-denied-uvm"
+kid = "{vault}/keys/{p}-denied-uvm"
 
 [[token]]
 label = "skr-cli-default"
@@ -921,7 +944,7 @@ serial = "skr-cli-dflt-01"
 [[token.key]]
 label = "cli-default"
 id = "06"
-kid = "{vault}/keys/cvm-cli-default"
+kid = "{vault}/keys/{p}-cli-default"
 "#,
         vault = u.vault,
         mhsm = u.mhsm
@@ -929,7 +952,7 @@ kid = "{vault}/keys/cvm-cli-default"
     (platform, tokens)
 }
 
-fn write_files(app: &App, cvm_tcti: Option<&str>) -> Result<(), String> {
+fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Result<(), String> {
     let l = &app.layout;
     let w = |path: std::path::PathBuf, text: &str| {
         write_atomic(&path, text.as_bytes())
@@ -961,10 +984,7 @@ fn write_files(app: &App, cvm_tcti: Option<&str>) -> Result<(), String> {
             "SKR_EMULATOR_TENANT_ID",
             crate::tenant::TENANT_ID.to_string(),
         ),
-        (
-            "SKR_EMULATOR_GUEST_PLATFORM",
-            if cvm_tcti.is_some() { "cvm-snp" } else { "aci" }.to_string(),
-        ),
+        ("SKR_EMULATOR_GUEST_PLATFORM", guest.name().to_string()),
     ]
     .iter()
     .chain(
@@ -978,7 +998,7 @@ fn write_files(app: &App, cvm_tcti: Option<&str>) -> Result<(), String> {
 
     let u = &app.urls;
     let (platform_section, token_sections) = match cvm_tcti {
-        Some(tcti) => cvm_config_sections(u, tcti),
+        Some(tcti) => cvm_config_sections(u, tcti, guest.name()),
         None => aci_config_sections(u),
     };
     let config = format!(
@@ -1032,13 +1052,20 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
     Ok((server, client))
 }
 
-fn start_vtpm(app: &Arc<App>) -> Result<crate::vtpm::SimulatedVtpm, String> {
+fn start_vtpm(app: &Arc<App>, guest: GuestPlatform) -> Result<crate::vtpm::SimulatedVtpm, String> {
+    let isolation = if guest == GuestPlatform::CvmTdx {
+        let keys = Arc::new(crate::tdx::TdxKeys::generate());
+        let _ = app.tdx.set(keys.clone());
+        crate::vtpm::Isolation::Tdx(keys)
+    } else {
+        crate::vtpm::Isolation::Snp(app.pki.vcek_key.clone())
+    };
     let platform_app = app.clone();
     let log_app = app.clone();
     let vtpm = crate::vtpm::SimulatedVtpm::start(
         &app.layout.dir.join("vtpm"),
         Arc::new(move || platform_app.platform()),
-        app.pki.vcek_key.clone(),
+        isolation,
         Arc::new(move |refreshed: Result<(), String>| match refreshed {
             Ok(()) => log_app.admin.log("vtpm", "hcl-report-refreshed", json!({})),
             Err(e) => log_app
@@ -1102,10 +1129,14 @@ pub fn run_foreground(
     // the life of this process (swtpm stops with it).
     let vtpm = match guest {
         GuestPlatform::Aci => None,
-        GuestPlatform::CvmSnp => Some(start_vtpm(&app)?),
+        GuestPlatform::CvmSnp | GuestPlatform::CvmTdx => Some(start_vtpm(&app, guest)?),
     };
     provision_demo_keys(&app, guest)?;
-    write_files(&app, vtpm.as_ref().map(|v| v.paravisor.tcti()).as_deref())?;
+    write_files(
+        &app,
+        guest,
+        vtpm.as_ref().map(|v| v.paravisor.tcti()).as_deref(),
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -3,10 +3,11 @@
 //! `crate::` path that points up (or sideways between services) fails here, naming it.
 
 /// Lowest first; a module may use modules of a strictly lower layer, or its own.
-const LAYERS: [&[&str]; 7] = [
+const LAYERS: [&[&str]; 8] = [
     &["util", "policy", "keystore"],
     &["jwt", "pki", "admin"],
     &["snp"],
+    &["tdx"],
     &["state", "vtpm"],
     &["context"],
     &["cose", "tenant"],

@@ -606,18 +606,21 @@ async fn attest(app: Arc<App>, uri: Uri, body: Bytes, flavour: Flavour) -> Respo
     let worker_app = app.clone();
     let verified = crate::util::off_workers(VERIFY_DEADLINE, move || match flavour {
         Flavour::SevSnpVm => attest_sevsnp(&request, &worker_app.trusted_arks).map(|o| (o, None)),
-        Flavour::AzureGuest => {
-            guest::attest_azure_guest(&request, &worker_app.trusted_arks, worker_app.vtpm_ca.get())
-                .map(|g| {
-                    (
-                        AttestOutcome {
-                            claims: g.claims,
-                            root: g.root,
-                        },
-                        Some(g.seal_to),
-                    )
-                })
-        }
+        Flavour::AzureGuest => guest::attest_azure_guest(
+            &request,
+            &worker_app.trusted_arks,
+            worker_app.vtpm_ca.get(),
+            worker_app.tdx.get().map(|k| k.quoting_key.verifying_key()),
+        )
+        .map(|g| {
+            (
+                AttestOutcome {
+                    claims: g.claims,
+                    root: g.root,
+                },
+                Some(g.seal_to),
+            )
+        }),
     })
     .await;
     let verified = match verified {

@@ -294,13 +294,33 @@ pub fn runtime_claims(id: &CvmIdentity, user_data: &[u8; 64]) -> Vec<u8> {
     claims.to_string().into_bytes()
 }
 
-/// An HCL report (v1, SNP) of HCL_INDEX_SIZE bytes: header, an SNP report whose REPORT_DATA is
-/// SHA-256(claims) ‖ 0³², the variable-data header, the claims, zero padding (§6.3).
+/// The hardware under the paravisor.
+#[derive(Clone)]
+pub enum Isolation {
+    /// SEV-SNP: reports signed by the emulator's simulated VCEK.
+    Snp(p384::ecdsa::SigningKey),
+    /// TDX: TDREPORTs of the simulated TDX module.
+    Tdx(Arc<crate::tdx::TdxKeys>),
+}
+
+impl Isolation {
+    /// The HCL report_type (§6.3).
+    pub fn report_type(&self) -> u32 {
+        match self {
+            Isolation::Snp(_) => 2,
+            Isolation::Tdx(_) => 4,
+        }
+    }
+}
+
+/// An HCL report (v1) of HCL_INDEX_SIZE bytes: header, the hardware report (SNP report, or
+/// TDREPORT then zeros) whose report data is SHA-256(claims) ‖ 0³², the variable-data header,
+/// the claims, zero padding (§6.3).
 pub fn hcl_report(
     id: &CvmIdentity,
     user_data: &[u8; 64],
     platform: &PlatformConfig,
-    vcek: &p384::ecdsa::SigningKey,
+    isolation: &Isolation,
 ) -> Result<Vec<u8>, String> {
     let claims = runtime_claims(id, user_data);
     let end = CLAIMS_OFFSET + claims.len();
@@ -311,18 +331,21 @@ pub fn hcl_report(
     }
     let mut report_data = [0u8; 64];
     report_data[..32].copy_from_slice(&Sha256::digest(&claims));
-    let snp_report = snp::build_report(platform, &report_data, vcek)?;
+    let hardware = match isolation {
+        Isolation::Snp(vcek) => snp::build_report(platform, &report_data, vcek)?,
+        Isolation::Tdx(keys) => crate::tdx::build_tdreport(platform, &report_data, keys)?,
+    };
     let data_size = 20 + claims.len() as u32;
     let mut out = vec![0u8; HCL_INDEX_SIZE];
     out[0..4].copy_from_slice(b"HCLA");
     out[4..8].copy_from_slice(&1u32.to_le_bytes());
     out[8..12].copy_from_slice(&(32 + snp::REPORT_LEN as u32 + data_size).to_le_bytes());
     out[12..16].copy_from_slice(&2u32.to_le_bytes());
-    out[HW_REPORT_OFFSET..HW_REPORT_OFFSET + snp::REPORT_LEN].copy_from_slice(&snp_report);
+    out[HW_REPORT_OFFSET..HW_REPORT_OFFSET + hardware.len()].copy_from_slice(&hardware);
     let var = HW_REPORT_OFFSET + snp::REPORT_LEN;
     out[var..var + 4].copy_from_slice(&data_size.to_le_bytes());
     out[var + 4..var + 8].copy_from_slice(&1u32.to_le_bytes());
-    out[var + 8..var + 12].copy_from_slice(&2u32.to_le_bytes()); // report_type SNP
+    out[var + 8..var + 12].copy_from_slice(&isolation.report_type().to_le_bytes());
     out[var + 12..var + 16].copy_from_slice(&1u32.to_le_bytes()); // SHA-256
     out[var + 16..var + 20].copy_from_slice(&(claims.len() as u32).to_le_bytes());
     out[CLAIMS_OFFSET..end].copy_from_slice(&claims);
@@ -819,7 +842,7 @@ impl SimulatedVtpm {
     pub fn start(
         dir: &Path,
         platform: Arc<dyn Fn() -> PlatformConfig + Send + Sync>,
-        vcek: p384::ecdsa::SigningKey,
+        isolation: Isolation,
         on_refresh: Arc<dyn Fn(Result<(), String>) + Send + Sync>,
     ) -> Result<SimulatedVtpm, String> {
         let swtpm = Swtpm::start(dir)?;
@@ -841,7 +864,7 @@ impl SimulatedVtpm {
         let maker: Arc<ReportMaker> = {
             let identity = identity.clone();
             Arc::new(move |user_data: &[u8; 64]| {
-                hcl_report(&identity, user_data, &cvm_platform(&platform()), &vcek)
+                hcl_report(&identity, user_data, &cvm_platform(&platform()), &isolation)
             })
         };
         // The report as the VM booted: user-data all zero.
@@ -893,7 +916,13 @@ mod tests {
             vm_id: random_vm_id(),
         };
         let ud = [0x5a; 64];
-        let r = hcl_report(&id, &ud, &cvm_platform(&platform), &vcek).unwrap();
+        let r = hcl_report(
+            &id,
+            &ud,
+            &cvm_platform(&platform),
+            &Isolation::Snp(vcek.clone()),
+        )
+        .unwrap();
         assert_eq!(r.len(), HCL_INDEX_SIZE);
         assert_eq!(&r[..4], b"HCLA");
         let claims_len = u32::from_le_bytes(r[1232..1236].try_into().unwrap()) as usize;

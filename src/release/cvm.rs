@@ -7,7 +7,7 @@
 //! (identity, release, unwrap, install) is the same. It lives for one login: dropping the
 //! `Attested` that owns it flushes it from the TPM, on success and on every failure.
 
-use super::evidence::hcl::{HardwareReportType, HclReport, USER_DATA_LEN};
+use super::evidence::hcl::{HclReport, USER_DATA_LEN};
 use super::maa::{self, Binding, Expected};
 use super::tpm::{
     check_ak_is_hcl_akpub, verify_certify, DecryptScheme, EchoWait, Tpm, TpmTransferKey,
@@ -201,6 +201,70 @@ pub fn snp_isolation(snp_report: &[u8], vcek_chain_pem: &str, runtime_claims: &[
     })
 }
 
+/// `IsolationInfo` of a TDX CVM: the TD quote of the HCL report's TDREPORT (§6.6 step 8, §8).
+pub fn tdx_isolation(td_quote: &[u8], runtime_claims: &[u8]) -> Value {
+    json!({
+        "Type": "Tdx",
+        "Evidence": {
+            "Proof": b64std(td_quote),
+            "RunTimeData": b64std(runtime_claims),
+        }
+    })
+}
+
+/// The TD quote of `report` from IMDS (platform-evidence §6.5: `Metadata: true` and a
+/// Content-Type of exactly `application/json`, else 415). Its report data must be the
+/// TDREPORT's: the quote is of this report.
+pub fn td_quote(
+    cfg: &Config,
+    http: &super::http::Http,
+    report: &evidence::tdx::TdReport<'_>,
+) -> Result<Vec<u8>> {
+    let base = cfg
+        .platform
+        .imds_url
+        .as_deref()
+        .unwrap_or("http://169.254.169.254")
+        .trim_end_matches('/');
+    let url = format!("{base}/acc/tdquote");
+    let body = json!({ "report": b64url(report.bytes()) }).to_string();
+    let resp = http.send(Step::Evidence, "IMDS TD quote", &|| {
+        http.direct
+            .post(&url)
+            .header("Metadata", "true")
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+    })?;
+    let bad = |what: String| {
+        Error::evidence(Step::Evidence, format!("IMDS {url}: {what}")).with_hint(
+            "the TDX quote service of this Azure TDX confidential VM did not quote the TDREPORT; check that IMDS is reachable from the VM (169.254.169.254, no proxy) and retry",
+        )
+    };
+    if !resp.is_success() {
+        return Err(bad(format!(
+            "answered {}: {}",
+            resp.status,
+            resp.error_text()
+        )));
+    }
+    let quote = serde_json::from_slice::<Value>(&resp.body)
+        .ok()
+        .and_then(|v| {
+            v.get("quote")
+                .and_then(Value::as_str)
+                .and_then(b64url_decode)
+        })
+        .ok_or_else(|| bad("the answer has no base64url quote".into()))?;
+    let parsed = evidence::tdx::TdQuote::parse(&quote)?;
+    if parsed.report_data() != report.report_data() {
+        return Err(Error::integrity(
+            Step::Evidence,
+            "IMDS returned a TD quote of another TDREPORT (its report data differs)",
+        ));
+    }
+    Ok(quote)
+}
+
 fn sealed_bad(what: impl Into<String>) -> Error {
     Error::integrity(
         Step::Attestation,
@@ -327,15 +391,9 @@ pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Re
                 "sevsnpvm",
             )
         }
-        evidence::hcl::HardwareReport::Tdx(_) => {
-            return Err(Error::evidence(
-                Step::Evidence,
-                format!(
-                    "HCL report type {} (TDX): TDX confidential VMs are not supported by this build yet",
-                    HardwareReportType::Tdx.code()
-                ),
-            )
-            .with_hint("use an SEV-SNP confidential VM (DCasv5 / ECasv5 and later) for now"));
+        evidence::hcl::HardwareReport::Tdx(report) => {
+            let quote = td_quote(cfg, &session.http, &report)?;
+            (tdx_isolation(&quote, hcl.claims_json), "tdxvm")
         }
     };
     let info = attestation_info(

@@ -246,12 +246,13 @@ impl Emulator {
         })
     }
 
-    /// One `--platform cvm-snp` emulator (a simulated Azure CVM with its swtpm vTPM) for the
-    /// whole test binary, stopped (`down`, which stops swtpm) when the process exits.
-    pub fn shared_cvm() -> &'static Emulator {
+    /// One `--platform PLATFORM` (cvm-snp, cvm-tdx) emulator, a simulated Azure CVM with its
+    /// swtpm vTPM, for the whole test binary (the first call's platform), stopped (`down`,
+    /// which stops swtpm) when the process exits.
+    pub fn shared_cvm(platform: &str) -> &'static Emulator {
         static EMU: std::sync::OnceLock<Emulator> = std::sync::OnceLock::new();
         EMU.get_or_init(|| {
-            let e = Emulator::start_platform("cvm-snp");
+            let e = Emulator::start_platform(platform);
             let _ = SHARED_CVM_DIR.set(e.path().to_path_buf());
             // SAFETY: registering a plain extern "C" fn with no captured state.
             unsafe { libc::atexit(stop_shared_cvm_emulator) };

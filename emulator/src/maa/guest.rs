@@ -60,6 +60,7 @@ pub fn attest_azure_guest(
     body: &Value,
     roots: &[(String, Certificate)],
     vtpm_ca: Option<&Certificate>,
+    tdx_quoting_key: Option<&p256::ecdsa::VerifyingKey>,
 ) -> Result<GuestOutcome, String> {
     let outer = body
         .get("AttestationInfo")
@@ -175,26 +176,53 @@ pub fn attest_azure_guest(
         return Err("PCR values do not match the quote's PCR digest".into());
     }
 
-    // The isolation evidence: a verified SNP report binding the HCL runtime claims.
+    // The isolation evidence: a verified SNP report or TD quote binding the HCL runtime claims.
     let kind = info
         .pointer("/IsolationInfo/Type")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if kind != "SevSnp" {
-        return Err(format!(
-            "IsolationInfo.Type {kind:?} is not supported by skr-emulator (SevSnp)"
-        ));
-    }
-    let proof: Value = serde_json::from_slice(&b64_field(&info, "/IsolationInfo/Evidence/Proof")?)
-        .map_err(|e| format!("IsolationInfo.Evidence.Proof is not JSON: {e}"))?;
-    let snp_report = b64_field(&proof, "/SnpReport")?;
-    let chain = b64_field(&proof, "/VcekCertChain")?;
-    let verified = verify_evidence(&snp_report, &chain, roots)?;
+    let (mut tee, report_data, root) = match kind {
+        "SevSnp" => {
+            let proof: Value =
+                serde_json::from_slice(&b64_field(&info, "/IsolationInfo/Evidence/Proof")?)
+                    .map_err(|e| format!("IsolationInfo.Evidence.Proof is not JSON: {e}"))?;
+            let snp_report = b64_field(&proof, "/SnpReport")?;
+            let chain = b64_field(&proof, "/VcekCertChain")?;
+            let verified = verify_evidence(&snp_report, &chain, roots)?;
+            let mut tee = sevsnp_claims(&verified);
+            tee.insert("x-ms-attestation-type".into(), json!("sevsnpvm"));
+            tee.insert(
+                "x-ms-compliance-status".into(),
+                json!(compliance_status(&verified.report)),
+            );
+            let rd = crate::snp::Report(&verified.report).report_data().to_vec();
+            (tee, rd, verified.root)
+        }
+        "Tdx" => {
+            let key = tdx_quoting_key.ok_or(
+                "this emulator simulates no TDX quoting enclave (start it with --platform cvm-tdx)",
+            )?;
+            let quote = b64_field(&info, "/IsolationInfo/Evidence/Proof")?;
+            let body = crate::tdx::verify_quote(&quote, key)?;
+            let rd = body[520..584].to_vec();
+            (
+                crate::tdx::tdx_claims(body),
+                rd,
+                "skr-emulator simulated TDX quoting enclave".to_string(),
+            )
+        }
+        other => {
+            return Err(format!(
+                "IsolationInfo.Type {other:?} is not supported by skr-emulator (SevSnp, Tdx)"
+            ))
+        }
+    };
     let runtime = b64_field(&info, "/IsolationInfo/Evidence/RunTimeData")?;
-    let rd = crate::snp::Report(&verified.report).report_data().to_vec();
-    if rd[..32] != Sha256::digest(&runtime)[..] || rd[32..].iter().any(|b| *b != 0) {
+    if report_data[..32] != Sha256::digest(&runtime)[..]
+        || report_data[32..].iter().any(|b| *b != 0)
+    {
         return Err(
-            "RunTimeData is not bound by the SNP report (REPORT_DATA != SHA-256(RunTimeData))"
+            "RunTimeData is not bound by the hardware report (report data != SHA-256(RunTimeData))"
                 .into(),
         );
     }
@@ -253,12 +281,6 @@ pub fn attest_azure_guest(
 
     // Claims (skr-protocol §9.4).
     let os_type = b64_text(&info, "/OSType")?;
-    let mut tee = sevsnp_claims(&verified);
-    tee.insert("x-ms-attestation-type".into(), json!("sevsnpvm"));
-    tee.insert(
-        "x-ms-compliance-status".into(),
-        json!(compliance_status(&verified.report)),
-    );
     tee.insert("x-ms-runtime".into(), sorted(runtime_claims.clone()));
     let mut runtime_keys = json!({
         "keys": [{
@@ -316,7 +338,7 @@ pub fn attest_azure_guest(
     c.insert("x-ms-ver".into(), json!("1.0"));
     Ok(GuestOutcome {
         claims: c,
-        root: verified.root,
+        root,
         seal_to,
     })
 }
@@ -516,7 +538,7 @@ mod tests {
 
         fn attest(&self, info: &Value) -> Result<GuestOutcome, String> {
             let body = json!({"AttestationInfo": b64url(info.to_string().as_bytes())});
-            attest_azure_guest(&body, &self.roots, Some(&self.ca.cert))
+            attest_azure_guest(&body, &self.roots, Some(&self.ca.cert), None)
         }
     }
 
@@ -695,7 +717,9 @@ mod tests {
         assert!(e.contains("signature"), "{e}");
         // No simulated vTPM CA (an ACI emulator): refused before anything else.
         let body = json!({"AttestationInfo": b64url(info.to_string().as_bytes())});
-        let e = attest_azure_guest(&body, &g.roots, None).err().unwrap();
+        let e = attest_azure_guest(&body, &g.roots, None, None)
+            .err()
+            .unwrap();
         assert!(e.contains("no vTPM CA"), "{e}");
     }
 

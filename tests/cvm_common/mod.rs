@@ -1,15 +1,13 @@
-//! C_Login on a simulated Azure confidential VM (SEV-SNP), through the built .so: the module
-//! attests through the vTPM (`skr-emulator up --platform cvm-snp`: swtpm provisioned like an
+//! C_Login on a simulated Azure confidential VM, through the built .so: the module attests
+//! through the vTPM (`skr-emulator up --platform cvm-snp | cvm-tdx`: swtpm provisioned like an
 //! Azure vTPM, behind the emulator's paravisor relay) with MAA's AzureGuest flow, Key Vault
 //! wraps to the TPM-held transfer key, and the OAEP step runs inside the TPM. Results are
 //! checked with RustCrypto; denials name the unmet `x-ms-isolation-tee.*` claim; after every
 //! login, successful or not, no transient object or session is left in the TPM (asked on a
-//! TPM connection of the test's own).
-#![cfg(feature = "cvm")]
+//! TPM connection of the test's own). Shared by `abi_cvm_snp_login` and `abi_cvm_tdx_login`
+//! (one platform per test binary: the module reads one config per process).
 
-mod common;
-
-use common::Emulator;
+use crate::common::{self, Emulator};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
@@ -30,7 +28,9 @@ use tss_esapi::structures::CapabilityData;
 /// that the token's AES results can be checked independently.
 const KNOWN_AES: [u8; 32] = *b"skr-pkcs11 known CVM AES-256 k!!";
 
-struct Fixture {
+pub struct Fixture {
+    /// `cvm-snp` or `cvm-tdx`: also the prefix of the emulator's CVM demo key names.
+    platform: &'static str,
     emu: &'static Emulator,
     p11: Pkcs11,
     log: PathBuf,
@@ -47,11 +47,12 @@ impl Fixture {
     }
 }
 
-fn fixture() -> MutexGuard<'static, Fixture> {
+fn fixture(platform: &'static str) -> MutexGuard<'static, Fixture> {
     static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
-        let emu = Emulator::shared_cvm();
-        import_known_aes(emu);
+        let emu = Emulator::shared_cvm(platform);
+        assert_eq!(emu.var("SKR_EMULATOR_GUEST_PLATFORM"), platform);
+        import_known_aes(emu, platform);
         let log = emu.path().join("module-abi-cvm.log");
         let cfg = common::config_logging_to(emu, "abi-cvm.toml", &log);
         let mut t = std::fs::read_to_string(&cfg).unwrap();
@@ -62,7 +63,7 @@ fn fixture() -> MutexGuard<'static, Fixture> {
         t.insert_str(
             demo_end,
             &format!(
-                "[[token.key]]\nlabel = \"known-aes\"\nid = \"0f\"\nkid = \"{}/keys/cvm-known-aes\"\n\n",
+                "[[token.key]]\nlabel = \"known-aes\"\nid = \"0f\"\nkid = \"{}/keys/{platform}-known-aes\"\n\n",
                 emu.var("SKR_EMULATOR_MHSM_URL")
             ),
         );
@@ -80,6 +81,7 @@ fn fixture() -> MutexGuard<'static, Fixture> {
             .map(|s| (p11.get_token_info(s).unwrap().label().to_string(), s))
             .collect();
         Mutex::new(Fixture {
+            platform,
             emu,
             p11,
             log,
@@ -90,11 +92,16 @@ fn fixture() -> MutexGuard<'static, Fixture> {
     .unwrap_or_else(|p| p.into_inner())
 }
 
-fn import_known_aes(emu: &Emulator) {
+fn import_known_aes(emu: &Emulator, platform: &str) {
     use base64::Engine;
     let mhsm = emu.var("SKR_EMULATOR_MHSM_URL").to_string();
-    let (st, data_aes) = emu.akv(reqwest::Method::GET, &mhsm, "/keys/cvm-data-aes", None);
-    assert_eq!(st, 200, "GET cvm-data-aes: {data_aes}");
+    let (st, data_aes) = emu.akv(
+        reqwest::Method::GET,
+        &mhsm,
+        &format!("/keys/{platform}-data-aes"),
+        None,
+    );
+    assert_eq!(st, 200, "GET {platform}-data-aes: {data_aes}");
     let policy = data_aes["release_policy"].clone();
     let body = json!({
         "key": {"kty": "oct-HSM", "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(KNOWN_AES),
@@ -106,10 +113,10 @@ fn import_known_aes(emu: &Emulator) {
     let (st, v) = emu.akv(
         reqwest::Method::PUT,
         &mhsm,
-        "/keys/cvm-known-aes",
+        &format!("/keys/{platform}-known-aes"),
         Some(body),
     );
-    assert_eq!(st, 200, "import cvm-known-aes: {v}");
+    assert_eq!(st, 200, "import {platform}-known-aes: {v}");
 }
 
 /// Transient objects and loaded sessions in the simulated vTPM (swtpm has no resource
@@ -152,10 +159,14 @@ fn find_one(s: &Session, class: ObjectClass, label: &str) -> ObjectHandle {
     found[0]
 }
 
-fn rsa_public(emu: &Emulator) -> rsa::RsaPublicKey {
+fn rsa_public(emu: &Emulator, platform: &str) -> rsa::RsaPublicKey {
     use rsa::pkcs8::DecodePublicKey;
     use x509_cert::der::{Decode, Encode};
-    let der = common::first_cert_der(&emu.path().join("certs").join("cvm-tls-rsa.pem"));
+    let der = common::first_cert_der(
+        &emu.path()
+            .join("certs")
+            .join(format!("{platform}-tls-rsa.pem")),
+    );
     let cert = x509_cert::Certificate::from_der(&der).expect("certificate");
     rsa::RsaPublicKey::from_public_key_der(
         &cert
@@ -177,20 +188,26 @@ fn login_line(f: &Fixture, token: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn cvm_login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_clean() {
-    let f = fixture();
-    let names = ["cvm-tls-rsa", "cvm-data-aes", "cvm-known-aes"];
-    let before = names.map(|k| f.emu.releases(k));
+pub fn login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_clean(
+    platform: &'static str,
+) {
+    let f = fixture(platform);
+    let names = ["tls-rsa", "data-aes", "known-aes"].map(|k| format!("{platform}-{k}"));
+    let before = names.clone().map(|k| f.emu.releases(&k));
     let attested = f.emu.admin_get("/admin/counters")["attestations"]
         .as_u64()
         .unwrap_or(0);
     if let Ok(s) = f.p11.open_rw_session(f.slot("skr-demo")) {
         let _ = s.logout();
     }
-    let s = login(&f, "skr-demo").expect("C_Login on the simulated CVM");
+    let s = login(&f, "skr-demo").unwrap_or_else(|e| {
+        panic!(
+            "C_Login on the simulated CVM: {e}; log:\n{}",
+            std::fs::read_to_string(&f.log).unwrap_or_default()
+        )
+    });
     assert_eq!(
-        names.map(|k| f.emu.releases(k)),
+        names.map(|k| f.emu.releases(&k)),
         before.map(|n| n + 1),
         "each key released once"
     );
@@ -211,7 +228,7 @@ fn cvm_login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_c
     );
 
     // RSA: PKCS#1 v1.5 signature checked by RustCrypto with the certificate's key.
-    let public = rsa_public(f.emu);
+    let public = rsa_public(f.emu, f.platform);
     let key = find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
     let msg = b"released on an Azure CVM through the vTPM";
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, key, msg).expect("C_Sign");
@@ -275,9 +292,8 @@ fn cvm_login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_c
     );
 }
 
-#[test]
-fn cvm_denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean() {
-    let f = fixture();
+pub fn denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean(platform: &'static str) {
+    let f = fixture(platform);
     for (token, claim) in [
         ("skr-denied", "x-ms-isolation-tee.x-ms-attestation-type"),
         (
@@ -311,9 +327,10 @@ fn cvm_denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean() {
     }
 }
 
-#[test]
-fn cvm_login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeeds() {
-    let f = fixture();
+pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeeds(
+    platform: &'static str,
+) {
+    let f = fixture(platform);
     for (fault, expected) in [
         (
             json!({"endpoint": "maa-attest", "kind": "status", "status": 400, "count": 1}),
