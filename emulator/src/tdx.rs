@@ -177,7 +177,7 @@ pub fn tdx_claims(body: &[u8]) -> Map<String, Value> {
         c.insert(format!("tdx_rtmr{i}"), hex_at(328 + 48 * i, 48));
     }
     c.insert("tdx_report_data".into(), hex_at(520, 64));
-    c.insert("tdx_seamsvn".into(), json!(body[1]));
+    c.insert("tdx_seamsvn".into(), json!(body[0]));
     c.insert("tdx_td_attributes_debug".into(), json!(debug));
     for (name, bit) in [
         ("key_locker", 31),
