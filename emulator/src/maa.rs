@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use x509_cert::Certificate;
 
-mod guest;
+pub(crate) mod guest;
 
 /// Longest an attestation request may take to verify (it takes milliseconds).
 const VERIFY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);

@@ -20,7 +20,6 @@ use crate::config::Config;
 use crate::crypto::HashAlg;
 use crate::error::{Error, Result, Step};
 use crate::secret::SecretBytes;
-use base64::Engine;
 use serde_json::{json, Value};
 use std::io::Read;
 use std::sync::Mutex;
@@ -34,8 +33,6 @@ pub const AZURE_GUEST_API_VERSION: &str = "2020-10-01";
 pub const TCG_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// More than any real boot log; a larger file is not sent.
 const TCG_LOG_MAX: u64 = 4 << 20;
-/// AAD of the sealed AzureGuest response (§6.6 step 9).
-const SEAL_AAD: &[u8] = b"Transport Key";
 
 /// The vTPM's transfer key behind the transfer-key seam. The mutex serialises the release
 /// threads' decryptions on the one TPM connection.
@@ -265,98 +262,6 @@ pub fn td_quote(
     Ok(quote)
 }
 
-fn sealed_bad(what: impl Into<String>) -> Error {
-    Error::integrity(
-        Step::Attestation,
-        format!("MAA AzureGuest response: {}", what.into()),
-    )
-    .with_hint("the sealed attestation response could not be opened with this VM's TPM transfer key; check that attestation.url is the MAA instance this VM should use")
-}
-
-fn b64_any(text: &str) -> Option<Vec<u8>> {
-    let clean = text.trim();
-    base64::engine::general_purpose::STANDARD
-        .decode(clean)
-        .ok()
-        .or_else(|| b64url_decode(clean))
-}
-
-/// The JWT of an AzureGuest response's `token` member. MAA seals it to the transfer key
-/// (§6.6 step 9: base64url JSON with `EncryptedInnerKey`, `EncryptionParams`,
-/// `AuthenticationData`, `Jwt`); `unwrap_inner_key` is RSAES-PKCS1-v1_5 decryption with that key
-/// (inside the TPM). A plain compact JWT is taken as it is: it is verified like any token
-/// afterwards (signature, issuer, nonce, our key), so accepting it weakens nothing.
-pub fn open_sealed_token(
-    token: &str,
-    unwrap_inner_key: &dyn Fn(&[u8]) -> Result<SecretBytes>,
-) -> Result<String> {
-    let token = token.trim();
-    if token.starts_with("eyJ") && token.matches('.').count() == 2 {
-        return Ok(token.to_string());
-    }
-    let outer = b64url_decode(token)
-        .or_else(|| b64_any(token))
-        .ok_or_else(|| sealed_bad("token is neither a JWT nor base64"))?;
-    let sealed: Value =
-        serde_json::from_slice(&outer).map_err(|_| sealed_bad("sealed token is not JSON"))?;
-    let field = |name: &str| -> Result<Vec<u8>> {
-        sealed
-            .get(name)
-            .and_then(Value::as_str)
-            .and_then(b64_any)
-            .ok_or_else(|| sealed_bad(format!("no base64 {name}")))
-    };
-    let params = sealed
-        .get("EncryptionParams")
-        .ok_or_else(|| sealed_bad("no EncryptionParams"))?;
-    let param = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or("");
-    if param("Cipher") != "AES" || param("BlockMode") != "ChainingModeGCM" {
-        return Err(sealed_bad(format!(
-            "unsupported encryption {}/{} (expected AES/ChainingModeGCM)",
-            param("Cipher"),
-            param("BlockMode")
-        )));
-    }
-    let iv = params
-        .get("Iv")
-        .and_then(Value::as_str)
-        .and_then(b64_any)
-        .ok_or_else(|| sealed_bad("no base64 EncryptionParams.Iv"))?;
-    if iv.len() != 12 {
-        return Err(sealed_bad(format!("IV of {} bytes, expected 12", iv.len())));
-    }
-    let encrypted_key = field("EncryptedInnerKey")?;
-    let tag = field("AuthenticationData")?;
-    if tag.len() != 16 {
-        return Err(sealed_bad(format!(
-            "tag of {} bytes, expected 16",
-            tag.len()
-        )));
-    }
-    let mut ciphertext = field("Jwt")?;
-    let inner_key = unwrap_inner_key(&encrypted_key)?;
-    let bits = params.get("KeySizeInBits").and_then(Value::as_u64);
-    if !matches!(inner_key.len(), 16 | 24 | 32)
-        || bits.is_some_and(|b| b != 8 * inner_key.len() as u64)
-    {
-        return Err(sealed_bad(format!(
-            "inner key of {} bytes (KeySizeInBits {bits:?})",
-            inner_key.len()
-        )));
-    }
-    ciphertext.extend_from_slice(&tag);
-    let p = crate::crypto::GcmParams {
-        iv,
-        aad: SEAL_AAD.to_vec(),
-        tag_bits: 128,
-    };
-    let jwt = crate::crypto::aes::gcm_open(inner_key.as_slice(), &p, &ciphertext)
-        .map_err(|_| sealed_bad("AES-GCM authentication of the sealed token failed"))?;
-    String::from_utf8(jwt.to_vec())
-        .map(|s| s.trim().to_string())
-        .map_err(|_| sealed_bad("the unsealed token is not text"))
-}
-
 /// Steps 1–3 of the login on an Azure CVM: TPM transfer key, vTPM evidence, AzureGuest.
 pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
     let t = Instant::now();
@@ -415,7 +320,7 @@ pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Re
     let maa = maa::Maa::new(&session.http, &cfg.attestation.url, AZURE_GUEST_API_VERSION);
     let sealed = maa.attest_azure_guest(&info)?;
     let transfer = TpmKey::new(key);
-    let token = open_sealed_token(&sealed, &|ct| transfer.decrypt(ct, DecryptScheme::RsaEs))?;
+    let token = maa::open_sealed_token(&sealed, &|ct| transfer.decrypt(ct, DecryptScheme::RsaEs))?;
     let claims = maa.verify(
         &token,
         &Expected {
@@ -450,62 +355,6 @@ mod tests {
         assert_ne!(user_data_for("n1k", b"ey"), a);
     }
 
-    fn seal(jwt: &[u8], key: &[u8; 32], encrypted_key: &[u8]) -> String {
-        let iv = [5u8; 12];
-        let p = crate::crypto::GcmParams {
-            iv: iv.to_vec(),
-            aad: SEAL_AAD.to_vec(),
-            tag_bits: 128,
-        };
-        let sealed = crate::crypto::aes::gcm_seal(key, &p, jwt).unwrap();
-        let (ct, tag) = sealed.split_at(sealed.len() - 16);
-        let inner = json!({
-            "EncryptedInnerKey": b64std(encrypted_key),
-            "EncryptionParams": {"BlockMode": "ChainingModeGCM", "BlockPadding": "PKCS7",
-                "Cipher": "AES", "KeySizeInBits": 256, "Iv": b64std(&iv)},
-            "AuthenticationData": b64std(tag),
-            "Jwt": b64std(ct),
-        });
-        b64url(inner.to_string().as_bytes())
-    }
-
-    #[test]
-    fn sealed_tokens_open_with_the_inner_key_and_refuse_tampering() {
-        let key = [7u8; 32];
-        let jwt = b"eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln";
-        let token = seal(jwt, &key, b"wrapped");
-        let unwrap = |ct: &[u8]| -> Result<SecretBytes> {
-            assert_eq!(ct, b"wrapped");
-            Ok(SecretBytes::from_slice(&key))
-        };
-        assert_eq!(open_sealed_token(&token, &unwrap).unwrap().as_bytes(), jwt);
-        // A plain JWT passes through (verified afterwards like any token).
-        let plain = std::str::from_utf8(jwt).unwrap();
-        assert_eq!(open_sealed_token(plain, &unwrap).unwrap(), plain);
-        // Another inner key: GCM authentication fails.
-        let wrong = |_: &[u8]| -> Result<SecretBytes> { Ok(SecretBytes::from_slice(&[8u8; 32])) };
-        let e = open_sealed_token(&token, &wrong).unwrap_err();
-        assert!(e.message().contains("AES-GCM"), "{e}");
-        // A flipped ciphertext bit.
-        let mut v: Value = serde_json::from_slice(&b64url_decode(&token).unwrap()).unwrap();
-        let mut ct = b64_any(v["Jwt"].as_str().unwrap()).unwrap();
-        ct[0] ^= 1;
-        v["Jwt"] = b64std(&ct).into();
-        let tampered = b64url(v.to_string().as_bytes());
-        assert!(open_sealed_token(&tampered, &unwrap).is_err());
-        // Key size and cipher checks; garbage.
-        v["EncryptionParams"]["KeySizeInBits"] = 128.into();
-        assert!(open_sealed_token(&b64url(v.to_string().as_bytes()), &unwrap).is_err());
-        v["EncryptionParams"]["Cipher"] = "DES".into();
-        let e = open_sealed_token(&b64url(v.to_string().as_bytes()), &unwrap).unwrap_err();
-        assert!(e.message().contains("unsupported"), "{e}");
-        assert!(open_sealed_token("!!", &unwrap).is_err());
-        assert_eq!(
-            open_sealed_token("!!", &unwrap).unwrap_err().step(),
-            Some(Step::Attestation)
-        );
-    }
-
     #[test]
     fn attestation_info_has_msga_members_and_encodings() {
         let quote = super::super::tpm::PcrQuote {
@@ -532,13 +381,13 @@ mod tests {
         assert_eq!(v["TpmInfo"]["AikCert"], "MA==");
         assert_eq!(v["IsolationInfo"]["Type"], "SevSnp");
         let proof: Value = serde_json::from_slice(
-            &b64_any(v["IsolationInfo"]["Evidence"]["Proof"].as_str().unwrap()).unwrap(),
+            &maa::b64_any(v["IsolationInfo"]["Evidence"]["Proof"].as_str().unwrap()).unwrap(),
         )
         .unwrap();
         assert_eq!(proof["SnpReport"], b64url(&[9; 4]));
         assert_eq!(proof["VcekCertChain"], b64std(b"PEM"));
         assert_eq!(
-            b64_any(
+            maa::b64_any(
                 v["IsolationInfo"]["Evidence"]["RunTimeData"]
                     .as_str()
                     .unwrap()
