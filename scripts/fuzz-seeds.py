@@ -222,6 +222,25 @@ write("release_policy", "accept-sevsnp-policy", dumps({
         {"claim": "x-ms-compliance-status", "equals": "azure-compliant-uvm"}]}]})
       + b"\x00" + dumps(dict(real_claims, **{"x-ms-compliance-status": "azure-compliant-uvm"})))
 
+# ---- lease_record (token::lease, the shared key store's record) ----
+def lease_entry(index, state, released_at_ms, version, material):
+    v = version.encode()
+    return (struct.pack("<IBQH", index, state, released_at_ms, len(v)) + v
+            + struct.pack("<I", len(material)) + material)
+
+def lease_record(entries):
+    return b"SKRL" + bytes([1]) + struct.pack("<I", len(entries)) + b"".join(entries)
+
+write("lease_record", "accept-three-keys", lease_record([
+    lease_entry(0, 1, 1764800000000, "0123456789abcdef0123456789abcdef", bytes(range(48))),
+    lease_entry(1, 2, 1764800000001, "v2", bytes([7]) * 32),
+    lease_entry(2, 3, 1764800000002, "v3", b""),
+]))
+write("lease_record", "accept-expired", lease_record([lease_entry(0, 4, 5, "", b"")]))
+write("lease_record", "accept-empty", lease_record([]))
+write("lease_record", "seed-revoked-with-material", lease_record([lease_entry(0, 3, 5, "v", b"x")]))
+write("lease_record", "seed-truncated", lease_record([lease_entry(0, 1, 5, "v", b"abc")])[:-1])
+
 # ---- http_dates ----
 write("http_dates", "accept-seconds", b"120")
 write("http_dates", "accept-imf-fixdate", b"Sun, 06 Nov 1994 08:49:37 GMT")

@@ -145,6 +145,77 @@ pub struct Release {
     /// First backoff; doubles with jitter; a Retry-After header wins (capped).
     #[serde(default = "default_backoff_ms")]
     pub backoff_ms: u64,
+    /// How often released keys are re-attested and re-released in the background (±10 %).
+    #[serde(default = "default_refresh")]
+    pub refresh: DurationSetting,
+    /// How long a release stays usable when refreshes keep failing; then the key is wiped.
+    #[serde(default = "default_max_age")]
+    pub max_age: DurationSetting,
+    /// Prometheus text file with the keys' lease status, rewritten by the refreshing process.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
+}
+
+/// A duration written as text: `"12h"`, `"90m"`, `"30s"`, `"500ms"`, `"2d"`, or sums of them
+/// (`"1h30m"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationSetting(pub std::time::Duration);
+
+impl DurationSetting {
+    pub fn parse(text: &str) -> Option<DurationSetting> {
+        let t = text.trim();
+        if t.is_empty() {
+            return None;
+        }
+        let mut total: u128 = 0;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return None;
+            }
+            let n: u128 = rest[..digits].parse().ok()?;
+            rest = &rest[digits..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let ms_per = match &rest[..unit_len] {
+                "ms" => 1,
+                "s" => 1000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "d" => 86_400_000,
+                _ => return None,
+            };
+            rest = &rest[unit_len..];
+            total = total.checked_add(n.checked_mul(ms_per)?)?;
+        }
+        let ms = u64::try_from(total).ok()?;
+        Some(DurationSetting(std::time::Duration::from_millis(ms)))
+    }
+    pub fn as_millis(&self) -> u64 {
+        self.0.as_millis() as u64
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DurationSetting::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration (write e.g. \"12h\", \"90m\", \"30s\", \"500ms\")"
+            ))
+        })
+    }
+}
+
+fn default_refresh() -> DurationSetting {
+    DurationSetting(std::time::Duration::from_secs(12 * 3600))
+}
+fn default_max_age() -> DurationSetting {
+    DurationSetting(std::time::Duration::from_secs(48 * 3600))
 }
 impl Default for Release {
     fn default() -> Self {
@@ -154,6 +225,9 @@ impl Default for Release {
             timeout_seconds: default_timeout(),
             retries: default_retries(),
             backoff_ms: default_backoff_ms(),
+            refresh: default_refresh(),
+            max_age: default_max_age(),
+            status_file: None,
         }
     }
 }
@@ -419,6 +493,13 @@ impl Config {
                 "{}: release.enc {:?} is not one of CKM_RSA_AES_KEY_WRAP, RSA_AES_KEY_WRAP_256, RSA_AES_KEY_WRAP_384",
                 at("enc"),
                 self.release.enc
+            )));
+        }
+        let (refresh, max_age) = (self.release.refresh.0, self.release.max_age.0);
+        if refresh < std::time::Duration::from_millis(100) || max_age <= refresh {
+            return Err(Error::config(format!(
+                "{}: release.refresh ({refresh:?}) must be at least 100ms and shorter than release.max_age ({max_age:?}): a lease must be renewable before it runs out",
+                at("refresh")
             )));
         }
         // The module trusts whatever key set these hosts serve (MAA's /certs) or hands them a

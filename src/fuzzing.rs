@@ -496,6 +496,27 @@ pub fn http_dates(_fx: &Fixtures, data: &[u8]) -> bool {
     parse_retry_after(&text).is_some()
 }
 
+/// A lease record as a process of the tree reads it from the shared key store (a torn or
+/// foreign mapping must be refused, never panic): decode, re-encode, and decode again to the
+/// same entries.
+pub fn lease_record(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::token::lease::{decode, encode};
+    let Some(keys) = decode(data) else {
+        return false;
+    };
+    let again = encode(&keys);
+    let back = decode(again.as_slice()).expect("a record we encoded decodes");
+    assert_eq!(back.len(), keys.len());
+    for (a, b) in keys.iter().zip(&back) {
+        assert_eq!(
+            (a.index, &a.version, a.released_at_ms),
+            (b.index, &b.version, b.released_at_ms)
+        );
+        assert_eq!(a.state.name(), b.state.name());
+    }
+    true
+}
+
 /// A harness: the fixtures and the fuzzer's bytes in, whether they passed every check out.
 pub type Harness = fn(&Fixtures, &[u8]) -> bool;
 
@@ -513,6 +534,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("pem_chain", pem_chain),
     ("release_policy", release_policy),
     ("http_dates", http_dates),
+    ("lease_record", lease_record),
 ];
 
 /// Reads structure-aware input front to back; past the end every read is empty / zero.

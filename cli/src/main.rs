@@ -56,6 +56,13 @@ enum Cmd {
         #[command(subcommand)]
         command: EvidenceCmd,
     },
+    /// Show the lease status of the released keys of running processes (from the status
+    /// file of `release.status_file`): version, released at, lease end, next refresh, failures.
+    Status {
+        /// Print the Prometheus text as it is.
+        #[arg(long)]
+        raw: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +135,7 @@ fn main() -> ExitCode {
         Cmd::Evidence {
             command: EvidenceCmd::Show { file },
         } => evidence_show(file),
+        Cmd::Status { raw } => load(&cli).and_then(|cfg| status(&cfg, *raw)),
     };
     match result {
         Ok(code) => code,
@@ -296,7 +304,20 @@ fn doctor(cfg: &Config) -> ExitCode {
             push(
                 &row,
                 vault.get_key(k).and_then(|b| {
-                    let mut d = format!("{} key", b.public.kind());
+                    let version = b
+                        .kid
+                        .as_deref()
+                        .and_then(akv::key_version)
+                        .map(|v| {
+                            let pinned = if akv::key_version(&k.kid).is_some() {
+                                "pinned"
+                            } else {
+                                "current"
+                            };
+                            format!(" version {v} ({pinned})")
+                        })
+                        .unwrap_or_default();
+                    let mut d = format!("{} key{version}", b.public.kind());
                     match (&b.policy_data, claims) {
                         (None, _) => d.push_str("; no release policy (not exportable?)"),
                         (Some(p), Some(a)) => match policy::parse_encoded(p) {
@@ -391,8 +412,8 @@ fn release_cmd(cfg: &Config, label: Option<&str>) -> Result<ExitCode, Error> {
             KeyMaterial::Raw(s) => ("raw", s.len()),
         };
         println!(
-            "{:<24} {form:<7} {len:>5} bytes  checked against GET {}",
-            kc.label, kc.kid
+            "{:<24} version {:<32} {form:<7} {len:>5} bytes  checked against GET {}",
+            kc.label, k.version, kc.kid
         );
     }
     println!(
@@ -400,6 +421,176 @@ fn release_cmd(cfg: &Config, label: Option<&str>) -> Result<ExitCode, Error> {
         t.transfer_key, t.evidence, t.attestation, t.identity, t.release, t.unwrap
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `skr-pkcs11 status`: the status file the refreshing process writes, as a table.
+fn status(cfg: &Config, raw: bool) -> Result<ExitCode, Error> {
+    let path = cfg.release.status_file.as_ref().ok_or_else(|| {
+        Error::config("release.status_file is not set: the running processes publish no status")
+            .with_hint("set release.status_file in the config (e.g. /run/skr-pkcs11/status.prom) and restart the service")
+    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::config(format!("{}: {e}", path.display()))
+            .with_hint("the file appears after the first refresh of a running process (release.refresh after its login)")
+    })?;
+    if raw {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let samples = parse_prometheus(&text);
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|(_, l, v)| (l.clone(), *v))
+    };
+    let when = |secs: f64| -> String {
+        if secs <= 0.0 {
+            return "never".into();
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let d = secs - now;
+        if d >= 0.0 {
+            format!("in {}", human(d))
+        } else {
+            format!("{} ago", human(-d))
+        }
+    };
+    let mut failed = false;
+    for t in &cfg.tokens {
+        let tl = t.label.as_str();
+        let Some((_, next)) = get("skr_pkcs11_token_next_refresh_seconds", &[("token", tl)]) else {
+            println!("token {tl}: no status (not logged in by a running process)");
+            continue;
+        };
+        let failures = get("skr_pkcs11_token_refresh_failures", &[("token", tl)])
+            .map(|x| x.1)
+            .unwrap_or(0.0);
+        let class = get("skr_pkcs11_token_last_failure_info", &[("token", tl)])
+            .and_then(|(l, _)| l.into_iter().find(|(k, _)| k == "class").map(|(_, v)| v))
+            .unwrap_or_default();
+        let processes = get("skr_pkcs11_token_processes", &[("token", tl)])
+            .map(|x| x.1)
+            .unwrap_or(0.0);
+        println!(
+            "token {tl}: next refresh {}, {} process(es), {} consecutive failure(s){}",
+            when(next),
+            processes as u64,
+            failures as u64,
+            if failures > 0.0 {
+                format!(" (last: {class})")
+            } else {
+                String::new()
+            }
+        );
+        for k in &t.keys {
+            let Some((labels, _)) = get("skr_pkcs11_key_info", &[("token", tl), ("key", &k.label)])
+            else {
+                println!("  {:<24} not released", k.label);
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .iter()
+                    .find(|(a, _)| a == name)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default()
+            };
+            let state = label("state");
+            failed |= state != "live";
+            let released = get(
+                "skr_pkcs11_key_released_at_seconds",
+                &[("token", tl), ("key", &k.label)],
+            )
+            .map(|x| x.1)
+            .unwrap_or(0.0);
+            let expires = get(
+                "skr_pkcs11_key_expires_at_seconds",
+                &[("token", tl), ("key", &k.label)],
+            )
+            .map(|x| when(x.1));
+            println!(
+                "  {:<24} {state:<8} version {:<32} released {}{}",
+                k.label,
+                label("version"),
+                when(released),
+                expires
+                    .map(|e| format!(", lease ends {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn human(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// One sample of a Prometheus text document: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a Prometheus text document (comments skipped).
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        let mut parsed = Vec::new();
+        let mut rest = labels;
+        while let Some((k, after)) = rest.split_once("=\"") {
+            let mut v = String::new();
+            let mut chars = after.char_indices();
+            let mut end = after.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            v.push(if n == 'n' { '\n' } else { n });
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            parsed.push((k.trim_start_matches(',').to_string(), v));
+            rest = &after[end..];
+        }
+        out.push((name.to_string(), parsed, value));
+    }
+    out
 }
 
 fn read_json_or_base64(path: &Path) -> Result<Value, Error> {

@@ -78,6 +78,24 @@ pub(crate) unsafe fn decode_init_args(p: *const CK_C_INITIALIZE_ARGS) -> Result<
     })
 }
 
+/// Read a certificate file again (key rotation): None when it cannot be read now (the
+/// reason is logged; the certificate loaded before stays).
+pub(crate) fn reread_certificate(path: &std::path::Path) -> Option<Vec<u8>> {
+    crate::config::read_named_file(path)
+        .map_err(|e| log::warn!("cannot re-read certificate {}: {e}", path.display()))
+        .ok()
+}
+
+/// Bring a token's keys in line with the tree's store at an object lookup; a certificate
+/// file that names a key not released yet triggers a refresh now.
+pub(crate) fn follow_lookup(inst: &Instance, t: &token::Token) {
+    super::lease::refresh_inline_if_due(inst, t);
+    if t.follow(token::Follow::Lookup, &reread_certificate) == token::FollowOutcome::NeedsRelease {
+        super::lease::refresh_for_rotation(inst, t);
+        t.follow(token::Follow::Lookup, &reread_certificate);
+    }
+}
+
 /// Read every certificate file the config names (the only file I/O besides the config).
 fn read_certificates(cfg: &Config) -> Result<HashMap<std::path::PathBuf, Vec<u8>>> {
     let mut pems = HashMap::new();
@@ -282,6 +300,9 @@ p11_fn! {
             return Err(bad("phSession is NULL"));
         }
         let h = inst.module.open_session(slot, flags)?;
+        if let Ok(t) = inst.module.token(slot) {
+            super::lease::refresh_inline_if_due(&inst, t);
+        }
         // SAFETY: checked non-NULL API out-pointer.
         unsafe { out(ph_session, h, "phSession") }
     }
@@ -446,7 +467,7 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     };
     let started = Instant::now();
     let (material, timings, inherited) = match token::retained(&t.config.label) {
-        Some(m) => (Ok(m), None, true),
+        Some(m) => (Ok(super::lease::inherited_keys(inst, t, m)), None, true),
         None => {
             let (r, timings) = run_release(&inst.module.config, token_index, !inst.no_threads);
             (r, timings, false)
@@ -454,6 +475,14 @@ pub(crate) fn login(inst: &Instance, token_index: usize) -> Result<()> {
     };
     let install_started = Instant::now();
     let result = lease.finish(material);
+    if result.is_ok() {
+        // Keys inherited from the tree may be older than its store: catch up, then keep them
+        // fresh.
+        if inherited {
+            follow_lookup(inst, t);
+        }
+        super::lease::after_login(inst, token_index);
+    }
     let install = install_started.elapsed();
     match result {
         Ok(()) => {

@@ -9,9 +9,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod general;
+mod lease;
 mod objects;
 mod ops;
 mod process;
+pub mod status;
 mod tables;
 
 pub(crate) use process::{instance, Instance};

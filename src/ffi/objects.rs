@@ -125,6 +125,11 @@ p11_fn! {
         let (s, t) = inst.module.session_token(h)?;
         // SAFETY: API template.
         let template = unsafe { read_template(p_template, count)? };
+        if s.lock().find.is_some() {
+            return Err(Error::new(CKR_OPERATION_ACTIVE, "a find is already active on this session"));
+        }
+        // A lookup is where an application (re)loads its keys: serve the current versions.
+        super::general::follow_lookup(&inst, t);
         let mut g = s.lock();
         if g.find.is_some() {
             return Err(Error::new(CKR_OPERATION_ACTIVE, "a find is already active on this session"));

@@ -140,6 +140,10 @@ fn key_object(
     m: &Mechanism,
     purpose: Purpose,
 ) -> Result<Arc<Object>> {
+    t.follow(
+        crate::token::Follow::Operation,
+        &super::general::reread_certificate,
+    );
     let o = t.object(h).map_err(|_| {
         Error::new(
             CKR_KEY_HANDLE_INVALID,

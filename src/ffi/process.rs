@@ -10,8 +10,11 @@
 //! # Fork protocol
 //! What a child **inherits**: a copy of every slot (with whatever locks the parent's threads
 //! held at that instant), each thread-local cache of the forking thread, the retained keys
-//! (`token::retained`, fork = "keep"), the locked arena's pages (not locked any more: mlock is
-//! not inherited), and `RETAINED_OWNER` (the parent's pid).
+//! (`token::retained`, fork = "keep") with each token's **shared store** (`secret::shared`: the
+//! one mapping the tree shares, where refreshes publish; docs/MODULE.md "Keys as leases"), the
+//! locked arena's pages (not locked any more: mlock is not inherited), and `RETAINED_OWNER`
+//! (the parent's pid). No refresher thread survives fork: the child starts its own at its
+//! login, and takes part in the tree's refresh election from then on.
 //!
 //! How the child **notices**: `atfork_child` bumps `FORK_GENERATION`, so the child works in
 //! the next slot and never waits on a lock held by a parent thread that does not exist in
@@ -21,10 +24,13 @@
 //! CKR_CRYPTOKI_NOT_INITIALIZED.
 //!
 //! What the child **re-locks**: at its `C_Initialize` with fork = "keep", the retained keys'
-//! pages and every arena page (`token::relock_retained`, `secret::arena::relock_after_fork`).
+//! pages, their shared store and every arena page (`token::relock_retained`,
+//! `secret::arena::relock_after_fork`). At its login it takes the store's newer keys if a
+//! refresh ran since the fork (`lease::inherited_keys`).
 //!
 //! What the child **wipes**: with fork = "re-release", the retained keys at its
-//! `C_Initialize` (the next login releases afresh); in any case the parent's states in the
+//! `C_Initialize` (the next login releases afresh; the shared store is only unmapped, never
+//! zeroed: the parent still serves from it); in any case the parent's states in the
 //! other slots (`drop_inherited_states`: sessions, handles, key references; a slot still
 //! locked counts as used and is left alone). A child's `C_Finalize` never wipes the parent's
 //! keys (they are the parent's too, copy-on-write).

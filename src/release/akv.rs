@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// What `GET {kid}` says about a key.
 pub struct KeyBundle {
+    /// `key.kid`: the versioned key URL GET answered for.
+    pub kid: Option<String>,
     pub public: PublicKeyInfo,
     /// `release_policy.data` (base64url policy JSON), if the key has one.
     pub policy_data: Option<String>,
@@ -132,10 +134,15 @@ impl<'a> Akv<'a> {
 
     /// `GET {kid}`: public key and release policy.
     pub fn get_key(&self, key: &KeyConfig) -> Result<KeyBundle> {
+        self.get_key_at(key, &key.kid)
+    }
+
+    /// `GET` of one version of `key` (`kid` = the configured URL or a versioned one of it).
+    fn get_key_at(&self, key: &KeyConfig, kid: &str) -> Result<KeyBundle> {
         let host = key_host(key)?;
         let url = format!(
             "{}?api-version={}",
-            key.kid.trim_end_matches('/'),
+            kid.trim_end_matches('/'),
             self.api_version
         );
         let what = format!("GET key {:?}", key.label);
@@ -154,7 +161,9 @@ impl<'a> Akv<'a> {
             .pointer("/release_policy/data")
             .and_then(Value::as_str)
             .map(str::to_string);
+        let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_string);
         Ok(KeyBundle {
+            kid,
             public,
             policy_data,
         })
@@ -195,7 +204,7 @@ impl<'a> Akv<'a> {
             });
             (bundle, resp)
         });
-        let bundle = bundle?;
+        let mut bundle = bundle?;
         let resp = resp?;
         if resp.status == 403 {
             return Err(explain_403(key, &bundle, att, &resp));
@@ -215,6 +224,25 @@ impl<'a> Akv<'a> {
                 .map_err(|e| e.context(&what))?;
         check_release_request(&payload, &key.kid, self.enc.name(), &nonce)
             .map_err(|e| e.context(&what))?;
+        // The version that was released. An unversioned kid follows the key's current
+        // version, which a rotation may move between our GET and the release: then describe
+        // the released version by its own GET before comparing public keys.
+        let released_kid = payload
+            .pointer("/response/key/key/kid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let (Some(released), Some(got)) = (&released_kid, &bundle.kid) {
+            if !super::jws::same_key_url(released, got) && key_version(&key.kid).is_none() {
+                log::info!("{what}: the key rotated during the release ({got} -> {released}); checking against the released version");
+                bundle = self.get_key_at(key, released)?;
+            }
+        }
+        let version = released_kid
+            .as_deref()
+            .or(bundle.kid.as_deref())
+            .and_then(key_version)
+            .unwrap_or_default()
+            .to_string();
         // The signed public part (when present) must be the key GET described.
         if let Some(signed) = payload.pointer("/response/key/key") {
             check_signed_public(&what, signed, &bundle.public)?;
@@ -228,8 +256,23 @@ impl<'a> Akv<'a> {
         let material =
             unwrap_key_hsm(&envelope, transfer, self.enc).map_err(|e| e.context(&what))?;
         let material = check_material(&key.label, material, &bundle.public)?;
-        Ok((ReleasedKey { index, material }, started.elapsed()))
+        Ok((
+            ReleasedKey {
+                index,
+                material,
+                version,
+            },
+            started.elapsed(),
+        ))
     }
+}
+
+/// The version segment of a key URL `https://host/keys/{name}/{version}`, if it has one.
+pub fn key_version(kid: &str) -> Option<&str> {
+    let path = kid.split_once("/keys/")?.1.trim_end_matches('/');
+    let (_, version) = path.split_once('/')?;
+    let version = version.split(['?', '/']).next()?;
+    (!version.is_empty()).then_some(version)
 }
 
 /// Compare the public key inside the signed release payload with the one from `GET {kid}`.
@@ -352,6 +395,7 @@ mod tests {
             {"claim":"x-ms-attestation-type","equals":"sevsnpvm"},
             {"claim":"x-ms-sevsnpvm-launchmeasurement","equals":"ab01"}]}]});
         let bundle = KeyBundle {
+            kid: None,
             public: PublicKeyInfo::Oct { key_size: None },
             policy_data: Some(crate::release::b64url(policy.to_string().as_bytes())),
         };

@@ -188,6 +188,36 @@ fn release_token_inner(
     cfg: &Config,
     token: &TokenConfig,
 ) -> Result<(Vec<ReleasedKey>, LoginTimings)> {
+    let (each, timings) = release_each(cfg, token)?;
+    let mut released = Vec::with_capacity(each.len());
+    for (_, r) in each {
+        released.push(r?);
+    }
+    Ok((released, timings))
+}
+
+/// The outcome of a release, key by key (a refresh keeps serving the keys that failed for
+/// a reason that may pass, and wipes those the vault refused). The outer error is a failure
+/// before any key: configuration, evidence, MAA, identity.
+pub type EachReleased = Vec<(usize, Result<ReleasedKey>)>;
+
+/// Like `release_token`, but every key's own result.
+pub fn release_token_each(
+    cfg: &Config,
+    token: &TokenConfig,
+) -> Result<(EachReleased, LoginTimings)> {
+    match release_each(cfg, token) {
+        Ok((each, t)) => Ok((
+            each.into_iter()
+                .map(|(i, r)| (i, r.map_err(with_default_hint)))
+                .collect(),
+            t,
+        )),
+        Err(e) => Err(with_default_hint(e)),
+    }
+}
+
+fn release_each(cfg: &Config, token: &TokenConfig) -> Result<(EachReleased, LoginTimings)> {
     let mut timings = LoginTimings::default();
     if token.keys.is_empty() {
         return Err(Error::config(format!(
@@ -260,12 +290,16 @@ fn release_token_inner(
             .collect()
     });
     let phase = t.elapsed();
-    let mut released = Vec::with_capacity(results.len());
+    let mut released: EachReleased = Vec::with_capacity(results.len());
     let mut unwrap_time = Duration::ZERO;
-    for r in results {
-        let (key, spent) = r?;
-        unwrap_time += spent;
-        released.push(key);
+    for (i, r) in results.into_iter().enumerate() {
+        released.push((
+            i,
+            r.map(|(key, spent)| {
+                unwrap_time += spent;
+                key
+            }),
+        ));
     }
     let late_identity = identity.spent().saturating_sub(timings.identity);
     timings.identity += late_identity;
@@ -276,8 +310,9 @@ fn release_token_inner(
     drop(attested);
     // C_Login logs the outcome at info; this detail is for debugging the release itself.
     log::debug!(
-        "token {:?}: released {} key(s) via {} with {source} evidence (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
+        "token {:?}: released {} of {} key(s) via {} with {source} evidence (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
         token.label,
+        released.iter().filter(|(_, r)| r.is_ok()).count(),
         released.len(),
         cfg.attestation.url,
         timings.transfer_key,

@@ -7,6 +7,7 @@
 //! re-locks every live holder.
 
 pub mod arena;
+pub mod shared;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use zeroize::Zeroize;
@@ -30,6 +31,16 @@ fn page_size() -> usize {
         4096
     } else {
         p as usize
+    }
+}
+
+/// Log once per process that a lock failed (the cause is the same for every buffer).
+fn warn_mlock_once() {
+    if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "mlock of secret memory failed ({}); keys may reach swap. hint: raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=)",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -85,13 +96,8 @@ impl SecretBytes {
                 self.map_len,
                 libc::MADV_DONTDUMP,
             );
-            if libc::mlock(self.ptr as *const libc::c_void, self.map_len) != 0
-                && !MLOCK_WARNED.swap(true, Ordering::Relaxed)
-            {
-                log::warn!(
-                    "mlock of secret memory failed ({}); keys may reach swap. hint: raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=)",
-                    std::io::Error::last_os_error()
-                );
+            if libc::mlock(self.ptr as *const libc::c_void, self.map_len) != 0 {
+                warn_mlock_once();
             }
         }
     }

@@ -8,16 +8,21 @@
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod lease;
 pub mod object;
 pub mod released;
+mod rotation;
+pub use rotation::{Follow, FollowOutcome};
 pub mod session;
 
 use crate::config::{Config, TokenConfig};
 use crate::crypto::ops::AsymKey;
 use crate::error::{Error, Result, Step};
+use crate::secret::shared::SharedStore;
 use crate::secret::SecretBytes;
 pub use crate::sync::{lock, lock_bounded, read, write};
 use cryptoki_sys::*;
+use lease::{LeaseState, LeasedKey};
 use object::{new_object_handle, Body, CertInfo, Object};
 use released::{KeyMaterial, ReleasedKey};
 use session::Session;
@@ -29,75 +34,182 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 static NEXT_SESSION_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 /// A released key after parsing: the AWS-LC key (in the locked arena) or the raw AES key.
+#[derive(Clone)]
 pub enum ParsedKey {
     Asym(Arc<AsymKey>),
     Secret(Arc<SecretBytes>),
 }
 
-/// The released keys of one token, by configured key index.
+/// One key this process serves: which configured key, which version, since when.
+pub struct ServedKey {
+    pub index: usize,
+    pub version: String,
+    /// Unix milliseconds of the release it came from (its lease runs from here).
+    pub released_at_ms: u64,
+    pub parsed: ParsedKey,
+}
+
+/// The released keys of one token, and the process tree's store they were published to.
 pub struct Material {
-    pub keys: Vec<(usize, ParsedKey)>,
+    pub keys: Vec<ServedKey>,
+    /// The tree's store (`secret::shared`): None only if the kernel refused the mapping.
+    pub store: Option<Arc<SharedStore>>,
+    /// The store generation these keys were read from or published as.
+    pub generation: u64,
+}
+
+/// Store room per key: a PKCS#8 RSA-4096 key is about 2.4 KiB, so a rotation to a larger
+/// key type still fits.
+const STORE_BYTES_PER_KEY: usize = 8 * 1024;
+
+/// Parse one key's released material.
+fn parse_key(cfg: &crate::config::KeyConfig, material: &KeyMaterial) -> Result<ParsedKey> {
+    match material {
+        KeyMaterial::Pkcs8(der) => {
+            let k = AsymKey::from_pkcs8(der.as_slice()).map_err(|e| {
+                Error::integrity(
+                    Step::Install,
+                    format!(
+                        "key {:?}: released key unusable: {}",
+                        cfg.label,
+                        e.message()
+                    ),
+                )
+            })?;
+            Ok(ParsedKey::Asym(Arc::new(k)))
+        }
+        KeyMaterial::Raw(bytes) => {
+            if ![16, 24, 32].contains(&bytes.len()) {
+                return Err(Error::integrity(
+                    Step::Install,
+                    format!(
+                        "key {:?}: released symmetric key of {} bytes is not AES",
+                        cfg.label,
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(ParsedKey::Secret(Arc::new(SecretBytes::from_slice(
+                bytes.as_slice(),
+            ))))
+        }
+    }
 }
 
 impl Material {
-    /// Parse what the release returned; every configured key must be there.
+    /// Parse what a login's release returned (every configured key must be there) and
+    /// publish it in a new store for this process and the children it forks.
     pub fn from_released(token: &TokenConfig, released: Vec<ReleasedKey>) -> Result<Material> {
-        let mut keys = Vec::with_capacity(released.len());
-        for r in released {
-            let cfg = token.keys.get(r.index).ok_or_else(|| {
-                Error::integrity(
+        let now = lease::now_ms();
+        let leased: Vec<LeasedKey> = released
+            .into_iter()
+            .map(|r| LeasedKey::from_released(r, now))
+            .collect();
+        for l in &leased {
+            if token.keys.get(l.index).is_none() {
+                return Err(Error::integrity(
                     Step::Install,
-                    format!("released key index {} is not configured", r.index),
-                )
-            })?;
-            let parsed = match r.material {
-                KeyMaterial::Pkcs8(der) => {
-                    let k = AsymKey::from_pkcs8(der.as_slice()).map_err(|e| {
-                        Error::integrity(
-                            Step::Install,
-                            format!(
-                                "key {:?}: released key unusable: {}",
-                                cfg.label,
-                                e.message()
-                            ),
-                        )
-                    })?;
-                    ParsedKey::Asym(Arc::new(k))
-                }
-                KeyMaterial::Raw(bytes) => {
-                    if ![16, 24, 32].contains(&bytes.len()) {
-                        return Err(Error::integrity(
-                            Step::Install,
-                            format!(
-                                "key {:?}: released symmetric key of {} bytes is not AES",
-                                cfg.label,
-                                bytes.len()
-                            ),
-                        ));
-                    }
-                    ParsedKey::Secret(Arc::new(bytes))
-                }
-            };
-            keys.push((r.index, parsed));
+                    format!("released key index {} is not configured", l.index),
+                ));
+            }
         }
         for (i, k) in token.keys.iter().enumerate() {
-            if !keys.iter().any(|(j, _)| *j == i) {
+            if !leased.iter().any(|l| l.index == i) {
                 return Err(Error::integrity(
                     Step::Install,
                     format!("key {:?} was not released", k.label),
                 ));
             }
         }
-        Ok(Material { keys })
+        let mut keys = Vec::with_capacity(leased.len());
+        for l in &leased {
+            if let LeaseState::Live(m) = &l.state {
+                keys.push(ServedKey {
+                    index: l.index,
+                    version: l.version.clone(),
+                    released_at_ms: l.released_at_ms,
+                    parsed: parse_key(&token.keys[l.index], m)?,
+                });
+            }
+        }
+        let record = lease::encode(&leased);
+        let capacity = (token.keys.len() * STORE_BYTES_PER_KEY).max(record.len());
+        let (store, generation) = match SharedStore::create(capacity) {
+            Some(store) => {
+                let g = store.publish(record.as_slice()).unwrap_or(0);
+                (Some(Arc::new(store)), g)
+            }
+            None => {
+                log::warn!(
+                    "token {:?}: cannot map the shared key store ({}); keys are not shared with forked children and rotate per process",
+                    token.label,
+                    std::io::Error::last_os_error()
+                );
+                (None, 0)
+            }
+        };
+        Ok(Material {
+            keys,
+            store,
+            generation,
+        })
     }
 
-    /// Re-lock the raw key pages in a forked child (mlock is not inherited).
+    /// Re-lock the raw key pages and the shared store in a forked child (mlock is not
+    /// inherited).
     pub fn relock(&self) {
-        for (_, k) in &self.keys {
-            if let ParsedKey::Secret(s) = k {
+        for k in &self.keys {
+            if let ParsedKey::Secret(s) = &k.parsed {
                 s.relock();
             }
         }
+        if let Some(s) = &self.store {
+            s.relock();
+        }
+    }
+
+    /// The tree's current keys, read from its store (every configured key must be live).
+    pub fn from_store(token: &TokenConfig, store: Arc<SharedStore>) -> Result<Material> {
+        let unreadable = || {
+            Error::integrity(
+                Step::Install,
+                "the shared key store holds no readable record",
+            )
+        };
+        let (generation, bytes) = store.read().ok_or_else(unreadable)?;
+        let leased = lease::decode(bytes.as_slice()).ok_or_else(unreadable)?;
+        let mut keys = Vec::with_capacity(token.keys.len());
+        for (i, k) in token.keys.iter().enumerate() {
+            match leased.iter().find(|l| l.index == i).map(|l| (l, &l.state)) {
+                Some((l, LeaseState::Live(m))) => keys.push(ServedKey {
+                    index: i,
+                    version: l.version.clone(),
+                    released_at_ms: l.released_at_ms,
+                    parsed: parse_key(k, m)?,
+                }),
+                Some((l, _)) => {
+                    return Err(Error::denied(
+                        Step::Release,
+                        format!("key {:?}: {} in this process tree", k.label, l.state.name()),
+                    ))
+                }
+                None => {
+                    return Err(Error::integrity(
+                        Step::Install,
+                        format!("key {:?} is not in the shared key store", k.label),
+                    ))
+                }
+            }
+        }
+        Ok(Material {
+            keys,
+            store: Some(store),
+            generation,
+        })
+    }
+
+    pub fn served(&self, index: usize) -> Option<&ServedKey> {
+        self.keys.iter().find(|k| k.index == index)
     }
 }
 
@@ -164,6 +276,11 @@ pub struct KeySet {
 
 struct LoginState {
     keys: Option<Arc<KeySet>>,
+    /// Certificates and, for keys with a certificate, the public key from it (replaced when
+    /// a certificate file changes with a key rotation).
+    public: Arc<Vec<Arc<Object>>>,
+    /// Stops this process's background refresher of the token.
+    refresher: Option<Arc<lease::StopSignal>>,
     /// The module was finalised: no login may install keys any more.
     closed: bool,
     in_flight: bool,
@@ -178,9 +295,15 @@ pub struct Token {
     pub index: usize,
     pub slot_id: CK_SLOT_ID,
     pub config: TokenConfig,
-    /// Certificates and, for keys with a certificate, the public key from it.
-    public_objects: Vec<Arc<Object>>,
     login: Mutex<LoginState>,
+    /// Key rotation bookkeeping (`rotation.rs`): one import at a time, certificate files.
+    rotation: Mutex<rotation::RotationState>,
+    /// Lease timing from `[release]`.
+    pub terms: lease::LeaseTerms,
+    /// When an operation next looks at the store (`rotation.rs`).
+    next_follow_ms: AtomicU64,
+    /// (key index, class, handle) of the released keys' objects, until logout.
+    key_handles: Mutex<Vec<(usize, CK_OBJECT_CLASS, CK_OBJECT_HANDLE)>>,
     login_done: Condvar,
     /// Bumped by every login and logout; operations remember it.
     epoch: AtomicU64,
@@ -212,7 +335,8 @@ impl LoginLease<'_> {
     pub fn finish(mut self, result: Result<Arc<Material>>) -> Result<()> {
         self.done = true;
         let token = self.token;
-        let outcome = match result.and_then(|m| token.build_keyset(m)) {
+        let public = lock(&token.login).public.clone();
+        let outcome = match result.and_then(|m| token.build_keyset(m, &public)) {
             Ok(ks) => {
                 let mut st = lock(&token.login);
                 if st.closed {
@@ -224,6 +348,11 @@ impl LoginLease<'_> {
                         "C_Finalize was called during the login",
                     ))
                 } else {
+                    if let Some(store) = &ks.material.store {
+                        if !store.attach(std::process::id()) {
+                            log::warn!("token {:?}: the shared key store lists too many processes; this one will not zero it when it is the last to leave", token.config.label);
+                        }
+                    }
                     retain(&token.config.label, ks.material.clone());
                     st.keys = Some(Arc::new(ks));
                     token.logged_in.store(true, Ordering::SeqCst);
@@ -268,11 +397,15 @@ pub fn padded<const N: usize>(s: &str) -> [u8; N] {
 }
 
 impl Token {
-    fn new(index: usize, config: TokenConfig, pems: &HashMap<PathBuf, Vec<u8>>) -> Result<Token> {
+    fn new(
+        index: usize,
+        config: TokenConfig,
+        pems: &HashMap<PathBuf, Vec<u8>>,
+        terms: lease::LeaseTerms,
+    ) -> Result<Token> {
         let mut public_objects: Vec<Arc<Object>> = Vec::new();
-        let mut chain_seen: Vec<Vec<u8>> = Vec::new();
+        let mut cert_pems = vec![None; config.keys.len()];
         for (ki, k) in config.keys.iter().enumerate() {
-            let id = k.id_bytes()?;
             let Some(path) = &k.certificate else { continue };
             let pem = pems.get(path).ok_or_else(|| {
                 Error::config(format!(
@@ -281,6 +414,81 @@ impl Token {
                     path.display()
                 ))
             })?;
+            let objects = certificate_objects(&config, ki, pem, &[])?;
+            public_objects.extend(objects);
+            cert_pems[ki] = Some(pem.clone());
+        }
+        Ok(Token {
+            index,
+            slot_id: index as CK_SLOT_ID + 1,
+            config,
+            login: Mutex::new(LoginState {
+                keys: None,
+                public: Arc::new(dedupe_chains(public_objects)),
+                refresher: None,
+                closed: false,
+                in_flight: false,
+                attempt: 0,
+                joiners: 0,
+                outcome: None,
+            }),
+            rotation: Mutex::new(rotation::RotationState::new(cert_pems)),
+            terms,
+            next_follow_ms: AtomicU64::new(0),
+            key_handles: Mutex::new(Vec::new()),
+            login_done: Condvar::new(),
+            epoch: AtomicU64::new(1),
+            logged_in: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Chain certificates appear once per token (keys issued by one CA share them).
+pub(crate) fn dedupe_chains(objects: Vec<Arc<Object>>) -> Vec<Arc<Object>> {
+    let mut seen: Vec<Vec<u8>> = Vec::new();
+    objects
+        .into_iter()
+        .filter(|o| match (&o.body, o.key_index) {
+            (Body::Certificate(c), None) => {
+                if seen.contains(&c.der) {
+                    false
+                } else {
+                    seen.push(c.der.clone());
+                    true
+                }
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// The objects of key `ki`'s certificate file: the public key from its leaf, the leaf and the
+/// chain certificates. `previous` objects of the same key keep their handles (a certificate
+/// replaced with a key rotation is the same object to a client that holds its handle).
+pub(crate) fn certificate_objects(
+    config: &TokenConfig,
+    ki: usize,
+    pem: &[u8],
+    previous: &[Arc<Object>],
+) -> Result<Vec<Arc<Object>>> {
+    let k = &config.keys[ki];
+    let id = k.id_bytes()?;
+    let path = k.certificate.clone().unwrap_or_default();
+    let mut handles = previous
+        .iter()
+        .filter(|o| o.key_index == Some(ki) || o.label.starts_with(&format!("{} chain ", k.label)))
+        .map(|o| (o.class(), o.label.clone(), o.handle))
+        .collect::<Vec<_>>();
+    let mut handle_for = |class: CK_OBJECT_CLASS, label: &str| match handles
+        .iter()
+        .position(|(c, l, _)| *c == class && l == label)
+    {
+        Some(i) => handles.remove(i).2,
+        None => new_object_handle(),
+    };
+    let mut out: Vec<Arc<Object>> = Vec::new();
+    {
+        {
             let chain = CertInfo::chain_from_pem(pem).map_err(|e| {
                 Error::config(format!(
                     "key {:?}: certificate {}: {}",
@@ -298,59 +506,41 @@ impl Token {
                     e.message()
                 ))
             })?;
-            public_objects.push(Arc::new(Object {
-                handle: new_object_handle(),
+            out.push(Arc::new(Object {
+                handle: handle_for(CKO_PUBLIC_KEY, &k.label),
                 id: id.clone(),
                 label: k.label.clone(),
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::PublicKey(Arc::new(public)),
             }));
-            public_objects.push(Arc::new(Object {
-                handle: new_object_handle(),
+            out.push(Arc::new(Object {
+                handle: handle_for(CKO_CERTIFICATE, &k.label),
                 id: id.clone(),
                 label: k.label.clone(),
                 key_index: Some(ki),
                 subject: leaf.subject.clone(),
                 body: Body::Certificate(leaf),
             }));
-            // Chain certificates once per token, each with its own CKA_ID (SHA-1 of its
-            // SubjectPublicKeyInfo, the usual key identifier) so pairing by the key's id finds
-            // only the leaf.
+            // Chain certificates, each with its own CKA_ID (SHA-1 of its SubjectPublicKeyInfo,
+            // the usual key identifier) so pairing by the key's id finds only the leaf.
             for (n, c) in chain.into_iter().enumerate().skip(1) {
-                if chain_seen.contains(&c.der) {
-                    continue;
-                }
-                chain_seen.push(c.der.clone());
-                public_objects.push(Arc::new(Object {
-                    handle: new_object_handle(),
+                let label = format!("{} chain {n}", k.label);
+                out.push(Arc::new(Object {
+                    handle: handle_for(CKO_CERTIFICATE, &label),
                     id: crate::crypto::HashAlg::Sha1.digest(&c.spki),
-                    label: format!("{} chain {n}", k.label),
+                    label,
                     key_index: None,
                     subject: c.subject.clone(),
                     body: Body::Certificate(c),
                 }));
             }
         }
-        Ok(Token {
-            index,
-            slot_id: index as CK_SLOT_ID + 1,
-            config,
-            public_objects,
-            login: Mutex::new(LoginState {
-                keys: None,
-                closed: false,
-                in_flight: false,
-                attempt: 0,
-                joiners: 0,
-                outcome: None,
-            }),
-            login_done: Condvar::new(),
-            epoch: AtomicU64::new(1),
-            logged_in: AtomicBool::new(false),
-        })
     }
+    Ok(out)
+}
 
+impl Token {
     /// CK_TOKEN_INFO.label: 32 bytes, space padded.
     pub fn label_field(&self) -> [u8; 32] {
         padded(&self.config.label)
@@ -409,25 +599,39 @@ impl Token {
         })
     }
 
-    /// Objects for released material: private (and secret) keys with fresh handles, and the
-    /// public keys taken from the released keys (keeping the handle of the certificate-derived
-    /// public key object where there is one). A released key that does not match its
-    /// configured certificate fails the login (integrity).
-    fn build_keyset(&self, material: Arc<Material>) -> Result<KeySet> {
+    /// Objects for released material: private (and secret) keys, and the public keys taken
+    /// from the released keys (keeping the handle of the certificate-derived public key object
+    /// where there is one). A key's objects keep their handles for the life of the token, so a
+    /// rotation is invisible to a client holding them. A released key that does not match its
+    /// configured certificate fails (integrity).
+    fn build_keyset(&self, material: Arc<Material>, public: &[Arc<Object>]) -> Result<KeySet> {
         let mut objects = Vec::new();
-        for (ki, parsed) in &material.keys {
-            let k = &self.config.keys[*ki];
+        // A key's objects keep their handles while the token is logged in: across rotations,
+        // and across a revocation or an expiry and the release that brings the key back.
+        let handle_of = |ki: usize, class: CK_OBJECT_CLASS| {
+            let mut known = lock(&self.key_handles);
+            match known.iter().find(|(i, c, _)| *i == ki && *c == class) {
+                Some((_, _, h)) => *h,
+                None => {
+                    let h = new_object_handle();
+                    known.push((ki, class, h));
+                    h
+                }
+            }
+        };
+        for served in &material.keys {
+            let ki = served.index;
+            let k = &self.config.keys[ki];
             let id = k.id_bytes()?;
-            let cert_pub = self
-                .public_objects
+            let cert_pub = public
                 .iter()
-                .find(|o| o.key_index == Some(*ki) && matches!(o.body, Body::PublicKey(_)));
+                .find(|o| o.key_index == Some(ki) && matches!(o.body, Body::PublicKey(_)));
             let subject = cert_pub.map(|o| o.subject.clone()).unwrap_or_default();
-            match parsed {
+            match &served.parsed {
                 ParsedKey::Asym(key) => {
                     // A key served next to a certificate it does not match breaks every TLS
-                    // handshake in a way clients report as a bad signature: refuse the login
-                    // instead (the released material is wiped when `material` drops).
+                    // handshake in a way clients report as a bad signature: refuse instead
+                    // (the released material is wiped when `material` drops).
                     if let Some(Body::PublicKey(cp)) = cert_pub.map(|o| &o.body) {
                         if cp.info != key.info {
                             let cert = k
@@ -438,18 +642,18 @@ impl Token {
                             return Err(Error::integrity(
                                 Step::Install,
                                 format!(
-                                    "key {:?}: the key released from {} does not match its certificate {cert} (different public keys)",
-                                    k.label, k.kid
+                                    "key {:?}: the key released from {} (version {}) does not match its certificate {cert} (different public keys)",
+                                    k.label, k.kid, served.version
                                 ),
                             )
                             .with_hint("configure the certificate issued for this key version (after a rotation, replace the certificate file too)"));
                         }
                     }
                     objects.push(Arc::new(Object {
-                        handle: new_object_handle(),
+                        handle: handle_of(ki, CKO_PRIVATE_KEY),
                         id: id.clone(),
                         label: k.label.clone(),
-                        key_index: Some(*ki),
+                        key_index: Some(ki),
                         subject: subject.clone(),
                         body: Body::PrivateKey {
                             key: key.clone(),
@@ -458,28 +662,31 @@ impl Token {
                     }));
                     // A public-only key: operations on the public object never hold the
                     // private key, so a logout wipes it even while such an operation runs.
-                    let public = Arc::new(AsymKey::from_spki(&key.info.spki_der).map_err(|e| {
-                        Error::integrity(
-                            Step::Install,
-                            format!("key {:?}: public half unusable: {}", k.label, e.message()),
-                        )
-                    })?);
+                    let public_key =
+                        Arc::new(AsymKey::from_spki(&key.info.spki_der).map_err(|e| {
+                            Error::integrity(
+                                Step::Install,
+                                format!("key {:?}: public half unusable: {}", k.label, e.message()),
+                            )
+                        })?);
                     objects.push(Arc::new(Object {
-                        handle: cert_pub.map(|o| o.handle).unwrap_or_else(new_object_handle),
+                        handle: cert_pub
+                            .map(|o| o.handle)
+                            .unwrap_or_else(|| handle_of(ki, CKO_PUBLIC_KEY)),
                         id,
                         label: k.label.clone(),
-                        key_index: Some(*ki),
+                        key_index: Some(ki),
                         subject,
-                        body: Body::PublicKey(public),
+                        body: Body::PublicKey(public_key),
                     }));
                 }
-                ParsedKey::Secret(s) => objects.push(Arc::new(Object {
-                    handle: new_object_handle(),
+                ParsedKey::Secret(secret) => objects.push(Arc::new(Object {
+                    handle: handle_of(ki, CKO_SECRET_KEY),
                     id,
                     label: k.label.clone(),
-                    key_index: Some(*ki),
+                    key_index: Some(ki),
                     subject,
-                    body: Body::SecretKey(s.clone()),
+                    body: Body::SecretKey(secret.clone()),
                 })),
             }
         }
@@ -489,27 +696,102 @@ impl Token {
     /// Drop the released keys of this token (logout, last session closed, C_Finalize).
     /// Returns whether the token was logged in.
     fn wipe(&self) -> bool {
-        let old = {
+        let (old, refresher) = {
             let mut st = lock(&self.login);
             let old = st.keys.take();
             self.logged_in.store(false, Ordering::SeqCst);
             if old.is_some() {
                 self.epoch.fetch_add(1, Ordering::SeqCst);
             }
-            old
+            (old, st.refresher.take())
         };
+        if let Some(r) = refresher {
+            r.stop();
+        }
+        // A new login gives new handles: a handle from before the logout never names a key
+        // again.
+        lock(&self.key_handles).clear();
+        // This process no longer uses the tree's store; the last one out zeroes it.
+        if let Some(store) = old.as_ref().and_then(|ks| ks.material.store.as_ref()) {
+            if store.detach(std::process::id()) {
+                store.wipe();
+            }
+        }
         forget(&self.config.label);
         old.is_some()
     }
 
+    /// Whether every released asymmetric key of `m` matches the certificate configured for
+    /// it (as read at C_Initialize).
+    pub fn certificates_match(&self, m: &Material) -> bool {
+        let public = lock(&self.login).public.clone();
+        m.keys.iter().all(|k| {
+            let cert_key = public.iter().find_map(|o| match (&o.body, o.key_index) {
+                (Body::PublicKey(p), Some(i)) if i == k.index => Some(p.info.clone()),
+                _ => None,
+            });
+            match (&k.parsed, cert_key) {
+                (ParsedKey::Asym(key), Some(info)) => key.info == info,
+                _ => true,
+            }
+        })
+    }
+
+    /// Keep the stop signal of this process's refresher for the token (ended by logout).
+    pub fn set_refresher(&self, stop: Arc<lease::StopSignal>) {
+        let mut st = lock(&self.login);
+        if st.keys.is_some() {
+            if let Some(old) = st.refresher.replace(stop) {
+                old.stop();
+            }
+        } else {
+            stop.stop();
+        }
+    }
+
+    /// Whether a refresher runs for this token in this process.
+    pub fn has_refresher(&self) -> bool {
+        lock(&self.login).refresher.is_some()
+    }
+
+    /// The tree's store of this token's keys, while logged in.
+    pub fn store(&self) -> Option<Arc<SharedStore>> {
+        lock(&self.login)
+            .keys
+            .as_ref()
+            .and_then(|ks| ks.material.store.clone())
+    }
+
+    /// Version, released-at and lease expiry of each key served now, by configured index.
+    pub fn served_versions(&self) -> Vec<(usize, String, u64, u64)> {
+        let keys = lock(&self.login).keys.clone();
+        keys.map(|ks| {
+            ks.material
+                .keys
+                .iter()
+                .map(|k| {
+                    (
+                        k.index,
+                        k.version.clone(),
+                        k.released_at_ms,
+                        self.terms.expires_at(k.released_at_ms),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
     /// What a session of this token sees now.
     pub fn visible_objects(&self) -> Vec<Arc<Object>> {
-        let keys = lock(&self.login).keys.clone();
+        let (keys, public) = {
+            let st = lock(&self.login);
+            (st.keys.clone(), st.public.clone())
+        };
         match keys {
-            None => self.public_objects.clone(),
+            None => public.to_vec(),
             Some(ks) => {
-                let mut v: Vec<Arc<Object>> = self
-                    .public_objects
+                let mut v: Vec<Arc<Object>> = public
                     .iter()
                     .filter(|o| !ks.objects.iter().any(|k| k.handle == o.handle))
                     .cloned()
@@ -524,25 +806,17 @@ impl Token {
     /// Whether the handle names an object that exists logged in or not (certificates and
     /// certificate-backed public keys).
     pub fn is_permanent(&self, handle: CK_OBJECT_HANDLE) -> bool {
-        self.public_objects.iter().any(|o| o.handle == handle)
+        lock(&self.login).public.iter().any(|o| o.handle == handle)
     }
 
     pub fn object(&self, handle: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
         // What `visible_objects` would find, without building and sorting that list on every
         // C_*Init: a logged-in key object shadows the public object of the same handle.
-        let found = {
-            let st = lock(&self.login);
-            st.keys
-                .as_ref()
-                .and_then(|ks| ks.objects.iter().find(|o| o.handle == handle).cloned())
-        };
-        found
-            .or_else(|| {
-                self.public_objects
-                    .iter()
-                    .find(|o| o.handle == handle)
-                    .cloned()
-            })
+        let st = lock(&self.login);
+        st.keys
+            .as_ref()
+            .and_then(|ks| ks.objects.iter().find(|o| o.handle == handle).cloned())
+            .or_else(|| st.public.iter().find(|o| o.handle == handle).cloned())
             .ok_or_else(|| {
                 Error::new(
                     CKR_OBJECT_HANDLE_INVALID,
@@ -598,12 +872,16 @@ impl SessionEntry {
 impl Module {
     /// Build from the config and the certificate files it names (read by the caller).
     pub fn new(config: Arc<Config>, pems: &HashMap<PathBuf, Vec<u8>>) -> Result<Module> {
+        let terms = lease::LeaseTerms {
+            refresh_ms: config.release.refresh.as_millis(),
+            max_age_ms: config.release.max_age.as_millis(),
+        };
         let tokens = config
             .tokens
             .iter()
             .cloned()
             .enumerate()
-            .map(|(i, t)| Token::new(i, t, pems))
+            .map(|(i, t)| Token::new(i, t, pems, terms))
             .collect::<Result<Vec<_>>>()?;
         Ok(Module {
             config,

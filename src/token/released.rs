@@ -10,6 +10,8 @@ pub struct ReleasedKey {
     /// Index of the key in `TokenConfig::keys`.
     pub index: usize,
     pub material: KeyMaterial,
+    /// The key version that was released (the last segment of its versioned kid).
+    pub version: String,
 }
 
 #[derive(Debug)]

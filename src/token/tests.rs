@@ -22,7 +22,13 @@ pub(crate) struct Fixture {
     pub ca_cert: Vec<u8>,
 }
 
-fn cert(subject: &str, spki: &[u8], issuer: &str, signer_pkcs8: &[u8], serial: u8) -> Vec<u8> {
+pub(crate) fn cert(
+    subject: &str,
+    spki: &[u8],
+    issuer: &str,
+    signer_pkcs8: &[u8],
+    serial: u8,
+) -> Vec<u8> {
     use x509_cert::spki::{AlgorithmIdentifierOwned, ObjectIdentifier, SubjectPublicKeyInfoOwned};
     let alg = AlgorithmIdentifierOwned {
         oid: ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2"),
@@ -60,14 +66,14 @@ fn cert(subject: &str, spki: &[u8], issuer: &str, signer_pkcs8: &[u8], serial: u
     .unwrap()
 }
 
-fn pem(der: &[u8]) -> String {
+pub(crate) fn pem(der: &[u8]) -> String {
     x509_cert::Certificate::from_der(der)
         .unwrap()
         .to_pem(x509_cert::der::pem::LineEnding::LF)
         .unwrap()
 }
 
-fn spki_of(pkcs8: &[u8]) -> Vec<u8> {
+pub(crate) fn spki_of(pkcs8: &[u8]) -> Vec<u8> {
     AsymKey::from_pkcs8(pkcs8).unwrap().info.spki_der
 }
 
@@ -160,14 +166,17 @@ kid = "https://127.0.0.1:1/keys/other"
             ReleasedKey {
                 index: 0,
                 material: KeyMaterial::Pkcs8(SecretBytes::from_slice(&self.rsa)),
+                version: "v1".into(),
             },
             ReleasedKey {
                 index: 1,
                 material: KeyMaterial::Pkcs8(SecretBytes::from_slice(&self.ec)),
+                version: "v1".into(),
             },
             ReleasedKey {
                 index: 2,
                 material: KeyMaterial::Raw(SecretBytes::from_slice(&self.aes)),
+                version: "v1".into(),
             },
         ]
     }
