@@ -18,12 +18,15 @@ pub struct Counters {
     pub release_denied: BTreeMap<String, u64>,
 }
 
-pub const ENDPOINTS: [&str; 5] = [
+pub const ENDPOINTS: [&str; 6] = [
     "maa-attest",
     "akv-get",
     "akv-release",
     "imds-token",
     "platform-report",
+    // CVM platforms: the paravisor does not refresh the HCL report after a user-data write
+    // (any kind; `count` refreshes are skipped).
+    "vtpm-hcl-refresh",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1061,17 +1061,32 @@ fn start_vtpm(app: &Arc<App>, guest: GuestPlatform) -> Result<crate::vtpm::Simul
         crate::vtpm::Isolation::Snp(app.pki.vcek_key.clone())
     };
     let platform_app = app.clone();
-    let log_app = app.clone();
+    struct Hooks(Arc<App>);
+    impl crate::vtpm::ParavisorHooks for Hooks {
+        fn skip_refresh(&self) -> bool {
+            self.0.admin.take_fault("vtpm-hcl-refresh").is_some()
+        }
+        fn refreshed(&self, outcome: Option<Result<(), String>>) {
+            match outcome {
+                Some(Ok(())) => self.0.admin.log("vtpm", "hcl-report-refreshed", json!({})),
+                Some(Err(e)) => {
+                    self.0
+                        .admin
+                        .log("vtpm", "hcl-report-refresh-failed", json!({"reason": e}))
+                }
+                None => {
+                    self.0
+                        .admin
+                        .log("vtpm", "hcl-report-refresh-skipped", json!({"fault": true}))
+                }
+            }
+        }
+    }
     let vtpm = crate::vtpm::SimulatedVtpm::start(
         &app.layout.dir.join("vtpm"),
         Arc::new(move || platform_app.platform()),
         isolation,
-        Arc::new(move |refreshed: Result<(), String>| match refreshed {
-            Ok(()) => log_app.admin.log("vtpm", "hcl-report-refreshed", json!({})),
-            Err(e) => log_app
-                .admin
-                .log("vtpm", "hcl-report-refresh-failed", json!({"reason": e})),
-        }),
+        Arc::new(Hooks(app.clone())),
     )?;
     let _ = app.vtpm_ca.set(vtpm.ca.cert.clone());
     app.admin.log(

@@ -622,6 +622,14 @@ pub fn provision_nv(tcti: &str, index: u32, size: usize, data: &[u8]) -> Result<
 /// Makes the HCL report for a user-data value (the SNP report signed at that moment).
 pub type ReportMaker = dyn Fn(&[u8; 64]) -> Result<Vec<u8>, String> + Send + Sync;
 
+/// What the paravisor reports to, and asks of, the emulator.
+pub trait ParavisorHooks: Send + Sync {
+    /// Whether to leave this refresh out (an injected fault).
+    fn skip_refresh(&self) -> bool;
+    /// The outcome of a refresh (`None`: skipped).
+    fn refreshed(&self, outcome: Option<Result<(), String>>);
+}
+
 /// The relay the guest's TCTI talks to (`swtpm:host=127.0.0.1,port=PORT`).
 pub struct Paravisor {
     pub port: u16,
@@ -726,7 +734,7 @@ fn relay_commands(
     upstream_port: u16,
     user_data: &Mutex<[u8; 64]>,
     maker: &ReportMaker,
-    on_refresh: &(dyn Fn(Result<(), String>) + Send + Sync),
+    hooks: &dyn ParavisorHooks,
 ) -> std::io::Result<()> {
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
     upstream.set_nodelay(true)?;
@@ -746,7 +754,11 @@ fn relay_commands(
                     }
                     *ud
                 };
-                on_refresh(refresh_report(&mut upstream, &current, maker));
+                if hooks.skip_refresh() {
+                    hooks.refreshed(None);
+                } else {
+                    hooks.refreshed(Some(refresh_report(&mut upstream, &current, maker)));
+                }
             }
         }
         guest.write_all(&response)?;
@@ -774,7 +786,7 @@ impl Paravisor {
     pub fn start(
         swtpm_port: u16,
         maker: Arc<ReportMaker>,
-        on_refresh: Arc<dyn Fn(Result<(), String>) + Send + Sync>,
+        hooks: Arc<dyn ParavisorHooks>,
     ) -> Result<Paravisor, String> {
         let (commands, control) = free_port_pair()?;
         let port = commands.local_addr().map_err(|e| e.to_string())?.port();
@@ -783,12 +795,11 @@ impl Paravisor {
             .name("vtpm-commands".into())
             .spawn(move || {
                 for guest in commands.incoming().flatten() {
-                    let (ud, maker, on_refresh) =
-                        (user_data.clone(), maker.clone(), on_refresh.clone());
+                    let (ud, maker, hooks) = (user_data.clone(), maker.clone(), hooks.clone());
                     let _ = std::thread::Builder::new()
                         .name("vtpm-session".into())
                         .spawn(move || {
-                            let _ = relay_commands(guest, swtpm_port, &ud, &*maker, &*on_refresh);
+                            let _ = relay_commands(guest, swtpm_port, &ud, &*maker, &*hooks);
                         });
                 }
             })
@@ -843,7 +854,7 @@ impl SimulatedVtpm {
         dir: &Path,
         platform: Arc<dyn Fn() -> PlatformConfig + Send + Sync>,
         isolation: Isolation,
-        on_refresh: Arc<dyn Fn(Result<(), String>) + Send + Sync>,
+        hooks: Arc<dyn ParavisorHooks>,
     ) -> Result<SimulatedVtpm, String> {
         let swtpm = Swtpm::start(dir)?;
         let tcti = swtpm.tcti();
@@ -869,7 +880,7 @@ impl SimulatedVtpm {
         };
         // The report as the VM booted: user-data all zero.
         provision_nv(&tcti, NV_HCL_REPORT, HCL_INDEX_SIZE, &maker(&[0u8; 64])?)?;
-        let paravisor = Paravisor::start(swtpm.port, maker, on_refresh)?;
+        let paravisor = Paravisor::start(swtpm.port, maker, hooks)?;
         Ok(SimulatedVtpm {
             _swtpm: swtpm,
             paravisor,

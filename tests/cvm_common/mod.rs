@@ -345,6 +345,12 @@ pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeed
             json!({"endpoint": "maa-attest", "kind": "expired-token", "count": 1}),
             RvError::GeneralError,
         ),
+        // The paravisor never refreshes the HCL report: the user-data is never echoed, and
+        // the module gives up after its bounded wait rather than attest a stale report.
+        (
+            json!({"endpoint": "vtpm-hcl-refresh", "kind": "status", "count": 1}),
+            RvError::DeviceError,
+        ),
     ] {
         if let Ok(s) = f.p11.open_rw_session(f.slot("skr-demo")) {
             let _ = s.logout();
@@ -354,6 +360,13 @@ pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeed
             Err(P11Error::Pkcs11(rv, _)) => assert_eq!(rv, expected, "{fault}"),
             Ok(_) => panic!("{fault}: login succeeded"),
             Err(e) => panic!("{fault}: {e}"),
+        }
+        if fault["endpoint"] == "vtpm-hcl-refresh" {
+            let line = login_line(&f, "skr-demo");
+            assert!(
+                line.contains("step=evidence") && line.contains("never echoed"),
+                "{line}"
+            );
         }
         assert_eq!(tpm_leftovers(f.emu), (0, 0), "after {fault}");
         f.emu.admin_delete("/admin/faults");
