@@ -729,41 +729,76 @@ fn refresh_report(
     Ok(())
 }
 
+/// One connection to swtpm for every guest connection (the tss2 swtpm TCTI opens one per
+/// command): commands are serialised on it, as a TPM serialises them anyway, and the relay adds
+/// no TCP connect of its own per command. Reconnects after an error.
+struct Upstream {
+    port: u16,
+    stream: Mutex<Option<TcpStream>>,
+}
+
+impl Upstream {
+    /// Send `command`, return the response; refresh the HCL report on the same connection
+    /// first when the command was a successful user-data write.
+    fn exchange(
+        &self,
+        command: &[u8],
+        user_data: &Mutex<[u8; 64]>,
+        maker: &ReportMaker,
+        hooks: &dyn ParavisorHooks,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_nodelay(true)?;
+            *guard = Some(s);
+        }
+        let Some(upstream) = guard.as_mut() else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        let result = (|| {
+            upstream.write_all(command)?;
+            let response = read_message(upstream)?
+                .ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+            if response_code(&response) == 0 {
+                if let Some((offset, data)) = user_data_write(command) {
+                    let current = {
+                        let mut ud = user_data.lock().unwrap_or_else(|p| p.into_inner());
+                        for (i, b) in data.iter().enumerate() {
+                            if let Some(slot) = ud.get_mut(offset + i) {
+                                *slot = *b;
+                            }
+                        }
+                        *ud
+                    };
+                    if hooks.skip_refresh() {
+                        hooks.refreshed(None);
+                    } else {
+                        hooks.refreshed(Some(refresh_report(upstream, &current, maker)));
+                    }
+                }
+            }
+            Ok(response)
+        })();
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+}
+
 fn relay_commands(
     mut guest: TcpStream,
-    upstream_port: u16,
+    upstream: &Upstream,
     user_data: &Mutex<[u8; 64]>,
     maker: &ReportMaker,
     hooks: &dyn ParavisorHooks,
 ) -> std::io::Result<()> {
-    let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
-    upstream.set_nodelay(true)?;
     guest.set_nodelay(true)?;
     while let Some(command) = read_message(&mut guest)? {
-        upstream.write_all(&command)?;
-        let response = read_message(&mut upstream)?
-            .ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        if response_code(&response) == 0 {
-            if let Some((offset, data)) = user_data_write(&command) {
-                let current = {
-                    let mut ud = user_data.lock().unwrap_or_else(|p| p.into_inner());
-                    for (i, b) in data.iter().enumerate() {
-                        if let Some(slot) = ud.get_mut(offset + i) {
-                            *slot = *b;
-                        }
-                    }
-                    *ud
-                };
-                if hooks.skip_refresh() {
-                    hooks.refreshed(None);
-                } else {
-                    hooks.refreshed(Some(refresh_report(&mut upstream, &current, maker)));
-                }
-            }
-        }
+        let response = upstream.exchange(&command, user_data, maker, hooks)?;
         guest.write_all(&response)?;
     }
-    let _ = upstream.shutdown(Shutdown::Both);
     Ok(())
 }
 
@@ -791,15 +826,24 @@ impl Paravisor {
         let (commands, control) = free_port_pair()?;
         let port = commands.local_addr().map_err(|e| e.to_string())?.port();
         let user_data = Arc::new(Mutex::new([0u8; 64]));
+        let upstream = Arc::new(Upstream {
+            port: swtpm_port,
+            stream: Mutex::new(None),
+        });
         std::thread::Builder::new()
             .name("vtpm-commands".into())
             .spawn(move || {
                 for guest in commands.incoming().flatten() {
-                    let (ud, maker, hooks) = (user_data.clone(), maker.clone(), hooks.clone());
+                    let (ud, maker, hooks, upstream) = (
+                        user_data.clone(),
+                        maker.clone(),
+                        hooks.clone(),
+                        upstream.clone(),
+                    );
                     let _ = std::thread::Builder::new()
                         .name("vtpm-session".into())
                         .spawn(move || {
-                            let _ = relay_commands(guest, swtpm_port, &ud, &*maker, &*hooks);
+                            let _ = relay_commands(guest, &upstream, &ud, &*maker, &*hooks);
                         });
                 }
             })
