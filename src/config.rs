@@ -145,6 +145,11 @@ pub struct Release {
     /// First backoff; doubles with jitter; a Retry-After header wins (capped).
     #[serde(default = "default_backoff_ms")]
     pub backoff_ms: u64,
+    /// Longest one login (or refresh) may spend on the network: all calls, attempts and waits.
+    /// Throttled answers (429, or 503 with Retry-After) are retried until it passes; other
+    /// failures stop after `retries`.
+    #[serde(default = "default_deadline")]
+    pub deadline_seconds: u64,
     /// How often released keys are re-attested and re-released in the background (±10 %).
     #[serde(default = "default_refresh")]
     pub refresh: DurationSetting,
@@ -225,6 +230,7 @@ impl Default for Release {
             timeout_seconds: default_timeout(),
             retries: default_retries(),
             backoff_ms: default_backoff_ms(),
+            deadline_seconds: default_deadline(),
             refresh: default_refresh(),
             max_age: default_max_age(),
             status_file: None,
@@ -245,6 +251,9 @@ fn default_retries() -> u32 {
 }
 fn default_backoff_ms() -> u64 {
     500
+}
+fn default_deadline() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

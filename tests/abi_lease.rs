@@ -112,6 +112,8 @@ fn fixture() -> MutexGuard<'static, Fixture> {
     static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         let emu = Emulator::start();
+        // The fixture lives in a static that is never dropped: stop this emulator at exit.
+        common::stop_at_exit(emu.path());
         let mut keys = std::collections::HashMap::new();
         for name in ["lease-rotate", "lease-revoke", "lease-fork"] {
             keys.insert(name.to_string(), import_ec(&emu, name));
@@ -148,6 +150,11 @@ fn public(name: &str) -> p256::ecdsa::VerifyingKey {
 }
 
 fn logged_in(p11: &Pkcs11, token: &str) -> (Session, ObjectHandle) {
+    logged_in_with(p11, token, token)
+}
+
+/// A logged-in session of `token` and its private key labelled `key`.
+fn logged_in_with(p11: &Pkcs11, token: &str, key: &str) -> (Session, ObjectHandle) {
     let slot = *p11
         .get_slots_with_token()
         .unwrap()
@@ -162,7 +169,7 @@ fn logged_in(p11: &Pkcs11, token: &str) -> (Session, ObjectHandle) {
     let k = s
         .find_objects(&[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Label(token.as_bytes().to_vec()),
+            Attribute::Label(key.as_bytes().to_vec()),
         ])
         .unwrap();
     (s, k[0])
@@ -329,6 +336,49 @@ fn a_kid_with_a_version_stays_on_that_version_across_rotations_while_its_lease_i
         verifies(&pinned, &sig),
         "a pinned kid does not follow the rotation"
     );
+}
+
+#[test]
+fn a_vault_rotation_the_certificate_does_not_name_yet_renews_the_certified_version() {
+    use rsa::pkcs8::DecodePublicKey;
+    let f = fixture();
+    let (s, key) = logged_in_with(&f.p11, "skr-demo", "tls-ec");
+    let cert = {
+        use x509_cert::der::{Decode, Encode};
+        let der = common::first_cert_der(&f.emu.path().join("certs/tls-ec.pem"));
+        let c = x509_cert::Certificate::from_der(&der).unwrap();
+        c.tbs_certificate.subject_public_key_info.to_der().unwrap()
+    };
+    let certified = p256::ecdsa::VerifyingKey::from_public_key_der(&cert).unwrap();
+    // An automatic rotation in the vault; nobody replaces the certificate file.
+    import_ec(&f.emu, "tls-ec");
+    let before = f.emu.releases("tls-ec");
+    wait_for(
+        Duration::from_secs(10),
+        "two refreshes after the rotation",
+        || f.emu.releases("tls-ec") >= before + 4,
+    );
+    let sig = s
+        .sign(&Mechanism::EcdsaSha256, key, MESSAGE)
+        .expect("still signs");
+    assert!(
+        verifies(&certified, &sig),
+        "the key its certificate names keeps serving"
+    );
+    let log = std::fs::read_to_string(&f.log).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"tls-ec\"") && l.contains("still names version")),
+        "the log says which version is renewed and why"
+    );
+    // Well past max_age (6 s) since the login: the lease was renewed, not left to run out.
+    let end = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < end {
+        assert!(s
+            .sign(&Mechanism::EcdsaSha256, key, MESSAGE)
+            .is_ok_and(|sig| verifies(&certified, &sig)));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// In the forked child: log in from the inherited keys, report it, then sign until the

@@ -1,5 +1,6 @@
 //! Test-facing admin API (docs/EMULATOR.md): counters, injected faults, the decision log.
 
+use crate::keystore::Kind;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -8,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Counters {
@@ -16,6 +17,8 @@ pub struct Counters {
     pub tokens: u64,
     pub releases: BTreeMap<String, u64>,
     pub release_denied: BTreeMap<String, u64>,
+    /// 429s answered under `PUT /admin/limits`, per service (`vault`, `mhsm`).
+    pub throttled: BTreeMap<String, u64>,
 }
 
 pub const ENDPOINTS: [&str; 6] = [
@@ -93,25 +96,165 @@ impl Fault {
     }
 }
 
-/// Opt-in service limits, like Key Vault's "CREATE key and RELEASE key … 10 transactions per
-/// 10 seconds for HSM-protected keys". Off unless set through `PUT /admin/limits`.
+/// Opt-in service limits (`PUT /admin/limits`; docs/EMULATOR.md "Throttling"). Off unless set.
+/// `preset: "azure"` applies Key Vault's and Managed HSM's documented limits per service
+/// instance; the two `*_create_release_per_10s` members set a plain create + release budget
+/// instead (over `window_ms`, default 10 s), which tests use to throttle hard and fast.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Key create + release calls per 10 s on the vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// Key create (and rotate) + release calls per window on the vault.
     #[serde(default)]
     pub vault_create_release_per_10s: Option<u32>,
     /// The same on the managed HSM.
     #[serde(default)]
     pub mhsm_create_release_per_10s: Option<u32>,
+    /// Window of the two budgets above, in milliseconds (default 10 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The limits Microsoft documents (service-limits.md, overview-throttling.md).
+    Azure,
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.window_ms == Some(0) {
+            return Err("window_ms must be at least 1".into());
+        }
+        if self.window_ms.is_some_and(|w| w > 3_600_000) {
+            return Err("window_ms must be at most 3600000 (one hour)".into());
+        }
+        if self.vault_create_release_per_10s == Some(0)
+            || self.mhsm_create_release_per_10s == Some(0)
+        {
+            return Err(
+                "a budget of 0 would refuse every call; leave the member out to lift the limit"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a throttled call does, in the categories of the documented limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOp {
+    /// Create, import and rotate: a new key version.
+    Create,
+    Release,
+    /// GET, list, versions, update.
+    Other,
+}
+
+/// The key a call is about, as far as the documented limits weigh it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyWeight {
+    pub hsm: bool,
+    /// RSA modulus bits; `None` for EC, oct and calls on no key (list).
+    pub rsa_bits: Option<u32>,
+}
+
+/// One sliding window: calls admitted in the last `window`, each with its cost.
+#[derive(Debug)]
+struct Bucket {
+    capacity: u32,
+    window: Duration,
+    admitted: VecDeque<(Instant, u32)>,
+}
+
+impl Bucket {
+    fn new(capacity: u32, window: Duration) -> Bucket {
+        Bucket {
+            capacity,
+            window,
+            admitted: VecDeque::new(),
+        }
+    }
+
+    /// Admits a call costing `cost` at `now`, or tells how long until it would fit.
+    fn admit(&mut self, cost: u32, now: Instant) -> Result<(), Duration> {
+        while self
+            .admitted
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= self.window)
+        {
+            self.admitted.pop_front();
+        }
+        let used: u32 = self.admitted.iter().map(|(_, c)| c).sum();
+        let cost = cost.min(self.capacity);
+        if used + cost <= self.capacity {
+            self.admitted.push_back((now, cost));
+            return Ok(());
+        }
+        // The call fits once enough of the oldest calls have left the window.
+        let mut freed = 0;
+        for (t, c) in &self.admitted {
+            freed += c;
+            if used - freed + cost <= self.capacity {
+                return Err(self.window.saturating_sub(now.duration_since(*t)));
+            }
+        }
+        Err(self.window)
+    }
+}
+
+/// Which budget a call draws on, and at what cost; `None` when no limit applies.
+fn bucket_for(
+    limits: &Limits,
+    service: Kind,
+    op: KeyOp,
+    key: KeyWeight,
+) -> Option<(&'static str, u32, Duration, u32)> {
+    let custom = match service {
+        Kind::Vault => limits.vault_create_release_per_10s,
+        Kind::Mhsm => limits.mhsm_create_release_per_10s,
+    };
+    if let (Some(n), KeyOp::Create | KeyOp::Release) = (custom, op) {
+        let window = Duration::from_millis(limits.window_ms.unwrap_or(10_000));
+        return Some(("create-release", n, window, 1));
+    }
+    limits.preset?;
+    let ten = Duration::from_secs(10);
+    let one = Duration::from_secs(1);
+    Some(match (service, op) {
+        // Vault, per 10 s: CREATE 10 for HSM keys, 20 for software keys; release shares the
+        // category. Weighted like the other transactions, in units of a software-key create.
+        (Kind::Vault, KeyOp::Create | KeyOp::Release) => {
+            ("create-release", 20, ten, if key.hsm { 2 } else { 1 })
+        }
+        // Vault, per 10 s, weighted, in units of a software RSA-2048 / EC transaction: 4000
+        // such, 1000 RSA-3072, 500 RSA-4096; an HSM key costs twice a software key.
+        (Kind::Vault, KeyOp::Other) => {
+            let size = match key.rsa_bits {
+                Some(b) if b > 3072 => 8,
+                Some(b) if b > 2048 => 4,
+                _ => 1,
+            };
+            ("other", 4000, ten, if key.hsm { size * 2 } else { size })
+        }
+        // Managed HSM, per second per instance: Create Key 1, Get Key Information 1100.
+        (Kind::Mhsm, KeyOp::Create) => ("create", 1, one, 1),
+        (Kind::Mhsm, KeyOp::Other) => ("other", 1100, one, 1),
+        // Release is not listed; Backup Key (10 per second) is the listed operation that, like
+        // a release, exports the key wrapped. Stricter than the unthrottled crypto operations.
+        (Kind::Mhsm, KeyOp::Release) => ("release", 10, one, 1),
+    })
+}
+
+type Windows = BTreeMap<(&'static str, &'static str), Bucket>;
 /// Lines of the decision log kept for `GET /admin/log`.
 const MEMORY_LOG_LINES: usize = 20_000;
 
 pub struct Admin {
     pub counters: Mutex<Counters>,
-    limits: Mutex<(Limits, BTreeMap<String, VecDeque<std::time::Instant>>)>,
+    limits: Mutex<(Limits, Windows)>,
     faults: Mutex<VecDeque<Fault>>,
     log: Mutex<Vec<String>>,
     log_file: PathBuf,
@@ -157,31 +300,22 @@ impl Admin {
         }
     }
 
-    /// Counts one create / release call of `service` ("vault" or "mhsm"); `Some(seconds)` when
-    /// the 10-second window is full (the call is refused and not counted).
-    pub fn throttle(&self, service: &str) -> Option<u64> {
-        let mut guard = self.limits.lock().ok()?;
-        let (limits, windows) = &mut *guard;
-        let limit = match service {
-            "vault" => limits.vault_create_release_per_10s,
-            _ => limits.mhsm_create_release_per_10s,
-        }?;
-        let window = std::time::Duration::from_secs(10);
-        let now = std::time::Instant::now();
-        let calls = windows.entry(service.to_string()).or_default();
-        while calls
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= window)
-        {
-            calls.pop_front();
-        }
-        if calls.len() as u64 >= u64::from(limit) {
-            let oldest = calls.front().copied().unwrap_or(now);
-            let wait = window.saturating_sub(now.duration_since(oldest));
-            return Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
-        }
-        calls.push_back(now);
-        None
+    /// Admits one call of `service` under the limits; `Some(seconds)` (for `Retry-After`) when
+    /// its window is full: the call is refused, counted in `throttled`, and, as Key Vault
+    /// documents, does not count toward the limit.
+    pub fn throttle(&self, service: Kind, op: KeyOp, key: KeyWeight) -> Option<u64> {
+        let wait = {
+            let mut guard = self.limits.lock().ok()?;
+            let (limits, windows) = &mut *guard;
+            let (name, capacity, window, cost) = bucket_for(limits, service, op, key)?;
+            windows
+                .entry((service.name(), name))
+                .or_insert_with(|| Bucket::new(capacity, window))
+                .admit(cost, Instant::now())
+                .err()?
+        };
+        self.count(|c| *c.throttled.entry(service.name().to_string()).or_default() += 1);
+        Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
     }
 
     pub fn add_fault(&self, fault: Fault) {
@@ -329,21 +463,129 @@ mod tests {
         assert!(admin.take_fault("maa-attest").is_none());
     }
 
+    fn admin(tag: &str) -> Admin {
+        Admin::new(std::env::temp_dir().join(format!("skr-emu-{tag}-{}.log", std::process::id())))
+    }
+
+    const HSM_RSA2048: KeyWeight = KeyWeight {
+        hsm: true,
+        rsa_bits: Some(2048),
+    };
+
     #[test]
-    fn limits_refuse_beyond_the_window() {
-        let admin = Admin::new(
-            std::env::temp_dir().join(format!("skr-emu-limits-{}.log", std::process::id())),
-        );
-        assert_eq!(admin.throttle("vault"), None, "off by default");
+    fn limits_refuse_beyond_the_window_and_count_the_refusals() {
+        let admin = admin("limits");
+        let release = |admin: &Admin, kind| admin.throttle(kind, KeyOp::Release, HSM_RSA2048);
+        assert_eq!(release(&admin, Kind::Vault), None, "off by default");
         admin.set_limits(Limits {
             vault_create_release_per_10s: Some(2),
-            mhsm_create_release_per_10s: None,
+            ..Limits::default()
         });
-        assert_eq!(admin.throttle("vault"), None);
-        assert_eq!(admin.throttle("vault"), None);
-        let wait = admin.throttle("vault").expect("third call refused");
+        assert_eq!(release(&admin, Kind::Vault), None);
+        assert_eq!(
+            admin.throttle(Kind::Vault, KeyOp::Create, HSM_RSA2048),
+            None
+        );
+        let wait = release(&admin, Kind::Vault).expect("third call refused");
         assert!((1..=10).contains(&wait), "{wait}");
-        assert_eq!(admin.throttle("mhsm"), None);
+        assert_eq!(
+            admin.throttle(Kind::Vault, KeyOp::Other, HSM_RSA2048),
+            None,
+            "GET is not in the create + release budget"
+        );
+        assert_eq!(release(&admin, Kind::Mhsm), None, "per service instance");
+        assert_eq!(admin.counters.lock().unwrap().throttled["vault"], 1);
+        assert!(!admin
+            .counters
+            .lock()
+            .unwrap()
+            .throttled
+            .contains_key("mhsm"));
+    }
+
+    #[test]
+    fn a_short_window_frees_its_budget_when_it_passes() {
+        let mut bucket = Bucket::new(2, Duration::from_millis(50));
+        let t0 = Instant::now();
+        assert_eq!(bucket.admit(1, t0), Ok(()));
+        assert_eq!(bucket.admit(1, t0 + Duration::from_millis(20)), Ok(()));
+        // Full: the first call leaves the window at t0 + 50 ms.
+        assert_eq!(
+            bucket.admit(1, t0 + Duration::from_millis(30)),
+            Err(Duration::from_millis(20))
+        );
+        assert_eq!(bucket.admit(1, t0 + Duration::from_millis(50)), Ok(()));
+        // A cost of 2 waits for both older calls to leave.
+        assert_eq!(
+            bucket.admit(2, t0 + Duration::from_millis(60)),
+            Err(Duration::from_millis(40))
+        );
+    }
+
+    #[test]
+    fn azure_preset_applies_the_documented_limits() {
+        let admin = admin("azure");
+        admin.set_limits(Limits {
+            preset: Some(Preset::Azure),
+            ..Limits::default()
+        });
+        // Vault: 10 HSM-key creates + releases per 10 s, together.
+        for i in 0..10 {
+            let op = if i % 2 == 0 {
+                KeyOp::Create
+            } else {
+                KeyOp::Release
+            };
+            assert_eq!(admin.throttle(Kind::Vault, op, HSM_RSA2048), None, "{i}");
+        }
+        assert!(admin
+            .throttle(Kind::Vault, KeyOp::Release, HSM_RSA2048)
+            .is_some());
+        // ... while other transactions have their own, weighted budget: 250 RSA-4096 HSM GETs.
+        let rsa4096 = KeyWeight {
+            hsm: true,
+            rsa_bits: Some(4096),
+        };
+        for i in 0..250 {
+            assert_eq!(
+                admin.throttle(Kind::Vault, KeyOp::Other, rsa4096),
+                None,
+                "{i}"
+            );
+        }
+        assert!(admin.throttle(Kind::Vault, KeyOp::Other, rsa4096).is_some());
+        // Managed HSM, per second: 1 create, 10 releases.
+        assert_eq!(admin.throttle(Kind::Mhsm, KeyOp::Create, HSM_RSA2048), None);
+        assert_eq!(
+            admin.throttle(Kind::Mhsm, KeyOp::Create, HSM_RSA2048),
+            Some(1)
+        );
+        for i in 0..10 {
+            assert_eq!(
+                admin.throttle(Kind::Mhsm, KeyOp::Release, HSM_RSA2048),
+                None,
+                "{i}"
+            );
+        }
+        assert_eq!(
+            admin.throttle(Kind::Mhsm, KeyOp::Release, HSM_RSA2048),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn limits_validation() {
+        assert!(Limits::default().validate().is_ok());
+        for bad in [
+            r#"{"window_ms": 0}"#,
+            r#"{"vault_create_release_per_10s": 0}"#,
+        ] {
+            let l: Limits = serde_json::from_str(bad).unwrap();
+            assert!(l.validate().is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<Limits>(r#"{"preset": "aws"}"#).is_err());
+        let l: Limits = serde_json::from_str(r#"{"preset": "azure"}"#).unwrap();
+        assert_eq!(l.preset, Some(Preset::Azure));
     }
 
     #[test]

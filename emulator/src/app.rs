@@ -214,7 +214,10 @@ async fn admin_get_limits(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn admin_put_limits(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match serde_json::from_slice::<crate::admin::Limits>(&body) {
+    match serde_json::from_slice::<crate::admin::Limits>(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|l| l.validate().map(|()| l))
+    {
         Ok(limits) => {
             app.admin
                 .log("admin", "limits-set", json!({"limits": limits}));

@@ -67,7 +67,7 @@ async fn faults_counters_and_log() {
         .json();
     assert_eq!(
         counters,
-        json!({"attestations": 0, "tokens": 0, "releases": {}, "release_denied": {}})
+        json!({"attestations": 0, "tokens": 0, "releases": {}, "release_denied": {}, "throttled": {}})
     );
 
     // Throttle, then two 503s, in order, then normal service.
@@ -442,6 +442,30 @@ async fn platform_changes_at_run_time() {
         .unwrap();
     assert!((1..=10).contains(&wait), "{wait}");
     assert_eq!(throttled.json()["error"]["code"], "Throttled");
+    let counted = send(c.get(format!("{}/admin/counters", e.platform)))
+        .await
+        .json();
+    assert_eq!(counted["throttled"]["vault"], 1, "{counted}");
+    assert_eq!(
+        send(c.put(&limits).json(&json!({"window_ms": 0})))
+            .await
+            .status,
+        400
+    );
+    // The documented limits: per vault, 10 HSM-key creates + releases per 10 s.
+    assert_eq!(
+        send(c.put(&limits).json(&json!({"preset": "azure"})))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(send(c.get(&limits)).await.json()["preset"], "azure");
+    let mut statuses = Vec::new();
+    for _ in 0..11 {
+        statuses.push(release().await.status);
+    }
+    assert_eq!(statuses[..10], [200; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
     // The managed HSM has its own (unset) limit; clearing the vault's lifts it.
     assert_eq!(send(c.put(&limits).json(&json!({}))).await.status, 204);
     assert_eq!(release().await.status, 200);

@@ -1643,3 +1643,210 @@ async fn identity_endpoint_workload_identity_and_token_files() {
         200
     );
 }
+
+/// Releases `url` for `target` and returns the released `kid` and the unwrapped plaintext.
+async fn release_plain(
+    c: &reqwest::Client,
+    url: &str,
+    token: &str,
+    target: &str,
+    transfer: &Transfer,
+) -> (String, Vec<u8>) {
+    let r = send(
+        c.post(url)
+            .bearer_auth(token)
+            .json(&json!({"target": target, "enc": "RSA_AES_KEY_WRAP_256"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{url}: {}", r.text);
+    let (_, payload, _) = jws_parts(r.json()["value"].as_str().unwrap());
+    let released = &payload["response"]["key"]["key"];
+    let key_hsm: Value =
+        serde_json::from_slice(&unb64url(released["key_hsm"].as_str().unwrap())).unwrap();
+    let plain = unwrap(
+        &transfer.key,
+        "RSA_AES_KEY_WRAP_256",
+        &unb64url(key_hsm["ciphertext"].as_str().unwrap()),
+    )
+    .expect("unwrap");
+    (released["kid"].as_str().unwrap().to_string(), plain)
+}
+
+#[tokio::test]
+async fn rotation_makes_a_new_version_that_unversioned_calls_follow() {
+    let e = emu();
+    let c = e.client();
+    let transfer = transfer_key();
+    let target = maa_token(e, &c, &transfer).await;
+    let policy = demo_policy(&c).await;
+    let vt = vault_token(&c).await;
+    let created = send(
+        c.post(format!(
+            "{}/keys/rotating-rsa/create?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt)
+        .json(
+            &json!({"kty": "RSA-HSM", "key_size": 3072, "key_ops": ["sign", "verify"],
+                "tags": {"purpose": "rotation"}, "attributes": {"exportable": true},
+                "release_policy": {"data": policy_b64(&policy)}}),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    let v1 = created.json();
+
+    let rotated = send(
+        c.post(format!(
+            "{}/keys/rotating-rsa/rotate?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt),
+    )
+    .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text);
+    let v2 = rotated.json();
+    let kid1 = v1["key"]["kid"].as_str().unwrap();
+    let kid2 = v2["key"]["kid"].as_str().unwrap();
+    assert_ne!(kid1, kid2);
+    assert!(kid2.starts_with(&format!("{}/keys/rotating-rsa/", e.vault)));
+    // Same type, size, operations, exportable flag, policy and tags; new material.
+    assert_eq!(v2["key"]["kty"], "RSA-HSM");
+    assert_eq!(unb64url(v2["key"]["n"].as_str().unwrap()).len(), 384);
+    assert_ne!(v2["key"]["n"], v1["key"]["n"]);
+    assert_eq!(v2["key"]["key_ops"], json!(["sign", "verify"]));
+    assert_eq!(v2["attributes"]["exportable"], true);
+    assert_eq!(v2["attributes"]["enabled"], true);
+    assert_eq!(v2["release_policy"], v1["release_policy"]);
+    assert_eq!(v2["tags"], json!({"purpose": "rotation"}));
+
+    // Unversioned GET and release follow the new version; the old one stays addressable.
+    let latest = send(
+        c.get(format!("{}/keys/rotating-rsa?api-version=7.4", e.vault))
+            .bearer_auth(&vt),
+    )
+    .await
+    .json();
+    assert_eq!(latest["key"]["kid"], kid2);
+    let versions = send(
+        c.get(format!(
+            "{}/keys/rotating-rsa/versions?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt),
+    )
+    .await
+    .json();
+    assert_eq!(versions["value"].as_array().unwrap().len(), 2);
+    let unversioned = format!("{}/keys/rotating-rsa/release?api-version=7.4", e.vault);
+    let (kid, plain) = release_plain(&c, &unversioned, &vt, &target, &transfer).await;
+    assert_eq!(kid, kid2);
+    check_released_material("RSA-HSM", &v2["key"], &plain);
+    let pinned = format!("{kid1}/release?api-version=7.4");
+    let (kid, plain) = release_plain(&c, &pinned, &vt, &target, &transfer).await;
+    assert_eq!(kid, kid1);
+    check_released_material("RSA-HSM", &v1["key"], &plain);
+
+    // UpdateKey on the new version (PATCH /keys/{name}/{version}) replaces its policy: the
+    // next unversioned release is judged by it; the pinned old version keeps its own.
+    let strict = {
+        let mut p = policy.clone();
+        p["anyOf"][0]["allOf"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"claim": "x-ms-sevsnpvm-vmpl", "equals": 1}));
+        p
+    };
+    let patch = |p: Value| {
+        let c = c.clone();
+        let (url, vt) = (format!("{kid2}?api-version=7.4"), vt.clone());
+        async move {
+            send(
+                c.patch(url)
+                    .bearer_auth(vt)
+                    .json(&json!({"release_policy": {"data": policy_b64(&p)}})),
+            )
+            .await
+        }
+    };
+    let r = patch(strict).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["key"]["kid"], kid2);
+    let r = send(
+        c.post(&unversioned)
+            .bearer_auth(&vt)
+            .json(&json!({"target": target})),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("x-ms-sevsnpvm-vmpl"), "{}", r.text);
+    release_plain(&c, &pinned, &vt, &target, &transfer).await;
+    assert_eq!(patch(policy.clone()).await.status, 200);
+    let (kid, _) = release_plain(&c, &unversioned, &vt, &target, &transfer).await;
+    assert_eq!(kid, kid2);
+
+    // A rotation inherits the updated policy.
+    let v3 = send(
+        c.post(format!(
+            "{}/keys/rotating-rsa/rotate?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt),
+    )
+    .await
+    .json();
+    assert_eq!(v3["release_policy"], latest["release_policy"]);
+
+    // Rotation needs api-version 7.3+ and an existing key.
+    let old_api = send(
+        c.post(format!(
+            "{}/keys/rotating-rsa/rotate?api-version=7.2",
+            e.vault
+        ))
+        .bearer_auth(&vt),
+    )
+    .await;
+    assert_eq!(old_api.status, 400, "{}", old_api.text);
+    let missing = send(
+        c.post(format!(
+            "{}/keys/no-such-key/rotate?api-version=7.4",
+            e.vault
+        ))
+        .bearer_auth(&vt),
+    )
+    .await;
+    assert_eq!(missing.status, 404, "{}", missing.text);
+    assert_eq!(missing.json()["error"]["code"], "KeyNotFound");
+
+    // Managed HSM: an AES key rotates to a new key of the same size.
+    let ht = mhsm_token(&c).await;
+    let created = send(
+        c.post(format!(
+            "{}/keys/rotating-aes/create?api-version=7.4",
+            e.mhsm
+        ))
+        .bearer_auth(&ht)
+        .json(
+            &json!({"kty": "oct-HSM", "key_size": 128, "attributes": {"exportable": true},
+                "release_policy": {"data": policy_b64(&policy)}}),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    let url = format!("{}/keys/rotating-aes/release?api-version=7.4", e.mhsm);
+    let (kid_a, aes_a) = release_plain(&c, &url, &ht, &target, &transfer).await;
+    let rotated = send(
+        c.post(format!(
+            "{}/keys/rotating-aes/rotate?api-version=7.4",
+            e.mhsm
+        ))
+        .bearer_auth(&ht),
+    )
+    .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text);
+    let (kid_b, aes_b) = release_plain(&c, &url, &ht, &target, &transfer).await;
+    assert_eq!(kid_b, rotated.json()["key"]["kid"].as_str().unwrap());
+    assert_ne!(kid_a, kid_b);
+    assert_eq!((aes_a.len(), aes_b.len()), (16, 16));
+    assert_ne!(aes_a, aes_b);
+}

@@ -15,11 +15,14 @@
 //! release, then expired (wiped).
 
 use super::process::Instance;
-use crate::config::Config;
+use crate::config::{Config, KeyConfig, TokenConfig};
+use crate::crypto::ops::AsymKey;
 use crate::error::{ErrorKind, Step};
 use crate::release;
 use crate::secret::shared::{FailureClass, SharedStore};
 use crate::token::lease::{self, now_ms, LeaseState, LeaseTerms, LeasedKey, StopSignal};
+use crate::token::object::CertInfo;
+use crate::token::released::KeyMaterial;
 use crate::token::{Material, Token};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,10 +41,11 @@ fn terms(cfg: &Config) -> LeaseTerms {
 }
 
 /// How long a refresher may hold the claim before another process may take over (it died or
-/// hung mid-way): every HTTP attempt of a login, with room.
+/// hung mid-way): the whole refresh is bounded by `release.deadline_seconds` (every call,
+/// attempt and wait of its login), and renewing a version a certificate names may run a second
+/// one; then a margin.
 fn claim_hold_seconds(cfg: &Config) -> u64 {
-    let attempts = u64::from(cfg.release.retries) + 1;
-    (cfg.release.timeout_seconds * attempts * 4).clamp(30, 3600)
+    (cfg.release.deadline_seconds.saturating_mul(2) + 30).clamp(30, 7200)
 }
 
 /// After a login installed keys: schedule the first refresh (once per store) and start this
@@ -162,6 +166,85 @@ fn refresh_now(cfg: &Config, token_index: usize, store: &SharedStore) {
     }
 }
 
+/// Whether `kc`'s certificate file names the key of `material` (None: no certificate, or it
+/// cannot be read or parsed now; the caller then takes the release as it is).
+fn certificate_names(kc: &KeyConfig, material: &LeaseState) -> Option<bool> {
+    let path = kc.certificate.as_ref()?;
+    let LeaseState::Live(KeyMaterial::Pkcs8(der)) = material else {
+        return None;
+    };
+    let pem = crate::config::read_named_file(path).ok()?;
+    let leaf = CertInfo::chain_from_pem(&pem).ok()?.into_iter().next()?;
+    let key = AsymKey::from_pkcs8(der.as_slice()).ok()?;
+    Some(key.info.spki_der == AsymKey::from_spki(&leaf.spki).ok()?.info.spki_der)
+}
+
+/// The vault rotated a key whose certificate file still names the previous version (an
+/// automatic rotation policy, or a certificate not replaced yet): renew the version the
+/// certificate names instead, by its versioned kid, so that the server keeps a lease on the
+/// key it presents and is not wiped at `max_age`. The new version is taken once the
+/// certificate file names it (the next refresh, or a lookup that finds the new certificate).
+fn keep_versions_certificates_name(
+    cfg: &Config,
+    tcfg: &TokenConfig,
+    old: &[LeasedKey],
+    merged: &mut [LeasedKey],
+    now: u64,
+) {
+    for entry in merged.iter_mut() {
+        let kc = &tcfg.keys[entry.index];
+        if crate::release::akv::key_version(&kc.kid).is_some() {
+            continue; // pinned: the configured version is what was released
+        }
+        let Some(prev) = old.iter().find(|o| o.index == entry.index && o.is_live()) else {
+            continue;
+        };
+        if prev.version == entry.version || prev.version.is_empty() {
+            continue;
+        }
+        if certificate_names(kc, &entry.state) != Some(false)
+            || certificate_names(kc, &prev.state) != Some(true)
+        {
+            continue;
+        }
+        let mut pinned = kc.clone();
+        pinned.kid = format!("{}/{}", kc.kid.trim_end_matches('/'), prev.version);
+        let one = TokenConfig {
+            keys: vec![pinned],
+            ..tcfg.clone()
+        };
+        match release::release_token_each(cfg, &one) {
+            Ok((mut each, _)) => match each.pop() {
+                Some((_, Ok(mut k))) => {
+                    log::warn!(
+                        "key {:?}: the vault's current version is {} but {} still names version {}: renewed {} (replace the certificate to move to {})",
+                        kc.label,
+                        entry.version,
+                        kc.certificate.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                        prev.version,
+                        prev.version,
+                        entry.version
+                    );
+                    k.index = entry.index;
+                    *entry = LeasedKey::from_released(k, now);
+                }
+                Some((_, Err(e))) => log::warn!(
+                    "key {:?}: cannot renew version {} that its certificate names ({e}); publishing the vault's current version {}",
+                    kc.label,
+                    prev.version,
+                    entry.version
+                ),
+                None => {}
+            },
+            Err(e) => log::warn!(
+                "key {:?}: cannot renew version {} that its certificate names ({e})",
+                kc.label,
+                prev.version
+            ),
+        }
+    }
+}
+
 fn failure_class(kind: ErrorKind) -> FailureClass {
     match kind {
         ErrorKind::Service => FailureClass::Service,
@@ -256,6 +339,7 @@ pub(crate) fn refresh(cfg: &Config, token_index: usize, store: &SharedStore) -> 
             merged.extend((0..tcfg.keys.len()).filter_map(carry));
         }
     }
+    keep_versions_certificates_name(cfg, tcfg, &old, &mut merged, now);
     let record = lease::encode(&merged);
     if store.publish(record.as_slice()).is_none() {
         log::error!(

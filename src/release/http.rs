@@ -1,6 +1,9 @@
 //! HTTPS for one login: a blocking reqwest client built inside the login (never carried across
 //! fork), rustls with the aws-lc-rs provider and the configured trust anchors, timeouts,
-//! bounded retries with jittered exponential backoff, capped response bodies.
+//! retries with full-jitter exponential backoff, capped response bodies. A login's calls
+//! together are bounded by `release.deadline_seconds` from the moment its `Http` is built:
+//! throttled answers are retried until then (a fleet queued behind a vault's limit gets
+//! through), other failures `release.retries` times.
 
 use super::jws::TrustAnchors;
 use crate::config::Release;
@@ -8,12 +11,15 @@ use crate::error::{Error, Result, Step};
 use reqwest::blocking::{Client, RequestBuilder};
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest response body read (MAA tokens are ~10 KiB, release JWS ~15 KiB).
 pub const MAX_BODY: usize = 1 << 20;
 /// Longest honoured Retry-After.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Shortest wait after a throttled answer: `Retry-After: 0` (or a zero backoff) must not turn
+/// the retries until the deadline into a busy loop against the service.
+const MIN_THROTTLED_WAIT: Duration = Duration::from_millis(100);
 
 pub struct Http {
     /// For MAA and AKV: honours the proxy environment.
@@ -22,6 +28,10 @@ pub struct Http {
     pub direct: Client,
     retries: u32,
     backoff: Duration,
+    timeout: Duration,
+    /// The end of this login's network time (`release.deadline_seconds` after `new`).
+    deadline: Instant,
+    deadline_seconds: u64,
 }
 
 /// A response read to the end (bounded).
@@ -99,6 +109,9 @@ impl Http {
             direct: build(true)?,
             retries: release.retries,
             backoff: Duration::from_millis(release.backoff_ms),
+            timeout,
+            deadline: Instant::now() + Duration::from_secs(release.deadline_seconds.max(1)),
+            deadline_seconds: release.deadline_seconds.max(1),
         })
     }
 
@@ -123,17 +136,33 @@ impl Http {
 
     /// Send with retries on transport errors, timeouts, 408, 429 and 5xx. Other statuses are
     /// returned to the caller. `what` names the call in messages, e.g. `MAA attest`.
+    ///
+    /// Throttled answers (429, or 503 with Retry-After) are retried for as long as the deadline
+    /// allows, waiting Retry-After plus a random share of up to half of it, so that a fleet told
+    /// the same Retry-After does not come back in lock-step; other failures count against
+    /// `retries`. Nothing outlives the login's deadline: each request's timeout is cut to what
+    /// is left, and a wait that would end past it ends the call.
     pub fn send(
         &self,
         step: Step,
         what: &str,
         build: &dyn Fn() -> RequestBuilder,
     ) -> Result<Response> {
-        let attempts = self.retries + 1;
-        let mut last_cause = String::new();
-        for attempt in 0..attempts {
-            let mut wait = self.backoff_for(attempt);
-            match build().send() {
+        let started = Instant::now();
+        let deadline = self.deadline;
+        let (mut attempts, mut failures, mut throttled) = (0u32, 0u32, 0u32);
+        let mut last_cause = String::from("no time left for a request");
+        let mut last_throttled = false;
+        let out_of_time = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break true;
+            }
+            attempts += 1;
+            let sent = build()
+                .timeout(self.timeout.min(left).max(Duration::from_millis(1)))
+                .send();
+            let wait = match sent {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let headers = resp.headers().clone();
@@ -153,41 +182,79 @@ impl Http {
                         body: body.unwrap_or_default(),
                     };
                     last_cause = format!("HTTP {status}: {}", r.error_text());
-                    if let Some(ra) = r.header("retry-after").and_then(parse_retry_after) {
-                        wait = ra.min(MAX_RETRY_AFTER);
+                    let retry_after = r
+                        .header("retry-after")
+                        .and_then(parse_retry_after)
+                        .map(|ra| ra.min(MAX_RETRY_AFTER));
+                    last_throttled = status == 429 || (status == 503 && retry_after.is_some());
+                    if last_throttled {
+                        throttled += 1;
+                        let base = retry_after
+                            .unwrap_or_else(|| self.backoff_for(throttled - 1))
+                            .max(MIN_THROTTLED_WAIT);
+                        base + self.jitter(base / 2)
+                    } else {
+                        failures += 1;
+                        if failures > self.retries {
+                            break false;
+                        }
+                        retry_after.unwrap_or_else(|| self.backoff_for(failures - 1))
                     }
                 }
                 Err(e) => {
                     last_cause = describe_transport(&e);
+                    last_throttled = false;
+                    failures += 1;
+                    if failures > self.retries {
+                        break false;
+                    }
+                    self.backoff_for(failures - 1)
                 }
+            };
+            if Instant::now() + wait >= deadline {
+                break true;
             }
-            if attempt + 1 < attempts {
-                log::debug!(
-                    "{what}: attempt {} failed ({last_cause}); retrying in {wait:?}",
-                    attempt + 1
-                );
-                std::thread::sleep(wait);
-            }
-        }
-        Err(Error::service(
-            step,
-            format!("{what} failed after {attempts} attempt(s): {last_cause}"),
-        )
-        .with_hint(
-            "the service is unreachable, slow or failing; check network access, proxy and DNS from this host, then retry (release.retries, release.timeout_seconds)",
-        ))
+            log::debug!("{what}: attempt {attempts} failed ({last_cause}); retrying in {wait:?}");
+            std::thread::sleep(wait);
+        };
+        let spent = started.elapsed().as_secs_f64();
+        let (message, hint) = if out_of_time {
+            (
+                format!(
+                    "{what} gave up after {attempts} attempt(s) in {spent:.1} s, at the end of the login's release.deadline_seconds = {}: {last_cause}",
+                    self.deadline_seconds
+                ),
+                if last_throttled {
+                    "the service throttled this host until the deadline: let fewer hosts log in at once, raise release.deadline_seconds, or spread the keys over more vaults (a managed HSM allows more releases)"
+                } else {
+                    "the service is slow or failing; check network access, proxy and DNS from this host, then retry (release.deadline_seconds, release.timeout_seconds)"
+                },
+            )
+        } else {
+            (
+                format!("{what} failed after {attempts} attempt(s) in {spent:.1} s: {last_cause}"),
+                "the service is unreachable, slow or failing; check network access, proxy and DNS from this host, then retry (release.retries, release.timeout_seconds)",
+            )
+        };
+        Err(Error::service(step, message).with_hint(hint))
     }
 
-    /// Jittered exponential backoff: backoff · 2^attempt · [0.5, 1.5).
+    /// Full-jitter exponential backoff: uniform in [0, backoff · 2^attempt), capped.
     fn backoff_for(&self, attempt: u32) -> Duration {
-        let base = self.backoff.saturating_mul(1u32 << attempt.min(10));
-        // Jitter only spreads retries: without random bytes, the plain backoff will do.
+        let base = self
+            .backoff
+            .saturating_mul(1u32 << attempt.min(10))
+            .min(MAX_RETRY_AFTER);
+        self.jitter(base)
+    }
+
+    /// Uniform in [0, span). Jitter only spreads retries: without random bytes, no jitter.
+    fn jitter(&self, span: Duration) -> Duration {
         let mut r = [0u8; 4];
-        let factor = match crate::crypto::random(&mut r) {
-            Ok(()) => 0.5 + f64::from(u32::from_le_bytes(r)) / 4_294_967_296.0,
-            Err(_) => 1.0,
-        };
-        base.mul_f64(factor).min(MAX_RETRY_AFTER)
+        match crate::crypto::random(&mut r) {
+            Ok(()) => span.mul_f64(f64::from(u32::from_le_bytes(r)) / 4_294_967_296.0),
+            Err(_) => Duration::ZERO,
+        }
     }
 }
 
@@ -356,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
+    fn backoff_is_full_jitter_below_a_growing_cap() {
         let anchors = TrustAnchors::with_extra(&[]).unwrap();
         let rel = Release {
             backoff_ms: 100,
@@ -364,11 +431,166 @@ mod tests {
         };
         let h = Http::new(&rel, &anchors).unwrap();
         for attempt in 0..4 {
-            let d = h.backoff_for(attempt).as_millis() as u64;
             let base = 100u64 << attempt;
-            assert!(d >= base / 2 && d < base * 3 / 2, "attempt {attempt}: {d}");
+            let waits: Vec<u64> = (0..64)
+                .map(|_| h.backoff_for(attempt).as_millis() as u64)
+                .collect();
+            assert!(
+                waits.iter().all(|d| *d < base),
+                "attempt {attempt}: {waits:?}"
+            );
+            // Spread over the whole range (each half is hit with probability 1 - 2^-64).
+            assert!(waits.iter().any(|d| *d < base / 2), "{waits:?}");
+            assert!(waits.iter().any(|d| *d >= base / 2), "{waits:?}");
         }
         assert!(h.backoff_for(30) <= MAX_RETRY_AFTER);
+    }
+
+    /// A plain HTTP server answering `replies` in order, one per connection; returns when each
+    /// request arrived (relative to the start).
+    fn serve_in_order(replies: Vec<String>) -> (u16, std::thread::JoinHandle<Vec<Duration>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let started = Instant::now();
+        let server = std::thread::spawn(move || {
+            let mut arrivals = Vec::new();
+            for reply in replies {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 2 {
+                    line.clear();
+                }
+                arrivals.push(started.elapsed());
+                s.write_all(reply.as_bytes()).unwrap();
+            }
+            arrivals
+        });
+        (port, server)
+    }
+
+    fn throttled(retry_after: Option<u64>) -> String {
+        let header = retry_after
+            .map(|s| format!("Retry-After: {s}\r\n"))
+            .unwrap_or_default();
+        format!("HTTP/1.1 429 Too Many Requests\r\n{header}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+
+    /// A fleet queued behind a vault's limit: 429s are retried past `retries`, within the
+    /// deadline, with or without Retry-After.
+    #[test]
+    fn throttled_calls_are_retried_beyond_the_retry_count() {
+        let mut replies: Vec<String> = (0..3).map(|_| throttled(Some(0))).collect();
+        replies.extend((0..3).map(|_| throttled(None)));
+        replies.push(OK.to_string());
+        let (port, server) = serve_in_order(replies);
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 1,
+            backoff_ms: 1,
+            deadline_seconds: 30,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        let r = h
+            .send(Step::Release, "AKV release", &|| h.direct.get(&url))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let arrivals = server.join().unwrap();
+        assert_eq!(arrivals.len(), 7);
+        // Retry-After: 0 and a 1 ms backoff still leave the service a breather.
+        for pair in arrivals.windows(2) {
+            assert!(pair[1] - pair[0] >= MIN_THROTTLED_WAIT, "{arrivals:?}");
+        }
+    }
+
+    /// Retry-After is honoured (never earlier), and the deadline ends the wait: with
+    /// Retry-After 1 s and a 2 s deadline, exactly two requests, the second ≥ 1 s later.
+    #[test]
+    fn retry_after_is_honoured_until_the_deadline() {
+        let (port, server) = serve_in_order(vec![throttled(Some(1)), throttled(Some(1))]);
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 5,
+            backoff_ms: 1,
+            deadline_seconds: 2,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        let started = Instant::now();
+        let e = h
+            .send(Step::Release, "AKV release", &|| h.direct.get(&url))
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let arrivals = server.join().unwrap();
+        assert_eq!(arrivals.len(), 2);
+        let gap = arrivals[1] - arrivals[0];
+        assert!(
+            gap >= Duration::from_secs(1) && gap < Duration::from_secs(2),
+            "{gap:?}"
+        );
+        assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_FAILED);
+        assert!(
+            e.message().contains("release.deadline_seconds = 2"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("HTTP 429"), "{}", e.message());
+        assert!(e.hint().unwrap().contains("throttled"), "{:?}", e.hint());
+    }
+
+    /// A server that accepts and never answers cannot hold a call past the deadline, whatever
+    /// the per-request timeout.
+    #[test]
+    fn a_silent_server_is_cut_off_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (_held, _) = listener.accept().unwrap();
+            let _ = done_rx.recv();
+        });
+        let anchors = TrustAnchors::with_extra(&[]).unwrap();
+        let rel = Release {
+            retries: 3,
+            backoff_ms: 1,
+            timeout_seconds: 60,
+            deadline_seconds: 1,
+            ..Release::default()
+        };
+        let h = Http::new(&rel, &anchors).unwrap();
+        let url = format!("http://127.0.0.1:{port}/x");
+        let started = Instant::now();
+        let e = h
+            .send(Step::Attestation, "MAA attest", &|| h.direct.get(&url))
+            .unwrap_err();
+        let took = started.elapsed();
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(e.message().contains("timed out"), "{}", e.message());
+        // The deadline is the login's: a later call of the same login has no time left and
+        // sends nothing (the listener is gone; a request would fail differently).
+        let started = Instant::now();
+        let e = h
+            .send(Step::Release, "AKV release", &|| h.direct.get(&url))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(
+            e.message().contains("after 0 attempt(s)"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("no time left"), "{}", e.message());
     }
 
     #[test]

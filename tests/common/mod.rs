@@ -150,6 +150,17 @@ impl Emulator {
         assert!(r.status().is_success(), "POST {url}: {}", r.status());
     }
 
+    pub fn admin_put(&self, path: &str, body: serde_json::Value) {
+        let url = format!("{}{}", self.var("SKR_EMULATOR_PLATFORM_URL"), path);
+        let r = self
+            .client()
+            .put(&url)
+            .json(&body)
+            .send()
+            .expect("admin PUT");
+        assert!(r.status().is_success(), "PUT {url}: {}", r.status());
+    }
+
     pub fn admin_delete(&self, path: &str) {
         let url = format!("{}{}", self.var("SKR_EMULATOR_PLATFORM_URL"), path);
         let r = self.client().delete(&url).send().expect("admin DELETE");
@@ -213,10 +224,11 @@ pub fn first_cert_der(pem_path: &Path) -> Vec<u8> {
 }
 
 static SHARED_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-static SHARED_CVM_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+static EXIT_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-fn stop_emulator_in(dir: Option<&PathBuf>) {
-    if let Some(dir) = dir {
+extern "C" fn stop_shared_emulator() {
+    let dirs = EXIT_DIRS.lock().map(|d| d.clone()).unwrap_or_default();
+    for dir in SHARED_DIR.get().into_iter().chain(dirs.iter()) {
         let _ = Command::new(emulator_bin())
             .arg("down")
             .arg("--dir")
@@ -225,12 +237,23 @@ fn stop_emulator_in(dir: Option<&PathBuf>) {
     }
 }
 
-extern "C" fn stop_shared_emulator() {
-    stop_emulator_in(SHARED_DIR.get());
+static AT_EXIT: std::sync::Once = std::sync::Once::new();
+
+fn register_exit_hook() {
+    // SAFETY: registering a plain extern "C" fn with no captured state.
+    AT_EXIT.call_once(|| unsafe {
+        libc::atexit(stop_shared_emulator);
+    });
 }
 
-extern "C" fn stop_shared_cvm_emulator() {
-    stop_emulator_in(SHARED_CVM_DIR.get());
+/// Stop the emulator in `dir` when the test process exits (for emulators kept in statics,
+/// which are never dropped).
+#[allow(dead_code)]
+pub fn stop_at_exit(dir: &Path) {
+    if let Ok(mut d) = EXIT_DIRS.lock() {
+        d.push(dir.to_path_buf());
+    }
+    register_exit_hook();
 }
 
 impl Emulator {
@@ -240,8 +263,7 @@ impl Emulator {
         EMU.get_or_init(|| {
             let e = Emulator::start();
             let _ = SHARED_DIR.set(e.path().to_path_buf());
-            // SAFETY: registering a plain extern "C" fn with no captured state.
-            unsafe { libc::atexit(stop_shared_emulator) };
+            register_exit_hook();
             e
         })
     }
@@ -253,9 +275,7 @@ impl Emulator {
         static EMU: std::sync::OnceLock<Emulator> = std::sync::OnceLock::new();
         EMU.get_or_init(|| {
             let e = Emulator::start_platform(platform);
-            let _ = SHARED_CVM_DIR.set(e.path().to_path_buf());
-            // SAFETY: registering a plain extern "C" fn with no captured state.
-            unsafe { libc::atexit(stop_shared_cvm_emulator) };
+            stop_at_exit(e.path());
             e
         })
     }

@@ -3,7 +3,7 @@
 
 mod target;
 
-use crate::admin::{generic_fault_response, FaultKind};
+use crate::admin::{generic_fault_response, FaultKind, KeyOp, KeyWeight};
 use crate::context::App;
 use crate::keystore::{KeyVersion, Kind, StoredPolicy};
 use crate::policy;
@@ -394,6 +394,7 @@ enum Route {
     Get(String, Option<String>),
     Update(String, Option<String>),
     Release(String, Option<String>),
+    Rotate(String),
 }
 
 fn route(method: &Method, path: &str) -> Option<Route> {
@@ -413,6 +414,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
         (&Method::PATCH, [_]) => Route::Update(name, None),
         (&Method::PATCH, [_, v]) => Route::Update(name, version(v)),
         (&Method::POST, [_, "release"]) => Route::Release(name, None),
+        (&Method::POST, [_, "rotate"]) => Route::Rotate(name),
         // `/keys/{name}//release`: the Azure SDKs' empty-version form.
         (&Method::POST, [_, v, "release"]) => Route::Release(name, version(v)),
         _ => return None,
@@ -461,25 +463,24 @@ pub async fn dispatch(
         serde_json::from_slice(&body)
             .map_err(|e| bad(format!("The request body is not valid JSON: {e}")))
     };
-    // Opt-in: create and release share Key Vault's throttling category.
-    if matches!(r, Route::Create(_) | Route::Release(..)) {
-        if let Some(retry_after) = svc.app.admin.throttle(svc.kind.name()) {
-            svc.app.admin.log(
-                svc.kind.name(),
-                "throttled",
-                json!({"path": path, "retry_after": retry_after}),
-            );
-            let mut resp = kv_err(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Throttled",
-                "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached",
-            )
-            .into_response();
-            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
-                resp.headers_mut().insert("retry-after", v);
-            }
-            return resp;
+    // Opt-in (`PUT /admin/limits`): the service's documented limits, or a test's budget.
+    let (op, weight) = throttle_class(&svc, &r, &body);
+    if let Some(retry_after) = svc.app.admin.throttle(svc.kind, op, weight) {
+        svc.app.admin.log(
+            svc.kind.name(),
+            "throttled",
+            json!({"path": path, "retry_after": retry_after}),
+        );
+        let mut resp = kv_err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Throttled",
+            "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached",
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+            resp.headers_mut().insert("retry-after", v);
         }
+        return resp;
     }
     let result = match r {
         Route::List => list(&svc, None),
@@ -503,6 +504,26 @@ pub async fn dispatch(
             Err(e) => Err(e),
         },
         Route::Import(name) => body_json().and_then(|b| import(&svc, &name, &b, skr_api)),
+        Route::Rotate(name) => {
+            if !skr_api {
+                return bad(format!(
+                    "Key rotation is not supported in api-version {api}; use 7.3 or later"
+                ))
+                .into_response();
+            }
+            let worker_svc = svc.clone();
+            crate::util::off_workers(std::time::Duration::from_secs(60), move || {
+                rotate(&worker_svc, &name)
+            })
+            .await
+            .unwrap_or_else(|late| {
+                Err(kv_err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    format!("key generation {late}"),
+                ))
+            })
+        }
         Route::Get(name, version) => {
             if let Some(f) = svc.app.admin.take_fault("akv-get") {
                 if let Some(resp) = generic_fault_response(&f).await {
@@ -534,6 +555,131 @@ pub async fn dispatch(
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
+}
+
+/// The throttling category of a call and the key it weighs (docs/EMULATOR.md "Throttling").
+fn throttle_class(svc: &Service, r: &Route, body: &[u8]) -> (KeyOp, KeyWeight) {
+    let stored = |name: &str| -> KeyWeight {
+        svc.app
+            .keys
+            .lock()
+            .ok()
+            .and_then(|mut keys| {
+                keys.store(svc.kind)
+                    .keys
+                    .get(name)
+                    .and_then(|v| v.last())
+                    .map(|v| KeyWeight {
+                        hsm: svc.kind == Kind::Mhsm || v.kty.ends_with("-HSM"),
+                        rsa_bits: (family(&v.kty) == Some(KeyFamily::Rsa))
+                            .then(|| key_size(v))
+                            .flatten()
+                            .and_then(|b| u32::try_from(b).ok()),
+                    })
+            })
+            .unwrap_or_default()
+    };
+    match r {
+        Route::Create(_) | Route::Import(_) => {
+            // Weighed from the request; a body that does not parse is refused later anyway.
+            let v: Value = serde_json::from_slice(body).unwrap_or_default();
+            let jwk = v.get("key");
+            let kty = v
+                .get("kty")
+                .or_else(|| jwk.and_then(|k| k.get("kty")))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let hsm_flag = v
+                .get("Hsm")
+                .or_else(|| v.get("hsm"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let rsa_bits = (family(kty) == Some(KeyFamily::Rsa)).then(|| {
+                let given = v.get("key_size").and_then(Value::as_u64).or_else(|| {
+                    jwk.and_then(|k| k.get("n"))
+                        .and_then(Value::as_str)
+                        .and_then(|n| b64_lenient(n).ok())
+                        .map(|n| n.len() as u64 * 8)
+                });
+                u32::try_from(given.unwrap_or(2048)).unwrap_or(u32::MAX)
+            });
+            let weight = KeyWeight {
+                hsm: svc.kind == Kind::Mhsm || kty.ends_with("-HSM") || hsm_flag,
+                rsa_bits,
+            };
+            (KeyOp::Create, weight)
+        }
+        Route::Rotate(name) => (KeyOp::Create, stored(name)),
+        Route::Release(name, _) => (KeyOp::Release, stored(name)),
+        Route::Get(name, _) | Route::Update(name, _) | Route::Versions(name) => {
+            (KeyOp::Other, stored(name))
+        }
+        Route::List => (KeyOp::Other, KeyWeight::default()),
+    }
+}
+
+/// Modulus bits (RSA) or key bits (oct) of a stored version; `None` for EC (the curve says it).
+fn key_size(v: &KeyVersion) -> Option<u64> {
+    let der = material(v);
+    match family(&v.kty)? {
+        KeyFamily::Rsa => {
+            let info = rsa::pkcs8::PrivateKeyInfo::try_from(der.as_slice()).ok()?;
+            let key =
+                <rsa::pkcs1::RsaPrivateKey as rsa::pkcs1::der::Decode>::from_der(info.private_key)
+                    .ok()?;
+            Some(key.modulus.as_bytes().len() as u64 * 8)
+        }
+        KeyFamily::Oct => Some(der.len() as u64 * 8),
+        KeyFamily::Ec => None,
+    }
+}
+
+/// `POST /keys/{name}/rotate`: a new version of the current one's type, size and curve, with its
+/// key_ops, exportable flag, release policy and tags (Key Vault's RotateKey; no rotation
+/// policy, so no expiry is set). Answers the new KeyBundle.
+fn rotate(svc: &Service, name: &str) -> Result<Response, KvError> {
+    let current = {
+        let mut keys = svc.app.keys.lock().map_err(|_| {
+            kv_err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "state lock",
+            )
+        })?;
+        keys.store(svc.kind)
+            .keys
+            .get(name)
+            .and_then(|v| v.last())
+            .cloned()
+            .ok_or_else(|| not_found(name, None))?
+    };
+    let fam = family(&current.kty)
+        .ok_or_else(|| bad(format!("kty {} cannot be rotated", current.kty)))?;
+    let (new_material, crv) = generate_material(fam, key_size(&current), current.crv.as_deref())?;
+    let params = CommonParams {
+        exportable: Some(current.exportable),
+        enabled: true,
+        nbf: None,
+        exp: None,
+        tags: current.tags.clone(),
+        key_ops: Some(current.key_ops.clone()),
+        policy: current.release_policy.clone(),
+    };
+    let response = add_version(
+        svc,
+        name,
+        current.kty.clone(),
+        crv,
+        new_material,
+        params,
+        true,
+    )?;
+    svc.app.admin.log(
+        svc.kind.name(),
+        "key-rotated",
+        json!({"key": name, "previous_version": current.version}),
+    );
+    Ok(response)
 }
 
 fn not_found(name: &str, version: Option<&str>) -> KvError {
@@ -1352,6 +1498,10 @@ mod tests {
             route(&Method::PATCH, "/keys/a"),
             Some(Route::Update(_, None))
         ));
+        assert!(
+            matches!(route(&Method::POST, "/keys/a/rotate"), Some(Route::Rotate(n)) if n == "a")
+        );
+        assert!(route(&Method::GET, "/keys/a/rotate/x").is_none());
         assert!(route(&Method::DELETE, "/keys/a").is_none());
         assert!(matches!(route(&Method::GET, "/keys"), Some(Route::List)));
         assert!(
