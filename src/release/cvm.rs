@@ -264,6 +264,25 @@ pub fn td_quote(
 
 /// Steps 1–3 of the login on an Azure CVM: TPM transfer key, vTPM evidence, AzureGuest.
 pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
+    // The VCEK chain does not depend on the TPM: fetch it while the TPM works. Only an SNP CVM
+    // uses it (known once the HCL report is read); on a TDX CVM the answer is dropped.
+    std::thread::scope(|s| {
+        let collateral = s.spawn(|| evidence::collateral(cfg, &session.http));
+        let collateral = move || {
+            collateral.join().unwrap_or_else(|_| {
+                Err(Error::general("the collateral thread panicked").with_step(Step::Evidence))
+            })
+        };
+        attest_with(cfg, session, timings, collateral)
+    })
+}
+
+fn attest_with(
+    cfg: &Config,
+    session: &Session,
+    timings: &mut LoginTimings,
+    collateral: impl FnOnce() -> Result<evidence::Collateral>,
+) -> Result<Attested> {
     let t = Instant::now();
     let tpm = Tpm::open(cfg.platform.tpm_tcti.as_deref())?;
     // From here on the key is owned by a value whose drop flushes it: every `?` below
@@ -290,13 +309,15 @@ pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Re
     let quote = tpm.quote(&[], &ATTESTED_PCRS)?;
     let (isolation, tee) = match hcl.hardware {
         evidence::hcl::HardwareReport::Snp(report) => {
-            let collateral = evidence::collateral(cfg, &session.http)?;
+            let collateral = collateral()?;
             (
                 snp_isolation(report.bytes(), &collateral.vcek_chain_pem, hcl.claims_json),
                 "sevsnpvm",
             )
         }
         evidence::hcl::HardwareReport::Tdx(report) => {
+            // Joined (its answer unused) so that the scope never has to re-raise a panic.
+            let _ = collateral();
             let quote = td_quote(cfg, &session.http, &report)?;
             (tdx_isolation(&quote, hcl.claims_json), "tdxvm")
         }
