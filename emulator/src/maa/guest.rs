@@ -464,8 +464,11 @@ mod tests {
 
     impl Guest {
         fn new() -> Guest {
+            // One directory per Guest: tests build theirs concurrently.
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let dir =
-                std::env::temp_dir().join(format!("skr-emu-guest-test-{}", std::process::id()));
+                std::env::temp_dir().join(format!("skr-emu-guest-test-{}-{n}", std::process::id()));
             let layout = Layout::new(dir.clone());
             std::fs::create_dir_all(layout.state()).unwrap();
             let platform = state::load_platform(&layout).unwrap();
@@ -542,9 +545,15 @@ mod tests {
         }
     }
 
+    /// One simulated guest for the tests of this module (its PKI takes seconds to make).
+    fn guest() -> &'static Guest {
+        static G: std::sync::LazyLock<Guest> = std::sync::LazyLock::new(Guest::new);
+        &G
+    }
+
     #[test]
     fn consistent_cvm_evidence_attests_and_each_tampering_is_refused() {
-        let g = Guest::new();
+        let g = guest();
         let info = g.info();
         let ok = g.attest(&info).unwrap();
         let c = &ok.claims;
@@ -721,6 +730,57 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("no vTPM CA"), "{e}");
+    }
+
+    /// A TDX CVM's evidence: the TD quote of a TDREPORT binding the runtime claims, signed by
+    /// the trusted quoting key; refused with another quoting key or other runtime claims.
+    #[test]
+    fn tdx_evidence_attests_with_tdxvm_claims_and_tampering_is_refused() {
+        let g = guest();
+        let keys = crate::tdx::TdxKeys::generate();
+        let claims = g.runtime_claims(&g.ak.to_public_key());
+        let mut rd = [0u8; 64];
+        rd[..32].copy_from_slice(&Sha256::digest(&claims));
+        let report = crate::tdx::build_tdreport(&g.platform, &rd, &keys).unwrap();
+        let mut info = g.info();
+        info["IsolationInfo"] = json!({"Type": "Tdx", "Evidence": {
+            "Proof": b64std(&crate::tdx::quote(&report, &keys)),
+            "RunTimeData": b64std(&claims),
+        }});
+        let body = json!({"AttestationInfo": b64url(info.to_string().as_bytes())});
+        let qe = keys.quoting_key.verifying_key();
+        let ok = attest_azure_guest(&body, &g.roots, Some(&g.ca.cert), Some(qe)).unwrap();
+        let tee = &ok.claims["x-ms-isolation-tee"];
+        assert_eq!(tee["x-ms-attestation-type"], "tdxvm");
+        assert_eq!(tee["x-ms-compliance-status"], "azure-compliant-cvm");
+        assert_eq!(tee["tdx_report_data"], hex::encode(rd));
+        assert_eq!(tee["tdx_mrtd"], g.platform.measurement);
+        assert_eq!(
+            tee["x-ms-runtime"]["user-data"],
+            hex::encode_upper([7u8; 64])
+        );
+        // Another quoting enclave; no TDX platform at all; other runtime claims.
+        let other = crate::tdx::TdxKeys::generate();
+        let e = attest_azure_guest(
+            &body,
+            &g.roots,
+            Some(&g.ca.cert),
+            Some(other.quoting_key.verifying_key()),
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("trusted quoting enclave"), "{e}");
+        let e = attest_azure_guest(&body, &g.roots, Some(&g.ca.cert), None)
+            .err()
+            .unwrap();
+        assert!(e.contains("no TDX quoting enclave"), "{e}");
+        let mut changed = info.clone();
+        changed["IsolationInfo"]["Evidence"]["RunTimeData"] = json!(b64std(br#"{"keys":[]}"#));
+        let body = json!({"AttestationInfo": b64url(changed.to_string().as_bytes())});
+        let e = attest_azure_guest(&body, &g.roots, Some(&g.ca.cert), Some(qe))
+            .err()
+            .unwrap();
+        assert!(e.contains("not bound"), "{e}");
     }
 
     #[test]
