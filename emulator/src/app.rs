@@ -1069,6 +1069,20 @@ fn start_vtpm(app: &Arc<App>, guest: GuestPlatform) -> Result<crate::vtpm::Simul
         fn skip_refresh(&self) -> bool {
             self.0.admin.take_fault("vtpm-hcl-refresh").is_some()
         }
+        fn command_fault(&self, cc: u32) -> Option<u32> {
+            if cc != crate::vtpm::TPM_CC_CREATE_PRIMARY {
+                return None;
+            }
+            let fault = self.0.admin.take_fault("vtpm-command")?;
+            let rc = match fault.kind {
+                crate::admin::FaultKind::Throttle => crate::vtpm::TPM_RC_RETRY,
+                _ => crate::vtpm::TPM_RC_LOCKOUT,
+            };
+            self.0
+                .admin
+                .log("vtpm", "fault", json!({"command": cc, "rc": rc}));
+            Some(rc)
+        }
         fn refreshed(&self, outcome: Option<Result<(), String>>) {
             match outcome {
                 Some(Ok(())) => self.0.admin.log("vtpm", "hcl-report-refreshed", json!({})),

@@ -628,6 +628,23 @@ pub trait ParavisorHooks: Send + Sync {
     fn skip_refresh(&self) -> bool;
     /// The outcome of a refresh (`None`: skipped).
     fn refreshed(&self, outcome: Option<Result<(), String>>);
+    /// A TPM response code to answer command `cc` with instead of swtpm (an injected fault).
+    fn command_fault(&self, cc: u32) -> Option<u32>;
+}
+
+/// TPM2_CreatePrimary: the command the injected TPM faults answer (the transfer key's
+/// creation, the first TPM work of a login).
+pub const TPM_CC_CREATE_PRIMARY: u32 = 0x0000_0131;
+/// TPM_RC_LOCKOUT (dictionary-attack lockout) and TPM_RC_RETRY (busy).
+pub const TPM_RC_LOCKOUT: u32 = 0x0000_0921;
+pub const TPM_RC_RETRY: u32 = 0x0000_0922;
+
+/// A TPM response carrying only `rc`.
+pub fn error_response(rc: u32) -> Vec<u8> {
+    let mut r = 0x8001u16.to_be_bytes().to_vec(); // TPM_ST_NO_SESSIONS
+    r.extend_from_slice(&10u32.to_be_bytes());
+    r.extend_from_slice(&rc.to_be_bytes());
+    r
 }
 
 /// The relay the guest's TCTI talks to (`swtpm:host=127.0.0.1,port=PORT`).
@@ -796,6 +813,11 @@ fn relay_commands(
 ) -> std::io::Result<()> {
     guest.set_nodelay(true)?;
     while let Some(command) = read_message(&mut guest)? {
+        let cc = u32::from_be_bytes([command[6], command[7], command[8], command[9]]);
+        if let Some(rc) = hooks.command_fault(cc) {
+            guest.write_all(&error_response(rc))?;
+            continue;
+        }
         let response = upstream.exchange(&command, user_data, maker, hooks)?;
         guest.write_all(&response)?;
     }

@@ -351,6 +351,11 @@ pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeed
             json!({"endpoint": "vtpm-hcl-refresh", "kind": "status", "count": 1}),
             RvError::DeviceError,
         ),
+        // The vTPM in dictionary-attack lockout when the transfer key is created.
+        (
+            json!({"endpoint": "vtpm-command", "kind": "status", "count": 1}),
+            RvError::DeviceError,
+        ),
     ] {
         if let Ok(s) = f.p11.open_rw_session(f.slot("skr-demo")) {
             let _ = s.logout();
@@ -368,10 +373,32 @@ pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeed
                 "{line}"
             );
         }
+        if fault["endpoint"] == "vtpm-command" {
+            let line = login_line(&f, "skr-demo");
+            assert!(
+                line.contains("CreatePrimary") && line.contains("lockout"),
+                "{line}"
+            );
+        }
         assert_eq!(tpm_leftovers(f.emu), (0, 0), "after {fault}");
         f.emu.admin_delete("/admin/faults");
         let s = login(&f, "skr-demo").expect("the next login succeeds");
         find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
         assert_eq!(tpm_leftovers(f.emu), (0, 0));
     }
+    // A busy vTPM (TPM_RC_RETRY twice) is retried: the login succeeds, the TPM is left clean.
+    if let Ok(s) = f.p11.open_rw_session(f.slot("skr-demo")) {
+        let _ = s.logout();
+    }
+    f.emu
+        .inject(json!({"endpoint": "vtpm-command", "kind": "throttle", "count": 2}));
+    let s = login(&f, "skr-demo").expect("a busy TPM is retried");
+    find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
+    assert_eq!(tpm_leftovers(f.emu), (0, 0));
+    let log = std::fs::read_to_string(f.emu.path().join("emulator.log")).unwrap();
+    assert_eq!(
+        log.matches("\"rc\":2338").count(),
+        2,
+        "both injected TPM_RC_RETRY answers were given"
+    );
 }
