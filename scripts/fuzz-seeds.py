@@ -241,6 +241,24 @@ write("lease_record", "accept-empty", lease_record([]))
 write("lease_record", "seed-revoked-with-material", lease_record([lease_entry(0, 3, 5, "v", b"x")]))
 write("lease_record", "seed-truncated", lease_record([lease_entry(0, 1, 5, "v", b"abc")])[:-1])
 
+# ---- identity_response (release::identity: challenge line, then token body) ----
+CHALLENGE = b'Bearer authorization="https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47", resource="https://vault.azure.net"'
+write("identity_response", "accept-imds", CHALLENGE + b"\n" + json.dumps({
+    "access_token": "eyJ0eXAiOiJKV1QifQ.e30.c2ln", "client_id": "00000000-0000-0000-0000-000000000000",
+    "expires_in": "86399", "expires_on": "1764900000", "ext_expires_in": "86399",
+    "not_before": "1764813300", "resource": "https://vault.azure.net", "token_type": "Bearer"}).encode())
+write("identity_response", "accept-entra", b'Bearer resource="https://managedhsm.azure.net"\n' + json.dumps({
+    "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": "eyJ0eXAiOiJKV1QifQ.e30.c2ln"}).encode())
+write("identity_response", "seed-no-token", CHALLENGE + b"\n" + b'{"error":"invalid_request","error_description":"Identity not found"}')
+write("identity_response", "seed-not-json", b"Bearer\n<html>502 Bad Gateway</html>")
+
+# ---- platform_response (skr-emulator's simulated platform answer) ----
+write("platform_response", "accept-report-and-chain", json.dumps({
+    "report": b64url(read("aci/snp_report.bin")),
+    "vcek_cert_chain": read("snp/milan-cert_chain.pem").decode()}).encode())
+write("platform_response", "seed-no-chain", json.dumps({"report": b64url(read("aci/snp_report.bin"))}).encode())
+write("platform_response", "seed-bad-base64", b'{"report":"***","vcek_cert_chain":"-----BEGIN CERTIFICATE-----"}')
+
 # ---- http_dates ----
 write("http_dates", "accept-seconds", b"120")
 write("http_dates", "accept-imf-fixdate", b"Sun, 06 Nov 1994 08:49:37 GMT")

@@ -517,6 +517,39 @@ pub fn lease_record(_fx: &Fixtures, data: &[u8]) -> bool {
     true
 }
 
+/// An identity service's answer: the first line is a vault's `WWW-Authenticate` challenge
+/// (whose `resource=` the module may follow), the rest a token response body (IMDS, identity
+/// endpoint, Entra). Passes when the body yields a token.
+pub fn identity_response(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::release::identity::{
+        access_token_from, is_key_vault_audience, resource_from_challenge,
+    };
+    let (header, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    if let Some(r) = resource_from_challenge(&String::from_utf8_lossy(header)) {
+        let _ = is_key_vault_audience(&r);
+    }
+    access_token_from("fuzz", body).is_ok()
+}
+
+/// skr-emulator's simulated platform answer (`POST /platform/snp/report`), then what the login
+/// does with it: the report checked against the report data asked for, the chain parsed.
+/// Passes when the response parses.
+pub fn platform_response(_fx: &Fixtures, data: &[u8]) -> bool {
+    match evidence::parse_platform_response(data) {
+        Ok(ev) => {
+            let _ = evidence::check_report(&ev.report, &[0x5A; 64]);
+            if let Some(chain) = &ev.vcek_chain_pem {
+                let _ = crate::pem::certificates(chain.as_bytes());
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// A harness: the fixtures and the fuzzer's bytes in, whether they passed every check out.
 pub type Harness = fn(&Fixtures, &[u8]) -> bool;
 
@@ -535,6 +568,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("release_policy", release_policy),
     ("http_dates", http_dates),
     ("lease_record", lease_record),
+    ("identity_response", identity_response),
+    ("platform_response", platform_response),
 ];
 
 /// Reads structure-aware input front to back; past the end every read is empty / zero.

@@ -285,28 +285,30 @@ impl<'a> Identity<'a> {
                 .with_hint("check identity.source and the identity endpoint settings"));
             }
         }
-        // Only the token is kept (moved, not copied, into a wiping holder); the other members
-        // (numbers as strings or as numbers, depending on the source) are ignored.
-        #[derive(serde::Deserialize)]
-        struct TokenBody {
-            access_token: Option<String>,
-        }
-        let parsed: std::result::Result<TokenBody, _> = serde_json::from_slice(&resp.body);
-        let token = parsed
-            .map_err(|_| {
-                Error::integrity(Step::Identity, format!("{who} token response is not JSON"))
-            })?
-            .access_token
-            .map(Zeroizing::new)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::integrity(
-                    Step::Identity,
-                    format!("{who} token response has no access_token"),
-                )
-            })?;
-        Ok(token)
+        access_token_from(who, &resp.body)
     }
+}
+
+/// The access token of a token response body (IMDS, identity endpoint, Entra): only the token
+/// is kept (moved, not copied, into a wiping holder); the other members (numbers as strings or
+/// as numbers, depending on the source) are ignored.
+pub fn access_token_from(who: &str, body: &[u8]) -> Result<Zeroizing<String>> {
+    #[derive(serde::Deserialize)]
+    struct TokenBody {
+        access_token: Option<String>,
+    }
+    let parsed: std::result::Result<TokenBody, _> = serde_json::from_slice(body);
+    parsed
+        .map_err(|_| Error::integrity(Step::Identity, format!("{who} token response is not JSON")))?
+        .access_token
+        .map(Zeroizing::new)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            Error::integrity(
+                Step::Identity,
+                format!("{who} token response has no access_token"),
+            )
+        })
 }
 
 struct WipeOnDrop(Response);

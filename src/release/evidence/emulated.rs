@@ -44,26 +44,31 @@ impl EvidenceProvider for EmulatedProvider<'_> {
             )
             .with_hint("check platform.emulator_url and that skr-emulator is running"));
         }
-        let bad = |what: &str| {
-            Error::integrity(
-                Step::Evidence,
-                format!("emulated SNP platform response: {what}"),
-            )
-        };
-        let v: Value = serde_json::from_slice(&resp.body).map_err(|_| bad("not JSON"))?;
-        let report = v
-            .get("report")
-            .and_then(Value::as_str)
-            .and_then(b64url_decode)
-            .ok_or_else(|| bad("no base64url report"))?;
-        let chain = v
-            .get("vcek_cert_chain")
-            .and_then(Value::as_str)
-            .filter(|c| c.contains("BEGIN CERTIFICATE"))
-            .ok_or_else(|| bad("no PEM vcek_cert_chain"))?;
-        Ok(Evidence {
-            report,
-            vcek_chain_pem: Some(chain.to_string()),
-        })
+        parse_platform_response(&resp.body)
     }
+}
+
+/// The emulated platform's answer: `{"report": base64url, "vcek_cert_chain": PEM}`.
+pub fn parse_platform_response(body: &[u8]) -> Result<Evidence> {
+    let bad = |what: &str| {
+        Error::integrity(
+            Step::Evidence,
+            format!("emulated SNP platform response: {what}"),
+        )
+    };
+    let v: Value = serde_json::from_slice(body).map_err(|_| bad("not JSON"))?;
+    let report = v
+        .get("report")
+        .and_then(Value::as_str)
+        .and_then(b64url_decode)
+        .ok_or_else(|| bad("no base64url report"))?;
+    let chain = v
+        .get("vcek_cert_chain")
+        .and_then(Value::as_str)
+        .filter(|c| c.contains("BEGIN CERTIFICATE"))
+        .ok_or_else(|| bad("no PEM vcek_cert_chain"))?;
+    Ok(Evidence {
+        report,
+        vcek_chain_pem: Some(chain.to_string()),
+    })
 }

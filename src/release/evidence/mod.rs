@@ -13,7 +13,7 @@ pub mod snp;
 pub mod tdx;
 pub mod tpm_attest;
 
-pub use emulated::EmulatedProvider;
+pub use emulated::{parse_platform_response, EmulatedProvider};
 pub use sev_guest::SevGuestProvider;
 pub use sev_legacy::SevLegacyProvider;
 
