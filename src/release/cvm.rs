@@ -262,6 +262,36 @@ pub fn td_quote(
     Ok(quote)
 }
 
+/// The AK certificate must be X.509 and within its validity period at `now` (Unix seconds):
+/// MAA refuses an expired one with a less precise message, and Azure's guest attestation
+/// extension is what renews it (platform-evidence §6.6 step 1; open question 4).
+pub fn check_ak_certificate(der: &[u8], now: u64) -> Result<()> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| {
+        Error::evidence(
+            Step::Evidence,
+            format!("TPM: the AK certificate at NV 0x01C101D0 is not X.509 ({e})"),
+        )
+        .with_hint("refresh the VM's guest attestation extension (it renews the AK certificate)")
+    })?;
+    let v = &cert.tbs_certificate.validity;
+    let (from, to) = (
+        v.not_before.to_unix_duration().as_secs(),
+        v.not_after.to_unix_duration().as_secs(),
+    );
+    if now < from || now > to {
+        return Err(Error::evidence(
+            Step::Evidence,
+            format!(
+                "TPM: the AK certificate at NV 0x01C101D0 is valid from {} to {}, not now",
+                v.not_before, v.not_after
+            ),
+        )
+        .with_hint("the vTPM's AK certificate has expired (or the clock is wrong): install or refresh the VM's guest attestation extension, which renews it"));
+    }
+    Ok(())
+}
+
 /// Steps 1–3 of the login on an Azure CVM: TPM transfer key, vTPM evidence, AzureGuest.
 pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
     // The VCEK chain does not depend on the TPM: fetch it while the TPM works. Only an SNP CVM
@@ -302,6 +332,11 @@ fn attest_with(
     let ak = tpm.ak_public()?;
     check_ak_is_hcl_akpub(&hcl, &ak)?;
     let ak_cert = tpm.ak_certificate()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    check_ak_certificate(&ak_cert, now)?;
     // What MAA will check of the certification, checked first for a precise error.
     verify_certify(&enc_key_pub, &certify_info, &certify_signature, &ak)?;
     // AzureGuest quotes carry no qualifying data (§6.6 step 3, §6.7 row 5); the nonce travels
@@ -310,6 +345,12 @@ fn attest_with(
     let (isolation, tee) = match hcl.hardware {
         evidence::hcl::HardwareReport::Snp(report) => {
             let collateral = collateral()?;
+            if let Some(tcbm) = collateral.tcbm.filter(|t| *t != report.reported_tcb()) {
+                log::warn!(
+                    "VCEK collateral is for TCB {tcbm:016x} but the HCL report's SNP REPORTED_TCB is {:016x}; MAA may refuse the evidence",
+                    report.reported_tcb()
+                );
+            }
             (
                 snp_isolation(report.bytes(), &collateral.vcek_chain_pem, hcl.claims_json),
                 "sevsnpvm",
@@ -374,6 +415,34 @@ mod tests {
         assert_ne!(a, user_data_for("n1", b"kez"));
         // No ambiguity between the nonce and the key bytes.
         assert_ne!(user_data_for("n1k", b"ey"), a);
+    }
+
+    #[test]
+    fn ak_certificates_must_parse_and_be_current() {
+        let der = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/fuzz/test-leaf.der"
+        ))
+        .unwrap();
+        use x509_cert::der::Decode;
+        let v = x509_cert::Certificate::from_der(&der)
+            .unwrap()
+            .tbs_certificate
+            .validity;
+        let (from, to) = (
+            v.not_before.to_unix_duration().as_secs(),
+            v.not_after.to_unix_duration().as_secs(),
+        );
+        check_ak_certificate(&der, from + 1).unwrap();
+        let e = check_ak_certificate(&der, to + 1).unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+        assert!(
+            e.hint().unwrap().contains("guest attestation extension"),
+            "{e}"
+        );
+        assert!(check_ak_certificate(&der, from - 1).is_err());
+        let e = check_ak_certificate(&der[..40], from + 1).unwrap_err();
+        assert!(e.message().contains("not X.509"), "{e}");
     }
 
     #[test]
