@@ -14,7 +14,7 @@ cargo build --release -q -p skr-pkcs11-cli --example p11-bench-login
 T=target/release; W=$(mktemp -d /tmp/skr-bench.XXXXXX)
 MOD=$(pwd)/$T/libskr_pkcs11.so
 SOFTHSM=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so 2>/dev/null | head -1)
-trap '"$T/skr-emulator" down --dir "$W/emu" >/dev/null 2>&1 || true; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true' EXIT
+trap '"$T/skr-emulator" down --dir "$W/emu" >/dev/null 2>&1 || true; "$T/skr-emulator" down --dir "$W/emu-cvm" >/dev/null 2>&1 || true; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true' EXIT
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "== $(date -u +%FT%TZ), load average $(cut -d" " -f1-3 /proc/loadavg), $(uname -r), $(openssl version), $(nginx -v 2>&1), softhsm2 $(dpkg-query -W -f='${Version}' softhsm2)"
@@ -42,7 +42,7 @@ i=16; for k in rsa2048 rsa3072 p256 p384; do
 # (pkcs11-tool reads the new secret key's CKA_VALUE back and warns that it is sensitive.)
 pkcs11-tool --module "$SOFTHSM" --token-label bench --login --pin 1234 --write-object "$W/keys/aes.bin" --type secrkey --key-type AES:32 --label bench-aes --id 1f --usage-decrypt >/dev/null 2>&1
 
-# BENCH_SECTIONS picks sections (default all): ops login nginx.
+# BENCH_SECTIONS picks sections (default all): ops login nginx (login includes the CVM path).
 SECTIONS=${BENCH_SECTIONS:-ops login nginx}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -61,6 +61,12 @@ fi
 if has login; then
 echo; echo "== C_Login breakdown, module side (skr-emulator on loopback)"
 "$T/examples/p11-bench-login" --config "$cfg" --token skr-demo --count 20 --emulator-log "$W/emu"
+# The same on a simulated Azure SEV-SNP CVM (vTPM on swtpm, MAA AzureGuest), in the same run.
+echo; echo "== C_Login breakdown on a simulated SNP CVM (vTPM: swtpm behind the emulator's paravisor)"
+"$T/skr-emulator" up --dir "$W/emu-cvm" --platform cvm-snp >/dev/null
+sed 's/^level = "info"/level = "warn"/' "$W/emu-cvm/skr-pkcs11.toml" > "$W/emu-cvm/bench.toml"
+"$T/examples/p11-bench-login" --config "$W/emu-cvm/bench.toml" --token skr-demo --count 20 --emulator-log "$W/emu-cvm"
+"$T/skr-emulator" down --dir "$W/emu-cvm" >/dev/null
 fi
 
 has nginx || exit 0

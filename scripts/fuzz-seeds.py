@@ -93,6 +93,27 @@ write("maa_token", "seed-real-claims", b"\x01" + dumps(real_claims))
 leaf_b64 = base64.b64encode(read("fuzz/test-leaf.der")).decode()
 write("maa_token", "seed-certs", b"\x03" + dumps({"keys": [{"kid": "k1", "kty": "RSA", "x5c": [leaf_b64]}]}))
 
+# ---- azure_guest_response: 0 token text | 1 sealed JSON | 2 claims (signed and sealed) ----
+# The harness's "TPM" unwraps every EncryptedInnerKey to its SEAL_KEY; USER_DATA = 0x5a * 64.
+tpm_jwk = {"kid": "TpmEphemeralEncryptionKey", "kty": "RSA", "key_ops": ["encrypt"],
+           "n": b64url(n_b), "e": b64url(e_b)}
+guest_claims = {
+    "iss": MAA_URL, "iat": NOW - 60, "nbf": NOW - 60, "exp": NOW + 8 * 3600, "jti": "0" * 64,
+    "x-ms-attestation-type": "azurevm", "x-ms-azurevm-attested-pcrs": list(range(8)),
+    "x-ms-isolation-tee": {
+        "x-ms-attestation-type": "sevsnpvm", "x-ms-compliance-status": "azure-compliant-cvm",
+        "x-ms-runtime": {"keys": [dict(test_jwk_public, kid="HCLAkPub", kty="RSA", key_ops=["sign"])],
+                         "user-data": (bytes([0x5A]) * 64).hex().upper()}},
+    "x-ms-runtime": {"keys": [tpm_jwk], "client-payload": {"nonce": NONCE}},
+    "x-ms-ver": "1.0",
+}
+write("azure_guest_response", "accept-sealed-claims", b"\x02" + dumps(guest_claims))
+write("azure_guest_response", "seed-sealed-json", b"\x01" + dumps({
+    "EncryptedInnerKey": "AAAA", "AuthenticationData": base64.b64encode(bytes(16)).decode(), "Jwt": "AAAA",
+    "EncryptionParams": {"BlockMode": "ChainingModeGCM", "Cipher": "AES", "KeySizeInBits": 256,
+                         "Iv": base64.b64encode(bytes([7]) * 12).decode()}}))
+write("azure_guest_response", "seed-plain-token", b"\x00" + real_jwt)
+
 # ---- key_hsm / release_response: material wrapped to the test transfer key ----
 def key_hsm_text(kek, material, hash_alg=hashes.SHA256(), enc="RSA_AES_KEY_WRAP_256"):
     block = test_key.public_key().encrypt(
@@ -288,6 +309,26 @@ evidence = {"SnpReport": b64url(read("aci/snp_report.bin")),
 write("emulator_maa_request", "seed-aci-report", dumps({"report": b64url(dumps(evidence))}))
 write("emulator_maa_request", "seed-truncated-chain", dumps({"report": b64url(dumps(dict(
     evidence, VcekCertChain=b64url(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"))))}))
+
+# AzureGuest (emulator_azure_guest_request): the outer JSON and AttestationInfo skeletons, with a
+# real certificate and a real TD quote inside (nothing signed by the harness's vTPM CA).
+b64 = lambda b: base64.b64encode(b).decode()
+guest_info = {
+    "AttestationProtocolVersion": "2.0", "OSType": b64(b"Linux"), "OSDistro": b64(b"Debian"),
+    "OSVersionMajor": 12, "OSVersionMinor": 0, "OSBuild": b64(b"NotApplication"), "TcgLogs": "",
+    "ClientPayload": {"nonce": b64(b"n")},
+    "TpmInfo": {"AikCert": b64(read("snp/milan-v2-vcek.der")), "AikPub": b64(bytes(2)),
+                "PcrQuote": b64(bytes(10)), "PcrSignature": b64(bytes(256)), "EncKeyPub": "",
+                "EncKeyCertifyInfo": "", "EncKeyCertifyInfoSignature": "", "PcrSet": list(range(8)),
+                "PCRs": [{"Index": i, "Digest": b64(bytes(32))} for i in range(8)]},
+    "IsolationInfo": {"Type": "SevSnp", "Evidence": {
+        "Proof": b64(dumps({"SnpReport": "", "VcekCertChain": ""})), "RunTimeData": b64(b'{"keys":[]}')}},
+}
+write("emulator_azure_guest_request", "seed-skeleton", dumps({"AttestationInfo": b64url(dumps(guest_info))}))
+guest_info["IsolationInfo"] = {"Type": "Tdx", "Evidence": {
+    "Proof": b64(read("azure-cvm/tdx/trustee-td-quote-v4.bin")), "RunTimeData": b64(b"{}")}}
+write("emulator_azure_guest_request", "seed-tdx-real-quote",
+      dumps({"attestationInfo": base64.urlsafe_b64encode(dumps(guest_info)).decode()}))
 
 # Key Vault: first byte selects the operation (0 create, 1 import, 2 update, 3 release, 4 get),
 # the second the service (0 Key Vault, 1 Managed HSM), the rest is the JSON body

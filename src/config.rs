@@ -63,10 +63,13 @@ fn default_log_target() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EvidenceSource {
-    /// `/dev/sev-guest`, then `/dev/sev`; never a fake report.
+    /// `/dev/sev-guest`, then `/dev/sev`, then an Azure vTPM (NV 0x01400001); never a fake
+    /// report.
     Auto,
     SevGuest,
     SevLegacy,
+    /// An Azure confidential VM: evidence from the vTPM (`platform.tpm_tcti`), MAA AzureGuest.
+    AzureCvm,
     /// Ask skr-emulator's simulated SEV-SNP platform (development and tests only).
     Emulated,
 }

@@ -137,7 +137,9 @@ pub fn maa_token(fx: &Fixtures, data: &[u8]) -> bool {
     let expected = Expected {
         nonce: NONCE,
         transfer_key: fx.transfer.public_jwk(),
-        report_data: &REPORT_DATA,
+        binding: crate::release::maa::Binding::SevSnp {
+            report_data: &REPORT_DATA,
+        },
     };
     let keys = vec![(
         Some(MAA_KID.to_string()),
@@ -146,6 +148,74 @@ pub fn maa_token(fx: &Fixtures, data: &[u8]) -> bool {
             .to_vec(),
     )];
     maa::verify_token(&token, MAA_URL, &expected, NOW, &|_| Ok(keys.clone())).is_ok()
+}
+
+/// The inner AES key the harness's "TPM" unwraps from any `EncryptedInnerKey`.
+const SEAL_KEY: [u8; 32] = [0x11; 32];
+/// The HCL user-data the AzureGuest harness expects MAA to echo.
+pub const USER_DATA: [u8; 64] = [0x5a; 64];
+
+/// An AzureGuest response as `release::cvm` handles it: the `token` member opened
+/// (`maa::open_sealed_token`, the RSAES inner-key step played by a stand-in returning
+/// `SEAL_KEY`), then verified as an AzureGuest token (`maa::verify_token`, `Binding::AzureGuest`:
+/// `azurevm`, `sevsnpvm` isolation TEE, client-payload nonce `NONCE`, user-data `USER_DATA`,
+/// runtime key = the fixture key as `TpmEphemeralEncryptionKey`). First byte: 0 the rest is the
+/// `token` text; 1 the rest is the sealed JSON (base64url-encoded by the harness); 2 the rest
+/// is the claims, signed under the harness's MAA header and sealed with `SEAL_KEY`.
+pub fn azure_guest_response(fx: &Fixtures, data: &[u8]) -> bool {
+    let Some((&mode, rest)) = data.split_first() else {
+        return false;
+    };
+    let token = match mode % 3 {
+        0 => String::from_utf8_lossy(rest).into_owned(),
+        1 => b64url(rest),
+        _ => {
+            let jwt = fx.sign_compact(&fx.maa_header(), rest);
+            let p = crate::crypto::GcmParams {
+                iv: vec![7; 12],
+                aad: maa::SEAL_AAD.to_vec(),
+                tag_bits: 128,
+            };
+            let Ok(sealed) = crate::crypto::aes::gcm_seal(&SEAL_KEY, &p, jwt.as_bytes()) else {
+                return false;
+            };
+            let (ct, tag) = sealed.split_at(sealed.len() - 16);
+            let std64 = crate::release::b64std;
+            let inner = json!({
+                "EncryptedInnerKey": std64(b"in the TPM"),
+                "EncryptionParams": {"BlockMode": "ChainingModeGCM", "Cipher": "AES",
+                    "KeySizeInBits": 256, "Iv": std64(&[7; 12])},
+                "AuthenticationData": std64(tag),
+                "Jwt": std64(ct),
+            });
+            b64url(inner.to_string().as_bytes())
+        }
+    };
+    let unwrap = |_: &[u8]| Ok(crate::secret::SecretBytes::from_slice(&SEAL_KEY));
+    let Ok(jwt) = maa::open_sealed_token(&token, &unwrap) else {
+        return false;
+    };
+    let ours = fx.transfer.public_jwk();
+    let tpm_key = crate::release::transfer_key::RsaPublicJwk {
+        kid: "TpmEphemeralEncryptionKey".into(),
+        n: ours.n.clone(),
+        e: ours.e.clone(),
+    };
+    let expected = Expected {
+        nonce: NONCE,
+        transfer_key: &tpm_key,
+        binding: crate::release::maa::Binding::AzureGuest {
+            tee: "sevsnpvm",
+            user_data: &USER_DATA,
+        },
+    };
+    let keys = vec![(
+        Some(MAA_KID.to_string()),
+        aws_lc_rs::signature::KeyPair::public_key(&fx.key)
+            .as_ref()
+            .to_vec(),
+    )];
+    maa::verify_token(&jwt, MAA_URL, &expected, NOW, &|_| Ok(keys.clone())).is_ok()
 }
 
 /// A release response as `Akv::release_key` handles it: the JWS and its `x5c` chain
@@ -584,6 +654,7 @@ pub type Harness = fn(&Fixtures, &[u8]) -> bool;
 /// Every harness by the name of its fuzz target (and corpus directory).
 pub const TARGETS: &[(&str, Harness)] = &[
     ("maa_token", maa_token),
+    ("azure_guest_response", azure_guest_response),
     ("release_response", release_response),
     ("key_hsm", key_hsm),
     ("jwk", jwk),

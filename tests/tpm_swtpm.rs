@@ -761,3 +761,31 @@ fn doctor_checks_each_step_and_names_the_one_that_fails() {
     assert_eq!(rows.len(), 1);
     assert!(rows[0].1.is_err());
 }
+
+/// `platform.evidence = "auto"` on a machine without an SNP guest device takes the vTPM path
+/// when the configured TPM has the HCL report's NV index, and not when it lacks it.
+#[test]
+fn auto_evidence_takes_the_vtpm_only_when_it_has_an_hcl_report() {
+    let config = |tcti: &str| {
+        let text = format!(
+            "[platform]\nevidence = \"auto\"\ntpm_tcti = \"{tcti}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n[[token.key]]\nlabel = \"k\"\nid = \"01\"\nkid = \"https://kv.vault.azure.net/keys/k\"\n"
+        );
+        skr_pkcs11::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+    };
+    let snp_device = std::path::Path::new("/dev/sev-guest").exists()
+        || std::path::Path::new("/dev/sev").exists();
+    let tpm = Swtpm::start();
+    let bare = config(&tpm.tcti());
+    assert!(!skr_pkcs11::release::evidence::uses_vtpm(&bare));
+    provision(&tpm);
+    assert_eq!(
+        skr_pkcs11::release::evidence::uses_vtpm(&config(&tpm.tcti())),
+        !snp_device,
+        "an SNP guest device keeps its provider; otherwise the provisioned vTPM is used"
+    );
+    tpm.assert_nothing_left("probing");
+    // No TPM at the configured device: not the vTPM path (and no TCTI noise).
+    assert!(!skr_pkcs11::release::evidence::uses_vtpm(&config(
+        "device:/nonexistent/tpmrm0"
+    )));
+}

@@ -200,8 +200,17 @@ fn doctor(cfg: &Config) -> ExitCode {
 
     // Evidence: an actual report over a probe value, and its collateral.
     let mut timings = LoginTimings::default();
-    push(
-        "evidence",
+    let evidence_row = if evidence::uses_vtpm(cfg) {
+        // The vTPM path has no SNP report of its own: the `tpm …` rows below check it step by
+        // step, and `attestation` runs it whole.
+        Ok(format!(
+            "azure-cvm: the vTPM at {} holds an HCL report (NV 0x01400001)",
+            cfg.platform
+                .tpm_tcti
+                .as_deref()
+                .unwrap_or("device:/dev/tpmrm0")
+        ))
+    } else {
         evidence::provider(cfg, &session.http).and_then(|p| {
             let rd = evidence::report_data_for(b"skr-pkcs11 doctor");
             let ev = p.get_report(&rd)?;
@@ -230,8 +239,9 @@ fn doctor(cfg: &Config) -> ExitCode {
                 p.name(),
                 ev.report.len()
             ))
-        }),
-    );
+        })
+    };
+    push("evidence", evidence_row);
 
     // The Azure CVM vTPM path, step by step, when there is a TPM to check (configured, or the
     // kernel resource manager exists). It writes nothing to the TPM's NV.

@@ -21,12 +21,18 @@ pub struct Counters {
     pub throttled: BTreeMap<String, u64>,
 }
 
-pub const ENDPOINTS: [&str; 5] = [
+pub const ENDPOINTS: [&str; 7] = [
     "maa-attest",
     "akv-get",
     "akv-release",
     "imds-token",
     "platform-report",
+    // CVM platforms: the paravisor does not refresh the HCL report after a user-data write
+    // (any kind; `count` refreshes are skipped).
+    "vtpm-hcl-refresh",
+    // CVM platforms: the vTPM answers the next `count` TPM2_CreatePrimary commands with
+    // TPM_RC_RETRY (kind `throttle`: busy) or TPM_RC_LOCKOUT (any other kind).
+    "vtpm-command",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,46 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What the emulator simulates on the guest side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestPlatform {
+    /// A Confidential ACI container / SNP guest with an SNP report device (the default).
+    Aci,
+    /// An Azure confidential VM on SEV-SNP: evidence from a vTPM (swtpm + paravisor), MAA
+    /// AzureGuest.
+    CvmSnp,
+    /// The same on Intel TDX (HCL report_type 4, TD quote from IMDS `/acc/tdquote`).
+    CvmTdx,
+}
+
+impl GuestPlatform {
+    pub fn from_name(name: &str) -> Result<GuestPlatform, String> {
+        match name {
+            "aci" => Ok(GuestPlatform::Aci),
+            "cvm-snp" => Ok(GuestPlatform::CvmSnp),
+            "cvm-tdx" => Ok(GuestPlatform::CvmTdx),
+            other => Err(format!(
+                "--platform {other:?}: expected aci, cvm-snp or cvm-tdx"
+            )),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestPlatform::Aci => "aci",
+            GuestPlatform::CvmSnp => "cvm-snp",
+            GuestPlatform::CvmTdx => "cvm-tdx",
+        }
+    }
+    /// The isolation TEE's MAA attestation type, for a CVM.
+    fn tee(self) -> Option<&'static str> {
+        match self {
+            GuestPlatform::Aci => None,
+            GuestPlatform::CvmSnp => Some("sevsnpvm"),
+            GuestPlatform::CvmTdx => Some("tdxvm"),
+        }
+    }
+}
+
 /// Polls a future, turning a panic into `Err(message)`.
 struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
 
@@ -273,6 +313,7 @@ fn imds_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/metadata/identity/oauth2/token", get(crate::imds::token))
         .route("/metadata/THIM/amd/certification", get(crate::imds::thim))
+        .route("/acc/tdquote", post(crate::imds::td_quote))
         .route("/msi/token", get(crate::imds::identity_endpoint))
         .with_state(app)
 }
@@ -515,8 +556,133 @@ const DEMO_KEYS: [DemoKey; 4] = [
     },
 ];
 
+/// The guest-attestation policy of an Azure CVM (skr-protocol §9.4): the TEE's claims live in
+/// `x-ms-isolation-tee` of an AzureGuest token. `tee` and `compliance` as required.
+fn cvm_policy(app: &App, tee: &str, compliance: &str) -> Value {
+    json!({"version": "1.0.0", "anyOf": [{"authority": app.urls.maa, "allOf": [
+        {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": tee},
+        {"claim": "x-ms-isolation-tee.x-ms-compliance-status", "equals": compliance},
+    ]}]})
+}
+
+/// The Azure CLI's `--default-cvm-policy` (published-examples.json
+/// `azure_cli_default_cvm_policy`) with this emulator's MAA as its authority. Its claims are
+/// top-level: they describe platform (SevSnpVm / TdxVm) tokens, not AzureGuest ones.
+fn cli_default_cvm_policy(app: &App) -> Value {
+    json!({"version": "1.0.0", "anyOf": [{"authority": app.urls.maa, "allOf": [
+        {"claim": "x-ms-compliance-status", "equals": "azure-compliant-cvm"},
+        {"anyOf": [
+            {"claim": "x-ms-attestation-type", "equals": "tdxvm"},
+            {"claim": "x-ms-attestation-type", "equals": "sevsnpvm"},
+        ]},
+    ]}]})
+}
+
+/// (kind, name, kty, size, crv, policy) of a CVM platform's demo keys.
+type CvmDemoKey = (
+    Kind,
+    String,
+    &'static str,
+    Option<u64>,
+    Option<&'static str>,
+    Value,
+);
+
+/// The CVM demo keys of `guest` (named `<platform>-…`, e.g. `cvm-snp-tls-rsa`, so that one
+/// directory can hold both flavours): three under the guest policy of its TEE, one asking for
+/// the other TEE, one for a UVM, one under the CLI's default CVM policy.
+fn cvm_demo_keys(app: &App, guest: GuestPlatform) -> Vec<CvmDemoKey> {
+    let Some(tee) = guest.tee() else {
+        return Vec::new();
+    };
+    let other_tee = if tee == "sevsnpvm" {
+        "tdxvm"
+    } else {
+        "sevsnpvm"
+    };
+    let p = guest.name();
+    let ok = cvm_policy(app, tee, "azure-compliant-cvm");
+    let rsa = |name: &str, policy: Value| -> CvmDemoKey {
+        (
+            Kind::Vault,
+            format!("{p}-{name}"),
+            "RSA-HSM",
+            Some(2048),
+            None,
+            policy,
+        )
+    };
+    vec![
+        rsa("tls-rsa", ok.clone()),
+        (
+            Kind::Vault,
+            format!("{p}-tls-ec"),
+            "EC-HSM",
+            None,
+            Some("P-256"),
+            ok.clone(),
+        ),
+        (
+            Kind::Mhsm,
+            format!("{p}-data-aes"),
+            "oct-HSM",
+            Some(256),
+            None,
+            ok,
+        ),
+        rsa(
+            "denied-tee",
+            cvm_policy(app, other_tee, "azure-compliant-cvm"),
+        ),
+        rsa("denied-uvm", cvm_policy(app, tee, "azure-compliant-uvm")),
+        rsa("cli-default", cli_default_cvm_policy(app)),
+    ]
+}
+
+fn create_demo_key(
+    app: &Arc<App>,
+    kind: Kind,
+    name: &str,
+    kty: &str,
+    size: Option<u64>,
+    crv: Option<&str>,
+    policy: &Value,
+) -> Result<(), String> {
+    let exists = app
+        .keys
+        .lock()
+        .map_err(|_| "state lock")?
+        .store(kind)
+        .keys
+        .contains_key(name);
+    if exists {
+        return Ok(());
+    }
+    let mut body = json!({
+        "kty": kty,
+        "attributes": {"exportable": true},
+        "release_policy": {"contentType": "application/json; charset=utf-8", "data": b64url(policy.to_string().as_bytes())},
+    });
+    if let Some(size) = size {
+        body["key_size"] = json!(size);
+    }
+    if let Some(crv) = crv {
+        body["crv"] = json!(crv);
+    }
+    let svc = keyvault::Service {
+        app: app.clone(),
+        kind,
+    };
+    keyvault::create(&svc, name, &body, true)
+        .map(drop)
+        .map_err(|e| format!("provisioning {name}: {}", e.message()))
+}
+
 /// Creates the demo keys that do not exist yet (through the same create path as the REST API).
-fn provision_demo_keys(app: &Arc<App>) -> Result<(), String> {
+fn provision_demo_keys(app: &Arc<App>, guest: GuestPlatform) -> Result<(), String> {
+    for (kind, name, kty, size, crv, policy) in cvm_demo_keys(app, guest) {
+        create_demo_key(app, kind, &name, kty, size, crv, &policy)?;
+    }
     for demo in &DEMO_KEYS {
         let exists = app
             .keys
@@ -560,7 +726,14 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
     let dir = app.layout.certs_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let keys = app.keys.lock().map_err(|_| "state lock")?;
-    for name in ["tls-rsa", "tls-ec"] {
+    for name in [
+        "tls-rsa",
+        "tls-ec",
+        "cvm-snp-tls-rsa",
+        "cvm-snp-tls-ec",
+        "cvm-tdx-tls-rsa",
+        "cvm-tdx-tls-ec",
+    ] {
         let Some(current) = keys.vault.keys.get(name).and_then(|v| v.last()) else {
             continue;
         };
@@ -582,7 +755,7 @@ fn write_demo_certs(app: &App) -> Result<(), String> {
             &app.pki.ca_key,
             "localhost",
             spki,
-            name == "tls-rsa",
+            name.ends_with("tls-rsa"),
         )?;
         let text = pem_encode("CERTIFICATE", &crate::pki::cert_der(&leaf)?) + &app.pki.ca_pem();
         write_atomic(&path, text.as_bytes())
@@ -665,7 +838,124 @@ fn write_security_context(app: &App) -> Result<(), String> {
     Ok(())
 }
 
-fn write_files(app: &App) -> Result<(), String> {
+/// The module config's `[platform]` and tokens for the ACI guest (the emulator's simulated SNP
+/// report device).
+fn aci_config_sections(u: &Urls) -> (String, String) {
+    let platform = format!(
+        r#"[platform]
+evidence = "emulated"
+emulator_url = "{platform}"
+imds_url = "{imds}"
+"#,
+        platform = u.platform,
+        imds = u.imds
+    );
+    let tokens = format!(
+        r#"[[token]]
+label = "skr-demo"
+serial = "skr-demo-0001"
+
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "{vault}/keys/tls-rsa"
+certificate = "certs/tls-rsa.pem"
+allow_rsa_pkcs_decrypt = true
+
+[[token.key]]
+label = "tls-ec"
+id = "02"
+kid = "{vault}/keys/tls-ec"
+certificate = "certs/tls-ec.pem"
+
+[[token.key]]
+label = "data-aes"
+id = "03"
+kid = "{mhsm}/keys/data-aes"
+
+[[token]]
+label = "skr-denied"
+serial = "skr-denied-0001"
+
+[[token.key]]
+label = "denied-rsa"
+id = "04"
+kid = "{vault}/keys/denied-rsa"
+"#,
+        vault = u.vault,
+        mhsm = u.mhsm
+    );
+    (platform, tokens)
+}
+
+/// The module config's `[platform]` and tokens for a CVM guest: evidence from the simulated
+/// vTPM, the CVM demo keys under the usual token labels.
+fn cvm_config_sections(u: &Urls, tcti: &str, p: &str) -> (String, String) {
+    let platform = format!(
+        r#"[platform]
+evidence = "azure-cvm"
+tpm_tcti = "{tcti}"
+imds_url = "{imds}"
+"#,
+        imds = u.imds
+    );
+    let tokens = format!(
+        r#"[[token]]
+label = "skr-demo"
+serial = "skr-demo-0001"
+
+[[token.key]]
+label = "tls-rsa"
+id = "01"
+kid = "{vault}/keys/{p}-tls-rsa"
+certificate = "certs/{p}-tls-rsa.pem"
+allow_rsa_pkcs_decrypt = true
+
+[[token.key]]
+label = "tls-ec"
+id = "02"
+kid = "{vault}/keys/{p}-tls-ec"
+certificate = "certs/{p}-tls-ec.pem"
+
+[[token.key]]
+label = "data-aes"
+id = "03"
+kid = "{mhsm}/keys/{p}-data-aes"
+
+[[token]]
+label = "skr-denied"
+serial = "skr-denied-0001"
+
+[[token.key]]
+label = "denied-rsa"
+id = "04"
+kid = "{vault}/keys/{p}-denied-tee"
+
+[[token]]
+label = "skr-denied-uvm"
+serial = "skr-denied-0002"
+
+[[token.key]]
+label = "denied-uvm"
+id = "05"
+kid = "{vault}/keys/{p}-denied-uvm"
+
+[[token]]
+label = "skr-cli-default"
+serial = "skr-cli-dflt-01"
+
+[[token.key]]
+label = "cli-default"
+id = "06"
+kid = "{vault}/keys/{p}-cli-default"
+"#,
+        vault = u.vault,
+        mhsm = u.mhsm
+    );
+    (platform, tokens)
+}
+
+fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Result<(), String> {
     let l = &app.layout;
     let w = |path: std::path::PathBuf, text: &str| {
         write_atomic(&path, text.as_bytes())
@@ -697,24 +987,30 @@ fn write_files(app: &App) -> Result<(), String> {
             "SKR_EMULATOR_TENANT_ID",
             crate::tenant::TENANT_ID.to_string(),
         ),
+        ("SKR_EMULATOR_GUEST_PLATFORM", guest.name().to_string()),
     ]
     .iter()
+    .chain(
+        cvm_tcti
+            .map(|t| ("SKR_EMULATOR_TPM_TCTI", t.to_string()))
+            .iter(),
+    )
     .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
     .collect::<String>();
     w(l.env_file(), &env)?;
 
     let u = &app.urls;
+    let (platform_section, token_sections) = match cvm_tcti {
+        Some(tcti) => cvm_config_sections(u, tcti, guest.name()),
+        None => aci_config_sections(u),
+    };
     let config = format!(
         r#"# Written by skr-emulator for the emulator in this directory.
 [logging]
 level = "info"
 target = "stderr"
 
-[platform]
-evidence = "emulated"
-emulator_url = "{platform}"
-imds_url = "{imds}"
-
+{platform_section}
 [attestation]
 url = "{maa}"
 
@@ -725,42 +1021,9 @@ imds_url = "{imds}"
 [tls]
 ca_file = "ca.pem"
 
-[[token]]
-label = "skr-demo"
-serial = "skr-demo-0001"
-
-[[token.key]]
-label = "tls-rsa"
-id = "01"
-kid = "{vault}/keys/tls-rsa"
-certificate = "certs/tls-rsa.pem"
-allow_rsa_pkcs_decrypt = true
-
-[[token.key]]
-label = "tls-ec"
-id = "02"
-kid = "{vault}/keys/tls-ec"
-certificate = "certs/tls-ec.pem"
-
-[[token.key]]
-label = "data-aes"
-id = "03"
-kid = "{mhsm}/keys/data-aes"
-
-[[token]]
-label = "skr-denied"
-serial = "skr-denied-0001"
-
-[[token.key]]
-label = "denied-rsa"
-id = "04"
-kid = "{vault}/keys/denied-rsa"
-"#,
-        platform = u.platform,
+{token_sections}"#,
         imds = u.imds,
         maa = u.maa,
-        vault = u.vault,
-        mhsm = u.mhsm,
     );
     w(l.config_file(), &config)?;
     Ok(())
@@ -792,8 +1055,71 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
     Ok((server, client))
 }
 
+fn start_vtpm(app: &Arc<App>, guest: GuestPlatform) -> Result<crate::vtpm::SimulatedVtpm, String> {
+    let isolation = if guest == GuestPlatform::CvmTdx {
+        let keys = Arc::new(crate::tdx::TdxKeys::generate());
+        let _ = app.tdx.set(keys.clone());
+        crate::vtpm::Isolation::Tdx(keys)
+    } else {
+        crate::vtpm::Isolation::Snp(app.pki.vcek_key.clone())
+    };
+    let platform_app = app.clone();
+    struct Hooks(Arc<App>);
+    impl crate::vtpm::ParavisorHooks for Hooks {
+        fn skip_refresh(&self) -> bool {
+            self.0.admin.take_fault("vtpm-hcl-refresh").is_some()
+        }
+        fn command_fault(&self, cc: u32) -> Option<u32> {
+            if cc != crate::vtpm::TPM_CC_CREATE_PRIMARY {
+                return None;
+            }
+            let fault = self.0.admin.take_fault("vtpm-command")?;
+            let rc = match fault.kind {
+                crate::admin::FaultKind::Throttle => crate::vtpm::TPM_RC_RETRY,
+                _ => crate::vtpm::TPM_RC_LOCKOUT,
+            };
+            self.0
+                .admin
+                .log("vtpm", "fault", json!({"command": cc, "rc": rc}));
+            Some(rc)
+        }
+        fn refreshed(&self, outcome: Option<Result<(), String>>) {
+            match outcome {
+                Some(Ok(())) => self.0.admin.log("vtpm", "hcl-report-refreshed", json!({})),
+                Some(Err(e)) => {
+                    self.0
+                        .admin
+                        .log("vtpm", "hcl-report-refresh-failed", json!({"reason": e}))
+                }
+                None => {
+                    self.0
+                        .admin
+                        .log("vtpm", "hcl-report-refresh-skipped", json!({"fault": true}))
+                }
+            }
+        }
+    }
+    let vtpm = crate::vtpm::SimulatedVtpm::start(
+        &app.layout.dir.join("vtpm"),
+        Arc::new(move || platform_app.platform()),
+        isolation,
+        Arc::new(Hooks(app.clone())),
+    )?;
+    let _ = app.vtpm_ca.set(vtpm.ca.cert.clone());
+    app.admin.log(
+        "vtpm",
+        "started",
+        json!({"tcti": vtpm.paravisor.tcti(), "vmid": vtpm.identity.vm_id}),
+    );
+    Ok(vtpm)
+}
+
 /// Runs the emulator in this process until SIGTERM / SIGINT.
-pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), String> {
+pub fn run_foreground(
+    layout: Layout,
+    base_port: Option<u16>,
+    guest: GuestPlatform,
+) -> Result<(), String> {
     check_dir(&layout)?;
     // Held for the life of the process: two emulators never share a state directory, even
     // when started at the same moment.
@@ -831,8 +1157,18 @@ pub fn run_foreground(layout: Layout, base_port: Option<u16>) -> Result<(), Stri
         http,
     }));
     follow_maa_url(&app, previous_ports)?;
-    provision_demo_keys(&app)?;
-    write_files(&app)?;
+    // A CVM guest: a fresh simulated vTPM (like a VM's boot) behind the paravisor relay, for
+    // the life of this process (swtpm stops with it).
+    let vtpm = match guest {
+        GuestPlatform::Aci => None,
+        GuestPlatform::CvmSnp | GuestPlatform::CvmTdx => Some(start_vtpm(&app, guest)?),
+    };
+    provision_demo_keys(&app, guest)?;
+    write_files(
+        &app,
+        guest,
+        vtpm.as_ref().map(|v| v.paravisor.tcti()).as_deref(),
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -33,6 +33,12 @@ pub struct App {
     pub keys: Mutex<KeysFile>,
     pub admin: Admin,
     pub trusted_arks: Vec<(String, Certificate)>,
+    /// The simulated Azure vTPM CA (a CVM platform only): MAA's AzureGuest trusts AK
+    /// certificates it issued.
+    pub vtpm_ca: std::sync::OnceLock<Certificate>,
+    /// The simulated TDX platform's keys (`--platform cvm-tdx` only): IMDS quotes TDREPOTs
+    /// with them, MAA trusts their quoting key.
+    pub tdx: std::sync::OnceLock<std::sync::Arc<crate::tdx::TdxKeys>>,
     /// Secret for the `IDENTITY_ENDPOINT` emulation (`DIR/identity/identity-header`).
     identity_header: String,
     http: reqwest::Client,
@@ -65,6 +71,8 @@ impl App {
             keys: Mutex::new(parts.keys),
             admin: parts.admin,
             trusted_arks: parts.trusted_arks,
+            vtpm_ca: std::sync::OnceLock::new(),
+            tdx: std::sync::OnceLock::new(),
             identity_header: parts.identity_header,
             http: parts.http,
             jwks_cache: tokio::sync::Mutex::new(HashMap::new()),

@@ -28,6 +28,27 @@ pub fn maa_request(data: &[u8]) -> bool {
     crate::maa::attest_sevsnp(&body, &ROOTS).is_ok()
 }
 
+/// The body of `POST /attest/AzureGuest` (`maa::guest::attest_azure_guest`): the outer JSON,
+/// the base64 `AttestationInfo` JSON and every TPM structure, certificate, SNP report and TD
+/// quote inside it, against the real AMD roots, a simulated vTPM CA and TDX quoting key.
+pub fn azure_guest_request(data: &[u8]) -> bool {
+    static ROOTS: LazyLock<Vec<(String, Certificate)>> =
+        LazyLock::new(|| crate::maa::trusted_arks(&[]));
+    static CA: LazyLock<Option<crate::vtpm::VtpmCa>> =
+        LazyLock::new(|| crate::vtpm::VtpmCa::new().ok());
+    static TDX: LazyLock<crate::tdx::TdxKeys> = LazyLock::new(crate::tdx::TdxKeys::generate);
+    let Ok(body) = serde_json::from_slice::<Value>(data) else {
+        return false;
+    };
+    crate::maa::guest::attest_azure_guest(
+        &body,
+        &ROOTS,
+        CA.as_ref().map(|c| &c.cert),
+        Some(TDX.quoting_key.verifying_key()),
+    )
+    .is_ok()
+}
+
 /// Authority of the release policy of the harness's exportable key: nothing listens there, so a
 /// release whose token names it stops at fetching the issuer's keys.
 pub const RELEASE_AUTHORITY: &str = "https://127.0.0.1:9";

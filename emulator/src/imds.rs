@@ -341,6 +341,58 @@ pub async fn thim(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     Json(app.thim_json()).into_response()
 }
 
+/// `POST /acc/tdquote` (platform-evidence §6.5): `{"report": base64url(TDREPORT)}` →
+/// `{"quote": base64url(TD quote)}`, on a TDX CVM only. Like Azure's: `Metadata: true`, and
+/// `Content-Type` exactly `application/json` (with a charset it is 415); only TDREPORTs of this
+/// (simulated) TD are quoted.
+pub async fn td_quote(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !metadata_ok(&headers) {
+        return imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required metadata header not specified",
+        );
+    }
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type != "application/json" {
+        return imds_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        );
+    }
+    let Some(keys) = app.tdx.get() else {
+        return imds_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this VM is not a TDX confidential VM",
+        );
+    };
+    let report = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("report").and_then(Value::as_str).map(str::to_string))
+        .and_then(|r| crate::util::b64_lenient(&r).ok());
+    match report {
+        Some(r) if crate::tdx::tdreport_is_ours(&r, keys) => {
+            app.admin.log("imds", "td-quote", json!({}));
+            Json(json!({"quote": crate::util::b64url(&crate::tdx::quote(&r, keys))}))
+                .into_response()
+        }
+        _ => imds_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "report must be base64url of a TDREPORT of this TD",
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,11 +3,12 @@
 //! `crate::` path that points up (or sideways between services) fails here, naming it.
 
 /// Lowest first; a module may use modules of a strictly lower layer, or its own.
-const LAYERS: [&[&str]; 7] = [
+const LAYERS: [&[&str]; 8] = [
     &["util", "policy", "keystore"],
     &["jwt", "pki", "admin"],
     &["snp"],
-    &["state"],
+    &["tdx"],
+    &["state", "vtpm"],
     &["context"],
     &["cose", "tenant"],
     &["maa", "keyvault", "imds"],

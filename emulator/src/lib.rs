@@ -29,5 +29,7 @@ mod pki;
 mod policy;
 mod snp;
 pub mod state;
+mod tdx;
 mod tenant;
 mod util;
+mod vtpm;

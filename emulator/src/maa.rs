@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use x509_cert::Certificate;
 
+pub(crate) mod guest;
+
 /// Longest an attestation request may take to verify (it takes milliseconds).
 const VERIFY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -539,12 +541,13 @@ pub async fn dispatch(
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_ascii_lowercase();
     match (method, path.as_str()) {
-        (Method::POST, "/attest/sevsnpvm") => attest(app, uri, body).await,
+        (Method::POST, "/attest/sevsnpvm") => attest(app, uri, body, Flavour::SevSnpVm).await,
+        (Method::POST, "/attest/azureguest") => attest(app, uri, body, Flavour::AzureGuest).await,
         (Method::POST, p) if p.starts_with("/attest/") => maa_error(
             StatusCode::BAD_REQUEST,
             "InvalidParameter",
             format!(
-                "attestation type {} is not supported by skr-emulator (SevSnpVm only)",
+                "attestation type {} is not supported by skr-emulator (SevSnpVm, AzureGuest)",
                 &uri.path()[8..]
             ),
         ),
@@ -558,7 +561,13 @@ pub async fn dispatch(
     }
 }
 
-async fn attest(app: Arc<App>, uri: Uri, body: Bytes) -> Response {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    SevSnpVm,
+    AzureGuest,
+}
+
+async fn attest(app: Arc<App>, uri: Uri, body: Bytes, flavour: Flavour) -> Response {
     let fault = app.admin.take_fault("maa-attest");
     if let Some(f) = &fault {
         if let Some(resp) = generic_fault_response(f).await {
@@ -595,8 +604,23 @@ async fn attest(app: Arc<App>, uri: Uri, body: Bytes) -> Response {
         }
     };
     let worker_app = app.clone();
-    let verified = crate::util::off_workers(VERIFY_DEADLINE, move || {
-        attest_sevsnp(&request, &worker_app.trusted_arks)
+    let verified = crate::util::off_workers(VERIFY_DEADLINE, move || match flavour {
+        Flavour::SevSnpVm => attest_sevsnp(&request, &worker_app.trusted_arks).map(|o| (o, None)),
+        Flavour::AzureGuest => guest::attest_azure_guest(
+            &request,
+            &worker_app.trusted_arks,
+            worker_app.vtpm_ca.get(),
+            worker_app.tdx.get().map(|k| k.quoting_key.verifying_key()),
+        )
+        .map(|g| {
+            (
+                AttestOutcome {
+                    claims: g.claims,
+                    root: g.root,
+                },
+                Some(g.seal_to),
+            )
+        }),
     })
     .await;
     let verified = match verified {
@@ -613,29 +637,48 @@ async fn attest(app: Arc<App>, uri: Uri, body: Bytes) -> Response {
         }
     };
     match verified {
-        Ok(outcome) => {
+        Ok((outcome, seal_to)) => {
             app.admin.count(|c| c.attestations += 1);
+            let tee = outcome
+                .claims
+                .get("x-ms-isolation-tee")
+                .unwrap_or(&Value::Null);
+            let claim = |name: &str| outcome.claims.get(name).or_else(|| tee.get(name)).cloned();
             app.admin.log(
                 "maa",
                 "attested",
                 json!({
-                    "launchmeasurement": outcome.claims.get("x-ms-sevsnpvm-launchmeasurement"),
-                    "hostdata": outcome.claims.get("x-ms-sevsnpvm-hostdata"),
-                    "compliance": outcome.claims.get("x-ms-compliance-status"),
+                    "type": outcome.claims.get("x-ms-attestation-type"),
+                    "launchmeasurement": claim("x-ms-sevsnpvm-launchmeasurement"),
+                    "hostdata": claim("x-ms-sevsnpvm-hostdata"),
+                    "compliance": claim("x-ms-compliance-status"),
                     "root": outcome.root,
                     "expired_token_fault": expired,
                 }),
             );
             let token = issue_token(&app, outcome.claims, expired);
+            let token = match seal_to {
+                None => token,
+                Some(key) => match guest::seal(&token, &key) {
+                    Ok(sealed) => sealed,
+                    Err(e) => {
+                        return maa_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e)
+                    }
+                },
+            };
             (StatusCode::OK, Json(json!({ "token": token }))).into_response()
         }
         Err(reason) => {
             app.admin
                 .log("maa", "attest-rejected", json!({ "reason": reason }));
+            let what = match flavour {
+                Flavour::SevSnpVm => "SEV-SNP evidence",
+                Flavour::AzureGuest => "AzureGuest evidence",
+            };
             maa_error(
                 StatusCode::BAD_REQUEST,
                 "InvalidParameter",
-                format!("Invalid SEV-SNP evidence: {reason}"),
+                format!("Invalid {what}: {reason}"),
             )
         }
     }

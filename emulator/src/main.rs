@@ -38,6 +38,10 @@ enum Cmd {
         /// Seconds to wait for a detached emulator to become ready.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// The simulated guest: `aci` (an SNP report device, the default) or `cvm-snp` (an
+        /// Azure confidential VM: a vTPM on swtpm with an HCL report, MAA AzureGuest).
+        #[arg(long, default_value = "aci")]
+        platform: String,
     },
     /// Stop the emulator running for DIR: SIGTERM, then SIGKILL if it has not stopped in time.
     Down {
@@ -64,7 +68,12 @@ fn absolute(dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
-fn up_detached(layout: Layout, base_port: Option<u16>, timeout: Duration) -> Result<(), String> {
+fn up_detached(
+    layout: Layout,
+    base_port: Option<u16>,
+    timeout: Duration,
+    guest: app::GuestPlatform,
+) -> Result<(), String> {
     app::check_dir(&layout)?;
     if let Some(pid) = app::running_pid(&layout) {
         return Err(format!(
@@ -81,6 +90,7 @@ fn up_detached(layout: Layout, base_port: Option<u16>, timeout: Duration) -> Res
     if let Some(base) = base_port {
         cmd.arg("--base-port").arg(base.to_string());
     }
+    cmd.arg("--platform").arg(guest.name());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -175,13 +185,16 @@ fn main() -> ExitCode {
             foreground,
             base_port,
             timeout,
-        } => absolute(&dir).and_then(|dir| {
-            let layout = Layout::new(dir);
-            if foreground {
-                app::run_foreground(layout, base_port)
-            } else {
-                up_detached(layout, base_port, Duration::from_secs(timeout))
-            }
+            platform,
+        } => app::GuestPlatform::from_name(&platform).and_then(|guest| {
+            absolute(&dir).and_then(|dir| {
+                let layout = Layout::new(dir);
+                if foreground {
+                    app::run_foreground(layout, base_port, guest)
+                } else {
+                    up_detached(layout, base_port, Duration::from_secs(timeout), guest)
+                }
+            })
         }),
         Cmd::Down { dir, timeout } => {
             absolute(&dir).and_then(|dir| down(Layout::new(dir), Duration::from_secs(timeout)))

@@ -141,6 +141,75 @@ pub fn issue_server_leaf(
         .map_err(err("leaf signature"))
 }
 
+/// A self-signed P-256 root with the given subject (the simulated Azure vTPM CA).
+pub fn issue_named_ca(key: &p256::ecdsa::SigningKey, subject: &str) -> PkiResult<Certificate> {
+    let builder = CertificateBuilder::new(
+        Profile::Root,
+        random_serial()?,
+        validity_from_now(3650)?,
+        name(subject)?,
+        spki_of(key.verifying_key())?,
+        key,
+    )
+    .map_err(err("CA builder"))?;
+    builder
+        .build::<p256::ecdsa::DerSignature>()
+        .map_err(err("CA signature"))
+}
+
+/// A plain leaf (no SAN, no EKU) for `subject_key`, e.g. a vTPM AK certificate.
+pub fn issue_leaf_for(
+    issuer: &Certificate,
+    issuer_signer: &p256::ecdsa::SigningKey,
+    subject: &str,
+    subject_key: SubjectPublicKeyInfoOwned,
+) -> PkiResult<Certificate> {
+    let builder = CertificateBuilder::new(
+        Profile::Leaf {
+            issuer: issuer.tbs_certificate.subject.clone(),
+            enable_key_agreement: false,
+            enable_key_encipherment: false,
+        },
+        random_serial()?,
+        validity_from_now(365)?,
+        name(subject)?,
+        subject_key,
+        issuer_signer,
+    )
+    .map_err(err("leaf builder"))?;
+    builder
+        .build::<p256::ecdsa::DerSignature>()
+        .map_err(err("leaf signature"))
+}
+
+/// The ECDSA P-256 / SHA-256 signature of `subject` by `issuer`'s key, and the names.
+pub fn verify_p256_link(issuer: &Certificate, subject: &Certificate) -> PkiResult<()> {
+    use p256::ecdsa::signature::Verifier;
+    if subject.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return Err("issuer name does not match the issuing certificate".into());
+    }
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(
+        issuer
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes(),
+    )
+    .map_err(|_| "issuer key is not a P-256 point".to_string())?;
+    let sig = p256::ecdsa::DerSignature::from_bytes(subject.signature.raw_bytes())
+        .map_err(|_| "signature is not a DER ECDSA signature".to_string())?;
+    let tbs = subject.tbs_certificate.to_der().map_err(err("TBS"))?;
+    key.verify(&tbs, &sig)
+        .map_err(|_| "ECDSA P-256 signature does not verify".to_string())
+}
+
+#[cfg(test)]
+pub fn new_p384() -> PkiResult<(p384::ecdsa::SigningKey, Vec<u8>)> {
+    let key = p384::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    let der = key.to_pkcs8_der().map_err(err("P-384 key"))?;
+    Ok((key, der.as_bytes().to_vec()))
+}
+
 /// An intermediate CA below the emulator CA (the vault JWS chain is leaf → intermediate → root,
 /// like Azure's).
 pub fn issue_intermediate(

@@ -3,7 +3,7 @@
 //! same harness as its fuzz target (`skr_emulator::fuzzing`), so a fixed finding stays fixed.
 //! Each file must be handled within a deadline; files named `accept-*` must be accepted.
 
-use skr_emulator::fuzzing::{maa_request, KeyVault};
+use skr_emulator::fuzzing::{azure_guest_request, maa_request, KeyVault};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -59,6 +59,11 @@ fn replay(target: &str, harness: impl Fn(&[u8]) -> bool + Send + 'static) -> usi
 #[test]
 fn maa_request_corpus_replays() {
     replay("emulator_maa_request", maa_request);
+}
+
+#[test]
+fn azure_guest_request_corpus_replays() {
+    replay("emulator_azure_guest_request", azure_guest_request);
 }
 
 #[test]

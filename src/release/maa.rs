@@ -7,6 +7,8 @@ use super::jws::{split_compact, Compact};
 use super::transfer_key::{strip_leading_zeros, RsaPublicJwk};
 use super::{b64url, b64url_decode};
 use crate::error::{Error, Result, Step};
+use crate::secret::SecretBytes;
+use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,7 +39,22 @@ pub struct Maa<'a> {
 pub struct Expected<'a> {
     pub nonce: &'a str,
     pub transfer_key: &'a RsaPublicJwk,
-    pub report_data: &'a [u8; 64],
+    pub binding: Binding<'a>,
+}
+
+/// How the token ties the attested hardware report to this login.
+#[derive(Clone, Copy)]
+pub enum Binding<'a> {
+    /// `SevSnpVm`: `x-ms-sevsnpvm-reportdata` is the REPORT_DATA of our report.
+    SevSnp { report_data: &'a [u8; 64] },
+    /// `AzureGuest` (skr-protocol §9.4): `x-ms-attestation-type` `azurevm`, the isolation TEE
+    /// of the HCL report (`sevsnpvm` / `tdxvm`) in `x-ms-isolation-tee`, whose runtime claims
+    /// (the HCL's own) echo the user-data this login wrote to NV 0x01400002; the nonce comes
+    /// back in `x-ms-runtime.client-payload`.
+    AzureGuest {
+        tee: &'a str,
+        user_data: &'a [u8; 64],
+    },
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -79,36 +96,21 @@ impl<'a> Maa<'a> {
         let resp = self.http.send(Step::Attestation, "MAA attest", &|| {
             self.http.client_for(&url).post(&url).json(&body)
         })?;
-        match resp.status {
-            200..=299 => {}
-            400 => {
-                return Err(Error::evidence(
-                    Step::Attestation,
-                    format!("MAA rejected the SNP evidence (400): {}", resp.error_text()),
-                )
-                .with_hint("MAA did not accept this platform's report or collateral (VCEK chain, UVM endorsement) or its attestation policy denied it; the message above is MAA's reason"));
-            }
-            404 => {
-                return Err(Error::service(
-                    Step::Attestation,
-                    format!("MAA {url} answered 404: {}", resp.error_text()),
-                )
-                .with_hint("check attestation.url (e.g. https://sharedeus.eus.attest.azure.net) and attestation.api_version"));
-            }
-            s => {
-                return Err(Error::service(
-                    Step::Attestation,
-                    format!("MAA attest answered {s}: {}", resp.error_text()),
-                )
-                .with_hint("check attestation.url and attestation.api_version"));
-            }
-        }
-        let v: Value = serde_json::from_slice(&resp.body)
-            .map_err(|_| bad("MAA attest response is not JSON"))?;
-        v.get("token")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| bad("MAA attest response has no token"))
+        token_member(&resp, &url, "SNP evidence", "MAA did not accept this platform's report or collateral (VCEK chain, UVM endorsement) or its attestation policy denied it; the message above is MAA's reason")
+    }
+
+    /// `POST /attest/AzureGuest` with the vTPM evidence (`AttestationInfo`, platform-evidence
+    /// §6.6 step 8); returns the response's `token` member (sealed to the transfer key).
+    pub fn attest_azure_guest(&self, attestation_info: &Value) -> Result<String> {
+        let url = format!(
+            "{}/attest/AzureGuest?api-version={}",
+            self.url, self.api_version
+        );
+        let body = json!({ "AttestationInfo": b64url(attestation_info.to_string().as_bytes()) });
+        let resp = self.http.send(Step::Attestation, "MAA attest", &|| {
+            self.http.client_for(&url).post(&url).json(&body)
+        })?;
+        token_member(&resp, &url, "AzureGuest evidence", "MAA did not accept this VM's vTPM evidence (AK certificate, PCR quote, HCL report, VCEK chain) or its attestation policy denied it; the message above is MAA's reason; a current guest attestation extension renews the AK certificate")
     }
 
     /// Fetch `/certs` (or take it from the cache).
@@ -187,6 +189,140 @@ impl<'a> Maa<'a> {
             None => Err(bad("MAA /certs holds no signing key")),
         }
     }
+}
+
+/// The `token` member of a successful attest response; MAA's reason on a 400.
+fn token_member(
+    resp: &super::http::Response,
+    url: &str,
+    what: &str,
+    hint_400: &str,
+) -> Result<String> {
+    match resp.status {
+        200..=299 => {}
+        400 => {
+            return Err(Error::evidence(
+                Step::Attestation,
+                format!("MAA rejected the {what} (400): {}", resp.error_text()),
+            )
+            .with_hint(hint_400));
+        }
+        404 => {
+            return Err(Error::service(
+                Step::Attestation,
+                format!("MAA {url} answered 404: {}", resp.error_text()),
+            )
+            .with_hint("check attestation.url (e.g. https://sharedeus.eus.attest.azure.net) and attestation.api_version"));
+        }
+        s => {
+            return Err(Error::service(
+                Step::Attestation,
+                format!("MAA attest answered {s}: {}", resp.error_text()),
+            )
+            .with_hint("check attestation.url and attestation.api_version"));
+        }
+    }
+    let v: Value =
+        serde_json::from_slice(&resp.body).map_err(|_| bad("MAA attest response is not JSON"))?;
+    v.get("token")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| bad("MAA attest response has no token"))
+}
+
+/// AAD of the sealed AzureGuest response (platform-evidence §6.6 step 9).
+pub const SEAL_AAD: &[u8] = b"Transport Key";
+
+fn sealed_bad(what: impl Into<String>) -> Error {
+    Error::integrity(
+        Step::Attestation,
+        format!("MAA AzureGuest response: {}", what.into()),
+    )
+    .with_hint("the sealed attestation response could not be opened with this VM's TPM transfer key; check that attestation.url is the MAA instance this VM should use")
+}
+
+pub(crate) fn b64_any(text: &str) -> Option<Vec<u8>> {
+    let clean = text.trim();
+    base64::engine::general_purpose::STANDARD
+        .decode(clean)
+        .ok()
+        .or_else(|| b64url_decode(clean))
+}
+
+/// The JWT of an AzureGuest response's `token` member. MAA seals it to the transfer key
+/// (§6.6 step 9: base64url JSON with `EncryptedInnerKey`, `EncryptionParams`,
+/// `AuthenticationData`, `Jwt`); `unwrap_inner_key` is RSAES-PKCS1-v1_5 decryption with that key
+/// (inside the TPM). A plain compact JWT is taken as it is: it is verified like any token
+/// afterwards (signature, issuer, nonce, our key), so accepting it weakens nothing.
+pub fn open_sealed_token(
+    token: &str,
+    unwrap_inner_key: &dyn Fn(&[u8]) -> Result<SecretBytes>,
+) -> Result<String> {
+    let token = token.trim();
+    if token.starts_with("eyJ") && token.matches('.').count() == 2 {
+        return Ok(token.to_string());
+    }
+    let outer = b64url_decode(token)
+        .or_else(|| b64_any(token))
+        .ok_or_else(|| sealed_bad("token is neither a JWT nor base64"))?;
+    let sealed: Value =
+        serde_json::from_slice(&outer).map_err(|_| sealed_bad("sealed token is not JSON"))?;
+    let field = |name: &str| -> Result<Vec<u8>> {
+        sealed
+            .get(name)
+            .and_then(Value::as_str)
+            .and_then(b64_any)
+            .ok_or_else(|| sealed_bad(format!("no base64 {name}")))
+    };
+    let params = sealed
+        .get("EncryptionParams")
+        .ok_or_else(|| sealed_bad("no EncryptionParams"))?;
+    let param = |name: &str| params.get(name).and_then(Value::as_str).unwrap_or("");
+    if param("Cipher") != "AES" || param("BlockMode") != "ChainingModeGCM" {
+        return Err(sealed_bad(format!(
+            "unsupported encryption {}/{} (expected AES/ChainingModeGCM)",
+            param("Cipher"),
+            param("BlockMode")
+        )));
+    }
+    let iv = params
+        .get("Iv")
+        .and_then(Value::as_str)
+        .and_then(b64_any)
+        .ok_or_else(|| sealed_bad("no base64 EncryptionParams.Iv"))?;
+    if iv.len() != 12 {
+        return Err(sealed_bad(format!("IV of {} bytes, expected 12", iv.len())));
+    }
+    let encrypted_key = field("EncryptedInnerKey")?;
+    let tag = field("AuthenticationData")?;
+    if tag.len() != 16 {
+        return Err(sealed_bad(format!(
+            "tag of {} bytes, expected 16",
+            tag.len()
+        )));
+    }
+    let mut ciphertext = field("Jwt")?;
+    let inner_key = unwrap_inner_key(&encrypted_key)?;
+    let bits = params.get("KeySizeInBits").and_then(Value::as_u64);
+    if !matches!(inner_key.len(), 16 | 24 | 32)
+        || bits.is_some_and(|b| b != 8 * inner_key.len() as u64)
+    {
+        return Err(sealed_bad(format!(
+            "inner key of {} bytes (KeySizeInBits {bits:?})",
+            inner_key.len()
+        )));
+    }
+    ciphertext.extend_from_slice(&tag);
+    let p = crate::crypto::GcmParams {
+        iv,
+        aad: SEAL_AAD.to_vec(),
+        tag_bits: 128,
+    };
+    let jwt = crate::crypto::aes::gcm_open(inner_key.as_slice(), &p, &ciphertext)
+        .map_err(|_| sealed_bad("AES-GCM authentication of the sealed token failed"))?;
+    String::from_utf8(jwt.to_vec())
+        .map(|s| s.trim().to_string())
+        .map_err(|_| sealed_bad("the unsealed token is not text"))
 }
 
 /// The signing keys of the configured MAA (`true`: refreshed, not from the cache).
@@ -304,30 +440,13 @@ pub fn check_claims(
             )));
         }
     }
-    let typ = claims
-        .get("x-ms-attestation-type")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if typ != "sevsnpvm" {
-        return Err(bad(format!(
-            "MAA token x-ms-attestation-type is {typ:?}, expected \"sevsnpvm\""
-        )));
-    }
-    if claims.get("nonce").and_then(Value::as_str) != Some(expected.nonce) {
-        return Err(bad(
-            "MAA token does not echo our nonce: a replayed or foreign token",
-        ));
-    }
-    // Required, not merely checked when present: every SevSnpVm token carries it, and a token
-    // without it would not bind the attested report to this login's runtime data.
-    let rd = claims
-        .get("x-ms-sevsnpvm-reportdata")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("MAA token has no x-ms-sevsnpvm-reportdata"))?;
-    if !rd.eq_ignore_ascii_case(&hex::encode(expected.report_data)) {
-        return Err(bad(
-            "MAA token x-ms-sevsnpvm-reportdata is not the REPORT_DATA of our report",
-        ));
+    match expected.binding {
+        Binding::SevSnp { report_data } => {
+            check_sevsnp_binding(claims, expected.nonce, report_data)?
+        }
+        Binding::AzureGuest { tee, user_data } => {
+            check_azure_guest_binding(claims, expected.nonce, tee, user_data)?
+        }
     }
     let keys = claims
         .pointer("/x-ms-runtime/keys")
@@ -356,9 +475,146 @@ pub fn check_claims(
     Ok(())
 }
 
+fn check_sevsnp_binding(claims: &Value, nonce: &str, report_data: &[u8; 64]) -> Result<()> {
+    let typ = claims
+        .get("x-ms-attestation-type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if typ != "sevsnpvm" {
+        return Err(bad(format!(
+            "MAA token x-ms-attestation-type is {typ:?}, expected \"sevsnpvm\""
+        )));
+    }
+    if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+        return Err(bad(
+            "MAA token does not echo our nonce: a replayed or foreign token",
+        ));
+    }
+    // Required, not merely checked when present: every SevSnpVm token carries it, and a token
+    // without it would not bind the attested report to this login's runtime data.
+    let rd = claims
+        .get("x-ms-sevsnpvm-reportdata")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("MAA token has no x-ms-sevsnpvm-reportdata"))?;
+    if !rd.eq_ignore_ascii_case(&hex::encode(report_data)) {
+        return Err(bad(
+            "MAA token x-ms-sevsnpvm-reportdata is not the REPORT_DATA of our report",
+        ));
+    }
+    Ok(())
+}
+
+fn check_azure_guest_binding(
+    claims: &Value,
+    nonce: &str,
+    tee: &str,
+    user_data: &[u8; 64],
+) -> Result<()> {
+    let typ = claims
+        .get("x-ms-attestation-type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if typ != "azurevm" {
+        return Err(bad(format!(
+            "MAA token x-ms-attestation-type is {typ:?}, expected \"azurevm\" (AzureGuest)"
+        )));
+    }
+    let tee_type = claims
+        .pointer("/x-ms-isolation-tee/x-ms-attestation-type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if tee_type != tee {
+        return Err(bad(format!(
+            "MAA token x-ms-isolation-tee.x-ms-attestation-type is {tee_type:?}, but this VM's HCL report is {tee:?}"
+        )));
+    }
+    // MAA echoes ClientPayload values; whether decoded or as the base64 we sent is not
+    // documented, so either form of our own random nonce is accepted (both bind this login).
+    let echoed = claims
+        .pointer("/x-ms-runtime/client-payload/nonce")
+        .and_then(Value::as_str);
+    let sent_b64 = crate::release::b64std(nonce.as_bytes());
+    if echoed != Some(nonce) && echoed != Some(sent_b64.as_str()) {
+        return Err(bad(
+            "MAA token does not echo our nonce in x-ms-runtime.client-payload: a replayed or foreign token",
+        ));
+    }
+    // The isolation TEE's runtime claims are the HCL report's own (platform-evidence §6.6
+    // step 10), so they carry the user-data this login wrote: the hardware report is fresh.
+    let echoed_user_data = claims
+        .pointer("/x-ms-isolation-tee/x-ms-runtime/user-data")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("MAA token has no x-ms-isolation-tee.x-ms-runtime.user-data"))?;
+    if !echoed_user_data.eq_ignore_ascii_case(&hex::encode(user_data)) {
+        return Err(bad(
+            "MAA token x-ms-isolation-tee.x-ms-runtime.user-data is not the user-data of this login's HCL report",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::release::b64std;
+    use crate::secret::SecretBytes;
+
+    fn seal(jwt: &[u8], key: &[u8; 32], encrypted_key: &[u8]) -> String {
+        let iv = [5u8; 12];
+        let p = crate::crypto::GcmParams {
+            iv: iv.to_vec(),
+            aad: SEAL_AAD.to_vec(),
+            tag_bits: 128,
+        };
+        let sealed = crate::crypto::aes::gcm_seal(key, &p, jwt).unwrap();
+        let (ct, tag) = sealed.split_at(sealed.len() - 16);
+        let inner = json!({
+            "EncryptedInnerKey": b64std(encrypted_key),
+            "EncryptionParams": {"BlockMode": "ChainingModeGCM", "BlockPadding": "PKCS7",
+                "Cipher": "AES", "KeySizeInBits": 256, "Iv": b64std(&iv)},
+            "AuthenticationData": b64std(tag),
+            "Jwt": b64std(ct),
+        });
+        b64url(inner.to_string().as_bytes())
+    }
+
+    #[test]
+    fn sealed_tokens_open_with_the_inner_key_and_refuse_tampering() {
+        let key = [7u8; 32];
+        let jwt = b"eyJhbGciOiJSUzI1NiJ9.eyJ4IjoxfQ.c2ln";
+        let token = seal(jwt, &key, b"wrapped");
+        let unwrap = |ct: &[u8]| -> Result<SecretBytes> {
+            assert_eq!(ct, b"wrapped");
+            Ok(SecretBytes::from_slice(&key))
+        };
+        assert_eq!(open_sealed_token(&token, &unwrap).unwrap().as_bytes(), jwt);
+        // A plain JWT passes through (verified afterwards like any token).
+        let plain = std::str::from_utf8(jwt).unwrap();
+        assert_eq!(open_sealed_token(plain, &unwrap).unwrap(), plain);
+        // Another inner key: GCM authentication fails.
+        let wrong = |_: &[u8]| -> Result<SecretBytes> { Ok(SecretBytes::from_slice(&[8u8; 32])) };
+        let e = open_sealed_token(&token, &wrong).unwrap_err();
+        assert!(e.message().contains("AES-GCM"), "{e}");
+        // A flipped ciphertext bit.
+        let mut v: Value = serde_json::from_slice(&b64url_decode(&token).unwrap()).unwrap();
+        let mut ct = b64_any(v["Jwt"].as_str().unwrap()).unwrap();
+        ct[0] ^= 1;
+        v["Jwt"] = b64std(&ct).into();
+        let tampered = b64url(v.to_string().as_bytes());
+        assert!(open_sealed_token(&tampered, &unwrap).is_err());
+        // Key size and cipher checks; garbage.
+        v["EncryptionParams"]["KeySizeInBits"] = 128.into();
+        assert!(open_sealed_token(&b64url(v.to_string().as_bytes()), &unwrap).is_err());
+        v["EncryptionParams"]["Cipher"] = "DES".into();
+        let e = open_sealed_token(&b64url(v.to_string().as_bytes()), &unwrap).unwrap_err();
+        assert!(e.message().contains("unsupported"), "{e}");
+        assert!(open_sealed_token("!!", &unwrap).is_err());
+        assert_eq!(
+            open_sealed_token("!!", &unwrap).unwrap_err().step(),
+            Some(Step::Attestation)
+        );
+    }
+
     use crate::release::transfer_key::RsaPublicJwk;
 
     fn spec_token() -> (String, Value) {
@@ -393,7 +649,7 @@ mod tests {
         let exp = Expected {
             nonce: "noncesevsnp987",
             transfer_key: &key,
-            report_data: &rd,
+            binding: Binding::SevSnp { report_data: &rd },
         };
         let iat = claims["iat"].as_i64().unwrap();
         let url = "https://tenanttests.us";
@@ -423,7 +679,7 @@ mod tests {
         let k2 = Expected {
             transfer_key: &other_key,
             nonce: "noncesevsnp987",
-            report_data: &rd,
+            binding: Binding::SevSnp { report_data: &rd },
         };
         assert!(msg(check_claims(&claims, url, &k2, iat)).contains("transfer key"));
         // A second key in the runtime data.
@@ -438,7 +694,7 @@ mod tests {
         let mut rd2 = rd;
         rd2[0] ^= 1;
         let r2 = Expected {
-            report_data: &rd2,
+            binding: Binding::SevSnp { report_data: &rd2 },
             nonce: "noncesevsnp987",
             transfer_key: &key,
         };
@@ -459,6 +715,77 @@ mod tests {
         assert_eq!(err.step(), Some(Step::Attestation));
     }
 
+    /// MSGA's sample AzureGuest claims, with this login's nonce and user-data added as MAA
+    /// echoes them: every AzureGuest check passes, and each bites.
+    #[test]
+    fn azure_guest_claims_pass_and_each_check_bites() {
+        let mut claims: Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/maa/azureguest-cvm-claims.json"
+        )))
+        .unwrap();
+        let user_data = [0xab; 64];
+        claims["x-ms-runtime"]["client-payload"] = json!({"nonce": "n0nce"});
+        claims["x-ms-isolation-tee"]["x-ms-runtime"]["user-data"] =
+            hex::encode_upper(user_data).into();
+        let k = &claims["x-ms-runtime"]["keys"][0];
+        let key = RsaPublicJwk {
+            kid: "TpmEphemeralEncryptionKey".into(),
+            n: b64url_decode(k["n"].as_str().unwrap()).unwrap(),
+            e: b64url_decode(k["e"].as_str().unwrap()).unwrap(),
+        };
+        let url = "https://sharedeus.eus.test.attest.azure.net";
+        let iat = claims["iat"].as_i64().unwrap();
+        let exp = |nonce, tee, ud| Expected {
+            nonce,
+            transfer_key: &key,
+            binding: Binding::AzureGuest { tee, user_data: ud },
+        };
+        check_claims(&claims, url, &exp("n0nce", "sevsnpvm", &user_data), iat).unwrap();
+        let msg = |c: &Value, e: &Expected<'_>| {
+            check_claims(c, url, e, iat)
+                .unwrap_err()
+                .message()
+                .to_string()
+        };
+        // The nonce may come back as the base64 we sent.
+        let mut b64 = claims.clone();
+        b64["x-ms-runtime"]["client-payload"]["nonce"] = crate::release::b64std(b"n0nce").into();
+        check_claims(&b64, url, &exp("n0nce", "sevsnpvm", &user_data), iat).unwrap();
+        assert!(msg(&claims, &exp("other", "sevsnpvm", &user_data)).contains("nonce"));
+        assert!(msg(&claims, &exp("n0nce", "tdxvm", &user_data)).contains("isolation-tee"));
+        assert!(msg(&claims, &exp("n0nce", "sevsnpvm", &[0xac; 64])).contains("user-data"));
+        let mut no_ud = claims.clone();
+        no_ud["x-ms-isolation-tee"]["x-ms-runtime"]
+            .as_object_mut()
+            .unwrap()
+            .remove("user-data");
+        assert!(msg(&no_ud, &exp("n0nce", "sevsnpvm", &user_data)).contains("user-data"));
+        let mut snp = claims.clone();
+        snp["x-ms-attestation-type"] = "sevsnpvm".into();
+        assert!(msg(&snp, &exp("n0nce", "sevsnpvm", &user_data)).contains("azurevm"));
+        // Our TPM key, and only it: the HCL's AK is not a transfer key.
+        let mut other = key.clone();
+        other.n[3] ^= 1;
+        let e = Expected {
+            nonce: "n0nce",
+            transfer_key: &other,
+            binding: Binding::AzureGuest {
+                tee: "sevsnpvm",
+                user_data: &user_data,
+            },
+        };
+        assert!(msg(&claims, &e).contains("transfer key"));
+        // A SevSnpVm expectation never accepts an AzureGuest token.
+        let rd = [0u8; 64];
+        let e = Expected {
+            nonce: "n0nce",
+            transfer_key: &key,
+            binding: Binding::SevSnp { report_data: &rd },
+        };
+        assert!(msg(&claims, &e).contains("sevsnpvm"));
+    }
+
     #[test]
     fn header_checks_refuse_foreign_jku_and_algs() {
         let (jwt, claims) = spec_token();
@@ -467,7 +794,7 @@ mod tests {
         let exp = Expected {
             nonce: "noncesevsnp987",
             transfer_key: &key,
-            report_data: &rd,
+            binding: Binding::SevSnp { report_data: &rd },
         };
         let anchors = crate::release::jws::TrustAnchors::with_extra(&[]).unwrap();
         let http = Http::new(&crate::config::Release::default(), &anchors).unwrap();

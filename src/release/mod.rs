@@ -6,6 +6,8 @@
 //! (checked against the public key from `GET {kid}`), or one `Error` naming the failing step.
 
 pub mod akv;
+#[cfg(feature = "cvm")]
+pub mod cvm;
 pub mod evidence;
 pub mod http;
 pub mod identity;
@@ -26,6 +28,11 @@ use transfer_key::{SoftwareTransferKey, TransferKey};
 /// Unpadded base64url (RFC 4648 §5), the encoding of JOSE and of every Azure SKR field.
 pub fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Standard padded base64 (RFC 4648 §4): MSGA's "B64" in MAA's AzureGuest request.
+pub fn b64std(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// base64url, padded or not. A decoder must keep trailing zero bytes (skr-protocol §3.3 step 1).
@@ -88,6 +95,14 @@ pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Re
 }
 
 fn attest_inner(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
+    if evidence::uses_vtpm(cfg) {
+        #[cfg(feature = "cvm")]
+        return cvm::attest(cfg, session, timings);
+        #[cfg(not(feature = "cvm"))]
+        return Err(Error::config(
+            "platform.evidence = \"azure-cvm\" needs the module built with the cargo feature `cvm`",
+        ));
+    }
     let t = Instant::now();
     let transfer: Box<dyn TransferKey> = Box::new(SoftwareTransferKey::generate()?);
     timings.transfer_key = t.elapsed();
@@ -136,7 +151,9 @@ fn attest_inner(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> 
         &maa::Expected {
             nonce: &nonce,
             transfer_key: transfer.public_jwk(),
-            report_data: &report_data,
+            binding: maa::Binding::SevSnp {
+                report_data: &report_data,
+            },
         },
     )?;
     timings.attestation = t.elapsed();
@@ -288,11 +305,12 @@ fn release_each(cfg: &Config, token: &TokenConfig) -> Result<(EachReleased, Logi
     timings.identity += late_identity;
     timings.unwrap = unwrap_time;
     timings.release = phase.saturating_sub(late_identity);
-    // The transfer key is dropped (and wiped) here, with the session.
+    let source = attested.evidence_source;
+    // The transfer key is dropped (and wiped, or flushed from the TPM) here, with the session.
     drop(attested);
     // C_Login logs the outcome at info; this detail is for debugging the release itself.
     log::debug!(
-        "token {:?}: released {} of {} key(s) via {} (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
+        "token {:?}: released {} of {} key(s) via {} with {source} evidence (transfer key {:?}, evidence {:?}, attestation {:?}, identity {:?}, release {:?}, unwrap {:?})",
         token.label,
         released.iter().filter(|(_, r)| r.is_ok()).count(),
         released.len(),

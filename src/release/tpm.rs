@@ -21,7 +21,9 @@ use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
 use std::time::Duration;
 use tss_esapi::abstraction::nv;
-use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
+use tss_esapi::attributes::{
+    NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder,
+};
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{
@@ -82,6 +84,9 @@ impl Default for EchoWait {
 pub enum DecryptScheme {
     /// RSA-OAEP with SHA-256 and an empty label: AKV's RSA_AES_KEY_WRAP_256 first step.
     OaepSha256,
+    /// RSA-OAEP with SHA-1 (CKM_RSA_AES_KEY_WRAP) or SHA-384 (RSA_AES_KEY_WRAP_384), empty label.
+    OaepSha1,
+    OaepSha384,
     /// RSAES-PKCS1-v1_5: MAA's sealed AzureGuest response key.
     RsaEs,
 }
@@ -548,6 +553,7 @@ impl Tpm {
         Ok(TpmTransferKey {
             tpm: Some(self),
             key: Some(loaded.key),
+            session: None,
             selection: loaded.selection,
             public: loaded.public,
             certify_info: loaded.certify_info,
@@ -928,6 +934,10 @@ pub struct TpmTransferKey {
     /// Always Some until `into_tpm` takes it.
     tpm: Option<Tpm>,
     key: Option<KeyHandle>,
+    /// The policy session of the decryptions, started at the first and kept (continueSession)
+    /// for the next ones: each needs only TPM2_PolicyPCR before it. Flushed with the key, and
+    /// after any failed decryption (its policy state is then unknown).
+    session: Option<PolicySession>,
     selection: PcrSelectionList,
     pub public: TpmRsaPublic,
     /// TPMS_ATTEST of TPM2_Certify(key, AK) and its RSASSA signature.
@@ -954,12 +964,21 @@ impl TpmTransferKey {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.end_session();
         match (self.key.take(), self.tpm.as_mut()) {
             (Some(key), Some(tpm)) => tpm
                 .ctx
                 .flush_context(key.into())
                 .map_err(|e| tpm_error("flushing the transfer key", e)),
             _ => Ok(()),
+        }
+    }
+
+    fn end_session(&mut self) {
+        if let (Some(session), Some(tpm)) = (self.session.take(), self.tpm.as_mut()) {
+            if let Err(e) = tpm.ctx.flush_context(SessionHandle::from(session).into()) {
+                log::warn!("TPM: flushing the decryption session failed: {e}");
+            }
         }
     }
 
@@ -977,6 +996,12 @@ impl TpmTransferKey {
             DecryptScheme::OaepSha256 => {
                 RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256))
             }
+            DecryptScheme::OaepSha1 => {
+                RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha1))
+            }
+            DecryptScheme::OaepSha384 => {
+                RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha384))
+            }
             DecryptScheme::RsaEs => RsaDecryptionScheme::RsaEs,
         };
         let ct = PublicKeyRsa::try_from(ciphertext.to_vec()).map_err(|_| {
@@ -993,10 +1018,62 @@ impl TpmTransferKey {
             .tpm
             .as_mut()
             .ok_or_else(|| Error::general("the TPM transfer key was already released"))?;
-        let mut scope = Scope::new(&mut tpm.ctx);
-        let session = scope.policy_session(false)?;
-        pcr_policy(&mut scope, session, &selection)?;
-        let plain = scope
+        let session = match self.session {
+            Some(s) => s,
+            None => {
+                // Started outside a Scope: it outlives this call (the key's drop flushes it).
+                let started = tpm
+                    .ctx
+                    .start_auth_session(
+                        None,
+                        None,
+                        None,
+                        SessionType::Policy,
+                        SymmetricDefinition::Null,
+                        HashingAlgorithm::Sha256,
+                    )
+                    .map_err(|e| tpm_error("TPM2_StartAuthSession", e))?
+                    .ok_or_else(|| Error::evidence(Step::Unwrap, "TPM: no session was started"))?;
+                // continueSession: the session survives each decryption (the TPM resets its
+                // policy state after a successful use).
+                let (attributes, mask) = SessionAttributesBuilder::new()
+                    .with_continue_session(true)
+                    .build();
+                let s = tpm
+                    .ctx
+                    .tr_sess_set_attributes(started, attributes, mask)
+                    .and_then(|()| PolicySession::try_from(started))
+                    .map_err(|e| {
+                        let _ = tpm.ctx.flush_context(SessionHandle::from(started).into());
+                        tpm_error("policy session", e)
+                    })?;
+                self.session = Some(s);
+                s
+            }
+        };
+        let result = tpm
+            .ctx
+            .execute_without_session(|c| {
+                c.policy_pcr(session, Digest::default(), selection.clone())
+            })
+            .map_err(|e| tpm_error("TPM2_PolicyPCR", e))
+            .and_then(|()| decrypt_under(&mut tpm.ctx, session, key, ct, scheme));
+        if result.is_err() {
+            self.end_session();
+        }
+        result
+    }
+}
+
+/// TPM2_RSA_Decrypt with `session` (its PolicyPCR just satisfied).
+fn decrypt_under(
+    ctx: &mut Context,
+    session: PolicySession,
+    key: KeyHandle,
+    ct: PublicKeyRsa,
+    scheme: RsaDecryptionScheme,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let plain = ctx
             .execute_with_session(Some(AuthSession::from(session)), |c| {
                 c.rsa_decrypt(key, ct, scheme, Data::default())
             })
@@ -1015,9 +1092,8 @@ impl TpmTransferKey {
                     Error::integrity(Step::Unwrap, format!("TPM: TPM2_RSA_Decrypt failed: {e}"))
                 }
             })?;
-        // PublicKeyRsa keeps its bytes in a Zeroizing buffer; so does the copy.
-        Ok(Zeroizing::new(plain.value().to_vec()))
-    }
+    // PublicKeyRsa keeps its bytes in a Zeroizing buffer; so does the copy.
+    Ok(Zeroizing::new(plain.value().to_vec()))
 }
 
 impl Drop for TpmTransferKey {

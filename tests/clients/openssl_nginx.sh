@@ -2,8 +2,13 @@
 # OpenSSL 3 with the libp11 engine, then nginx (master + 2 workers) with token keys, against
 # the module (emulator running; its env exported by the caller, SKR_EMU_DIR = its dir).
 # Usage: openssl_nginx.sh MODULE WORKDIR
+# SKR_KEY_PREFIX: prefix of the emulator's key names behind the token's tls-rsa / tls-ec (a
+# simulated CVM's demo keys are e.g. cvm-snp-tls-rsa); empty by default.
 set -euo pipefail
 MOD=$1; W=$2
+PREFIX=${SKR_KEY_PREFIX:-}
+CERTS="$W/certs"; mkdir -p "$CERTS"
+for k in rsa ec; do ln -sf "$SKR_EMU_DIR/certs/${PREFIX}tls-$k.pem" "$CERTS/tls-$k.pem"; done
 fail() { echo "FAIL: $*" >&2; [ -f "$W/error.log" ] && tail -50 "$W/error.log" >&2; exit 1; }
 ENGINE_SO=$(ls /usr/lib/*/engines-3/pkcs11.so 2>/dev/null | head -1)
 [ -n "$ENGINE_SO" ] || fail "libp11 engine missing (apt: libengine-pkcs11-openssl)"
@@ -13,8 +18,8 @@ sed -e "s#@ENGINE_SO@#$ENGINE_SO#" -e "s#@MODULE@#$MOD#" "$(dirname "$0")/../../
 export OPENSSL_CONF="$W/openssl.cnf"
 RSA_URI="pkcs11:token=skr-demo;object=tls-rsa;type=private"
 EC_URI="pkcs11:token=skr-demo;object=tls-ec;type=private"
-openssl x509 -in "$SKR_EMU_DIR/certs/tls-rsa.pem" -pubkey -noout > "$W/rsa.pub"
-openssl x509 -in "$SKR_EMU_DIR/certs/tls-ec.pem" -pubkey -noout > "$W/ec.pub"
+openssl x509 -in "$CERTS/tls-rsa.pem" -pubkey -noout > "$W/rsa.pub"
+openssl x509 -in "$CERTS/tls-ec.pem" -pubkey -noout > "$W/ec.pub"
 
 # --- OpenSSL pkeyutl through the engine, by RFC 7512 URI
 printf 'signed through the libp11 engine' > "$W/data"
@@ -50,8 +55,8 @@ P_RSA=$(free_port); P_EC=$(free_port)
 mkdir -p "$W/nginx"
 USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
 sed -e "s#@USER_LINE@#$USER_LINE#" -e "s#@W@#$W#g" -e "s#@P_RSA@#$P_RSA#" -e "s#@P_EC@#$P_EC#" \
-    -e "s#@CERTS@#$SKR_EMU_DIR/certs#g" "$(dirname "$0")/../../examples/nginx/nginx.conf" > "$W/nginx.conf"
-before_rsa=$(counter tls-rsa); before_ec=$(counter tls-ec)
+    -e "s#@CERTS@#$CERTS#g" "$(dirname "$0")/../../examples/nginx/nginx.conf" > "$W/nginx.conf"
+before_rsa=$(counter "${PREFIX}tls-rsa"); before_ec=$(counter "${PREFIX}tls-ec")
 nginx -p "$W/nginx" -c "$W/nginx.conf" || fail "nginx did not start"
 trap 'kill "$(cat "$W/nginx.pid" 2>/dev/null)" 2>/dev/null || true' EXIT
 for i in $(seq 50); do [ -s "$W/nginx.pid" ] && break; sleep 0.1; done
@@ -79,7 +84,7 @@ done
 # openssl s_client verifies the chain too.
 echo | openssl s_client -connect "127.0.0.1:$P_EC" -servername localhost -CAfile "$SKR_EMULATOR_CA" -verify_return_error -tls1_3 2>&1 | grep -q "Verify return code: 0" || fail "s_client TLS 1.3 with the EC key"
 
-after_rsa=$(counter tls-rsa); after_ec=$(counter tls-ec)
+after_rsa=$(counter "${PREFIX}tls-rsa"); after_ec=$(counter "${PREFIX}tls-ec")
 [ $((after_rsa - before_rsa)) = 1 ] || fail "tls-rsa released $((after_rsa - before_rsa)) times for the nginx process tree, expected 1"
 [ $((after_ec - before_ec)) = 1 ] || fail "tls-ec released $((after_ec - before_ec)) times for the nginx process tree, expected 1"
 echo "nginx: all checks passed"

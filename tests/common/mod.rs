@@ -64,6 +64,11 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start() -> Emulator {
+        Emulator::start_platform("aci")
+    }
+
+    /// `skr-emulator up --platform PLATFORM` (aci, cvm-snp) in a fresh directory.
+    pub fn start_platform(platform: &str) -> Emulator {
         let dir = tempfile::Builder::new()
             .prefix("skr-emu-")
             .tempdir()
@@ -72,6 +77,8 @@ impl Emulator {
             .arg("up")
             .arg("--dir")
             .arg(dir.path())
+            .arg("--platform")
+            .arg(platform)
             .output()
             .expect("run skr-emulator up");
         assert!(
@@ -257,6 +264,18 @@ impl Emulator {
             let e = Emulator::start();
             let _ = SHARED_DIR.set(e.path().to_path_buf());
             register_exit_hook();
+            e
+        })
+    }
+
+    /// One `--platform PLATFORM` (cvm-snp, cvm-tdx) emulator, a simulated Azure CVM with its
+    /// swtpm vTPM, for the whole test binary (the first call's platform), stopped (`down`,
+    /// which stops swtpm) when the process exits.
+    pub fn shared_cvm(platform: &str) -> &'static Emulator {
+        static EMU: std::sync::OnceLock<Emulator> = std::sync::OnceLock::new();
+        EMU.get_or_init(|| {
+            let e = Emulator::start_platform(platform);
+            stop_at_exit(e.path());
             e
         })
     }

@@ -93,6 +93,12 @@ impl Emu {
     /// An emulator in the foreground, owned by a thread that lives until the test process
     /// exits; the child gets SIGTERM (PR_SET_PDEATHSIG) when that happens.
     pub fn start_shared(tag: &str) -> Emu {
+        Emu::start_shared_with(tag, &[])
+    }
+
+    /// `start_shared` with more arguments for `up` (e.g. `--platform cvm-tdx`).
+    pub fn start_shared_with(tag: &str, args: &[&str]) -> Emu {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let dir = temp_dir(tag);
         let (tx, rx) = std::sync::mpsc::channel();
         let child_dir = dir.clone();
@@ -100,6 +106,7 @@ impl Emu {
             let mut cmd = Command::new(EXE);
             cmd.args(["up", "--foreground", "--dir"])
                 .arg(&child_dir)
+                .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());

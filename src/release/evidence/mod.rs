@@ -53,6 +53,11 @@ pub fn report_data_for(runtime_data: &[u8]) -> [u8; 64] {
 /// there is none: a fake report would only fail later, at MAA, with a worse message.
 pub fn provider<'a>(cfg: &Config, http: &'a Http) -> Result<Box<dyn EvidenceProvider + 'a>> {
     Ok(match cfg.platform.evidence {
+        EvidenceSource::AzureCvm => {
+            return Err(Error::general(
+                "platform.evidence = \"azure-cvm\" has no SNP report provider (its evidence comes from the vTPM)",
+            ))
+        }
         EvidenceSource::SevGuest => Box::new(SevGuestProvider),
         EvidenceSource::SevLegacy => Box::new(SevLegacyProvider),
         EvidenceSource::Emulated => {
@@ -71,14 +76,53 @@ pub fn provider<'a>(cfg: &Config, http: &'a Http) -> Result<Box<dyn EvidenceProv
             } else {
                 return Err(Error::evidence(
                     Step::Evidence,
-                    "no SEV-SNP guest device: neither /dev/sev-guest nor /dev/sev exists",
+                    "no SEV-SNP guest device (neither /dev/sev-guest nor /dev/sev exists) and no Azure vTPM with an HCL report (NV 0x01400001)",
                 )
                 .with_hint(
-                    "run inside an AMD SEV-SNP confidential VM or Confidential ACI container; on an Azure CVM (vTPM, no /dev/sev-guest) this path is not available; for local development set platform.evidence = \"emulated\" (skr-emulator up)",
+                    "run inside an AMD SEV-SNP confidential VM, a Confidential ACI container or an Azure confidential VM (vTPM at platform.tpm_tcti, default /dev/tpmrm0); for local development set platform.evidence = \"emulated\" (skr-emulator up)",
                 ));
             }
         }
     })
+}
+
+/// Whether this login attests through the vTPM (Azure CVM, AzureGuest) rather than an SNP
+/// report. `auto` keeps the SNP devices first (ACI, bare SNP guests) and then asks the TPM
+/// for the HCL report's NV index; a TPM that cannot be opened or lacks it means "no".
+pub fn uses_vtpm(cfg: &Config) -> bool {
+    match cfg.platform.evidence {
+        EvidenceSource::AzureCvm => true,
+        EvidenceSource::Auto => {
+            !Path::new(sev_guest::DEVICE).exists()
+                && !Path::new(sev_legacy::DEVICE).exists()
+                && vtpm_has_hcl_report(cfg)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(feature = "cvm")]
+fn vtpm_has_hcl_report(cfg: &Config) -> bool {
+    let tcti = cfg.platform.tpm_tcti.as_deref();
+    // Only a device that exists is opened (no TCTI noise on machines without a TPM).
+    let device = tcti
+        .unwrap_or(crate::release::tpm::DEFAULT_TCTI)
+        .strip_prefix("device:");
+    if device.is_some_and(|d| !Path::new(d).exists()) {
+        return false;
+    }
+    match crate::release::tpm::Tpm::open(tcti).and_then(|mut t| t.nv_defined(hcl::NV_HCL_REPORT)) {
+        Ok(found) => found,
+        Err(e) => {
+            log::debug!("evidence auto: no usable vTPM: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(not(feature = "cvm"))]
+fn vtpm_has_hcl_report(_cfg: &Config) -> bool {
+    false
 }
 
 /// Check a report's size and that it carries exactly the REPORT_DATA we asked for.

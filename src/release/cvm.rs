@@ -1,0 +1,489 @@
+//! Azure confidential VMs (SEV-SNP or TDX behind Microsoft's paravisor): login evidence from
+//! the vTPM and MAA's `AzureGuest` attestation (platform-evidence §6.6, skr-protocol §8.3,
+//! §9.4).
+//!
+//! The transfer key is `TpmEphemeralEncryptionKey`, created inside the vTPM and certified by
+//! its AK; it implements `TransferKey` like the software key, so the rest of the login path
+//! (identity, release, unwrap, install) is the same. It lives for one login: dropping the
+//! `Attested` that owns it flushes it from the TPM, on success and on every failure.
+
+use super::evidence::hcl::{HclReport, USER_DATA_LEN};
+use super::maa::{self, Binding, Expected};
+use super::tpm::{
+    check_ak_is_hcl_akpub, verify_certify, DecryptScheme, EchoWait, Tpm, TpmTransferKey,
+    ATTESTED_PCRS,
+};
+use super::transfer_key::{strip_leading_zeros, OaepHash, RsaPublicJwk, TransferKey};
+use super::Session;
+use super::{b64std, b64url, b64url_decode, evidence, random_nonce, Attested, LoginTimings};
+use crate::config::Config;
+use crate::crypto::HashAlg;
+use crate::error::{Error, Result, Step};
+use crate::secret::SecretBytes;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The kid MAA gives the TPM-held transfer key in the token's `x-ms-runtime.keys` (§6.6 step 10).
+pub const TPM_KID: &str = "TpmEphemeralEncryptionKey";
+/// MAA's AzureGuest api-version (MSGA and Microsoft's CVM tools use this one).
+pub const AZURE_GUEST_API_VERSION: &str = "2020-10-01";
+/// The TCG event log of the boot (§6.6 step 5); sent empty when it cannot be read.
+pub const TCG_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+/// More than any real boot log; a larger file is not sent.
+const TCG_LOG_MAX: u64 = 4 << 20;
+
+/// The vTPM's transfer key behind the transfer-key seam. The mutex serialises the release
+/// threads' decryptions on the one TPM connection.
+pub struct TpmKey {
+    key: Mutex<TpmTransferKey>,
+    jwk: RsaPublicJwk,
+}
+
+impl TpmKey {
+    pub fn new(key: TpmTransferKey) -> TpmKey {
+        let jwk = RsaPublicJwk {
+            kid: TPM_KID.to_string(),
+            n: strip_leading_zeros(&key.public.n).to_vec(),
+            e: strip_leading_zeros(&key.public.e).to_vec(),
+        };
+        TpmKey {
+            key: Mutex::new(key),
+            jwk,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, TpmTransferKey>> {
+        // A poisoned lock means a release thread panicked mid-decrypt; the TPM key itself is
+        // still valid (the TPM holds it), so the guard is taken over.
+        Ok(self.key.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn decrypt(&self, ciphertext: &[u8], scheme: DecryptScheme) -> Result<SecretBytes> {
+        let plain = self.lock()?.decrypt(ciphertext, scheme)?;
+        Ok(SecretBytes::from_slice(&plain))
+    }
+}
+
+impl TransferKey for TpmKey {
+    fn public_jwk(&self) -> &RsaPublicJwk {
+        &self.jwk
+    }
+
+    fn modulus_len(&self) -> usize {
+        self.jwk.n.len()
+    }
+
+    /// TPM2_RSA_Decrypt inside the vTPM under the key's PolicyPCR session: the OAEP step of
+    /// the unwrap never sees the private key.
+    fn decrypt_oaep(&self, hash: OaepHash, ciphertext: &[u8]) -> Result<SecretBytes> {
+        let scheme = match hash {
+            OaepHash::Sha1 => DecryptScheme::OaepSha1,
+            OaepHash::Sha256 => DecryptScheme::OaepSha256,
+            OaepHash::Sha384 => DecryptScheme::OaepSha384,
+        };
+        self.decrypt(ciphertext, scheme)
+    }
+}
+
+/// The 64 bytes written to NV 0x01400002: SHA-512 over a label, the MAA nonce and the transfer
+/// key's TPM2B_PUBLIC. The HCL echoes them in its report, MAA in the token's
+/// `x-ms-isolation-tee.x-ms-runtime.user-data`: the hardware report was made for this login.
+pub fn user_data_for(nonce: &str, transfer_key_tpm2b_public: &[u8]) -> [u8; USER_DATA_LEN] {
+    let mut input = b"skr-pkcs11 azure-cvm login v1\0".to_vec();
+    input.extend_from_slice(nonce.as_bytes());
+    input.push(0);
+    input.extend_from_slice(transfer_key_tpm2b_public);
+    let digest = HashAlg::Sha512.digest(&input);
+    let mut out = [0u8; USER_DATA_LEN];
+    out.copy_from_slice(&digest[..USER_DATA_LEN]);
+    out
+}
+
+/// `NAME` and `VERSION_ID` (major, minor) of /etc/os-release, as MSGA reports them.
+fn os_release() -> (String, u64, u64) {
+    let text = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').to_string())
+    };
+    let version = field("VERSION_ID").unwrap_or_default();
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (
+        field("NAME").unwrap_or_else(|| "Linux".into()),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}
+
+/// The boot's TCG event log, or empty when the kernel does not expose it to this process
+/// (securityfs is root-only on most distributions; MAA then judges the PCR values alone).
+fn tcg_log() -> Vec<u8> {
+    let mut log = Vec::new();
+    match std::fs::File::open(TCG_LOG) {
+        Ok(f) => {
+            if let Err(e) = f.take(TCG_LOG_MAX).read_to_end(&mut log) {
+                log::debug!("{TCG_LOG}: {e}; sending an empty TCG log");
+                log.clear();
+            }
+        }
+        Err(e) => log::debug!("{TCG_LOG}: {e}; sending an empty TCG log"),
+    }
+    log
+}
+
+/// The evidence MAA's AzureGuest endpoint takes (§6.6 step 8), minus the isolation part.
+pub struct TpmEvidence<'a> {
+    pub ak_cert: &'a [u8],
+    pub ak_pub: &'a [u8],
+    pub quote: &'a super::tpm::PcrQuote,
+    pub enc_key_pub: &'a [u8],
+    pub enc_key_certify_info: &'a [u8],
+    pub enc_key_certify_signature: &'a [u8],
+}
+
+/// The inner `AttestationInfo` JSON, encodings exactly as MSGA's ("B64" = standard base64).
+pub fn attestation_info(
+    tpm: &TpmEvidence<'_>,
+    isolation: Value,
+    nonce: &str,
+    tcg_log: &[u8],
+) -> Value {
+    let (distro, major, minor) = os_release();
+    let pcr_set: Vec<u8> = tpm.quote.pcrs.iter().map(|(i, _)| *i).collect();
+    let pcrs: Vec<Value> = tpm
+        .quote
+        .pcrs
+        .iter()
+        .map(|(i, v)| json!({"Index": i, "Digest": b64std(v)}))
+        .collect();
+    json!({
+        "AttestationProtocolVersion": "2.0",
+        "OSType": b64std(b"Linux"),
+        "OSDistro": b64std(distro.as_bytes()),
+        "OSVersionMajor": major,
+        "OSVersionMinor": minor,
+        "OSBuild": b64std(b"NotApplication"),
+        "TcgLogs": b64std(tcg_log),
+        "ClientPayload": {"nonce": b64std(nonce.as_bytes())},
+        "TpmInfo": {
+            "AikCert": b64std(tpm.ak_cert),
+            "AikPub": b64std(tpm.ak_pub),
+            "PcrQuote": b64std(&tpm.quote.attest),
+            "PcrSignature": b64std(&tpm.quote.signature),
+            "EncKeyPub": b64std(tpm.enc_key_pub),
+            "EncKeyCertifyInfo": b64std(tpm.enc_key_certify_info),
+            "EncKeyCertifyInfoSignature": b64std(tpm.enc_key_certify_signature),
+            "PcrSet": pcr_set,
+            "PCRs": pcrs,
+        },
+        "IsolationInfo": isolation,
+    })
+}
+
+/// `IsolationInfo` of an SEV-SNP CVM: the SNP report of the HCL report and its VCEK chain.
+pub fn snp_isolation(snp_report: &[u8], vcek_chain_pem: &str, runtime_claims: &[u8]) -> Value {
+    let proof = json!({
+        "SnpReport": b64url(snp_report),
+        "VcekCertChain": b64std(vcek_chain_pem.as_bytes()),
+    });
+    json!({
+        "Type": "SevSnp",
+        "Evidence": {
+            "Proof": b64std(proof.to_string().as_bytes()),
+            "RunTimeData": b64std(runtime_claims),
+        }
+    })
+}
+
+/// `IsolationInfo` of a TDX CVM: the TD quote of the HCL report's TDREPORT (§6.6 step 8, §8).
+pub fn tdx_isolation(td_quote: &[u8], runtime_claims: &[u8]) -> Value {
+    json!({
+        "Type": "Tdx",
+        "Evidence": {
+            "Proof": b64std(td_quote),
+            "RunTimeData": b64std(runtime_claims),
+        }
+    })
+}
+
+/// The TD quote of `report` from IMDS (platform-evidence §6.5: `Metadata: true` and a
+/// Content-Type of exactly `application/json`, else 415). Its report data must be the
+/// TDREPORT's: the quote is of this report.
+pub fn td_quote(
+    cfg: &Config,
+    http: &super::http::Http,
+    report: &evidence::tdx::TdReport<'_>,
+) -> Result<Vec<u8>> {
+    let base = cfg
+        .platform
+        .imds_url
+        .as_deref()
+        .unwrap_or("http://169.254.169.254")
+        .trim_end_matches('/');
+    let url = format!("{base}/acc/tdquote");
+    let body = json!({ "report": b64url(report.bytes()) }).to_string();
+    let resp = http.send(Step::Evidence, "IMDS TD quote", &|| {
+        http.direct
+            .post(&url)
+            .header("Metadata", "true")
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+    })?;
+    let bad = |what: String| {
+        Error::evidence(Step::Evidence, format!("IMDS {url}: {what}")).with_hint(
+            "the TDX quote service of this Azure TDX confidential VM did not quote the TDREPORT; check that IMDS is reachable from the VM (169.254.169.254, no proxy) and retry",
+        )
+    };
+    if !resp.is_success() {
+        return Err(bad(format!(
+            "answered {}: {}",
+            resp.status,
+            resp.error_text()
+        )));
+    }
+    let quote = serde_json::from_slice::<Value>(&resp.body)
+        .ok()
+        .and_then(|v| {
+            v.get("quote")
+                .and_then(Value::as_str)
+                .and_then(b64url_decode)
+        })
+        .ok_or_else(|| bad("the answer has no base64url quote".into()))?;
+    let parsed = evidence::tdx::TdQuote::parse(&quote)?;
+    if parsed.report_data() != report.report_data() {
+        return Err(Error::integrity(
+            Step::Evidence,
+            "IMDS returned a TD quote of another TDREPORT (its report data differs)",
+        ));
+    }
+    Ok(quote)
+}
+
+/// The AK certificate must be X.509 and within its validity period at `now` (Unix seconds):
+/// MAA refuses an expired one with a less precise message, and Azure's guest attestation
+/// extension is what renews it (platform-evidence §6.6 step 1; open question 4).
+pub fn check_ak_certificate(der: &[u8], now: u64) -> Result<()> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| {
+        Error::evidence(
+            Step::Evidence,
+            format!("TPM: the AK certificate at NV 0x01C101D0 is not X.509 ({e})"),
+        )
+        .with_hint("refresh the VM's guest attestation extension (it renews the AK certificate)")
+    })?;
+    let v = &cert.tbs_certificate.validity;
+    let (from, to) = (
+        v.not_before.to_unix_duration().as_secs(),
+        v.not_after.to_unix_duration().as_secs(),
+    );
+    if now < from || now > to {
+        return Err(Error::evidence(
+            Step::Evidence,
+            format!(
+                "TPM: the AK certificate at NV 0x01C101D0 is valid from {} to {}, not now",
+                v.not_before, v.not_after
+            ),
+        )
+        .with_hint("the vTPM's AK certificate has expired (or the clock is wrong): install or refresh the VM's guest attestation extension, which renews it"));
+    }
+    Ok(())
+}
+
+/// Steps 1–3 of the login on an Azure CVM: TPM transfer key, vTPM evidence, AzureGuest.
+pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Result<Attested> {
+    // The VCEK chain does not depend on the TPM: fetch it while the TPM works. Only an SNP CVM
+    // uses it (known once the HCL report is read); on a TDX CVM the answer is dropped.
+    std::thread::scope(|s| {
+        let collateral = s.spawn(|| evidence::collateral(cfg, &session.http));
+        let collateral = move || {
+            collateral.join().unwrap_or_else(|_| {
+                Err(Error::general("the collateral thread panicked").with_step(Step::Evidence))
+            })
+        };
+        attest_with(cfg, session, timings, collateral)
+    })
+}
+
+fn attest_with(
+    cfg: &Config,
+    session: &Session,
+    timings: &mut LoginTimings,
+    collateral: impl FnOnce() -> Result<evidence::Collateral>,
+) -> Result<Attested> {
+    let t = Instant::now();
+    let tpm = Tpm::open(cfg.platform.tpm_tcti.as_deref())?;
+    // From here on the key is owned by a value whose drop flushes it: every `?` below
+    // leaves nothing in the TPM.
+    let mut key = tpm.create_transfer_key(&ATTESTED_PCRS)?;
+    timings.transfer_key = t.elapsed();
+
+    let t = Instant::now();
+    let nonce = random_nonce()?;
+    let user_data = user_data_for(&nonce, &key.public.tpm2b_public);
+    let enc_key_pub = key.public.clone();
+    let (certify_info, certify_signature) =
+        (key.certify_info.clone(), key.certify_signature.clone());
+    let tpm = key.tpm()?;
+    let hcl_bytes = tpm.fresh_hcl_report(&user_data, EchoWait::default())?;
+    let hcl = HclReport::parse(&hcl_bytes)?;
+    let ak = tpm.ak_public()?;
+    check_ak_is_hcl_akpub(&hcl, &ak)?;
+    let ak_cert = tpm.ak_certificate()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    check_ak_certificate(&ak_cert, now)?;
+    // What MAA will check of the certification, checked first for a precise error.
+    verify_certify(&enc_key_pub, &certify_info, &certify_signature, &ak)?;
+    // AzureGuest quotes carry no qualifying data (§6.6 step 3, §6.7 row 5); the nonce travels
+    // in ClientPayload and, through the user-data, in the hardware report.
+    let quote = tpm.quote(&[], &ATTESTED_PCRS)?;
+    let (isolation, tee) = match hcl.hardware {
+        evidence::hcl::HardwareReport::Snp(report) => {
+            let collateral = collateral()?;
+            if let Some(tcbm) = collateral.tcbm.filter(|t| *t != report.reported_tcb()) {
+                log::warn!(
+                    "VCEK collateral is for TCB {tcbm:016x} but the HCL report's SNP REPORTED_TCB is {:016x}; MAA may refuse the evidence",
+                    report.reported_tcb()
+                );
+            }
+            (
+                snp_isolation(report.bytes(), &collateral.vcek_chain_pem, hcl.claims_json),
+                "sevsnpvm",
+            )
+        }
+        evidence::hcl::HardwareReport::Tdx(report) => {
+            // Joined (its answer unused) so that the scope never has to re-raise a panic.
+            let _ = collateral();
+            let quote = td_quote(cfg, &session.http, &report)?;
+            (tdx_isolation(&quote, hcl.claims_json), "tdxvm")
+        }
+    };
+    let info = attestation_info(
+        &TpmEvidence {
+            ak_cert: &ak_cert,
+            ak_pub: &ak.tpm2b_public,
+            quote: &quote,
+            enc_key_pub: &enc_key_pub.tpm2b_public,
+            enc_key_certify_info: &certify_info,
+            enc_key_certify_signature: &certify_signature,
+        },
+        isolation,
+        &nonce,
+        &tcg_log(),
+    );
+    timings.evidence = t.elapsed();
+
+    let t = Instant::now();
+    let maa = maa::Maa::new(&session.http, &cfg.attestation.url, AZURE_GUEST_API_VERSION);
+    let sealed = maa.attest_azure_guest(&info)?;
+    let transfer = TpmKey::new(key);
+    let token = maa::open_sealed_token(&sealed, &|ct| transfer.decrypt(ct, DecryptScheme::RsaEs))?;
+    let claims = maa.verify(
+        &token,
+        &Expected {
+            nonce: &nonce,
+            transfer_key: transfer.public_jwk(),
+            binding: Binding::AzureGuest {
+                tee,
+                user_data: &user_data,
+            },
+        },
+    )?;
+    timings.attestation = t.elapsed();
+    Ok(Attested {
+        token,
+        claims,
+        issuer: maa.url().to_string(),
+        transfer: Box::new(transfer),
+        evidence_source: "azure-cvm",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_binds_nonce_and_key() {
+        let a = user_data_for("n1", b"key");
+        assert_ne!(a, user_data_for("n2", b"key"));
+        assert_ne!(a, user_data_for("n1", b"kez"));
+        // No ambiguity between the nonce and the key bytes.
+        assert_ne!(user_data_for("n1k", b"ey"), a);
+    }
+
+    #[test]
+    fn ak_certificates_must_parse_and_be_current() {
+        let der = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/fuzz/test-leaf.der"
+        ))
+        .unwrap();
+        use x509_cert::der::Decode;
+        let v = x509_cert::Certificate::from_der(&der)
+            .unwrap()
+            .tbs_certificate
+            .validity;
+        let (from, to) = (
+            v.not_before.to_unix_duration().as_secs(),
+            v.not_after.to_unix_duration().as_secs(),
+        );
+        check_ak_certificate(&der, from + 1).unwrap();
+        let e = check_ak_certificate(&der, to + 1).unwrap_err();
+        assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+        assert!(
+            e.hint().unwrap().contains("guest attestation extension"),
+            "{e}"
+        );
+        assert!(check_ak_certificate(&der, from - 1).is_err());
+        let e = check_ak_certificate(&der[..40], from + 1).unwrap_err();
+        assert!(e.message().contains("not X.509"), "{e}");
+    }
+
+    #[test]
+    fn attestation_info_has_msga_members_and_encodings() {
+        let quote = super::super::tpm::PcrQuote {
+            attest: vec![1, 2],
+            signature: vec![3],
+            pcrs: vec![(0, [0xaa; 32]), (7, [0xbb; 32])],
+        };
+        let tpm = TpmEvidence {
+            ak_cert: &[0x30],
+            ak_pub: &[0, 1],
+            quote: &quote,
+            enc_key_pub: &[0, 2],
+            enc_key_certify_info: &[4],
+            enc_key_certify_signature: &[5],
+        };
+        let iso = snp_isolation(&[9; 4], "PEM", br#"{"keys":[]}"#);
+        let v = attestation_info(&tpm, iso, "abc", b"");
+        assert_eq!(v["AttestationProtocolVersion"], "2.0");
+        assert_eq!(v["OSType"], b64std(b"Linux"));
+        assert_eq!(v["ClientPayload"]["nonce"], b64std(b"abc"));
+        assert_eq!(v["TpmInfo"]["PcrSet"], json!([0, 7]));
+        assert_eq!(v["TpmInfo"]["PCRs"][1]["Index"], 7);
+        assert_eq!(v["TpmInfo"]["PCRs"][1]["Digest"], b64std(&[0xbb; 32]));
+        assert_eq!(v["TpmInfo"]["AikCert"], "MA==");
+        assert_eq!(v["IsolationInfo"]["Type"], "SevSnp");
+        let proof: Value = serde_json::from_slice(
+            &maa::b64_any(v["IsolationInfo"]["Evidence"]["Proof"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(proof["SnpReport"], b64url(&[9; 4]));
+        assert_eq!(proof["VcekCertChain"], b64std(b"PEM"));
+        assert_eq!(
+            maa::b64_any(
+                v["IsolationInfo"]["Evidence"]["RunTimeData"]
+                    .as_str()
+                    .unwrap()
+            )
+            .unwrap(),
+            br#"{"keys":[]}"#
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! C_Login through the built .so on a simulated Azure TDX confidential VM
+//! (`skr-emulator up --platform cvm-tdx`); the checks are in `cvm_common`.
+#![cfg(feature = "cvm")]
+
+mod common;
+mod cvm_common;
+
+const PLATFORM: &str = "cvm-tdx";
+
+#[test]
+fn login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_clean() {
+    cvm_common::login_releases_rsa_and_aes_that_verify_independently_and_leaves_the_tpm_clean(
+        PLATFORM,
+    );
+}
+
+#[test]
+fn denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean() {
+    cvm_common::denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean(PLATFORM);
+}
+
+#[test]
+fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeeds() {
+    cvm_common::login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeeds(
+        PLATFORM,
+    );
+}
