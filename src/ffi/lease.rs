@@ -102,7 +102,11 @@ pub(crate) fn refresh_inline_if_due(inst: &Instance, t: &Token) {
         return;
     }
     if let Some(store) = t.store() {
-        if store.next_refresh_ms() <= now_ms() {
+        // 0: not scheduled yet. The login that created the store schedules the first refresh
+        // after installing its keys; a lookup from a session that joined that login may run
+        // in between and must not refresh a release a few milliseconds old.
+        let due = store.next_refresh_ms();
+        if due != 0 && due <= now_ms() {
             refresh(&inst.module.config, t.index, &store);
         }
     }
