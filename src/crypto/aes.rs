@@ -66,6 +66,39 @@ pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Ciphertext ‖ tag written into `out` (at least `pt.len()` + tag bytes), returning the length
+/// written: a single-part C_Encrypt with room seals straight into the caller's buffer. The
+/// output is ciphertext, so there is no intermediate copy to wipe; on failure `out` is zeroed
+/// (it briefly held the plaintext).
+pub fn gcm_seal_into(key: &[u8], p: &GcmParams, pt: &[u8], out: &mut [u8]) -> Result<usize> {
+    let tag_len = p.tag_bits / 8;
+    let n = pt.len();
+    if out.len() < n + tag_len {
+        return Err(Error::general(
+            "AES-GCM output buffer shorter than announced",
+        ));
+    }
+    if !standard(p) {
+        let sealed = super::pkey::aes_gcm_raw(true, key, &p.iv, &p.aad, pt, tag_len)?;
+        out[..sealed.len()].copy_from_slice(&sealed);
+        return Ok(sealed.len());
+    }
+    let sealed = (|| {
+        let k = gcm_key(key)?;
+        let (body, rest) = out.split_at_mut(n);
+        body.copy_from_slice(pt);
+        let tag = k
+            .seal_in_place_separate_tag(nonce(p)?, aead::Aad::from(&p.aad[..]), body)
+            .map_err(|_| Error::new(CKR_FUNCTION_FAILED, "AES-GCM seal failed"))?;
+        rest[..tag_len].copy_from_slice(tag.as_ref());
+        Ok(n + tag_len)
+    })();
+    if sealed.is_err() {
+        crate::secret::wipe(&mut out[..n + tag_len]);
+    }
+    sealed
+}
+
 pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
     if !standard(p) {
         return super::pkey::aes_gcm_raw(false, key, &p.iv, &p.aad, ct, p.tag_bits / 8);

@@ -429,6 +429,15 @@ impl CipherOp {
         }
     }
 
+    /// Single-part output straight into the caller's buffer, where the mechanism has such a
+    /// path (see `SecretCipher::single_into`); None: use `single`.
+    pub fn single_into(&mut self, data: &[u8], out: &mut [u8]) -> Option<Result<usize>> {
+        match &mut self.state {
+            CipherState::Secret(s) => s.single_into(data, out),
+            CipherState::Collect(_) => None,
+        }
+    }
+
     /// Single-part C_Encrypt / C_Decrypt. A collecting mechanism (AES-GCM, RSA) with nothing
     /// collected works on `data` in place: no copy of the input to collect and wipe again
     /// (a quarter of the memory traffic of a 4 KiB AES-GCM C_Encrypt).

@@ -282,6 +282,7 @@ unsafe fn produce_into<T>(
     out_buf: *mut u8,
     out_len: *mut CK_ULONG,
     known_len: Option<usize>,
+    into: impl FnOnce(&mut T, &mut [u8]) -> Option<Result<usize>>,
     compute: impl FnOnce(&mut T) -> Result<Wiped>,
 ) -> Result<()> {
     let (logged_in, epoch) = (t.is_logged_in(), t.epoch());
@@ -305,6 +306,21 @@ unsafe fn produce_into<T>(
                     CKR_BUFFER_TOO_SMALL,
                     format!("output needs {need} bytes, buffer has {have}"),
                 ));
+            }
+            // Room for all of it: a mode whose output is not secret writes it straight into
+            // the caller's buffer (no intermediate to copy back and wipe). Not when the caller
+            // encrypts in place (input and output overlap): that takes the copying path.
+            let (d, o) = (data.as_ptr() as usize, out_buf as usize);
+            if d.saturating_add(data.len()) <= o || o.saturating_add(need) <= d {
+                // SAFETY: `out_buf` is non-NULL and valid for `have` ≥ `need` bytes (caller
+                // contract) and does not overlap `data`.
+                let dest = unsafe { std::slice::from_raw_parts_mut(out_buf, need) };
+                if let Some(r) = into(&mut a.op, dest) {
+                    let n = r?;
+                    // SAFETY: forwarded caller contract.
+                    unsafe { out(out_len, n as CK_ULONG, "output length pointer")? };
+                    return Ok(true);
+                }
             }
         }
         // SAFETY: forwarded caller contract.
@@ -350,6 +366,10 @@ trait Family {
     const BUILD: fn(Mechanism, Option<&Object>) -> Result<Self::Op>;
 }
 
+/// A single-part output written straight into the caller's buffer: Some(bytes written), or
+/// None when the operation has no such path.
+type IntoFn<Op> = fn(&mut Op, &[u8], &mut [u8]) -> Option<Result<usize>>;
+
 /// Families whose single-part and Final calls produce output.
 trait Produce: Family {
     const SINGLE: fn(&mut Self::Op, &[u8]) -> Result<Wiped>;
@@ -358,6 +378,9 @@ trait Produce: Family {
     fn known_len(_a: &Active<Self::Op>, _n: usize) -> Option<usize> {
         None
     }
+    /// The single-part output written straight into the caller's buffer (see
+    /// `SecretCipher::single_into`); None: computed, then delivered.
+    const SINGLE_INTO: IntoFn<Self::Op> = |_, _, _| None;
 }
 
 /// Families whose Update only absorbs input (sign, verify, digest).
@@ -454,6 +477,7 @@ impl<const ENCRYPT: bool> Family for Cipher<ENCRYPT> {
 impl<const ENCRYPT: bool> Produce for Cipher<ENCRYPT> {
     const SINGLE: fn(&mut CipherOp, &[u8]) -> Result<Wiped> = CipherOp::single;
     const FINISH: fn(&mut CipherOp) -> Result<Wiped> = CipherOp::finish;
+    const SINGLE_INTO: IntoFn<CipherOp> = CipherOp::single_into;
     fn known_len(a: &Active<CipherOp>, n: usize) -> Option<usize> {
         Some(a)
             .filter(|a| !a.multipart)
@@ -522,6 +546,7 @@ unsafe fn produce_part<F: Family>(
     p_out_len: *mut CK_ULONG,
     call: Call,
     known_len: fn(&Active<F::Op>, usize) -> Option<usize>,
+    into: IntoFn<F::Op>,
     compute: fn(&mut F::Op, &[u8]) -> Result<Wiped>,
 ) -> Result<()> {
     with_slot::<F, _>(h, |slot, t| {
@@ -536,9 +561,17 @@ unsafe fn produce_part<F: Family>(
         let known = slot.as_ref().and_then(|a| known_len(a, data.len()));
         // SAFETY: API output buffer and length.
         unsafe {
-            produce_into(slot, t, call, data, p_out, p_out_len, known, |op| {
-                compute(op, data)
-            })
+            produce_into(
+                slot,
+                t,
+                call,
+                data,
+                p_out,
+                p_out_len,
+                known,
+                |op, dest| into(op, data, dest),
+                |op| compute(op, data),
+            )
         }
     })
 }
@@ -577,7 +610,19 @@ unsafe fn finish<F: Produce>(
 ) -> Result<()> {
     with_slot::<F, _>(h, |slot, t| {
         // SAFETY: API output buffer and length.
-        unsafe { produce_into(slot, t, Call::Final, &[], p_out, p_out_len, None, F::FINISH) }
+        unsafe {
+            produce_into(
+                slot,
+                t,
+                Call::Final,
+                &[],
+                p_out,
+                p_out_len,
+                None,
+                |_, _| None,
+                F::FINISH,
+            )
+        }
     })
 }
 
@@ -621,7 +666,7 @@ macro_rules! produce_fns {
             }
             fn $single(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
                 // SAFETY: API arguments.
-                unsafe { produce_part::<$family>(h, (p_data, len, <$family>::DATA), p_out, p_out_len, Call::Single, <$family as Produce>::known_len, <$family>::SINGLE) }
+                unsafe { produce_part::<$family>(h, (p_data, len, <$family>::DATA), p_out, p_out_len, Call::Single, <$family as Produce>::known_len, <$family as Produce>::SINGLE_INTO, <$family>::SINGLE) }
             }
             fn $final(h: CK_SESSION_HANDLE, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h] {
                 // SAFETY: API arguments.
@@ -644,11 +689,11 @@ p11_fn! {
     }
     fn C_EncryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
         // SAFETY: API arguments.
-        unsafe { produce_part::<Encrypt>(h, (p_data, len, Encrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, Encrypt::UPDATE) }
+        unsafe { produce_part::<Encrypt>(h, (p_data, len, Encrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, |_, _, _| None, Encrypt::UPDATE) }
     }
     fn C_DecryptUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
         // SAFETY: API arguments.
-        unsafe { produce_part::<Decrypt>(h, (p_data, len, Decrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, Decrypt::UPDATE) }
+        unsafe { produce_part::<Decrypt>(h, (p_data, len, Decrypt::PART), p_out, p_out_len, Call::Update, |_, _| None, |_, _, _| None, Decrypt::UPDATE) }
     }
 
     fn C_VerifyInit(h: CK_SESSION_HANDLE, p_mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE) [h, key] {
@@ -674,7 +719,7 @@ p11_fn! {
     }
     fn C_Digest(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG, p_out: *mut CK_BYTE, p_out_len: *mut CK_ULONG) [h, len] {
         // SAFETY: API arguments.
-        unsafe { produce_part::<Digest>(h, (p_data, len, <Digest>::DATA), p_out, p_out_len, Call::Single, <Digest as Produce>::known_len, <Digest>::SINGLE) }
+        unsafe { produce_part::<Digest>(h, (p_data, len, <Digest>::DATA), p_out, p_out_len, Call::Single, <Digest as Produce>::known_len, <Digest as Produce>::SINGLE_INTO, <Digest>::SINGLE) }
     }
     fn C_DigestUpdate(h: CK_SESSION_HANDLE, p_data: *mut CK_BYTE, len: CK_ULONG) [h, len] {
         // SAFETY: API arguments.

@@ -892,6 +892,78 @@ fn pss_and_ecdsa_through_the_table() {
     );
 }
 
+/// Single-part AES-GCM encryption with room writes ciphertext ‖ tag straight into the
+/// caller's buffer (no intermediate): the bytes match RustCrypto for 128- and 96-bit tags,
+/// nothing is written past the announced length, and encrypting in place (input and output
+/// the same buffer) still gives the same ciphertext.
+#[test]
+fn single_part_gcm_encryption_seals_into_the_callers_buffer() {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    let live = Live::new("");
+    live.login();
+    let s = live.session(false);
+    let aes = live.find(s, CKO_SECRET_KEY, 3);
+    let msg: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let iv = [5u8; 12];
+    let expected = aes_gcm::Aes256Gcm::new_from_slice(&live.f.aes)
+        .unwrap()
+        .encrypt(
+            &aes_gcm::Nonce::from(iv),
+            Payload {
+                msg: &msg,
+                aad: b"aad",
+            },
+        )
+        .unwrap();
+    for tag_bits in [128usize, 96] {
+        // GCM's shorter tags are the leading bytes of the full tag (SP 800-38D).
+        let want = &expected[..msg.len() + tag_bits / 8];
+        let mut iv = iv;
+        let mut aad = *b"aad";
+        let mut gcm = CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: 3,
+            ulTagBits: tag_bits as CK_ULONG,
+        };
+        let mut m = mech_with(CKM_AES_GCM, &mut gcm);
+
+        // Into a separate buffer, with guard bytes after the announced room.
+        assert_eq!(call!(C_EncryptInit(s, &mut m, aes)), CKR_OK);
+        let mut input = msg.clone();
+        let mut out = vec![0xA5u8; want.len() + 32];
+        let mut n = want.len() as CK_ULONG;
+        assert_eq!(
+            call!(C_Encrypt(
+                s,
+                input.as_mut_ptr(),
+                input.len() as CK_ULONG,
+                out.as_mut_ptr(),
+                &mut n
+            )),
+            CKR_OK
+        );
+        assert_eq!(n as usize, want.len());
+        assert_eq!(&out[..want.len()], want, "tag of {tag_bits} bits");
+        assert!(out[want.len()..].iter().all(|&b| b == 0xA5), "guard bytes");
+        assert_eq!(input, msg, "the input is left as it was");
+
+        // In place: the plaintext at the start of the output buffer.
+        assert_eq!(call!(C_EncryptInit(s, &mut m, aes)), CKR_OK);
+        let mut buf = msg.clone();
+        buf.resize(want.len(), 0);
+        let mut n = buf.len() as CK_ULONG;
+        let p = buf.as_mut_ptr();
+        assert_eq!(
+            call!(C_Encrypt(s, p, msg.len() as CK_ULONG, p, &mut n)),
+            CKR_OK
+        );
+        assert_eq!(&buf[..n as usize], want, "in place, tag of {tag_bits} bits");
+    }
+}
+
 #[test]
 fn encrypt_decrypt_and_digest_through_the_table() {
     let live = Live::new("");

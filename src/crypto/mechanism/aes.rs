@@ -3,7 +3,7 @@
 //! here; the engines themselves run in `crypto::aes` (aws-lc-rs) and `crypto::pkey` (raw EVP).
 
 use super::{param_invalid, Collected, Family, GcmParams, Mechanism, RawParam, SecretCipher};
-use crate::crypto::aes::{gcm_open, gcm_seal, CbcDecrypt, CbcEncrypt};
+use crate::crypto::aes::{gcm_open, gcm_seal, gcm_seal_into, CbcDecrypt, CbcEncrypt};
 use crate::crypto::pkey::{AesMode, EvpStream};
 use crate::error::{Error, Result};
 use crate::secret::{SecretBytes, Wiped};
@@ -58,10 +58,14 @@ impl Family for Gcm {
         let tag = p.tag_bits / 8;
         // GCM decryption must see the tag before releasing plaintext: one shot.
         if encrypt {
+            let (key2, p2) = (key.clone(), p.clone());
             boxed(Ok(Collected::new(
                 move |pt: &[u8]| gcm_seal(key.as_slice(), &p, pt).map(Wiped::new),
                 Some(tag),
-            )))
+            )
+            .with_into(Box::new(move |pt: &[u8], out: &mut [u8]| {
+                gcm_seal_into(key2.as_slice(), &p2, pt, out)
+            }))))
         } else {
             boxed(Ok(Collected::new(
                 move |ct: &[u8]| gcm_open(key.as_slice(), &p, ct),

@@ -236,7 +236,16 @@ pub trait SecretCipher: Send {
     fn single_output_len(&self, _n: usize) -> Option<usize> {
         None
     }
+    /// Single-part output written straight into the caller's buffer (`out` holds at least
+    /// `single_output_len` bytes and does not overlap `input`), for modes whose output is not
+    /// secret (AES-GCM encryption); None: use `single`.
+    fn single_into(&mut self, _input: &[u8], _out: &mut [u8]) -> Option<Result<usize>> {
+        None
+    }
 }
+
+/// A one-shot mode's direct single-part path (see `SecretCipher::single_into`).
+pub type IntoFn = Box<dyn FnMut(&[u8], &mut [u8]) -> Result<usize> + Send>;
 
 /// A MAC over a secret key (C_Sign / C_Verify with HMAC, CMAC).
 pub trait Mac: Send {
@@ -257,6 +266,8 @@ pub struct Collected<F> {
     run: F,
     /// Added to the input length: the exact single-part output length (GCM encryption).
     grows_by: Option<usize>,
+    /// Writes the single-part output into the caller's buffer (GCM encryption).
+    into: Option<IntoFn>,
 }
 
 impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> Collected<F> {
@@ -265,7 +276,15 @@ impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> Collected<F> {
             buf: Wiped::new(Vec::new()),
             run,
             grows_by,
+            into: None,
         }
+    }
+
+    /// With a direct single-part path; only for output that is not secret and whose length
+    /// `grows_by` gives.
+    pub fn with_into(mut self, into: IntoFn) -> Collected<F> {
+        self.into = Some(into);
+        self
     }
 }
 
@@ -293,6 +312,16 @@ impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> SecretCipher for Collected<F> {
     }
     fn single_output_len(&self, n: usize) -> Option<usize> {
         self.grows_by.filter(|_| self.buf.is_empty()).map(|g| n + g)
+    }
+    fn single_into(&mut self, input: &[u8], out: &mut [u8]) -> Option<Result<usize>> {
+        if !self.buf.is_empty() || self.grows_by.is_none() {
+            return None;
+        }
+        let into = self.into.as_mut()?;
+        if input.len() > MAX_COLLECT {
+            return Some(Err(Error::new(CKR_DATA_LEN_RANGE, "input too long")));
+        }
+        Some(into(input, out))
     }
 }
 
