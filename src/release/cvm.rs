@@ -297,7 +297,7 @@ pub fn attest(cfg: &Config, session: &Session, timings: &mut LoginTimings) -> Re
     // The VCEK chain does not depend on the TPM: fetch it while the TPM works. Only an SNP CVM
     // uses it (known once the HCL report is read); on a TDX CVM the answer is dropped.
     std::thread::scope(|s| {
-        let collateral = s.spawn(|| evidence::collateral(cfg, &session.http));
+        let collateral = s.spawn(|| evidence::collateral_from_thim(cfg, &session.http));
         let collateral = move || {
             collateral.join().unwrap_or_else(|_| {
                 Err(Error::general("the collateral thread panicked").with_step(Step::Evidence))

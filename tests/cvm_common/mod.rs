@@ -57,6 +57,16 @@ fn fixture(platform: &'static str) -> MutexGuard<'static, Fixture> {
         let cfg = common::config_logging_to(emu, "abi-cvm.toml", &log);
         let mut t = std::fs::read_to_string(&cfg).unwrap();
         assert!(t.contains("evidence = \"azure-cvm\""), "{t}");
+        // A security context left in the configuration (an ACI one, with another host's VCEK
+        // chain) must not supply the chain: on a CVM it comes from IMDS THIM only.
+        t = t.replacen(
+            "evidence = \"azure-cvm\"\n",
+            &format!(
+                "evidence = \"azure-cvm\"\nsecurity_context_dir = \"{}/testdata/aci/security-context\"\n",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            1,
+        );
         let demo_end = t
             .find("[[token]]\nlabel = \"skr-denied\"")
             .expect("skr-denied token in the emulator's config");

@@ -269,6 +269,13 @@ pub fn collateral(cfg: &Config, http: &Http) -> Result<Collateral> {
     if let Some(dir) = security_context_dir(cfg) {
         return collateral_from_dir(&dir);
     }
+    collateral_from_thim(cfg, http)
+}
+
+/// The VCEK chain from IMDS THIM: the only source on an Azure confidential VM (§6; a
+/// security context is an ACI thing, and one left in the environment must not supply the
+/// chain of another host).
+pub fn collateral_from_thim(cfg: &Config, http: &Http) -> Result<Collateral> {
     let base = cfg
         .platform
         .imds_url
