@@ -12,7 +12,7 @@ TRIPLE=x86_64-unknown-linux-gnu
 # Not abi_memory: it reads a process's whole address space for key bytes, and a sanitized
 # process maps terabytes of shadow memory (it is about the module's memory hygiene, which a
 # sanitizer build changes anyway).
-ABI_TESTS=(abi_login abi_concurrency abi_faults abi_fork abi_config_permissions)
+ABI_TESTS=(abi_login abi_concurrency abi_faults abi_fork abi_config_permissions abi_lease abi_lease_no_threads abi_lease_outage)
 cargo +nightly --version >/dev/null 2>&1 || { echo "sanitize: needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 2; }
 cargo build -q -p skr-emulator
 status=0
