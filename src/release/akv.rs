@@ -352,6 +352,15 @@ fn explain_403(
                         "the policy does not trust the MAA this module uses ({}); set attestation.url to one of the policy authorities or add it to the policy",
                         att.issuer
                     ),
+                    // A CVM guest's AzureGuest token carries the TEE claims nested under
+                    // x-ms-isolation-tee; a policy naming them at the top level (the Azure CLI's
+                    // --default-cvm-policy, written for platform / disk-encryption tokens) can
+                    // never be met by a guest, whatever the TEE.
+                    policy::Explanation::Unmet { claim, actual: None, .. }
+                        if !claim.contains('.')
+                            && att.claims.get("x-ms-isolation-tee").and_then(|t| t.get(claim)).is_some() => format!(
+                        "this VM is attested by guest attestation, whose token carries {claim} under x-ms-isolation-tee; the policy checks it at the top level, as the Azure CLI's --default-cvm-policy (a platform / disk-encryption policy) does: name x-ms-isolation-tee.{claim} in the key's release policy (docs/DEPLOY-CVM.md)"
+                    ),
                     policy::Explanation::Unmet { claim, .. } => format!(
                         "this TEE's attestation does not satisfy the key's release policy at claim {claim}; deploy a TEE that matches (e.g. the expected measurement / host data) or update the policy"
                     ),
@@ -496,5 +505,55 @@ mod tests {
         assert!(e.message().contains("AKV.SKR.1004"));
         let e = status_error(Step::Release, "GET key", &key(), &resp(403, "{}"));
         assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_REJECTED);
+    }
+
+    #[test]
+    fn a_top_level_policy_claim_that_a_guest_token_nests_under_isolation_tee_gets_a_hint_to_name_the_nested_claim(
+    ) {
+        // Microsoft's AzureGuest sample token against the Azure CLI's --default-cvm-policy.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata");
+        let read = |p: &str| -> Value {
+            serde_json::from_slice(&std::fs::read(format!("{dir}/{p}")).unwrap()).unwrap()
+        };
+        let claims = read("maa/azureguest-cvm-claims.json");
+        let mut policy = read("policy/published-examples.json")["azure_cli_default_cvm_policy"]
+            ["policy"]
+            .clone();
+        let issuer = claims["iss"].as_str().unwrap().to_string();
+        policy["anyOf"][0]["authority"] = json!(issuer);
+        let bundle = KeyBundle {
+            kid: None,
+            public: PublicKeyInfo::Oct { key_size: None },
+            policy_data: Some(crate::release::b64url(policy.to_string().as_bytes())),
+        };
+        let att = Attestation {
+            token: "t",
+            issuer: &issuer,
+            claims: &claims,
+        };
+        let e = explain_403(&key(), &bundle, &att, &resp(403, "{}"));
+        assert_eq!(e.rv(), cryptoki_sys::CKR_FUNCTION_REJECTED);
+        assert!(
+            e.message().contains("x-ms-compliance-status") && e.message().contains("absent"),
+            "{}",
+            e.message()
+        );
+        let hint = e.hint().unwrap();
+        assert!(
+            hint.contains("name x-ms-isolation-tee.x-ms-compliance-status")
+                && hint.contains("--default-cvm-policy"),
+            "{hint}"
+        );
+        // A claim the guest token does not carry anywhere keeps the general hint.
+        policy["anyOf"][0]["allOf"] = json!([{"claim":"x-ms-sgx-mrsigner","equals":"00"}]);
+        let bundle = KeyBundle {
+            policy_data: Some(crate::release::b64url(policy.to_string().as_bytes())),
+            ..bundle
+        };
+        let e = explain_403(&key(), &bundle, &att, &resp(403, "{}"));
+        assert!(e
+            .hint()
+            .unwrap()
+            .starts_with("this TEE's attestation does not satisfy"));
     }
 }

@@ -329,6 +329,12 @@ pub fn denials_name_the_unmet_isolation_tee_claim_and_leave_the_tpm_clean(platfo
                 || line.contains(&format!("condition {claim} ")),
             "the line names {claim}: {line}"
         );
+        if token == "skr-cli-default" {
+            assert!(
+                line.contains("name x-ms-isolation-tee.x-ms-compliance-status"),
+                "the line tells the operator to name the nested claim: {line}"
+            );
+        }
         assert_eq!(
             tpm_leftovers(f.emu),
             (0, 0),
