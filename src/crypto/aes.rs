@@ -142,28 +142,17 @@ fn written(len: usize, run: impl FnOnce(&mut [u8]) -> Result<usize>) -> Result<W
     Ok(out)
 }
 
-impl CbcEncrypt {
-    pub fn new(key: &[u8], iv: [u8; 16]) -> Result<CbcEncrypt> {
-        let ctx = cipher::EncryptionContext::Iv128(FixedLength::from(iv));
-        let k = cipher::StreamingEncryptingKey::less_safe_cbc_pkcs7(unbound(key)?, ctx)
-            .map_err(|_| cbc_failed())?;
-        Ok(CbcEncrypt(Some(k)))
-    }
-}
-
-impl CbcDecrypt {
-    pub fn new(key: &[u8], iv: [u8; 16]) -> Result<CbcDecrypt> {
-        let ctx = cipher::DecryptionContext::Iv128(FixedLength::from(iv));
-        let k = cipher::StreamingDecryptingKey::cbc_pkcs7(unbound(key)?, ctx)
-            .map_err(|_| cbc_failed())?;
-        Ok(CbcDecrypt(Some(k)))
-    }
-}
-
 /// The CBC streams: the same steps over AWS-LC's encrypting and decrypting keys, which share
 /// no trait; only how `finish` reports differs.
 macro_rules! cbc_stream {
-    ($($stream:ty => $finish:expr;)*) => {$(
+    ($($stream:ident: $context:ident, $key:ident::$make:ident => $finish:expr;)*) => {$(
+        impl $stream {
+            pub fn new(key: &[u8], iv: [u8; 16]) -> Result<$stream> {
+                let ctx = cipher::$context::Iv128(FixedLength::from(iv));
+                let k = cipher::$key::$make(unbound(key)?, ctx).map_err(|_| cbc_failed())?;
+                Ok($stream(Some(k)))
+            }
+        }
         impl SecretCipher for $stream {
             fn update(&mut self, input: &[u8]) -> Result<Wiped> {
                 let k = self.0.as_mut().ok_or_else(cbc_failed)?;
@@ -180,10 +169,12 @@ macro_rules! cbc_stream {
 }
 
 cbc_stream! {
-    CbcEncrypt => |k: cipher::StreamingEncryptingKey, out: &mut [u8]| -> Result<usize> {
+    CbcEncrypt: EncryptionContext, StreamingEncryptingKey::less_safe_cbc_pkcs7 =>
+        |k: cipher::StreamingEncryptingKey, out: &mut [u8]| -> Result<usize> {
         Ok(k.finish(out).map_err(|_| cbc_failed())?.1.written().len())
     };
-    CbcDecrypt => |k: cipher::StreamingDecryptingKey, out: &mut [u8]| -> Result<usize> {
+    CbcDecrypt: DecryptionContext, StreamingDecryptingKey::cbc_pkcs7 =>
+        |k: cipher::StreamingDecryptingKey, out: &mut [u8]| -> Result<usize> {
         let bad = Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-CBC-PAD: bad padding or length");
         Ok(k.finish(out).map_err(|_| bad)?.written().len())
     };

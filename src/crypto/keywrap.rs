@@ -35,47 +35,26 @@ pub fn aes_kwp_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, UnwrapE
 
 /// RFC 5649 §4.2 unwrap over an AES block decryptor; returns the plaintext length.
 pub(crate) fn kwp_unwrap_ecb(kek: &[u8], wrapped: &[u8], out: &mut [u8]) -> Option<usize> {
-    use aws_lc_rs::cipher::{
-        DecryptingKey, DecryptionContext, UnboundCipherKey, AES_128, AES_192, AES_256,
-    };
-    let alg = match kek.len() {
-        16 => &AES_128,
-        24 => &AES_192,
-        32 => &AES_256,
-        _ => return None,
-    };
-    let key = DecryptingKey::ecb(UnboundCipherKey::new(alg, kek).ok()?).ok()?;
     if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || out.len() < wrapped.len() - 8 {
         return None;
     }
     let n = wrapped.len() / 8 - 1;
-    let mut block = [0u8; 16];
-    let mut a = [0u8; 8];
-    // R[1..n] are the semiblocks after the first, decrypted in place in `out`.
+    // R[1..n] are the semiblocks after the first, decrypted into `out`.
     let r = &mut out[..n * 8];
-    if n == 1 {
+    let a = if n == 1 {
+        // One semiblock of key data: a single AES block holds A ‖ P (§4.2 n = 1).
+        let mut block = [0u8; 16];
         block.copy_from_slice(wrapped);
-        key.decrypt(&mut block, DecryptionContext::None).ok()?;
+        let decrypted = ecb_block(kek, &mut block, false);
+        let mut a = [0u8; 8];
         a.copy_from_slice(&block[..8]);
         r.copy_from_slice(&block[8..]);
+        zeroize::Zeroize::zeroize(&mut block);
+        decrypted.ok()?;
+        a
     } else {
-        a.copy_from_slice(&wrapped[..8]);
-        r.copy_from_slice(&wrapped[8..]);
-        for j in (0..6u64).rev() {
-            for i in (1..=n).rev() {
-                let t = (n as u64) * j + i as u64;
-                for (x, y) in a.iter_mut().zip(t.to_be_bytes()) {
-                    *x ^= y;
-                }
-                block[..8].copy_from_slice(&a);
-                block[8..].copy_from_slice(&r[(i - 1) * 8..i * 8]);
-                key.decrypt(&mut block, DecryptionContext::None).ok()?;
-                a.copy_from_slice(&block[..8]);
-                r[(i - 1) * 8..i * 8].copy_from_slice(&block[8..]);
-            }
-        }
-    }
-    zeroize::Zeroize::zeroize(&mut block);
+        w_inverse(kek, wrapped, r).ok()?
+    };
     // Alternative IV A65959A6 and a message length indicator within the last semiblock.
     if a[..4] != [0xA6, 0x59, 0x59, 0xA6] {
         return None;
@@ -129,6 +108,19 @@ fn ecb_keys(
         (Ok(e), Ok(d)) => Ok((e, d)),
         _ => Err(WrapError::KekLength(kek.len())),
     }
+}
+
+/// One AES block en- or decrypted in place under `kek` (the n = 1 cases of RFC 5649).
+fn ecb_block(kek: &[u8], block: &mut [u8; 16], encrypt: bool) -> Result<(), WrapError> {
+    use aws_lc_rs::cipher::{DecryptionContext, EncryptionContext};
+    let (enc, dec) = ecb_keys(kek)?;
+    let done = if encrypt {
+        enc.less_safe_encrypt(block, EncryptionContext::None)
+            .map(drop)
+    } else {
+        dec.decrypt(block, DecryptionContext::None).map(drop)
+    };
+    done.map_err(|_| WrapError::Integrity)
 }
 
 /// RFC 3394 §2.2.1 W over the semiblocks of `plain` with initial value `a`: A ‖ R[1..n].
@@ -209,7 +201,6 @@ pub fn aes_kw_unwrap(kek: &[u8], wrapped: &[u8]) -> Result<SecretBytes, WrapErro
 
 /// CKM_AES_KEY_WRAP_KWP: RFC 5649 wrap (any non-empty length).
 pub fn aes_kwp_wrap(kek: &[u8], plain: &[u8]) -> Result<Vec<u8>, WrapError> {
-    use aws_lc_rs::cipher::EncryptionContext;
     if plain.is_empty() || plain.len() > u32::MAX as usize {
         return Err(WrapError::Length);
     }
@@ -218,12 +209,10 @@ pub fn aes_kwp_wrap(kek: &[u8], plain: &[u8]) -> Result<Vec<u8>, WrapError> {
     let mut padded = zeroize::Zeroizing::new(vec![0u8; plain.len().div_ceil(8) * 8]);
     padded[..plain.len()].copy_from_slice(plain);
     if padded.len() == 8 {
-        let (enc, _) = ecb_keys(kek)?;
         let mut block = [0u8; 16];
         block[..8].copy_from_slice(&aiv);
         block[8..].copy_from_slice(&padded);
-        enc.less_safe_encrypt(&mut block, EncryptionContext::None)
-            .map_err(|_| WrapError::Integrity)?;
+        ecb_block(kek, &mut block, true)?;
         return Ok(block.to_vec());
     }
     w(kek, aiv, &padded)

@@ -201,6 +201,23 @@ enum SigKey {
 }
 
 impl SigKey {
+    /// An RSA / EC key for a signature mechanism it can serve.
+    fn asym(mech: &Mechanism, key: Arc<AsymKey>) -> Result<SigKey> {
+        check_sig_mech(mech, &key)?;
+        let input = Input::for_mech(mech);
+        Ok(SigKey::Asym { key, input })
+    }
+    /// A MAC (HMAC, CMAC) over a secret key.
+    fn mac(mech: &Mechanism, key: &Arc<SecretBytes>) -> Result<SigKey> {
+        mac_of(mech, key).map(SigKey::Mac)
+    }
+    /// The exact signature / tag length: RSA k bytes, ECDSA 2 × field bytes, the MAC's.
+    fn output_len(&self) -> usize {
+        match self {
+            SigKey::Asym { key, .. } => key.info.output_len(),
+            SigKey::Mac(m) => m.output_len(),
+        }
+    }
     fn update(&mut self, data: &[u8]) -> Result<()> {
         match self {
             SigKey::Asym { input, .. } => input.update(data),
@@ -235,20 +252,13 @@ impl SignOp {
                 "signing needs a private key",
             ));
         }
-        check_sig_mech(&mech, &key)?;
-        let input = Input::for_mech(&mech);
-        Ok(SignOp {
-            mech,
-            key: SigKey::Asym { key, input },
-        })
+        let key = SigKey::asym(&mech, key)?;
+        Ok(SignOp { mech, key })
     }
     /// A MAC (HMAC, CMAC) with a secret key.
     pub fn mac(mech: Mechanism, key: &Arc<SecretBytes>) -> Result<SignOp> {
-        let mac = mac_of(&mech, key)?;
-        Ok(SignOp {
-            mech,
-            key: SigKey::Mac(mac),
-        })
+        let key = SigKey::mac(&mech, key)?;
+        Ok(SignOp { mech, key })
     }
     pub fn mechanism(&self) -> &Mechanism {
         &self.mech
@@ -256,10 +266,7 @@ impl SignOp {
     /// Signature length for this key (exact: RSA k bytes, ECDSA 2 × field bytes, the MAC's
     /// tag length).
     pub fn signature_len(&self) -> usize {
-        match &self.key {
-            SigKey::Asym { key, .. } => key.info.output_len(),
-            SigKey::Mac(m) => m.output_len(),
-        }
+        self.key.output_len()
     }
     pub fn update(&mut self, data: &[u8]) -> Result<()> {
         self.key.update(data)
@@ -288,30 +295,20 @@ pub struct VerifyOp {
 
 impl VerifyOp {
     pub fn new(mech: Mechanism, key: Arc<AsymKey>) -> Result<VerifyOp> {
-        check_sig_mech(&mech, &key)?;
-        let input = Input::for_mech(&mech);
-        Ok(VerifyOp {
-            mech,
-            key: SigKey::Asym { key, input },
-        })
+        let key = SigKey::asym(&mech, key)?;
+        Ok(VerifyOp { mech, key })
     }
     /// A MAC check (HMAC, CMAC) with a secret key.
     pub fn mac(mech: Mechanism, key: &Arc<SecretBytes>) -> Result<VerifyOp> {
-        let mac = mac_of(&mech, key)?;
-        Ok(VerifyOp {
-            mech,
-            key: SigKey::Mac(mac),
-        })
+        let key = SigKey::mac(&mech, key)?;
+        Ok(VerifyOp { mech, key })
     }
     pub fn update(&mut self, data: &[u8]) -> Result<()> {
         self.key.update(data)
     }
     /// Ok(()) for a valid signature; CKR_SIGNATURE_INVALID / CKR_SIGNATURE_LEN_RANGE otherwise.
     pub fn finish(&mut self, sig: &[u8]) -> Result<()> {
-        let expected_len = match &self.key {
-            SigKey::Asym { key, .. } => key.info.output_len(),
-            SigKey::Mac(m) => m.output_len(),
-        };
+        let expected_len = self.key.output_len();
         if sig.len() != expected_len {
             return Err(Error::new(
                 CKR_SIGNATURE_LEN_RANGE,
@@ -453,13 +450,8 @@ impl CipherOp {
                 return self.finish_collected(data);
             }
         }
-        let mut out = self.update(data)?;
-        let last = self.finish()?;
-        if out.is_empty() {
-            return Ok(last);
-        }
-        out.extend_from_slice(&last);
-        Ok(out)
+        let out = self.update(data)?;
+        Ok(super::mechanism::joined(out, self.finish()?))
     }
 
     /// The remaining output; the operation is spent afterwards.
@@ -800,15 +792,23 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn ecdsa_p384_verifies_with_rustcrypto() {
-        use p384::ecdsa::signature::hazmat::PrehashVerifier;
-        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING);
-        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
+    /// A fresh EC key of `alg`'s curve and its uncompressed public point.
+    pub fn ec_key_and_point(
+        alg: &'static aws_lc_rs::signature::EcdsaSigningAlgorithm,
+    ) -> (Arc<AsymKey>, Vec<u8>) {
+        let k = Arc::new(AsymKey::from_pkcs8(&ec_pkcs8(alg)).unwrap());
         let PublicParts::Ec { point, .. } = &k.info.parts else {
             panic!("not EC")
         };
-        let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+        let point = point.clone();
+        (k, point)
+    }
+
+    #[test]
+    fn ecdsa_p384_verifies_with_rustcrypto() {
+        use p384::ecdsa::signature::hazmat::PrehashVerifier;
+        let (k, point) = ec_key_and_point(&aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING);
+        let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
         let sig = sign(Mechanism::EcdsaHash(HashAlg::Sha384), &k, &[b"data"]).unwrap();
         assert_eq!(sig.len(), 96);
         let s = p384::ecdsa::Signature::from_slice(&sig).unwrap();
@@ -895,7 +895,7 @@ pub(crate) mod tests {
 
 #[cfg(test)]
 mod every_hash {
-    use super::tests::{ec_pkcs8, rsa_pkcs8};
+    use super::tests::{ec_key_and_point, rsa_pkcs8};
     use super::*;
     use crate::crypto::{OaepParams, PssParams};
     use rsa::pkcs8::DecodePrivateKey;
@@ -981,12 +981,8 @@ mod every_hash {
     #[test]
     fn ecdsa_hashed_with_every_hash_verifies_with_rustcrypto() {
         use p256::ecdsa::signature::hazmat::PrehashVerifier;
-        let der = ec_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
-        let k = Arc::new(AsymKey::from_pkcs8(&der).unwrap());
-        let PublicParts::Ec { point, .. } = &k.info.parts else {
-            panic!("not EC")
-        };
-        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+        let (k, point) = ec_key_and_point(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING);
+        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
         for h in HashAlg::ALL {
             let mut op = SignOp::new(Mechanism::EcdsaHash(h), k.clone()).unwrap();
             op.update(b"ec").unwrap();

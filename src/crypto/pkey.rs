@@ -9,10 +9,31 @@ use aws_lc_sys as sys;
 use cryptoki_sys::*;
 use std::ptr::{self, NonNull};
 
+/// AWS-LC's EVP_PKEY_{sign,verify,encrypt,decrypt}_init.
+type PkeyInit = unsafe extern "C" fn(*mut sys::EVP_PKEY_CTX) -> std::os::raw::c_int;
+/// AWS-LC's EVP_PKEY_sign / EVP_PKEY_encrypt: (ctx, out, out_len, in, in_len).
+type PkeyOutput = unsafe extern "C" fn(
+    *mut sys::EVP_PKEY_CTX,
+    *mut u8,
+    *mut usize,
+    *const u8,
+    usize,
+) -> std::os::raw::c_int;
+
+fn aes_key_size(n: usize) -> Error {
+    Error::new(CKR_KEY_SIZE_RANGE, format!("AES key of {n} bytes"))
+}
+
 fn failed(msg: &str) -> Error {
+    refused(CKR_FUNCTION_FAILED, msg)
+}
+
+/// An AWS-LC call refused its input: the error for the caller, and this thread's AWS-LC error
+/// queue cleared (so that no stale entry explains a later failure).
+fn refused(rv: CK_RV, msg: &str) -> Error {
     // SAFETY: clears this thread's AWS-LC error queue; no preconditions.
     unsafe { sys::ERR_clear_error() };
-    Error::new(CKR_FUNCTION_FAILED, msg.to_string())
+    Error::new(rv, msg.to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +181,24 @@ pub enum RsaPad<'a> {
 }
 
 impl EvpKey {
+    /// The key's RSA data; CKR_KEY_TYPE_INCONSISTENT for another key type.
+    fn rsa_data(&self) -> Result<*mut sys::RSA> {
+        // SAFETY: live key; get0 returns a borrowed pointer or NULL.
+        let rsa = unsafe { sys::EVP_PKEY_get0_RSA(self.ptr.as_ptr()) };
+        (!rsa.is_null())
+            .then_some(rsa)
+            .ok_or_else(|| Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an RSA key"))
+    }
+
+    /// The key's EC data; CKR_KEY_TYPE_INCONSISTENT for another key type.
+    fn ec_data(&self) -> Result<*mut sys::EC_KEY> {
+        // SAFETY: live key; get0 returns a borrowed pointer or NULL.
+        let ec = unsafe { sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr()) };
+        (!ec.is_null())
+            .then_some(ec)
+            .ok_or_else(|| Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an EC key"))
+    }
+
     /// Parse a PKCS#8 PrivateKeyInfo (RSA or EC P-256/384/521).
     pub fn from_pkcs8(der: &[u8]) -> Result<EvpKey> {
         // SAFETY: EVP_parse_private_key reads a CBS and returns an owned key or NULL.
@@ -191,8 +230,7 @@ impl EvpKey {
             sys::BN_free(e);
             if !ok {
                 sys::RSA_free(rsa);
-                sys::ERR_clear_error();
-                return Err(Error::new(
+                return Err(refused(
                     CKR_TEMPLATE_INCONSISTENT,
                     "RSA key generation refused these parameters (public exponent)",
                 ));
@@ -247,13 +285,7 @@ impl EvpKey {
         // SAFETY: live key; the peer point is created here, checked and freed on every path;
         // the output buffer holds the field length that ECDH_compute_key writes at most.
         unsafe {
-            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
-            if ec.is_null() {
-                return Err(Error::new(
-                    CKR_KEY_TYPE_INCONSISTENT,
-                    "ECDH needs an EC key",
-                ));
-            }
+            let ec = self.ec_data()?;
             let group = sys::EC_KEY_get0_group(ec);
             let curve = Curve::from_nid(sys::EC_GROUP_get_curve_name(group))
                 .ok_or_else(|| failed("EC key on an unsupported curve"))?;
@@ -270,8 +302,7 @@ impl EvpKey {
             ) == 1;
             if !ok {
                 sys::EC_POINT_free(point);
-                sys::ERR_clear_error();
-                return Err(Error::new(
+                return Err(refused(
                     CKR_MECHANISM_PARAM_INVALID,
                     "the ECDH public data is not a point on the key's curve",
                 ));
@@ -353,12 +384,8 @@ impl EvpKey {
         unsafe {
             let parts = match sys::EVP_PKEY_id(k) {
                 sys::EVP_PKEY_RSA => {
-                    let rsa = sys::EVP_PKEY_get0_RSA(k);
-                    if rsa.is_null() {
-                        return Err(failed("RSA key without RSA data"));
-                    }
-                    let n = sys::RSA_get0_n(rsa);
-                    let e = sys::RSA_get0_e(rsa);
+                    let rsa = self.rsa_data()?;
+                    let (n, e) = (sys::RSA_get0_n(rsa), sys::RSA_get0_e(rsa));
                     if n.is_null() || e.is_null() {
                         return Err(failed("RSA key without modulus"));
                     }
@@ -369,12 +396,9 @@ impl EvpKey {
                     }
                 }
                 sys::EVP_PKEY_EC => {
-                    let ec = sys::EVP_PKEY_get0_EC_KEY(k);
-                    if ec.is_null() {
-                        return Err(failed("EC key without EC data"));
-                    }
-                    let group = sys::EC_KEY_get0_group(ec);
-                    let point = sys::EC_KEY_get0_public_key(ec);
+                    let ec = self.ec_data()?;
+                    let (group, point) =
+                        (sys::EC_KEY_get0_group(ec), sys::EC_KEY_get0_public_key(ec));
                     if group.is_null() || point.is_null() {
                         return Err(failed("EC key without public point"));
                     }
@@ -488,18 +512,32 @@ impl EvpKey {
         }
     }
 
-    /// RSA sign of `input` (a DigestInfo for PKCS#1, the hash for PSS) or ECDSA sign of a hash
-    /// (DER signature as AWS-LC makes it; `ecdsa_sign_raw` gives r‖s).
-    pub fn rsa_sign(&self, input: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
+    /// A context initialised by `init` (sign, verify, encrypt, decrypt) with RSA padding.
+    fn rsa_ctx(&self, init: PkeyInit, pad: &RsaPad, what: &str) -> Result<Ctx> {
         let ctx = self.ctx()?;
-        // SAFETY: ctx live; output buffer sized by the first EVP_PKEY_sign call.
+        // SAFETY: ctx is live; `init` is one of AWS-LC's EVP_PKEY_*_init functions.
+        if unsafe { init(ctx.0) } != 1 {
+            return Err(failed(&format!("{what} init failed")));
+        }
+        Self::set_rsa_pad(&ctx, pad)?;
+        Ok(ctx)
+    }
+
+    /// An RSA operation whose output is public (sign, encrypt): a size query, then the call
+    /// into a buffer of that size; an input the key and padding cannot take is
+    /// CKR_DATA_LEN_RANGE with `too_long` as its message.
+    fn rsa_public_output(
+        &self,
+        (init, op): (PkeyInit, PkeyOutput),
+        input: &[u8],
+        pad: &RsaPad,
+        (what, too_long): (&str, &str),
+    ) -> Result<Vec<u8>> {
+        let ctx = self.rsa_ctx(init, pad, what)?;
+        // SAFETY: ctx live and initialised; the output buffer has the size AWS-LC reported.
         unsafe {
-            if sys::EVP_PKEY_sign_init(ctx.0) != 1 {
-                return Err(failed("sign init failed"));
-            }
-            Self::set_rsa_pad(&ctx, pad)?;
             let mut len = 0usize;
-            if sys::EVP_PKEY_sign(
+            if op(
                 ctx.0,
                 ptr::null_mut(),
                 &mut len,
@@ -507,10 +545,10 @@ impl EvpKey {
                 input.len(),
             ) != 1
             {
-                return Err(failed("sign size query failed"));
+                return Err(failed(&format!("{what} size query failed")));
             }
             let mut out = vec![0u8; len];
-            if sys::EVP_PKEY_sign(
+            if op(
                 ctx.0,
                 out.as_mut_ptr(),
                 &mut len,
@@ -518,26 +556,25 @@ impl EvpKey {
                 input.len(),
             ) != 1
             {
-                sys::ERR_clear_error();
-                return Err(Error::new(
-                    CKR_DATA_LEN_RANGE,
-                    "input does not fit the key and padding",
-                ));
+                return Err(refused(CKR_DATA_LEN_RANGE, too_long));
             }
             out.truncate(len);
             Ok(out)
         }
     }
 
+    /// RSA sign of `input` (a DigestInfo for PKCS#1, the hash for PSS).
+    pub fn rsa_sign(&self, input: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
+        let sign: (PkeyInit, PkeyOutput) = (sys::EVP_PKEY_sign_init, sys::EVP_PKEY_sign);
+        let msgs = ("sign", "input does not fit the key and padding");
+        self.rsa_public_output(sign, input, pad, msgs)
+    }
+
     /// RSA verify; false for any mismatch.
     pub fn rsa_verify(&self, input: &[u8], sig: &[u8], pad: &RsaPad) -> Result<bool> {
-        let ctx = self.ctx()?;
-        // SAFETY: ctx live; slices valid for their lengths.
+        let ctx = self.rsa_ctx(sys::EVP_PKEY_verify_init, pad, "verify")?;
+        // SAFETY: ctx live and initialised; slices valid for their lengths.
         unsafe {
-            if sys::EVP_PKEY_verify_init(ctx.0) != 1 {
-                return Err(failed("verify init failed"));
-            }
-            Self::set_rsa_pad(&ctx, pad)?;
             let ok =
                 sys::EVP_PKEY_verify(ctx.0, sig.as_ptr(), sig.len(), input.as_ptr(), input.len())
                     == 1;
@@ -551,12 +588,7 @@ impl EvpKey {
     /// RSA decrypt (PKCS#1 v1.5 or OAEP). AWS-LC's unpadding is constant-time; a padding
     /// failure becomes CKR_ENCRYPTED_DATA_INVALID.
     pub fn rsa_decrypt(&self, ct: &[u8], pad: &RsaPad) -> Result<crate::secret::LockedBuf> {
-        let ctx = self.ctx()?;
-        // SAFETY: ctx is live.
-        if unsafe { sys::EVP_PKEY_decrypt_init(ctx.0) } != 1 {
-            return Err(failed("decrypt init failed"));
-        }
-        Self::set_rsa_pad(&ctx, pad)?;
+        let ctx = self.rsa_ctx(sys::EVP_PKEY_decrypt_init, pad, "decrypt")?;
         let (out, written) = Self::decrypt_locked(&ctx, ct, "RSA decryption failed")?;
         Ok(crate::secret::LockedBuf::from_slice(
             &out.as_slice()[..written],
@@ -611,8 +643,7 @@ impl EvpKey {
                 ct.len(),
             ) != 1
             {
-                sys::ERR_clear_error();
-                return Err(Error::new(CKR_ENCRYPTED_DATA_INVALID, invalid.to_string()));
+                return Err(refused(CKR_ENCRYPTED_DATA_INVALID, invalid));
             }
             Ok((out, written.min(len)))
         }
@@ -623,11 +654,7 @@ impl EvpKey {
     pub fn rsa_exponent_hash(&self, k: usize) -> Result<crate::secret::Wiped> {
         // SAFETY: live private RSA key; d is written into locked memory of k bytes.
         unsafe {
-            let rsa = sys::EVP_PKEY_get0_RSA(self.ptr.as_ptr());
-            if rsa.is_null() {
-                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an RSA key"));
-            }
-            let d = sys::RSA_get0_d(rsa);
+            let d = sys::RSA_get0_d(self.rsa_data()?);
             if d.is_null() {
                 return Err(Error::new(
                     CKR_KEY_TYPE_INCONSISTENT,
@@ -645,29 +672,9 @@ impl EvpKey {
     }
 
     pub fn rsa_encrypt(&self, pt: &[u8], pad: &RsaPad) -> Result<Vec<u8>> {
-        let ctx = self.ctx()?;
-        // SAFETY: ctx live; output sized by the size query.
-        unsafe {
-            if sys::EVP_PKEY_encrypt_init(ctx.0) != 1 {
-                return Err(failed("encrypt init failed"));
-            }
-            Self::set_rsa_pad(&ctx, pad)?;
-            let mut len = 0usize;
-            if sys::EVP_PKEY_encrypt(ctx.0, ptr::null_mut(), &mut len, pt.as_ptr(), pt.len()) != 1 {
-                return Err(failed("encrypt size query failed"));
-            }
-            let mut out = vec![0u8; len];
-            if sys::EVP_PKEY_encrypt(ctx.0, out.as_mut_ptr(), &mut len, pt.as_ptr(), pt.len()) != 1
-            {
-                sys::ERR_clear_error();
-                return Err(Error::new(
-                    CKR_DATA_LEN_RANGE,
-                    "plaintext too long for the key and padding",
-                ));
-            }
-            out.truncate(len);
-            Ok(out)
-        }
+        let encrypt: (PkeyInit, PkeyOutput) = (sys::EVP_PKEY_encrypt_init, sys::EVP_PKEY_encrypt);
+        let msgs = ("encrypt", "plaintext too long for the key and padding");
+        self.rsa_public_output(encrypt, pt, pad, msgs)
     }
 
     /// ECDSA over a pre-computed hash; raw r‖s, each `field_len` bytes.
@@ -675,10 +682,7 @@ impl EvpKey {
         // SAFETY: live key; the signature object is freed on every path; r and s are written
         // into buffers of exactly field_len bytes.
         unsafe {
-            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
-            if ec.is_null() {
-                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an EC key"));
-            }
+            let ec = self.ec_data()?;
             let sig = sys::ECDSA_do_sign(digest.as_ptr(), digest.len(), ec);
             if sig.is_null() {
                 return Err(failed("ECDSA signing failed"));
@@ -702,10 +706,7 @@ impl EvpKey {
         let half = sig.len() / 2;
         // SAFETY: live key; r and s are handed to the ECDSA_SIG (set0 takes ownership) or freed.
         unsafe {
-            let ec = sys::EVP_PKEY_get0_EC_KEY(self.ptr.as_ptr());
-            if ec.is_null() {
-                return Err(Error::new(CKR_KEY_TYPE_INCONSISTENT, "not an EC key"));
-            }
+            let ec = self.ec_data()?;
             let s_obj = sys::ECDSA_SIG_new();
             if s_obj.is_null() {
                 return Err(failed("out of memory"));
@@ -740,6 +741,16 @@ unsafe fn bn_bytes(bn: *const sys::BIGNUM) -> Vec<u8> {
 }
 
 struct CipherCtx(*mut sys::EVP_CIPHER_CTX);
+impl CipherCtx {
+    fn new() -> Result<CipherCtx> {
+        // SAFETY: no preconditions; NULL (out of memory) is checked.
+        let ctx = CipherCtx(unsafe { sys::EVP_CIPHER_CTX_new() });
+        if ctx.0.is_null() {
+            return Err(failed("out of memory"));
+        }
+        Ok(ctx)
+    }
+}
 impl Drop for CipherCtx {
     fn drop(&mut self) {
         // SAFETY: owned context; EVP_CIPHER_CTX_free cleanses it.
@@ -781,17 +792,9 @@ pub fn aes_gcm_raw(
             16 => sys::EVP_aes_128_gcm(),
             24 => sys::EVP_aes_192_gcm(),
             32 => sys::EVP_aes_256_gcm(),
-            n => {
-                return Err(Error::new(
-                    CKR_KEY_SIZE_RANGE,
-                    format!("AES key of {n} bytes"),
-                ))
-            }
+            n => return Err(aes_key_size(n)),
         };
-        let ctx = CipherCtx(sys::EVP_CIPHER_CTX_new());
-        if ctx.0.is_null() {
-            return Err(failed("out of memory"));
-        }
+        let ctx = CipherCtx::new()?;
         let init = if encrypt {
             sys::EVP_EncryptInit_ex
         } else {
@@ -860,11 +863,7 @@ pub fn aes_gcm_raw(
                 ));
             }
             if sys::EVP_DecryptFinal_ex(ctx.0, out.as_mut_ptr().add(written), &mut n) != 1 {
-                sys::ERR_clear_error();
-                return Err(Error::new(
-                    CKR_ENCRYPTED_DATA_INVALID,
-                    "AES-GCM tag mismatch",
-                ));
+                return Err(refused(CKR_ENCRYPTED_DATA_INVALID, "AES-GCM tag mismatch"));
             }
             written += n as usize;
         }
@@ -913,17 +912,9 @@ impl EvpStream {
                 (AesMode::Ctr, 16) => sys::EVP_aes_128_ctr(),
                 (AesMode::Ctr, 24) => sys::EVP_aes_192_ctr(),
                 (AesMode::Ctr, 32) => sys::EVP_aes_256_ctr(),
-                (_, n) => {
-                    return Err(Error::new(
-                        CKR_KEY_SIZE_RANGE,
-                        format!("AES key of {n} bytes"),
-                    ))
-                }
+                (_, n) => return Err(aes_key_size(n)),
             };
-            let ctx = CipherCtx(sys::EVP_CIPHER_CTX_new());
-            if ctx.0.is_null() {
-                return Err(failed("out of memory"));
-            }
+            let ctx = CipherCtx::new()?;
             let iv_ptr = iv.map_or(ptr::null(), |v| v.as_ptr());
             if sys::EVP_CipherInit_ex(
                 ctx.0,

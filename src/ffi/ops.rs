@@ -580,17 +580,13 @@ unsafe fn produce_part<F: Family>(
 ///
 /// # Safety
 /// API input buffer.
-unsafe fn absorb<F: Absorb>(
-    h: CK_SESSION_HANDLE,
-    p_data: *mut CK_BYTE,
-    len: CK_ULONG,
-) -> Result<()> {
+unsafe fn absorb<F: Absorb>(h: CK_SESSION_HANDLE, data: *mut CK_BYTE, len: CK_ULONG) -> Result<()> {
     with_slot::<F, _>(h, |slot, t| {
         let r = (|| {
             let a = active(slot, t.is_logged_in(), t.epoch())?;
             a.multipart = true;
             // SAFETY: API input buffer.
-            F::ABSORB(&mut a.op, unsafe { input(p_data, len, F::PART)? })
+            F::ABSORB(&mut a.op, unsafe { input(data, len, F::PART)? })
         })();
         if r.is_err() {
             *slot = None;

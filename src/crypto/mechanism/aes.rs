@@ -2,15 +2,16 @@
 //! (whole blocks), CTR (a stream). Parameters are parsed here and each mode's engine is built
 //! here; the engines themselves run in `crypto::aes` (aws-lc-rs) and `crypto::pkey` (raw EVP).
 
-use super::{param_invalid, Collected, Family, GcmParams, Mechanism, RawParam, SecretCipher};
+use super::{
+    param_invalid, take_param, Collected, Engine, Family, GcmParams, Mechanism, RawParam,
+    SecretCipher,
+};
 use crate::crypto::aes::{gcm_open, gcm_seal, gcm_seal_into, CbcDecrypt, CbcEncrypt};
 use crate::crypto::pkey::{AesMode, EvpStream};
 use crate::error::{Error, Result};
 use crate::secret::{SecretBytes, Wiped};
 use cryptoki_sys::*;
 use std::sync::Arc;
-
-type Engine = Option<Result<Box<dyn SecretCipher>>>;
 
 fn boxed<C: SecretCipher + 'static>(c: Result<C>) -> Engine {
     Some(c.map(|c| Box::new(c) as Box<dyn SecretCipher>))
@@ -29,9 +30,7 @@ pub struct Gcm;
 
 impl Family for Gcm {
     fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Gcm { iv, aad, tag_bits } = param else {
-            return Err(param_invalid("AES-GCM needs CK_GCM_PARAMS"));
-        };
+        take_param!(param => Gcm { iv, aad, tag_bits }, "CK_GCM_PARAMS");
         // Any IV of 1..=256 bytes; tags of 96..=128 bits (NIST SP 800-38D: shorter tags only
         // for special uses, which no client of this token has).
         if iv.is_empty() || iv.len() > 256 {
@@ -75,21 +74,27 @@ impl Family for Gcm {
     }
 }
 
-pub struct CbcPad;
+/// AES-CBC with PKCS#7 padding (CKM_AES_CBC_PAD, AWS-LC's streaming CBC) and without
+/// (CKM_AES_CBC, whole blocks over a raw EVP stream).
+pub struct Cbc;
 
-impl Family for CbcPad {
-    fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        Ok(Mechanism::AesCbcPad(iv16(param, "AES-CBC-PAD")?))
+impl Family for Cbc {
+    fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
+        Ok(if ckm == CKM_AES_CBC_PAD {
+            Mechanism::AesCbcPad(iv16(param, "AES-CBC-PAD")?)
+        } else {
+            Mechanism::AesCbc(iv16(param, "AES-CBC")?)
+        })
     }
 
     fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
-        let Mechanism::AesCbcPad(iv) = m else {
-            return None;
-        };
-        if encrypt {
-            boxed(CbcEncrypt::new(key.as_slice(), *iv))
-        } else {
-            boxed(CbcDecrypt::new(key.as_slice(), *iv))
+        match (m, encrypt) {
+            (Mechanism::AesCbcPad(iv), true) => boxed(CbcEncrypt::new(key.as_slice(), *iv)),
+            (Mechanism::AesCbcPad(iv), false) => boxed(CbcDecrypt::new(key.as_slice(), *iv)),
+            (Mechanism::AesCbc(iv), _) => {
+                boxed(EvpStream::new(AesMode::Cbc, key.as_slice(), Some(iv), encrypt).map(Raw))
+            }
+            _ => None,
         }
     }
 }
@@ -103,21 +108,6 @@ impl SecretCipher for Raw {
     }
     fn finish(&mut self) -> Result<Wiped> {
         self.0.finish()
-    }
-}
-
-pub struct Cbc;
-
-impl Family for Cbc {
-    fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        Ok(Mechanism::AesCbc(iv16(param, "AES-CBC")?))
-    }
-
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
-        let Mechanism::AesCbc(iv) = m else {
-            return None;
-        };
-        boxed(EvpStream::new(AesMode::Cbc, key.as_slice(), Some(iv), encrypt).map(Raw))
     }
 }
 
@@ -141,13 +131,7 @@ pub struct Ctr;
 
 impl Family for Ctr {
     fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Ctr {
-            counter_bits,
-            block,
-        } = param
-        else {
-            return Err(param_invalid("AES-CTR needs CK_AES_CTR_PARAMS"));
-        };
+        take_param!(param => Ctr { counter_bits, block }, "CK_AES_CTR_PARAMS");
         if !(1..=128).contains(&counter_bits) {
             return Err(param_invalid(format!(
                 "AES-CTR ulCounterBits must be 1..128, got {counter_bits}"

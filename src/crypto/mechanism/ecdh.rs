@@ -2,7 +2,7 @@
 //! the key is the leading bytes of Z) or the ANSI X9.63 KDF over SHA-1 / SHA-2
 //! (CKD_SHA*_KDF: Hash(Z ‖ counter ‖ shared info), counter from 1, concatenated).
 
-use super::{param_invalid, EcdhParams, Family, Mechanism, RawParam};
+use super::{param_invalid, take_param, EcdhParams, Family, Mechanism, RawParam};
 use crate::crypto::ops::AsymKey;
 use crate::crypto::{HashAlg, Hasher};
 use crate::error::{Error, Result};
@@ -27,14 +27,7 @@ fn raw_point(p: &[u8]) -> &[u8] {
 
 impl Family for Ecdh {
     fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Ecdh {
-            kdf,
-            shared,
-            public,
-        } = param
-        else {
-            return Err(param_invalid("ECDH needs CK_ECDH1_DERIVE_PARAMS"));
-        };
+        take_param!(param => Ecdh { kdf, shared, public }, "CK_ECDH1_DERIVE_PARAMS");
         let kdf = match kdf {
             CKD_NULL => None,
             CKD_SHA1_KDF => Some(HashAlg::Sha1),

@@ -2,7 +2,7 @@
 //! one-shot ciphers used by C_WrapKey / C_UnwrapKey and, as PKCS#11 allows, C_Encrypt /
 //! C_Decrypt. The engines are `crypto::keywrap`.
 
-use super::{param_invalid, Collected, Family, Mechanism, RawParam, SecretCipher};
+use super::{param_invalid, Collected, Engine, Family, Mechanism, RawParam};
 use crate::crypto::keywrap::{
     aes_kw_unwrap, aes_kw_wrap, aes_kwp_unwrap_any, aes_kwp_wrap, WrapError,
 };
@@ -58,12 +58,7 @@ impl Family for KeyWrap {
         })
     }
 
-    fn cipher(
-        &self,
-        m: &Mechanism,
-        key: &Arc<SecretBytes>,
-        encrypt: bool,
-    ) -> Option<Result<Box<dyn SecretCipher>>> {
+    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
         let pad = match m {
             Mechanism::AesKeyWrap => false,
             Mechanism::AesKeyWrapPad => true,

@@ -182,6 +182,17 @@ pub enum RawParam {
     },
 }
 
+/// Bind the fields of the `RawParam` variant a family needs, or answer
+/// CKR_MECHANISM_PARAM_INVALID naming the C structure it takes.
+macro_rules! take_param {
+    ($param:expr => $variant:ident { $($field:ident),* }, $c_struct:literal) => {
+        let RawParam::$variant { $($field),* } = $param else {
+            return Err(param_invalid(concat!("the mechanism needs ", $c_struct)));
+        };
+    };
+}
+pub(super) use take_param;
+
 pub(super) fn param_invalid(msg: impl Into<String>) -> Error {
     Error::new(CKR_MECHANISM_PARAM_INVALID, msg)
 }
@@ -224,13 +235,8 @@ pub trait SecretCipher: Send {
     /// Single-part C_Encrypt / C_Decrypt: by default update then finish; a one-shot mode
     /// works on `input` in place.
     fn single(&mut self, input: &[u8]) -> Result<Wiped> {
-        let mut out = self.update(input)?;
-        let last = self.finish()?;
-        if out.is_empty() {
-            return Ok(last);
-        }
-        out.extend_from_slice(&last);
-        Ok(out)
+        let out = self.update(input)?;
+        Ok(joined(out, self.finish()?))
     }
     /// The exact single-part output length for `n` input bytes when known without computing.
     fn single_output_len(&self, _n: usize) -> Option<usize> {
@@ -243,6 +249,18 @@ pub trait SecretCipher: Send {
         None
     }
 }
+
+/// Update's output followed by Final's: a single-part call made of the two.
+pub fn joined(mut out: Wiped, last: Wiped) -> Wiped {
+    if out.is_empty() {
+        return last;
+    }
+    out.extend_from_slice(&last);
+    out
+}
+
+/// A family's secret-key cipher: None when `m` is not its cipher mechanism.
+pub type Engine = Option<Result<Box<dyn SecretCipher>>>;
 
 /// A one-shot mode's direct single-part path (see `SecretCipher::single_into`).
 pub type IntoFn = Box<dyn FnMut(&[u8], &mut [u8]) -> Result<usize> + Send>;
@@ -334,12 +352,7 @@ pub trait Family: Sync {
     /// Shape checks only; key-dependent checks (the PSS salt bound) happen at init.
     fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism>;
     /// The secret-key cipher of `m` in one direction.
-    fn cipher(
-        &self,
-        _m: &Mechanism,
-        _key: &Arc<SecretBytes>,
-        _encrypt: bool,
-    ) -> Option<Result<Box<dyn SecretCipher>>> {
+    fn cipher(&self, _m: &Mechanism, _key: &Arc<SecretBytes>, _encrypt: bool) -> Engine {
         None
     }
     /// The secret-key MAC of `m`.
@@ -490,7 +503,7 @@ static MECHANISMS: &[MechInfo] = &[
     row(CKM_ECDSA_SHA384, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA512, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_AES_GCM, A, 16, 32, AES_WRAP, Gcm, &aes::Gcm),
-    row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::CbcPad),
+    row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::Cbc),
     row(CKM_AES_CBC, A, 16, 32, AES, Bytes, &aes::Cbc),
     row(CKM_AES_ECB, A, 16, 32, AES, Bytes, &aes::Ecb),
     row(CKM_AES_CTR, A, 16, 32, AES, Ctr, &aes::Ctr),

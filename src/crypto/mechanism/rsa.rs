@@ -1,7 +1,8 @@
 //! RSA families: PKCS#1 v1.5 (raw and hashed), PSS (raw and hashed), OAEP.
 
 use super::{
-    hash_of_hashed, param_invalid, Family, Mechanism, OaepParams, Plain, PssParams, RawParam,
+    hash_of_hashed, param_invalid, take_param, Family, Mechanism, OaepParams, Plain, PssParams,
+    RawParam,
 };
 use crate::crypto::HashAlg;
 use crate::error::Result;
@@ -33,14 +34,7 @@ pub struct Pss;
 
 impl Family for Pss {
     fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Pss {
-            hash_alg,
-            mgf,
-            salt_len,
-        } = param
-        else {
-            return Err(param_invalid("RSA-PSS needs CK_RSA_PKCS_PSS_PARAMS"));
-        };
+        take_param!(param => Pss { hash_alg, mgf, salt_len }, "CK_RSA_PKCS_PSS_PARAMS");
         let (hash, mgf) = hash_and_mgf("PSS", hash_alg, mgf)?;
         let p = PssParams {
             hash,
@@ -61,15 +55,7 @@ pub struct Oaep;
 
 impl Family for Oaep {
     fn parse(&self, _ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism> {
-        let RawParam::Oaep {
-            hash_alg,
-            mgf,
-            source,
-            source_data,
-        } = param
-        else {
-            return Err(param_invalid("RSA-OAEP needs CK_RSA_PKCS_OAEP_PARAMS"));
-        };
+        take_param!(param => Oaep { hash_alg, mgf, source, source_data }, "CK_RSA_PKCS_OAEP_PARAMS");
         let (hash, mgf) = hash_and_mgf("OAEP", hash_alg, mgf)?;
         if source != 0 && source != CKZ_DATA_SPECIFIED {
             return Err(param_invalid("OAEP source must be CKZ_DATA_SPECIFIED"));
