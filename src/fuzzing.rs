@@ -176,7 +176,7 @@ pub fn azure_guest_response(fx: &Fixtures, data: &[u8]) -> bool {
                 aad: maa::SEAL_AAD.to_vec(),
                 tag_bits: 128,
             };
-            let Ok(sealed) = crate::crypto::aes::gcm_seal(&SEAL_KEY, &p, jwt.as_bytes()) else {
+            let Ok(sealed) = crate::crypto::aes::gcm_seal(&SEAL_KEY[..], &p, jwt.as_bytes()) else {
                 return false;
             };
             let (ct, tag) = sealed.split_at(sealed.len() - 16);

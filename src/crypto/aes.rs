@@ -5,7 +5,7 @@
 use super::mechanism::SecretCipher;
 use super::GcmParams;
 use crate::error::{Error, Result};
-use crate::secret::Wiped;
+use crate::secret::{SecretBytes, Wiped};
 use aws_lc_rs::{aead, cipher, iv::FixedLength};
 use cryptoki_sys::*;
 
@@ -49,19 +49,48 @@ fn standard(p: &GcmParams) -> bool {
     p.iv.len() == 12 && p.tag_bits == 128
 }
 
+/// An AES-GCM key: plain bytes get a fresh key schedule and GHASH table per call; a token's
+/// `SecretBytes` builds its expanded key on first use and keeps it with the key (AWS-LC
+/// memory, the locked arena; dropped with the key), so a C_Encrypt does not pay for one.
+pub trait GcmKey {
+    fn bytes(&self) -> &[u8];
+    fn with_key<R>(&self, f: impl FnOnce(&aead::LessSafeKey) -> Result<R>) -> Result<R>;
+}
+
+impl GcmKey for [u8] {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn with_key<R>(&self, f: impl FnOnce(&aead::LessSafeKey) -> Result<R>) -> Result<R> {
+        f(&gcm_key(self)?)
+    }
+}
+
+impl GcmKey for SecretBytes {
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+    fn with_key<R>(&self, f: impl FnOnce(&aead::LessSafeKey) -> Result<R>) -> Result<R> {
+        match self.derived(|k| gcm_key(k).ok()) {
+            Some(k) => f(k),
+            None => f(&gcm_key(self.as_slice())?),
+        }
+    }
+}
+
 /// Ciphertext ‖ tag, as PKCS#11 returns it.
-pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
+pub fn gcm_seal<K: GcmKey + ?Sized>(key: &K, p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
     if !standard(p) {
-        return super::pkey::aes_gcm_raw(true, key, &p.iv, &p.aad, pt, p.tag_bits / 8)
+        return super::pkey::aes_gcm_raw(true, key.bytes(), &p.iv, &p.aad, pt, p.tag_bits / 8)
             .map(|v| v.to_vec());
     }
-    let k = gcm_key(key)?;
     // Room for the tag from the start: appending it must not reallocate and copy again.
     let mut buf = Vec::with_capacity(pt.len() + 16);
     buf.extend_from_slice(pt);
-    let tag = k
-        .seal_in_place_separate_tag(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
-        .map_err(|_| Error::new(CKR_FUNCTION_FAILED, "AES-GCM seal failed"))?;
+    let tag = key.with_key(|k| {
+        k.seal_in_place_separate_tag(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
+            .map_err(|_| Error::new(CKR_FUNCTION_FAILED, "AES-GCM seal failed"))
+    })?;
     buf.extend_from_slice(tag.as_ref());
     Ok(buf)
 }
@@ -70,7 +99,12 @@ pub fn gcm_seal(key: &[u8], p: &GcmParams, pt: &[u8]) -> Result<Vec<u8>> {
 /// written: a single-part C_Encrypt with room seals straight into the caller's buffer. The
 /// output is ciphertext, so there is no intermediate copy to wipe; on failure `out` is zeroed
 /// (it briefly held the plaintext).
-pub fn gcm_seal_into(key: &[u8], p: &GcmParams, pt: &[u8], out: &mut [u8]) -> Result<usize> {
+pub fn gcm_seal_into<K: GcmKey + ?Sized>(
+    key: &K,
+    p: &GcmParams,
+    pt: &[u8],
+    out: &mut [u8],
+) -> Result<usize> {
     let tag_len = p.tag_bits / 8;
     let n = pt.len();
     if out.len() < n + tag_len {
@@ -79,29 +113,28 @@ pub fn gcm_seal_into(key: &[u8], p: &GcmParams, pt: &[u8], out: &mut [u8]) -> Re
         ));
     }
     if !standard(p) {
-        let sealed = super::pkey::aes_gcm_raw(true, key, &p.iv, &p.aad, pt, tag_len)?;
+        let sealed = super::pkey::aes_gcm_raw(true, key.bytes(), &p.iv, &p.aad, pt, tag_len)?;
         out[..sealed.len()].copy_from_slice(&sealed);
         return Ok(sealed.len());
     }
-    let sealed = (|| {
-        let k = gcm_key(key)?;
-        let (body, rest) = out.split_at_mut(n);
-        body.copy_from_slice(pt);
+    let (body, rest) = out.split_at_mut(n);
+    body.copy_from_slice(pt);
+    let sealed = key.with_key(|k| {
         let tag = k
             .seal_in_place_separate_tag(nonce(p)?, aead::Aad::from(&p.aad[..]), body)
             .map_err(|_| Error::new(CKR_FUNCTION_FAILED, "AES-GCM seal failed"))?;
         rest[..tag_len].copy_from_slice(tag.as_ref());
         Ok(n + tag_len)
-    })();
+    });
     if sealed.is_err() {
         crate::secret::wipe(&mut out[..n + tag_len]);
     }
     sealed
 }
 
-pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
+pub fn gcm_open<K: GcmKey + ?Sized>(key: &K, p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
     if !standard(p) {
-        return super::pkey::aes_gcm_raw(false, key, &p.iv, &p.aad, ct, p.tag_bits / 8);
+        return super::pkey::aes_gcm_raw(false, key.bytes(), &p.iv, &p.aad, ct, p.tag_bits / 8);
     }
     if ct.len() < 16 {
         return Err(Error::new(
@@ -109,12 +142,12 @@ pub fn gcm_open(key: &[u8], p: &GcmParams, ct: &[u8]) -> Result<Wiped> {
             "AES-GCM input shorter than the tag",
         ));
     }
-    let k = gcm_key(key)?;
     let mut buf = Wiped::new(ct.to_vec());
-    let n = k
-        .open_in_place(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
-        .map_err(|_| Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-GCM tag mismatch"))?
-        .len();
+    let n = key.with_key(|k| {
+        k.open_in_place(nonce(p)?, aead::Aad::from(&p.aad[..]), &mut buf)
+            .map(|pt| pt.len())
+            .map_err(|_| Error::new(CKR_ENCRYPTED_DATA_INVALID, "AES-GCM tag mismatch"))
+    })?;
     buf.truncate(n);
     Ok(buf)
 }
@@ -245,9 +278,40 @@ mod tests {
             aad: vec![],
             tag_bits: 128,
         };
-        let a = gcm_seal(&key, &std, b"same").unwrap();
+        let a = gcm_seal(&key[..], &std, b"same").unwrap();
         let b = crate::crypto::pkey::aes_gcm_raw(true, &key, &std.iv, &[], b"same", 16).unwrap();
         assert_eq!(a, b.to_vec());
+    }
+
+    #[test]
+    fn a_token_key_builds_its_expanded_gcm_key_once_and_a_changed_key_builds_a_new_one() {
+        let p = GcmParams {
+            iv: vec![9; 12],
+            aad: b"aad".to_vec(),
+            tag_bits: 128,
+        };
+        let mut key = SecretBytes::in_arena_from(&[7u8; 32]);
+        let built = |k: &SecretBytes| {
+            k.derived::<aead::LessSafeKey>(|_| None)
+                .map(|e| e as *const aead::LessSafeKey)
+        };
+        assert_eq!(built(&key), None, "nothing is built before the first use");
+        let sealed = gcm_seal(&key, &p, b"cached").unwrap();
+        let first = built(&key).expect("the first seal keeps the expanded key");
+        // The same answers as a fresh key schedule, from the same cached key.
+        assert_eq!(sealed, gcm_seal(&[7u8; 32][..], &p, b"cached").unwrap());
+        let mut out = vec![0u8; 6 + 16];
+        assert_eq!(gcm_seal_into(&key, &p, b"cached", &mut out).unwrap(), 22);
+        assert_eq!(out, sealed);
+        assert_eq!(&gcm_open(&key, &p, &sealed).unwrap()[..], b"cached");
+        assert_eq!(built(&key), Some(first), "built once, reused");
+        // New bytes: the old expanded key is gone and the next use builds one for them.
+        key.as_mut_slice().copy_from_slice(&[8u8; 32]);
+        assert_eq!(built(&key), None);
+        assert_eq!(
+            gcm_seal(&key, &p, b"cached").unwrap(),
+            gcm_seal(&[8u8; 32][..], &p, b"cached").unwrap()
+        );
     }
 
     #[test]

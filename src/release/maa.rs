@@ -318,7 +318,7 @@ pub fn open_sealed_token(
         aad: SEAL_AAD.to_vec(),
         tag_bits: 128,
     };
-    let jwt = crate::crypto::aes::gcm_open(inner_key.as_slice(), &p, &ciphertext)
+    let jwt = crate::crypto::aes::gcm_open(&inner_key, &p, &ciphertext)
         .map_err(|_| sealed_bad("AES-GCM authentication of the sealed token failed"))?;
     String::from_utf8(jwt.to_vec())
         .map(|s| s.trim().to_string())
@@ -566,7 +566,7 @@ mod tests {
             aad: SEAL_AAD.to_vec(),
             tag_bits: 128,
         };
-        let sealed = crate::crypto::aes::gcm_seal(key, &p, jwt).unwrap();
+        let sealed = crate::crypto::aes::gcm_seal(&key[..], &p, jwt).unwrap();
         let (ct, tag) = sealed.split_at(sealed.len() - 16);
         let inner = json!({
             "EncryptedInnerKey": b64std(encrypted_key),

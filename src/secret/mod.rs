@@ -9,7 +9,9 @@
 pub mod arena;
 pub mod shared;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use zeroize::Zeroize;
 
 static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
@@ -18,6 +20,9 @@ pub struct SecretBytes {
     ptr: *mut u8,
     len: usize,
     map_len: usize,
+    /// Engine state derived from the bytes (an expanded AES-GCM key), built by `crypto` on
+    /// first use and dropped with them; it lives in AWS-LC memory, i.e. the locked arena.
+    derived: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 // The mapping is owned exclusively by this value.
@@ -70,6 +75,7 @@ impl SecretBytes {
             ptr: ptr as *mut u8,
             len,
             map_len,
+            derived: OnceLock::new(),
         };
         s.protect();
         s
@@ -104,6 +110,7 @@ impl SecretBytes {
             ptr,
             len,
             map_len: 0,
+            derived: OnceLock::new(),
         }
     }
 
@@ -148,8 +155,25 @@ impl SecretBytes {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // New bytes: what was derived from the old ones is stale.
+        self.derived.take();
         // SAFETY: as above, and &mut self guarantees exclusivity.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// The state `make` derives from these bytes, made once and kept until the bytes are
+    /// dropped or changed. None when `make` fails or the slot holds another type (one
+    /// derived state per key).
+    pub fn derived<T: Any + Send + Sync>(
+        &self,
+        make: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<&T> {
+        if self.derived.get().is_none() {
+            let made = make(self.as_slice())?;
+            // Another thread may have been first: then its value stays and `made` is dropped.
+            let _ = self.derived.set(Box::new(made));
+        }
+        self.derived.get()?.downcast_ref::<T>()
     }
 }
 

@@ -3,7 +3,7 @@
 //! here; the engines themselves run in `crypto::aes` (aws-lc-rs) and `crypto::pkey` (raw EVP).
 
 use super::{
-    param_invalid, take_param, Collected, Engine, Family, GcmParams, Mechanism, RawParam,
+    param_invalid, take_param, Collected, Engine, Family, GcmParams, Mechanism, OneShot, RawParam,
     SecretCipher,
 };
 use crate::crypto::aes::{gcm_open, gcm_seal, gcm_seal_into, CbcDecrypt, CbcEncrypt};
@@ -53,24 +53,37 @@ impl Family for Gcm {
 
     fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
         let Mechanism::AesGcm(p) = m else { return None };
-        let (key, p) = (key.clone(), p.clone());
-        let tag = p.tag_bits / 8;
         // GCM decryption must see the tag before releasing plaintext: one shot.
-        if encrypt {
-            let (key2, p2) = (key.clone(), p.clone());
-            boxed(Ok(Collected::new(
-                move |pt: &[u8]| gcm_seal(key.as_slice(), &p, pt).map(Wiped::new),
-                Some(tag),
-            )
-            .with_into(Box::new(move |pt: &[u8], out: &mut [u8]| {
-                gcm_seal_into(key2.as_slice(), &p2, pt, out)
-            }))))
+        let gcm = GcmOneShot {
+            key: key.clone(),
+            p: p.clone(),
+            encrypt,
+        };
+        boxed(Ok(Collected::new(gcm)))
+    }
+}
+
+/// One AES-GCM operation: the token key (with its cached expanded key) and the parameters.
+struct GcmOneShot {
+    key: Arc<SecretBytes>,
+    p: GcmParams,
+    encrypt: bool,
+}
+
+impl OneShot for GcmOneShot {
+    fn run(&mut self, input: &[u8]) -> Result<Wiped> {
+        if self.encrypt {
+            gcm_seal(&*self.key, &self.p, input).map(Wiped::new)
         } else {
-            boxed(Ok(Collected::new(
-                move |ct: &[u8]| gcm_open(key.as_slice(), &p, ct),
-                None,
-            )))
+            gcm_open(&*self.key, &self.p, input)
         }
+    }
+    fn grows_by(&self) -> Option<usize> {
+        self.encrypt.then_some(self.p.tag_bits / 8)
+    }
+    fn run_into(&mut self, input: &[u8], out: &mut [u8]) -> Option<Result<usize>> {
+        self.encrypt
+            .then(|| gcm_seal_into(&*self.key, &self.p, input, out))
     }
 }
 

@@ -79,6 +79,6 @@ impl Family for KeyWrap {
             };
             r.map_err(|e| wrap_error(e, encrypt))
         };
-        Some(Ok(Box::new(Collected::new(run, None))))
+        Some(Ok(Box::new(Collected::new(run))))
     }
 }

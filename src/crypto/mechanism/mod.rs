@@ -262,9 +262,6 @@ pub fn joined(mut out: Wiped, last: Wiped) -> Wiped {
 /// A family's secret-key cipher: None when `m` is not its cipher mechanism.
 pub type Engine = Option<Result<Box<dyn SecretCipher>>>;
 
-/// A one-shot mode's direct single-part path (see `SecretCipher::single_into`).
-pub type IntoFn = Box<dyn FnMut(&[u8], &mut [u8]) -> Result<usize> + Send>;
-
 /// A MAC over a secret key (C_Sign / C_Verify with HMAC, CMAC).
 pub trait Mac: Send {
     fn update(&mut self, data: &[u8]) -> Result<()>;
@@ -273,40 +270,54 @@ pub trait Mac: Send {
     fn output_len(&self) -> usize;
 }
 
+/// A one-shot mode (GCM, key wrap): its whole input at once.
+pub trait OneShot: Send {
+    fn run(&mut self, input: &[u8]) -> Result<Wiped>;
+    /// Added to the input length: the exact output length, when known without computing
+    /// (GCM encryption: the tag).
+    fn grows_by(&self) -> Option<usize> {
+        None
+    }
+    /// The output written straight into `out` (`grows_by` more bytes than the input, not
+    /// overlapping it), for output that is not secret; None: use `run`.
+    fn run_into(&mut self, _input: &[u8], _out: &mut [u8]) -> Option<Result<usize>> {
+        None
+    }
+}
+
+impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> OneShot for F {
+    fn run(&mut self, input: &[u8]) -> Result<Wiped> {
+        self(input)
+    }
+}
+
 /// Largest input a one-shot mode collects through Update calls.
 pub const MAX_COLLECT: usize = 64 * 1024 * 1024;
 
-/// A one-shot mode (GCM, key wrap) as a `SecretCipher`: Update collects, Final runs `run` over
-/// everything; single-part runs it on the caller's input directly (no copy to collect and
-/// wipe again).
-pub struct Collected<F> {
+/// A one-shot mode as a `SecretCipher`: Update collects, Final runs the mode over everything;
+/// single-part runs it on the caller's input directly (no copy to collect and wipe again).
+pub struct Collected<O> {
     buf: Wiped,
-    run: F,
-    /// Added to the input length: the exact single-part output length (GCM encryption).
-    grows_by: Option<usize>,
-    /// Writes the single-part output into the caller's buffer (GCM encryption).
-    into: Option<IntoFn>,
+    mode: O,
 }
 
-impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> Collected<F> {
-    pub fn new(run: F, grows_by: Option<usize>) -> Collected<F> {
+impl<O: OneShot> Collected<O> {
+    pub fn new(mode: O) -> Collected<O> {
         Collected {
             buf: Wiped::new(Vec::new()),
-            run,
-            grows_by,
-            into: None,
+            mode,
         }
     }
 
-    /// With a direct single-part path; only for output that is not secret and whose length
-    /// `grows_by` gives.
-    pub fn with_into(mut self, into: IntoFn) -> Collected<F> {
-        self.into = Some(into);
-        self
+    fn check_len(input: &[u8]) -> Result<()> {
+        if input.len() > MAX_COLLECT {
+            return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
+        }
+        Ok(())
     }
 }
 
-impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> SecretCipher for Collected<F> {
+impl<O: OneShot> SecretCipher for Collected<O> {
     fn update(&mut self, input: &[u8]) -> Result<Wiped> {
         if self.buf.len() + input.len() > MAX_COLLECT {
             return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
@@ -316,30 +327,30 @@ impl<F: FnMut(&[u8]) -> Result<Wiped> + Send> SecretCipher for Collected<F> {
     }
     fn finish(&mut self) -> Result<Wiped> {
         let input = std::mem::replace(&mut self.buf, Wiped::new(Vec::new()));
-        (self.run)(&input)
+        self.mode.run(&input)
     }
     fn single(&mut self, input: &[u8]) -> Result<Wiped> {
         if !self.buf.is_empty() {
             self.update(input)?;
             return self.finish();
         }
-        if input.len() > MAX_COLLECT {
-            return Err(Error::new(CKR_DATA_LEN_RANGE, "input too long"));
-        }
-        (self.run)(input)
+        Self::check_len(input)?;
+        self.mode.run(input)
     }
     fn single_output_len(&self, n: usize) -> Option<usize> {
-        self.grows_by.filter(|_| self.buf.is_empty()).map(|g| n + g)
+        self.mode
+            .grows_by()
+            .filter(|_| self.buf.is_empty())
+            .map(|g| n + g)
     }
     fn single_into(&mut self, input: &[u8], out: &mut [u8]) -> Option<Result<usize>> {
-        if !self.buf.is_empty() || self.grows_by.is_none() {
+        if !self.buf.is_empty() || self.mode.grows_by().is_none() {
             return None;
         }
-        let into = self.into.as_mut()?;
-        if input.len() > MAX_COLLECT {
-            return Some(Err(Error::new(CKR_DATA_LEN_RANGE, "input too long")));
+        if let Err(e) = Self::check_len(input) {
+            return Some(Err(e));
         }
-        Some(into(input, out))
+        self.mode.run_into(input, out)
     }
 }
 
