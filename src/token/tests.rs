@@ -631,3 +631,28 @@ fn a_released_key_that_does_not_match_its_certificate_fails_the_login() {
     // The matching keys log in.
     login_with(t, f.released()).unwrap();
 }
+
+#[test]
+fn handles_of_one_session_shard_spread_over_the_hash_table() {
+    use std::hash::BuildHasher;
+    let build = BuildHasherDefault::<HandleHasher>::default();
+    // One shard holds handles that share their low four bits; the table indexes buckets by
+    // the low bits of the hash, so those must differ.
+    let buckets: std::collections::HashSet<u64> = (0..1024u64)
+        .map(|i| build.hash_one(3 + i * SESSION_SHARDS as u64) & 1023)
+        .collect();
+    assert!(
+        buckets.len() > 600,
+        "{} of 1024 buckets used",
+        buckets.len()
+    );
+    // And a map keyed by them finds every one.
+    let mut map = HandleMap::default();
+    for h in (1..5000u64).step_by(16) {
+        map.insert(h, h * 2);
+    }
+    assert!((1..5000u64)
+        .step_by(16)
+        .all(|h| map.get(&h) == Some(&(h * 2))));
+    assert_eq!(map.get(&2), None);
+}
