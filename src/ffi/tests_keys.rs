@@ -1024,6 +1024,66 @@ fn data_keys_wrapped_outside_unwrap_under_released_keys() {
     assert_eq!(get(s, k, CKA_CLASS), Err(CKR_OBJECT_HANDLE_INVALID));
 }
 
+/// PKCS#1 v1.5 unwrap (what Java SunPKCS11's Cipher.unwrap sends): a data key wrapped by
+/// RustCrypto to tls-rsa unwraps on the token when the key's config allows PKCS#1 v1.5
+/// decryption, a corrupted blob never yields the data key, and without the opt-in the
+/// mechanism is refused like C_DecryptInit.
+#[test]
+fn pkcs1_v15_unwrap_follows_the_keys_pkcs1_decrypt_opt_in() {
+    use rsa::pkcs8::DecodePrivateKey;
+    let dk: Vec<u8> = (7..39).collect();
+    let iv = [4u8; 12];
+    let ct = rustcrypto_gcm_encrypt(&dk, &iv, b"for java");
+    let public = |live: &Live| {
+        rsa::RsaPrivateKey::from_pkcs8_der(&live.f.rsa)
+            .unwrap()
+            .to_public_key()
+    };
+    let live = Live::new("");
+    let s = live.session(false);
+    live.login();
+    let wrapped = public(&live)
+        .encrypt(&mut rand::thread_rng(), rsa::Pkcs1v15Encrypt, &dk)
+        .unwrap();
+    let tls_rsa = live.find(s, CKO_PRIVATE_KEY, 1);
+    let mut m = mech(CKM_RSA_PKCS);
+    let k = unwrap_key(s, &mut m, tls_rsa, &wrapped, &data_key_template()).unwrap();
+    let mut iv2 = iv;
+    let mut p = gcm_params(&mut iv2);
+    let mut gcm = mech_with(CKM_AES_GCM, &mut p);
+    assert_eq!(decrypt(s, &mut gcm, k, &ct).unwrap(), b"for java");
+    assert_eq!(get(s, k, CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE));
+    // A corrupted blob: implicit rejection gives a synthetic value, never the data key
+    // (an unwrap that succeeds makes a key that does not open the data).
+    let mut bad = wrapped.clone();
+    bad[5] ^= 0x40;
+    if let Ok(k2) = unwrap_key(s, &mut m, tls_rsa, &bad, &data_key_template()) {
+        let mut iv3 = iv;
+        let mut p = gcm_params(&mut iv3);
+        let mut gcm = mech_with(CKM_AES_GCM, &mut p);
+        assert_eq!(
+            decrypt(s, &mut gcm, k2, &ct),
+            Err(CKR_ENCRYPTED_DATA_INVALID)
+        );
+    }
+    drop(live);
+    // Without allow_rsa_pkcs_decrypt: refused before anything is decrypted.
+    let live = Live::new("");
+    let text = std::fs::read_to_string(live.f.config_path())
+        .unwrap()
+        .replace("allow_rsa_pkcs_decrypt = true\n", "");
+    std::fs::write(live.f.config_path(), text).unwrap();
+    assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
+    assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
+    live.login();
+    let s = live.session(false);
+    let tls_rsa = live.find(s, CKO_PRIVATE_KEY, 1);
+    assert_eq!(
+        unwrap_key(s, &mut m, tls_rsa, &wrapped, &data_key_template()),
+        Err(CKR_MECHANISM_INVALID)
+    );
+}
+
 /// A generated wrapping key wraps an extractable data key; the blob unwraps back into a key
 /// that encrypts exactly like the original (whose value RustCrypto knows).
 #[test]

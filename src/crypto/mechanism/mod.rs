@@ -494,7 +494,8 @@ const G: Option<CK_KEY_TYPE> = Some(CKK_GENERIC_SECRET);
 const NOKEY: Option<CK_KEY_TYPE> = None;
 #[rustfmt::skip]
 static MECHANISMS: &[MechInfo] = &[
-    row(CKM_RSA_PKCS, R, 2048, 4096, RSA_ALL, Bytes, &rsa::PKCS1),
+    // Unwrap only with a key whose config allows PKCS#1 v1.5 decryption (ffi::keys).
+    row(CKM_RSA_PKCS, R, 2048, 4096, RSA_ALL | WRAP, Bytes, &rsa::PKCS1),
     row(CKM_SHA1_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
     row(CKM_SHA224_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
     row(CKM_SHA256_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
