@@ -40,6 +40,13 @@ fn java_sunpkcs11_aes_gcm_with_session_keys_matches_sunjce() {
     );
 }
 
+/// A data key wrapped by SunJCE to tls-rsa's certificate is unwrapped on the token
+/// (C_UnwrapKey with CKM_RSA_PKCS) into a sensitive session key that SunPKCS11 uses for AES/GCM.
+#[test]
+fn java_sunpkcs11_unwraps_a_data_key_on_the_token_for_aes_gcm() {
+    run("java_unwrap.sh", "java unwrap: all checks passed");
+}
+
 #[test]
 fn p11kit_lists_the_module_and_gnutls_signs() {
     run("p11kit.sh", "p11-kit: all checks passed");
