@@ -2,7 +2,10 @@
 //! from the RSA-OAEP block, `rsa_oaep`). AES-128 and AES-256 KEKs go through aws-lc-rs's
 //! `key_wrap`; it has no AES-192, so a 24-byte KEK runs RFC 5649 §4.2 here over AES-192-ECB
 //! (the same code is checked against aws-lc for 128 and 256 bits, and against RFC 5649's own
-//! AES-192 vectors).
+//! AES-192 vectors). Below it, the PKCS#11 key-wrap mechanisms' RFC 3394 and RFC 5649 wrap
+//! and unwrap for every AES key size. Known answers (`testdata/aes-keywrap/`): RFC 3394 §4's
+//! six vectors, and Wycheproof AES-KWP cases for AES-128, -192 and -256 KEKs, valid ones in
+//! both directions and invalid ones that every unwrap path must refuse.
 
 use crate::secret::SecretBytes;
 
@@ -310,5 +313,154 @@ mod tests {
             aes_kwp_unwrap(&[0u8; 20], &[0u8; 24]).unwrap_err(),
             UnwrapError::KekLength(20)
         );
+    }
+
+    fn testdata(name: &str) -> serde_json::Value {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join("aes-keywrap")
+            .join(name);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn field(v: &serde_json::Value, name: &str) -> Vec<u8> {
+        hex(v[name].as_str().unwrap())
+    }
+
+    /// An RFC 3394 §4 vector (`testdata/aes-keywrap/rfc3394-vectors.json`).
+    struct KwVector {
+        section: String,
+        kek: Vec<u8>,
+        data: Vec<u8>,
+        ct: Vec<u8>,
+    }
+
+    /// RFC 3394 §4.1–4.6: one 128-bit, two 192-bit and three 256-bit KEKs.
+    fn rfc3394_vectors() -> Vec<KwVector> {
+        let doc = testdata("rfc3394-vectors.json");
+        let v: Vec<_> = doc["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| KwVector {
+                section: t["section"].as_str().unwrap().to_string(),
+                kek: field(t, "kek"),
+                data: field(t, "key_data"),
+                ct: field(t, "ciphertext"),
+            })
+            .collect();
+        let kek_sizes: Vec<usize> = v.iter().map(|t| t.kek.len()).collect();
+        assert_eq!(kek_sizes, [16, 24, 32, 24, 32, 32]);
+        v
+    }
+
+    #[test]
+    fn rfc3394_vectors_wrap_to_the_published_ciphertext() {
+        for t in rfc3394_vectors() {
+            assert_eq!(
+                aes_kw_wrap(&t.kek, &t.data).unwrap(),
+                t.ct,
+                "§{}",
+                t.section
+            );
+        }
+    }
+
+    #[test]
+    fn rfc3394_vectors_unwrap_to_the_published_key_data() {
+        for t in rfc3394_vectors() {
+            assert_eq!(
+                aes_kw_unwrap(&t.kek, &t.ct).unwrap().as_slice(),
+                t.data.as_slice(),
+                "§{}",
+                t.section
+            );
+        }
+    }
+
+    /// A Wycheproof AES-KWP case (`testdata/aes-keywrap/wycheproof-aes-kwp-subset.json`).
+    struct KwpCase {
+        tc: u64,
+        kek: Vec<u8>,
+        msg: Vec<u8>,
+        ct: Vec<u8>,
+    }
+
+    /// The Wycheproof KWP cases whose result is (or is not) "valid", after checking how many
+    /// there are per KEK size (16, 24, 32 bytes).
+    fn wycheproof_kwp(valid: bool, per_kek_size: [usize; 3]) -> Vec<KwpCase> {
+        let doc = testdata("wycheproof-aes-kwp-subset.json");
+        let mut cases = vec![];
+        for g in doc["testGroups"].as_array().unwrap() {
+            for t in g["tests"].as_array().unwrap() {
+                if (t["result"] == "valid") != valid {
+                    continue;
+                }
+                let kek = field(t, "key");
+                assert_eq!(kek.len() * 8, g["keySize"].as_u64().unwrap() as usize);
+                cases.push(KwpCase {
+                    tc: t["tcId"].as_u64().unwrap(),
+                    kek,
+                    msg: field(t, "msg"),
+                    ct: field(t, "ct"),
+                });
+            }
+        }
+        let count = |n: usize| cases.iter().filter(|c| c.kek.len() == n).count();
+        assert_eq!([count(16), count(24), count(32)], per_kek_size);
+        cases
+    }
+
+    /// Wycheproof AES-KWP, valid cases with AES-128, -192 and -256 KEKs (single-block
+    /// 7-byte keys, padded 9-byte keys, 16/24/32-byte keys, RFC 5649's own two): the RFC 5649
+    /// wrap gives the published ciphertext.
+    #[test]
+    fn wycheproof_kwp_valid_vectors_wrap_to_the_published_ciphertext() {
+        for c in wycheproof_kwp(true, [5, 7, 5]) {
+            assert_eq!(aes_kwp_wrap(&c.kek, &c.msg).unwrap(), c.ct, "tcId {}", c.tc);
+        }
+    }
+
+    /// The same valid cases unwrap to the published key, both through the release path
+    /// (`aes_kwp_unwrap`: aws-lc for AES-128/256, the own RFC 5649 code for AES-192) and the
+    /// mechanism path (`aes_kwp_unwrap_any`: the own code for every size).
+    #[test]
+    fn wycheproof_kwp_valid_vectors_unwrap_to_the_published_key() {
+        for c in wycheproof_kwp(true, [5, 7, 5]) {
+            assert_eq!(
+                aes_kwp_unwrap(&c.kek, &c.ct).unwrap().as_slice(),
+                c.msg.as_slice(),
+                "tcId {}",
+                c.tc
+            );
+            assert_eq!(
+                aes_kwp_unwrap_any(&c.kek, &c.ct).unwrap().as_slice(),
+                c.msg.as_slice(),
+                "tcId {}",
+                c.tc
+            );
+        }
+    }
+
+    /// Wycheproof AES-KWP, invalid cases for each KEK size (modified alternative IV,
+    /// non-zero padding, message length 0, length 9 in a single block): both unwrap paths
+    /// refuse them as integrity failures.
+    #[test]
+    fn wycheproof_kwp_invalid_vectors_fail_the_integrity_check() {
+        for c in wycheproof_kwp(false, [4, 4, 4]) {
+            assert_eq!(
+                aes_kwp_unwrap(&c.kek, &c.ct).unwrap_err(),
+                UnwrapError::Integrity,
+                "tcId {}",
+                c.tc
+            );
+            assert_eq!(
+                aes_kwp_unwrap_any(&c.kek, &c.ct).unwrap_err(),
+                WrapError::Integrity,
+                "tcId {}",
+                c.tc
+            );
+        }
     }
 }
