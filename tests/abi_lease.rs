@@ -135,6 +135,8 @@ fn fixture() -> MutexGuard<'static, Fixture> {
             "\n[[token]]\nlabel = \"lease-pinned\"\n[[token.key]]\nlabel = \"lease-pinned\"\nid = \"01\"\nkid = \"{pinned_kid}\"\n"
         ));
         std::fs::write(&cfg, text).unwrap();
+        // Set before the module is loaded, while no other thread of this binary reads the
+        // environment (every test takes this fixture first and waits for it here).
         std::env::set_var("SKR_PKCS11_CONFIG", &cfg);
         let p11 = Pkcs11::new(common::module_path()).expect("load module");
         p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))

@@ -48,6 +48,8 @@ fn fixture() -> MutexGuard<'static, Fixture> {
             std::fs::write(&cfg, t).unwrap();
             cfg
         };
+        // Set before the module is loaded, while no other thread of this binary reads the
+        // environment (every test takes this fixture first and waits for it here).
         std::env::set_var("SKR_PKCS11_CONFIG", &cfg);
         let p11 = Pkcs11::new(common::module_path()).expect("load module");
         p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
