@@ -447,9 +447,10 @@ fn slots_tokens_and_mechanisms() {
         flags: 0,
     };
     assert_eq!(call!(C_GetMechanismInfo(1, CKM_RSA_PKCS, &mut mi)), CKR_OK);
+    // Unwrap needs the key's allow_rsa_pkcs_decrypt, as decrypt does (ffi::keys).
     assert_eq!(
         mi.flags,
-        CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_ENCRYPT | CKF_DECRYPT
+        CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_ENCRYPT | CKF_DECRYPT | CKF_WRAP | CKF_UNWRAP
     );
     assert_eq!((mi.ulMinKeySize, mi.ulMaxKeySize), (2048, 4096));
     assert_eq!(call!(C_GetMechanismInfo(1, CKM_ECDSA, &mut mi)), CKR_OK);

@@ -1173,6 +1173,19 @@ fn generated_wrapping_keys_wrap_and_unwrap_session_keys() {
     )
     .unwrap();
     assert_eq!(seal(back), expected);
+    // The same pair with PKCS#1 v1.5: wrap and unwrap both work (the flags claim both).
+    let mut m = mech(CKM_RSA_PKCS);
+    let blob = wrap_key(s, &mut m, pubk, d).unwrap();
+    assert_eq!(blob.len(), 256);
+    let back = unwrap_key(
+        s,
+        &mut m,
+        privk,
+        &blob,
+        &[(CKA_CLASS, u(CKO_SECRET_KEY)), (CKA_KEY_TYPE, u(CKK_AES))],
+    )
+    .unwrap();
+    assert_eq!(seal(back), expected);
 }
 
 /// The published PKCS#11 key-management attacks, each refused with its code.
