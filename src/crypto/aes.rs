@@ -214,7 +214,7 @@ cbc_stream! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use aes_gcm::aead::{Aead, KeyInit, Payload};
 
@@ -314,32 +314,34 @@ mod tests {
         );
     }
 
+    /// Independent AES-256-CBC decryption (no padding removed): CBC by hand over RustCrypto's
+    /// AES block cipher.
+    pub fn cbc_decrypt_by_hand(key: &[u8], iv: [u8; 16], ct: &[u8]) -> Vec<u8> {
+        use aes_gcm::aes::cipher::{BlockDecrypt, KeyInit as _};
+        let c = aes_gcm::aes::Aes256::new_from_slice(key).unwrap();
+        let mut prev = iv;
+        let mut plain = vec![];
+        for block in ct.chunks(16) {
+            let mut b = aes_gcm::aes::Block::from(<[u8; 16]>::try_from(block).unwrap());
+            c.decrypt_block(&mut b);
+            plain.extend(b.iter().zip(prev.iter()).map(|(x, y)| x ^ y));
+            prev.copy_from_slice(block);
+        }
+        plain
+    }
+
     #[test]
     fn cbc_pad_streams_and_round_trips() {
-        let key = [3u8; 32];
-        let iv = [5u8; 16];
-        let msg: Vec<u8> = (0..100u8).collect();
+        let (key, iv, msg) = ([3u8; 32], [5u8; 16], (0..100u8).collect::<Vec<u8>>());
         let mut e = CbcEncrypt::new(&key, iv).unwrap();
         let mut ct = e.update(&msg[..7]).unwrap().to_vec();
         ct.extend(e.update(&msg[7..50]).unwrap().iter());
         ct.extend(e.update(&msg[50..]).unwrap().iter());
         ct.extend(e.finish().unwrap().iter());
         assert_eq!(ct.len(), 112);
-        // Independent check: CBC by hand over RustCrypto's AES block cipher.
-        {
-            use aes_gcm::aes::cipher::{BlockDecrypt, KeyInit as _};
-            let c = aes_gcm::aes::Aes256::new_from_slice(&key).unwrap();
-            let mut prev = iv;
-            let mut plain = vec![];
-            for block in ct.chunks(16) {
-                let mut b = aes_gcm::aes::Block::from(<[u8; 16]>::try_from(block).unwrap());
-                c.decrypt_block(&mut b);
-                plain.extend(b.iter().zip(prev.iter()).map(|(x, y)| x ^ y));
-                prev.copy_from_slice(block);
-            }
-            assert_eq!(&plain[..100], &msg[..]);
-            assert_eq!(&plain[100..], &[12u8; 12], "PKCS#7 padding");
-        }
+        let plain = cbc_decrypt_by_hand(&key, iv, &ct);
+        assert_eq!(&plain[..100], &msg[..]);
+        assert_eq!(&plain[100..], &[12u8; 12], "PKCS#7 padding");
         let mut d = CbcDecrypt::new(&key, iv).unwrap();
         let mut pt = d.update(&ct[..33]).unwrap().to_vec();
         pt.extend(d.update(&ct[33..]).unwrap().iter());

@@ -600,18 +600,12 @@ pub(crate) mod tests {
         let (k, other) = rsa_key();
         let public = other.to_public_key();
         // Public half matches the independent parse.
-        match &k.info.parts {
-            PublicParts::Rsa {
-                modulus,
-                exponent,
-                bits,
-            } => {
-                assert_eq!(modulus, &public.n().to_bytes_be());
-                assert_eq!(exponent, &public.e().to_bytes_be());
-                assert_eq!(*bits, 2048);
-            }
-            _ => panic!("not RSA"),
-        }
+        let expected = PublicParts::Rsa {
+            modulus: public.n().to_bytes_be(),
+            exponent: public.e().to_bytes_be(),
+            bits: 2048,
+        };
+        assert_eq!(k.info.parts, expected);
         let msg = b"sign me in parts";
         for h in HashAlg::ALL {
             let sig = sign(Mechanism::RsaPkcsHash(h), &k, &[&msg[..4], &msg[4..]]).unwrap();

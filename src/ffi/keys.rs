@@ -200,24 +200,8 @@ fn unwrap(
 ) -> Result<Object> {
     let info = mech_for(&m, CKF_UNWRAP, "unwrap keys")?;
     let u = wrap_key_object(t, unwrapping, info, true)?;
-    // PKCS#1 v1.5 unwrap is PKCS#1 v1.5 decryption (implicit rejection, but whether the
-    // result has a valid key length shows): the same per-key opt-in as C_DecryptInit.
-    if let (
-        Mechanism::RsaPkcs,
-        Body::PrivateKey {
-            allow_rsa_pkcs_decrypt: false,
-            ..
-        },
-    ) = (&m, &u.body)
-    {
-        let e = Error::new(
-            CKR_MECHANISM_INVALID,
-            format!("CKM_RSA_PKCS unwrapping is disabled for key {:?}", u.label),
-        )
-        .with_hint("set allow_rsa_pkcs_decrypt = true for this key to unwrap PKCS#1 v1.5 wrapped keys (Java SunPKCS11 unwraps so); prefer CKM_RSA_PKCS_OAEP");
-        log::warn!("C_UnwrapKey: {e}");
-        return Err(e);
-    }
+    // PKCS#1 v1.5 unwrap is PKCS#1 v1.5 decryption: the same per-key opt-in.
+    super::ops::pkcs1_decrypt_allowed(&u, &m, "C_UnwrapKey")?;
     // The unwrapping key's CKA_UNWRAP_TEMPLATE is part of every unwrap through it.
     let mut template = template.to_vec();
     if let Some(required) = u

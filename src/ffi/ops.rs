@@ -224,24 +224,33 @@ fn key_object(
             format!("mechanism {ckm:#x} is not allowed for this key"),
         ));
     }
-    if let (
-        Body::PrivateKey {
-            allow_rsa_pkcs_decrypt: false,
-            ..
-        },
-        Purpose::Decrypt,
-        Mechanism::RsaPkcs,
-    ) = (&o.body, purpose, m)
-    {
-        let e = Error::new(
-            CKR_MECHANISM_INVALID,
-            format!("CKM_RSA_PKCS decryption is disabled for key {:?}", o.label),
-        )
-        .with_hint("set allow_rsa_pkcs_decrypt = true for this key if TLS 1.2 RSA key exchange needs it (it is a padding oracle)");
-        log::warn!("C_DecryptInit: {e}");
-        return Err(e);
+    if purpose == Purpose::Decrypt {
+        pkcs1_decrypt_allowed(&o, m, "C_DecryptInit")?;
     }
     Ok(o)
+}
+
+/// PKCS#1 v1.5 decryption and unwrapping with a released key need its config's
+/// `allow_rsa_pkcs_decrypt`: implicit rejection answers bad padding with a synthetic message,
+/// but a protocol around it (TLS 1.2 RSA key exchange, a key length check) may still show it.
+pub(super) fn pkcs1_decrypt_allowed(o: &Object, m: &Mechanism, call: &str) -> Result<()> {
+    let Body::PrivateKey {
+        allow_rsa_pkcs_decrypt: false,
+        ..
+    } = &o.body
+    else {
+        return Ok(());
+    };
+    if *m != Mechanism::RsaPkcs {
+        return Ok(());
+    }
+    let e = Error::new(
+        CKR_MECHANISM_INVALID,
+        format!("CKM_RSA_PKCS decryption and unwrapping are disabled for key {:?}", o.label),
+    )
+    .with_hint("set allow_rsa_pkcs_decrypt = true for this key if TLS 1.2 RSA key exchange or a PKCS#1 v1.5 unwrap (Java SunPKCS11's Cipher.unwrap) needs it; prefer CKM_RSA_PKCS_OAEP");
+    log::warn!("{call}: {e}");
+    Err(e)
 }
 
 pub(super) fn asym(o: &Object) -> Result<Arc<AsymKey>> {

@@ -458,6 +458,9 @@ const AES: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
 // be a padding oracle, ECB and CBC leak structure.
 const WRAP: CK_FLAGS = CKF_WRAP | CKF_UNWRAP;
 const AES_WRAP: CK_FLAGS = AES | WRAP;
+/// CKM_RSA_PKCS: decrypt and unwrap only with a key whose config allows PKCS#1 v1.5 decryption
+/// (`ffi::ops::pkcs1_decrypt_allowed`).
+const RSA_PKCS1: CK_FLAGS = RSA_ALL | WRAP;
 const MAC: CK_FLAGS = CKF_HW | CKF_SIGN | CKF_VERIFY;
 const DIG: CK_FLAGS = CKF_HW | CKF_DIGEST;
 const GEN: CK_FLAGS = CKF_HW | CKF_GENERATE;
@@ -494,8 +497,7 @@ const G: Option<CK_KEY_TYPE> = Some(CKK_GENERIC_SECRET);
 const NOKEY: Option<CK_KEY_TYPE> = None;
 #[rustfmt::skip]
 static MECHANISMS: &[MechInfo] = &[
-    // Unwrap only with a key whose config allows PKCS#1 v1.5 decryption (ffi::keys).
-    row(CKM_RSA_PKCS, R, 2048, 4096, RSA_ALL | WRAP, Bytes, &rsa::PKCS1),
+    row(CKM_RSA_PKCS, R, 2048, 4096, RSA_PKCS1, Bytes, &rsa::PKCS1),
     row(CKM_SHA1_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
     row(CKM_SHA224_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
     row(CKM_SHA256_RSA_PKCS, R, 2048, 4096, RSA_SV, Bytes, &rsa::PKCS1),
