@@ -250,7 +250,8 @@ pub(super) fn pkcs1_decrypt_allowed(o: &Object, m: &Mechanism, call: &str) -> Re
     )
     .with_hint("set allow_rsa_pkcs_decrypt = true for this key if TLS 1.2 RSA key exchange or a PKCS#1 v1.5 unwrap (Java SunPKCS11's Cipher.unwrap) needs it; prefer CKM_RSA_PKCS_OAEP");
     log::warn!("{call}: {e}");
-    Err(e)
+    // The warning above is its one log line (it carries the hint); the boundary adds none.
+    Err(e.mark_logged())
 }
 
 pub(super) fn asym(o: &Object) -> Result<Arc<AsymKey>> {

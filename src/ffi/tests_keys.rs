@@ -1160,32 +1160,21 @@ fn generated_wrapping_keys_wrap_and_unwrap_session_keys() {
     )
     .unwrap();
     assert_eq!(get(s, pubk, CKA_ENCRYPT).unwrap(), b(false));
+    // OAEP, and PKCS#1 v1.5 (its flags claim wrap and unwrap too).
     let mut op = oaep_params();
-    let mut m = mech_with(CKM_RSA_PKCS_OAEP, &mut op);
-    let blob = wrap_key(s, &mut m, pubk, d).unwrap();
-    assert_eq!(blob.len(), 256);
-    let back = unwrap_key(
-        s,
-        &mut m,
-        privk,
-        &blob,
-        &[(CKA_CLASS, u(CKO_SECRET_KEY)), (CKA_KEY_TYPE, u(CKK_AES))],
-    )
-    .unwrap();
-    assert_eq!(seal(back), expected);
-    // The same pair with PKCS#1 v1.5: wrap and unwrap both work (the flags claim both).
-    let mut m = mech(CKM_RSA_PKCS);
-    let blob = wrap_key(s, &mut m, pubk, d).unwrap();
-    assert_eq!(blob.len(), 256);
-    let back = unwrap_key(
-        s,
-        &mut m,
-        privk,
-        &blob,
-        &[(CKA_CLASS, u(CKO_SECRET_KEY)), (CKA_KEY_TYPE, u(CKK_AES))],
-    )
-    .unwrap();
-    assert_eq!(seal(back), expected);
+    for mut m in [mech_with(CKM_RSA_PKCS_OAEP, &mut op), mech(CKM_RSA_PKCS)] {
+        let blob = wrap_key(s, &mut m, pubk, d).unwrap();
+        assert_eq!(blob.len(), 256);
+        let back = unwrap_key(
+            s,
+            &mut m,
+            privk,
+            &blob,
+            &[(CKA_CLASS, u(CKO_SECRET_KEY)), (CKA_KEY_TYPE, u(CKK_AES))],
+        )
+        .unwrap();
+        assert_eq!(seal(back), expected);
+    }
 }
 
 /// The published PKCS#11 key-management attacks, each refused with its code.
