@@ -39,9 +39,13 @@ for t in "${targets[@]}"; do
     before=$(find "artifacts/$t" -type f | wc -l)
     echo "== $t: ${seconds} s"
     # -timeout: one input taking longer is a finding (a hang); -rss_limit_mb: so is a blow-up.
-    nice -n 10 cargo +nightly fuzz run "$t" "target/corpus/$t" "corpus/$t" -- \
+    # -max_total_time is wall time; the CPU seconds the fuzzer really had (user + system,
+    # children included) are measured beside it, since other work on the machine takes its share.
+    TIMEFORMAT='%U %S'
+    { time nice -n 10 cargo +nightly fuzz run "$t" "target/corpus/$t" "corpus/$t" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
-        >"target/logs/$t.log" 2>&1 || true
+        >"target/logs/$t.log" 2>&1 || true; } 2>"target/logs/$t.cpu"
+    cpu=$(awk '{ printf "%d", $1 + $2 }' "target/logs/$t.cpu")
     log="target/logs/$t.log"
     # A run that stops early (a finding) may lack any of these lines.
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1 || true)
@@ -54,7 +58,7 @@ for t in "${targets[@]}"; do
         echo "   FINDING: see $log and fuzz/artifacts/$t/"
         grep -m3 'panicked at\|^SUMMARY: \|^==[0-9]*==ERROR' "$log" | sed 's/^/   /' || true
     fi
-    summary+=("$(printf '%-28s %12s execs %8s exec/s  cov %6s  findings %s' "$t" "${execs:-?}" "${rate:-?}" "${cov:-?}" "$found")")
+    summary+=("$(printf '%-28s %6s cpu-s %12s execs %8s exec/s  cov %6s  findings %s' "$t" "${cpu:-?}" "${execs:-?}" "${rate:-?}" "${cov:-?}" "$found")")
 done
 echo
 printf '%s\n' "${summary[@]}"

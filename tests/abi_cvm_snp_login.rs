@@ -25,3 +25,8 @@ fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeeds() 
         PLATFORM,
     );
 }
+
+#[test]
+fn an_unwritten_hcl_report_is_read_again_then_refused_with_the_code_330_hint() {
+    cvm_common::an_unwritten_hcl_report_is_read_again_then_refused_with_the_code_330_hint(PLATFORM);
+}

@@ -383,8 +383,8 @@ fn nv_reads_return_the_provisioned_hcl_report_and_ak_certificate() {
     let tpm = Swtpm::start();
     let p = provision(&tpm);
     let mut t = tpm.open();
-    assert_eq!(t.hcl_report().unwrap(), p.hcl);
-    assert_eq!(t.ak_certificate().unwrap(), p.ak_cert);
+    assert_eq!(t.hcl_report(EchoWait::ONCE).unwrap(), p.hcl);
+    assert_eq!(t.ak_certificate(EchoWait::ONCE).unwrap(), p.ak_cert);
     let ak = t.ak_public().unwrap();
     assert_eq!(ak.n, p.ak.n().to_bytes_be());
     assert_eq!(ak.e, [1, 0, 1]);
@@ -637,8 +637,90 @@ fn without_an_ak_the_transfer_key_fails_and_nothing_is_left() {
     assert_clean(&mut t, "a failed transfer-key creation");
     let e = t.quote(b"n", &ATTESTED_PCRS).unwrap_err();
     assert!(e.message().contains("0x81000003"), "{e}");
-    assert!(t.ak_certificate().is_err());
+    let e = t.ak_certificate(EchoWait::ONCE).unwrap_err();
+    assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+    assert!(e.message().contains("0x01c101d0"), "{e}");
+    assert!(
+        e.hint().unwrap().contains("guest attestation extension"),
+        "{e:?}"
+    );
     assert_clean(&mut t, "a failed quote");
+}
+
+/// Defines `index` (owner read / write, `size` bytes) without writing it: the TPM then answers
+/// reads with TPM_RC_NV_UNINITIALIZED, Azure's "code 330".
+fn define_unwritten(ctx: &mut Context, index: u32, size: usize) {
+    let attributes = NvIndexAttributesBuilder::new()
+        .with_owner_write(true)
+        .with_owner_read(true)
+        .build()
+        .unwrap();
+    let public = NvPublicBuilder::new()
+        .with_nv_index(NvIndexTpmHandle::new(index).unwrap())
+        .with_index_name_algorithm(HashingAlgorithm::Sha256)
+        .with_index_attributes(attributes)
+        .with_data_area_size(size)
+        .build()
+        .unwrap();
+    ctx.execute_with_session(Some(AuthSession::Password), |c| {
+        c.nv_define_space(Provision::Owner, None, public).unwrap();
+    });
+}
+
+#[test]
+fn unwritten_nv_indices_are_read_again_over_the_wait_then_refused_with_the_code_330_hint() {
+    let tpm = Swtpm::start();
+    let mut ctx = tpm.context();
+    define_unwritten(&mut ctx, NV_AK_CERT, 512);
+    define_unwritten(&mut ctx, NV_HCL_REPORT, 2048);
+    drop(ctx);
+    let mut t = tpm.open();
+    let wait = EchoWait {
+        attempts: 3,
+        first_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(2),
+    };
+    let e = t.ak_certificate(wait).unwrap_err();
+    assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+    assert!(e.message().contains("0x01c101d0 (3 reads"), "{e}");
+    assert!(e.hint().unwrap().contains("code 330"), "{e:?}");
+    let e = t.fresh_hcl_report(&[7; 64], wait).unwrap_err();
+    assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+    assert!(
+        e.message().contains("the HCL report; 3 reads")
+            && e.message().contains("used before being initialized"),
+        "{e}"
+    );
+    assert!(e.hint().unwrap().contains("code 330"), "{e:?}");
+    tpm.assert_nothing_left("reads of unwritten NV indices");
+}
+
+#[test]
+fn a_tpm_device_the_user_may_not_open_is_named_with_the_tss_group_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = dir.path().join("tpmrm0");
+    std::fs::write(&device, b"").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Root (CI) opens as another user (below); anyone else is refused their own mode-000 file.
+    let mode = if root { 0o600 } else { 0o000 };
+    std::fs::set_permissions(&device, std::fs::Permissions::from_mode(mode)).unwrap();
+    let tcti = format!("device:{}", device.display());
+    let e = std::thread::spawn(move || {
+        if root {
+            // setfsuid changes this thread's filesystem user only (and drops its DAC override
+            // capability), so the rest of the test process keeps root.
+            // SAFETY: setfsuid takes a plain integer and affects only the calling thread.
+            unsafe { libc::setfsuid(65534) };
+        }
+        Tpm::open(Some(&tcti)).err().unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(e.rv(), cryptoki_sys::CKR_DEVICE_ERROR);
+    assert!(e.message().contains("Permission denied"), "{e}");
+    assert!(e.hint().unwrap().contains("tss group"), "{e:?}");
 }
 
 /// Ready when both ports accept, a TPM command is answered, and our swtpm is still the process

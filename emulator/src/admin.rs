@@ -21,7 +21,7 @@ pub struct Counters {
     pub throttled: BTreeMap<String, u64>,
 }
 
-pub const ENDPOINTS: [&str; 7] = [
+pub const ENDPOINTS: [&str; 8] = [
     "maa-attest",
     "akv-get",
     "akv-release",
@@ -33,6 +33,9 @@ pub const ENDPOINTS: [&str; 7] = [
     // CVM platforms: the vTPM answers the next `count` TPM2_CreatePrimary commands with
     // TPM_RC_RETRY (kind `throttle`: busy) or TPM_RC_LOCKOUT (any other kind).
     "vtpm-command",
+    // CVM platforms: the vTPM answers the next `count` TPM2_NV_Read commands of the HCL report
+    // (NV 0x01400001) with TPM_RC_NV_UNINITIALIZED, Azure's "code 330" (any kind).
+    "vtpm-nv-unwritten",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1069,14 +1069,18 @@ fn start_vtpm(app: &Arc<App>, guest: GuestPlatform) -> Result<crate::vtpm::Simul
         fn skip_refresh(&self) -> bool {
             self.0.admin.take_fault("vtpm-hcl-refresh").is_some()
         }
-        fn command_fault(&self, cc: u32) -> Option<u32> {
-            if cc != crate::vtpm::TPM_CC_CREATE_PRIMARY {
+        fn command_fault(&self, command: &[u8]) -> Option<u32> {
+            let cc = crate::vtpm::command_code(command)?;
+            let rc = if cc == crate::vtpm::TPM_CC_CREATE_PRIMARY {
+                match self.0.admin.take_fault("vtpm-command")?.kind {
+                    crate::admin::FaultKind::Throttle => crate::vtpm::TPM_RC_RETRY,
+                    _ => crate::vtpm::TPM_RC_LOCKOUT,
+                }
+            } else if crate::vtpm::is_nv_read_of(command, crate::vtpm::NV_HCL_REPORT) {
+                self.0.admin.take_fault("vtpm-nv-unwritten")?;
+                crate::vtpm::TPM_RC_NV_UNINITIALIZED
+            } else {
                 return None;
-            }
-            let fault = self.0.admin.take_fault("vtpm-command")?;
-            let rc = match fault.kind {
-                crate::admin::FaultKind::Throttle => crate::vtpm::TPM_RC_RETRY,
-                _ => crate::vtpm::TPM_RC_LOCKOUT,
             };
             self.0
                 .admin

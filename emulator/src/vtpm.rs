@@ -628,16 +628,34 @@ pub trait ParavisorHooks: Send + Sync {
     fn skip_refresh(&self) -> bool;
     /// The outcome of a refresh (`None`: skipped).
     fn refreshed(&self, outcome: Option<Result<(), String>>);
-    /// A TPM response code to answer command `cc` with instead of swtpm (an injected fault).
-    fn command_fault(&self, cc: u32) -> Option<u32>;
+    /// A TPM response code to answer `command` with instead of swtpm (an injected fault).
+    fn command_fault(&self, command: &[u8]) -> Option<u32>;
 }
 
 /// TPM2_CreatePrimary: the command the injected TPM faults answer (the transfer key's
 /// creation, the first TPM work of a login).
 pub const TPM_CC_CREATE_PRIMARY: u32 = 0x0000_0131;
+/// TPM2_NV_Read: of the HCL report, answered "not written" by an injected fault.
+pub const TPM_CC_NV_READ: u32 = 0x0000_014E;
 /// TPM_RC_LOCKOUT (dictionary-attack lockout) and TPM_RC_RETRY (busy).
 pub const TPM_RC_LOCKOUT: u32 = 0x0000_0921;
 pub const TPM_RC_RETRY: u32 = 0x0000_0922;
+/// TPM_RC_NV_UNINITIALIZED: what an Azure vTPM answers for an NV index the paravisor has not
+/// written yet (Azure's tools print it as "code=330").
+pub const TPM_RC_NV_UNINITIALIZED: u32 = 0x0000_014A;
+
+/// The command code of a TPM command (its bytes 6..10).
+pub fn command_code(command: &[u8]) -> Option<u32> {
+    command
+        .get(6..10)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Whether `command` is a TPM2_NV_Read of `index` (handles: authHandle, then nvIndex).
+pub fn is_nv_read_of(command: &[u8], index: u32) -> bool {
+    command_code(command) == Some(TPM_CC_NV_READ)
+        && command.get(14..18) == Some(&index.to_be_bytes()[..])
+}
 
 /// A TPM response carrying only `rc`.
 pub fn error_response(rc: u32) -> Vec<u8> {
@@ -813,8 +831,7 @@ fn relay_commands(
 ) -> std::io::Result<()> {
     guest.set_nodelay(true)?;
     while let Some(command) = read_message(&mut guest)? {
-        let cc = u32::from_be_bytes([command[6], command[7], command[8], command[9]]);
-        if let Some(rc) = hooks.command_fault(cc) {
+        if let Some(rc) = hooks.command_fault(&command) {
             guest.write_all(&error_response(rc))?;
             continue;
         }

@@ -331,7 +331,7 @@ fn attest_with(
     let hcl = HclReport::parse(&hcl_bytes)?;
     let ak = tpm.ak_public()?;
     check_ak_is_hcl_akpub(&hcl, &ak)?;
-    let ak_cert = tpm.ak_certificate()?;
+    let ak_cert = tpm.ak_certificate(EchoWait::default())?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

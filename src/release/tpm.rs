@@ -68,6 +68,15 @@ pub struct EchoWait {
     pub max_delay: Duration,
 }
 
+impl EchoWait {
+    /// One read, no wait (doctor, which reports what it sees now).
+    pub const ONCE: EchoWait = EchoWait {
+        attempts: 1,
+        first_delay: Duration::ZERO,
+        max_delay: Duration::ZERO,
+    };
+}
+
 impl Default for EchoWait {
     /// 6 reads over at most 0.25 + 0.5 + 1 + 2 + 3 = 6.75 s.
     fn default() -> Self {
@@ -138,6 +147,18 @@ fn tpm_error(what: &str, e: tss_esapi::Error) -> Error {
     };
     Error::evidence(Step::Evidence, format!("TPM: {what} failed: {e}")).with_hint(hint)
 }
+
+/// TPM_RC_NV_UNINITIALIZED: the index is defined but was never written. An Azure vTPM answers
+/// it (Azure's tools print "code=330") while the paravisor has not yet written the HCL report or
+/// the AK certificate, typically early after boot: worth a bounded wait, never a hang.
+fn is_nv_uninitialized(e: &tss_esapi::Error) -> bool {
+    matches!(
+        e,
+        tss_esapi::Error::Tss2Error(rc) if rc.kind() == Some(Tss2ResponseCodeKind::NvUninitialized)
+    )
+}
+
+const HCL_UNREADABLE_HINT: &str = "NV index 0x01400001 (the HCL report) cannot be read: this is not an Azure confidential VM vTPM, or the guest lacks owner access to it";
 
 /// Busy answers are retried a few times; anything else is returned at once.
 fn is_transient(e: &tss_esapi::Error) -> bool {
@@ -364,14 +385,56 @@ impl Tpm {
 
     /// Read a whole NV index with owner authorization (empty on Azure and on a fresh swtpm).
     pub fn nv_read(&mut self, index: u32) -> Result<Vec<u8>> {
-        let handle = NvIndexTpmHandle::new(index).map_err(|e| tpm_error("NV handle", e))?;
+        self.nv_read_tss(index)
+            .map_err(|e| tpm_error(&format!("reading NV index 0x{index:08x}"), e))
+    }
+
+    fn nv_read_tss(&mut self, index: u32) -> std::result::Result<Vec<u8>, tss_esapi::Error> {
+        let handle = NvIndexTpmHandle::new(index)?;
         with_busy_retry(|| {
             self.ctx
                 .execute_with_session(Some(AuthSession::Password), |c| {
                     nv::read_full(c, NvAuth::Owner, handle)
                 })
         })
-        .map_err(|e| tpm_error(&format!("reading NV index 0x{index:08x}"), e))
+    }
+
+    /// Read an NV index the paravisor or the guest attestation extension writes, waiting
+    /// (bounded by `wait`) while it answers TPM_RC_NV_UNINITIALIZED. Any other error is
+    /// returned at once, with `unreadable_hint`.
+    fn nv_read_written(
+        &mut self,
+        index: u32,
+        wait: EchoWait,
+        unreadable_hint: &'static str,
+    ) -> Result<Vec<u8>> {
+        let attempts = wait.attempts.max(1);
+        let mut delay = wait.first_delay;
+        let mut attempt = 1;
+        loop {
+            match self.nv_read_tss(index) {
+                Err(e) if is_nv_uninitialized(&e) && attempt < attempts => {
+                    log::debug!(
+                        "TPM: NV index 0x{index:08x} is not written yet (code 330), read {attempt} of {attempts}; retrying"
+                    );
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(wait.max_delay);
+                    attempt += 1;
+                }
+                Err(e) if is_nv_uninitialized(&e) => {
+                    return Err(tpm_error(
+                        &format!("reading NV index 0x{index:08x} ({attempts} reads over the wait)"),
+                        e,
+                    ));
+                }
+                other => {
+                    return other.map_err(|e| {
+                        tpm_error(&format!("reading NV index 0x{index:08x}"), e)
+                            .with_hint(unreadable_hint)
+                    });
+                }
+            }
+        }
     }
 
     /// Whether an NV index is defined (TPM2_GetCapability, so that a missing index is an
@@ -390,18 +453,20 @@ impl Tpm {
         })
     }
 
-    /// The HCL report as it is now (NV 0x01400001).
-    pub fn hcl_report(&mut self) -> Result<Vec<u8>> {
-        self.nv_read(hcl::NV_HCL_REPORT).map_err(|e| {
-            e.with_hint("NV index 0x01400001 (the HCL report) cannot be read: this is not an Azure confidential VM vTPM, or the guest lacks owner access to it")
-        })
+    /// The HCL report as it is now (NV 0x01400001), waiting (bounded by `wait`) while the
+    /// paravisor has not written it yet.
+    pub fn hcl_report(&mut self, wait: EchoWait) -> Result<Vec<u8>> {
+        self.nv_read_written(hcl::NV_HCL_REPORT, wait, HCL_UNREADABLE_HINT)
     }
 
-    /// The AK certificate (DER) from NV 0x01C101D0.
-    pub fn ak_certificate(&mut self) -> Result<Vec<u8>> {
-        let der = self.nv_read(NV_AK_CERT).map_err(|e| {
-            e.with_hint("no vTPM AK certificate at NV 0x01C101D0: install or refresh the VM's guest attestation extension")
-        })?;
+    /// The AK certificate (DER) from NV 0x01C101D0, waiting (bounded by `wait`) while the
+    /// guest attestation extension has not written it yet.
+    pub fn ak_certificate(&mut self, wait: EchoWait) -> Result<Vec<u8>> {
+        let der = self.nv_read_written(
+            NV_AK_CERT,
+            wait,
+            "no vTPM AK certificate at NV 0x01C101D0: install or refresh the VM's guest attestation extension",
+        )?;
         if der.first() != Some(&0x30) {
             return Err(Error::evidence(
                 Step::Evidence,
@@ -466,8 +531,25 @@ impl Tpm {
         let mut delay = wait.first_delay;
         let attempts = wait.attempts.max(1);
         let mut last = String::new();
+        let mut unwritten = None;
         for attempt in 1..=attempts {
-            let bytes = self.hcl_report()?;
+            // Not written yet (code 330) counts as "no echo yet": one wait for both.
+            let bytes = match self.nv_read_tss(hcl::NV_HCL_REPORT) {
+                Err(e) if is_nv_uninitialized(&e) => {
+                    last = "no report: the index was not written (TPM_RC_NV_UNINITIALIZED)".into();
+                    unwritten = Some(e);
+                    if attempt < attempts {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(wait.max_delay);
+                    }
+                    continue;
+                }
+                other => other.map_err(|e| {
+                    tpm_error("reading NV index 0x01400001 (the HCL report)", e)
+                        .with_hint(HCL_UNREADABLE_HINT)
+                })?,
+            };
+            unwritten = None;
             let report = HclReport::parse(&bytes)?;
             report.check_binding()?;
             if report.user_data_echoes(user_data) {
@@ -481,6 +563,14 @@ impl Tpm {
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(wait.max_delay);
             }
+        }
+        if let Some(e) = unwritten {
+            return Err(tpm_error(
+                &format!(
+                    "reading NV index 0x01400001 (the HCL report; {attempts} reads over the wait)"
+                ),
+                e,
+            ));
         }
         Err(Error::evidence(
             Step::Evidence,
@@ -725,7 +815,7 @@ pub fn doctor_steps(tcti: Option<&str>) -> Vec<(&'static str, Result<String>)> {
             return rows;
         }
     };
-    let report = tpm.hcl_report();
+    let report = tpm.hcl_report(EchoWait::ONCE);
     rows.push((
         "tpm hcl report",
         report.as_ref().map_err(Clone::clone).and_then(|bytes| {
@@ -752,7 +842,7 @@ pub fn doctor_steps(tcti: Option<&str>) -> Vec<(&'static str, Result<String>)> {
     rows.push((
         "tpm ak",
         ak.as_ref().map_err(Clone::clone).and_then(|ak| {
-            let cert = tpm.ak_certificate()?;
+            let cert = tpm.ak_certificate(EchoWait::ONCE)?;
             if let Ok(bytes) = &report {
                 check_ak_is_hcl_akpub(&HclReport::parse(bytes)?, ak)?;
             }

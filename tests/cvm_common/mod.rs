@@ -418,3 +418,55 @@ pub fn login_faults_give_their_ck_rv_flush_the_tpm_key_and_a_later_login_succeed
         "both injected TPM_RC_RETRY answers were given"
     );
 }
+
+pub fn an_unwritten_hcl_report_is_read_again_then_refused_with_the_code_330_hint(
+    platform: &'static str,
+) {
+    let f = fixture(platform);
+    let logout = || {
+        if let Ok(s) = f.p11.open_rw_session(f.slot("skr-demo")) {
+            let _ = s.logout();
+        }
+    };
+    let answered_330 = || {
+        std::fs::read_to_string(f.emu.path().join("emulator.log"))
+            .unwrap()
+            .matches("\"rc\":330")
+            .count()
+    };
+    // Early after boot an Azure vTPM answers reads of the HCL report with
+    // TPM_RC_NV_UNINITIALIZED ("code=330"): two such answers are waited out.
+    logout();
+    let before = answered_330();
+    f.emu
+        .inject(json!({"endpoint": "vtpm-nv-unwritten", "kind": "status", "count": 2}));
+    let s = login(&f, "skr-demo").expect("an HCL report written late is waited for");
+    find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
+    assert_eq!(
+        answered_330() - before,
+        2,
+        "both injected answers were given"
+    );
+    assert_eq!(tpm_leftovers(f.emu), (0, 0));
+
+    // Never written within the module's wait (six reads): CKR_DEVICE_ERROR with the hint.
+    logout();
+    f.emu
+        .inject(json!({"endpoint": "vtpm-nv-unwritten", "kind": "status", "count": 6}));
+    match login(&f, "skr-demo") {
+        Err(P11Error::Pkcs11(RvError::DeviceError, _)) => {}
+        other => panic!("expected CKR_DEVICE_ERROR, got {:?}", other.map(drop)),
+    }
+    let line = login_line(&f, "skr-demo");
+    assert!(
+        line.contains("step=evidence")
+            && line.contains("0x01400001")
+            && line.contains("6 reads")
+            && line.contains("code 330"),
+        "{line}"
+    );
+    assert_eq!(tpm_leftovers(f.emu), (0, 0));
+    f.emu.admin_delete("/admin/faults");
+    let s = login(&f, "skr-demo").expect("the next login succeeds");
+    find_one(&s, ObjectClass::PRIVATE_KEY, "tls-rsa");
+}
