@@ -170,6 +170,22 @@ fn login(config: &Path, token: &str, count: usize, emu: Option<&Path>) -> Res<()
         both(&t.release, &e.release_sum),
         ms(&t.unwrap)
     );
+    if let Some(tpm) = &t.tpm {
+        // The same median login: its vTPM commands (libtss2 + the TPM), by step.
+        println!();
+        println!("| vTPM, same login | create (CreatePrimary + PolicyPCR) | certify | NV user-data write + HCL report read | AK public + certificate | quote + PCR read | MAA token key decrypt (RSAES) | key unwraps (OAEP + AES-KWP, = unwrap above) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {token} | {} | {} | {} | {} | {} | {} | {} |",
+            ms(&tpm.create),
+            ms(&tpm.certify),
+            ms(&tpm.nv_report),
+            ms(&tpm.ak),
+            ms(&tpm.quote),
+            ms(&tpm.token_decrypt),
+            ms(&t.unwrap)
+        );
+    }
     Ok(())
 }
 

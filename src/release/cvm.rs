@@ -15,7 +15,9 @@ use super::tpm::{
 };
 use super::transfer_key::{strip_leading_zeros, OaepHash, RsaPublicJwk, TransferKey};
 use super::Session;
-use super::{b64std, b64url, b64url_decode, evidence, random_nonce, Attested, LoginTimings};
+use super::{
+    b64std, b64url, b64url_decode, evidence, random_nonce, Attested, LoginTimings, TpmTimings,
+};
 use crate::config::Config;
 use crate::crypto::HashAlg;
 use crate::error::{Error, Result, Step};
@@ -319,6 +321,11 @@ fn attest_with(
     // leaves nothing in the TPM.
     let mut key = tpm.create_transfer_key(&ATTESTED_PCRS)?;
     timings.transfer_key = t.elapsed();
+    let mut tpm_time = TpmTimings {
+        create: timings.transfer_key.saturating_sub(key.certify_time),
+        certify: key.certify_time,
+        ..TpmTimings::default()
+    };
 
     let t = Instant::now();
     let nonce = random_nonce()?;
@@ -327,11 +334,15 @@ fn attest_with(
     let (certify_info, certify_signature) =
         (key.certify_info.clone(), key.certify_signature.clone());
     let tpm = key.tpm()?;
+    let step = Instant::now();
     let hcl_bytes = tpm.fresh_hcl_report(&user_data, EchoWait::default())?;
+    tpm_time.nv_report = step.elapsed();
     let hcl = HclReport::parse(&hcl_bytes)?;
+    let step = Instant::now();
     let ak = tpm.ak_public()?;
     check_ak_is_hcl_akpub(&hcl, &ak)?;
     let ak_cert = tpm.ak_certificate(EchoWait::default())?;
+    tpm_time.ak = step.elapsed();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -341,7 +352,9 @@ fn attest_with(
     verify_certify(&enc_key_pub, &certify_info, &certify_signature, &ak)?;
     // AzureGuest quotes carry no qualifying data (§6.6 step 3, §6.7 row 5); the nonce travels
     // in ClientPayload and, through the user-data, in the hardware report.
+    let step = Instant::now();
     let quote = tpm.quote(&[], &ATTESTED_PCRS)?;
+    tpm_time.quote = step.elapsed();
     let (isolation, tee) = match hcl.hardware {
         evidence::hcl::HardwareReport::Snp(report) => {
             let collateral = collateral()?;
@@ -382,7 +395,15 @@ fn attest_with(
     let maa = maa::Maa::new(&session.http, &cfg.attestation.url, AZURE_GUEST_API_VERSION);
     let sealed = maa.attest_azure_guest(&info)?;
     let transfer = TpmKey::new(key);
-    let token = maa::open_sealed_token(&sealed, &|ct| transfer.decrypt(ct, DecryptScheme::RsaEs))?;
+    let token_decrypt = std::cell::Cell::new(std::time::Duration::ZERO);
+    let token = maa::open_sealed_token(&sealed, &|ct| {
+        let step = Instant::now();
+        let key = transfer.decrypt(ct, DecryptScheme::RsaEs);
+        token_decrypt.set(token_decrypt.get() + step.elapsed());
+        key
+    })?;
+    tpm_time.token_decrypt = token_decrypt.get();
+    timings.tpm = Some(tpm_time);
     let claims = maa.verify(
         &token,
         &Expected {

@@ -54,6 +54,25 @@ pub struct LoginTimings {
     pub identity: Duration,
     pub release: Duration,
     pub unwrap: Duration,
+    /// On an Azure CVM, the vTPM's share of the steps above.
+    pub tpm: Option<TpmTimings>,
+}
+
+/// The vTPM commands of a CVM login, by step (each includes libtss2 and the TPM itself).
+#[derive(Debug, Default, Clone)]
+pub struct TpmTimings {
+    /// TPM2_CreatePrimary of the transfer key under its PolicyPCR (trial session included).
+    pub create: Duration,
+    /// TPM2_Certify of the transfer key by the AK.
+    pub certify: Duration,
+    /// User-data write to NV 0x01400002, then HCL report reads until it echoes (NV 0x01400001).
+    pub nv_report: Duration,
+    /// AK public and AK certificate reads.
+    pub ak: Duration,
+    /// TPM2_Quote and the PCR read that checks it.
+    pub quote: Duration,
+    /// TPM2_RSA_Decrypt of MAA's sealed token key (RSAES), part of the attestation step.
+    pub token_decrypt: Duration,
 }
 
 /// A random nonce for MAA and AKV requests (freshness; echoed back and checked).
