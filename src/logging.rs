@@ -190,9 +190,22 @@ fn install() {
         // Fails only if the host linked the same `log` instance and set a logger (a Rust host
         // using the rlib): its logger then receives our records, which is what it wants.
         if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(log::LevelFilter::Trace);
+            OWN_LOGGER.store(true, Ordering::Relaxed);
         }
     });
+}
+
+/// Whether `LOGGER` is the process's logger (see `install`).
+static OWN_LOGGER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set our level, and with it `log`'s global maximum when the logger is ours: a record above
+/// it (every C call's trace line at the default levels) is then dropped by one atomic compare
+/// in the caller instead of a call into the logger. A host's own logger keeps its maximum.
+fn set_level(level: log::LevelFilter) {
+    LOGGER.level.store(level as usize, Ordering::Relaxed);
+    if OWN_LOGGER.load(Ordering::Relaxed) {
+        log::set_max_level(level);
+    }
 }
 
 fn env_level() -> Option<log::LevelFilter> {
@@ -202,8 +215,7 @@ fn env_level() -> Option<log::LevelFilter> {
 /// Logging before the configuration is known: stderr, info (or the env override).
 pub fn init_default() {
     install();
-    let level = env_level().unwrap_or(log::LevelFilter::Info);
-    LOGGER.level.store(level as usize, Ordering::Relaxed);
+    set_level(env_level().unwrap_or(log::LevelFilter::Info));
 }
 
 /// Apply the configured target and level. A bad target falls back to stderr with a warning
@@ -213,7 +225,7 @@ pub fn init(cfg: &Logging) {
     let level = env_level()
         .or_else(|| parse_level(&cfg.level))
         .unwrap_or(log::LevelFilter::Info);
-    LOGGER.level.store(level as usize, Ordering::Relaxed);
+    set_level(level);
     let mut warning = None;
     let sink = match cfg.target.as_str() {
         "stderr" => Sink::Stderr,

@@ -367,32 +367,37 @@ fn is_cipher(m: &Mechanism) -> bool {
 
 pub struct CipherOp {
     mech: Mechanism,
-    key: CipherKey,
+    /// The RSA key of a collecting mechanism; a secret key lives in its cipher (`state`) only.
+    asym: Option<Arc<AsymKey>>,
     encrypt: bool,
     state: CipherState,
 }
 
 impl CipherOp {
+    /// A secret key is moved into its cipher, not kept twice: each reference count change
+    /// of a token key is a write to memory every thread using that key shares.
     pub fn new(mech: Mechanism, key: CipherKey, encrypt: bool) -> Result<CipherOp> {
-        let state = match (&mech, &key) {
-            (Mechanism::RsaPkcs | Mechanism::RsaOaep(_), CipherKey::Asym(k)) => {
+        let (state, asym) = match key {
+            CipherKey::Asym(k) if matches!(mech, Mechanism::RsaPkcs | Mechanism::RsaOaep(_)) => {
                 let (_, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA mechanism"))?;
                 if !encrypt && !k.evp.is_private() {
                     return Err(inconsistent("decryption with a public key"));
                 }
-                CipherState::Collect(Wiped::new(Vec::new()))
+                (CipherState::Collect(Wiped::new(Vec::new())), Some(k))
             }
-            (m, CipherKey::Secret(s)) => match family_of(m).and_then(|f| f.cipher(m, s, encrypt)) {
-                Some(c) => CipherState::Secret(c?),
-                None if is_cipher(m) => return Err(inconsistent("cipher mechanism")),
-                None => return Err(not_for("encrypt or decrypt", m)),
-            },
-            (m, _) if is_cipher(m) => return Err(inconsistent("cipher mechanism")),
-            (m, _) => return Err(not_for("encrypt or decrypt", m)),
+            CipherKey::Secret(s) => {
+                match family_of(&mech).and_then(|f| f.cipher(&mech, s, encrypt)) {
+                    Some(c) => (CipherState::Secret(c?), None),
+                    None if is_cipher(&mech) => return Err(inconsistent("cipher mechanism")),
+                    None => return Err(not_for("encrypt or decrypt", &mech)),
+                }
+            }
+            _ if is_cipher(&mech) => return Err(inconsistent("cipher mechanism")),
+            _ => return Err(not_for("encrypt or decrypt", &mech)),
         };
         Ok(CipherOp {
             mech,
-            key,
+            asym,
             encrypt,
             state,
         })
@@ -467,9 +472,9 @@ impl CipherOp {
 
     /// The output of a collecting mechanism over its whole input.
     fn finish_collected(&self, input: &[u8]) -> Result<Wiped> {
-        match (&self.mech, &self.key) {
-            (_, CipherKey::Secret(_)) => Err(Error::general("cipher state does not match its key")),
-            (m, CipherKey::Asym(k)) => {
+        match (&self.mech, &self.asym) {
+            (_, None) => Err(Error::general("cipher state does not match its key")),
+            (m, Some(k)) => {
                 let (klen, _) = k.rsa_len().ok_or_else(|| inconsistent("RSA"))?;
                 let pad = rsa_pad(m);
                 if self.encrypt {

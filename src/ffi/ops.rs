@@ -167,25 +167,31 @@ impl Purpose {
     }
 }
 
-/// The key object for an operation, checked against the mechanism and purpose: a key at all
-/// (CKR_KEY_HANDLE_INVALID), of the mechanism's key type (CKR_KEY_TYPE_INCONSISTENT), allowed
-/// this use (CKR_KEY_FUNCTION_NOT_PERMITTED) and this mechanism (CKR_MECHANISM_INVALID).
-fn key_object(
+/// `f` of the key object for an operation, checked against the mechanism and purpose: a key at
+/// all (CKR_KEY_HANDLE_INVALID), of the mechanism's key type (CKR_KEY_TYPE_INCONSISTENT),
+/// allowed this use (CKR_KEY_FUNCTION_NOT_PERMITTED) and this mechanism (CKR_MECHANISM_INVALID).
+fn with_key_object<R>(
     t: &Token,
     h: CK_OBJECT_HANDLE,
-    m: &Mechanism,
+    m: Mechanism,
     purpose: Purpose,
-) -> Result<Arc<Object>> {
+    f: impl FnOnce(&Arc<Object>, Mechanism) -> Result<R>,
+) -> Result<R> {
     t.follow(
         crate::token::Follow::Operation,
         &super::general::reread_certificate,
     );
-    let o = t.object(h).map_err(|_| {
-        Error::new(
-            CKR_KEY_HANDLE_INVALID,
-            format!("key handle {h} is not valid in this session"),
-        )
-    })?;
+    // Borrowed where the token keeps it: no reference count of the key object is written.
+    t.with_object(h, |o| check_key(o, &m, purpose).and_then(|()| f(o, m)))
+        .unwrap_or_else(|| {
+            Err(Error::new(
+                CKR_KEY_HANDLE_INVALID,
+                format!("key handle {h} is not valid in this session"),
+            ))
+        })
+}
+
+fn check_key(o: &Object, m: &Mechanism, purpose: Purpose) -> Result<()> {
     let ckm = m.ckm();
     let info = lookup(ckm)
         .filter(|i| i.can(purpose.flag()))
@@ -225,9 +231,9 @@ fn key_object(
         ));
     }
     if purpose == Purpose::Decrypt {
-        pkcs1_decrypt_allowed(&o, m, "C_DecryptInit")?;
+        pkcs1_decrypt_allowed(o, m, "C_DecryptInit")?;
     }
-    Ok(o)
+    Ok(())
 }
 
 /// PKCS#1 v1.5 decryption and unwrapping with a released key need its config's
@@ -530,10 +536,13 @@ unsafe fn init<F: Family>(
         // SAFETY: non-NULL API mechanism.
         let m = unsafe { decode_mechanism(p_mech)? };
         let active = match F::PURPOSE {
-            Some(purpose) => {
-                let o = key_object(t, key, &m, purpose)?;
-                Active::new(F::BUILD(m, Some(&o))?, needs_login(t, &o), t.epoch())
-            }
+            Some(purpose) => with_key_object(t, key, m, purpose, |o, m| {
+                Ok(Active::new(
+                    F::BUILD(m, Some(o))?,
+                    needs_login(t, o),
+                    t.epoch(),
+                ))
+            })?,
             None => Active::new(F::BUILD(m, None)?, false, t.epoch()),
         };
         *slot = Some(active);

@@ -317,6 +317,7 @@ impl Token {
             }
             st.keys = Some(Arc::new(new_ks));
             st.public = Arc::new(public);
+            self.visible.store(super::Visible::of(&st));
             if dropped {
                 // Operations started with a dropped key end (their epoch no longer matches).
                 self.epoch.fetch_add(1, Ordering::SeqCst);

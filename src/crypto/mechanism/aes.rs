@@ -51,11 +51,11 @@ impl Family for Gcm {
         }))
     }
 
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+    fn cipher(&self, m: &Mechanism, key: Arc<SecretBytes>, encrypt: bool) -> Engine {
         let Mechanism::AesGcm(p) = m else { return None };
         // GCM decryption must see the tag before releasing plaintext: one shot.
         let gcm = GcmOneShot {
-            key: key.clone(),
+            key,
             p: p.clone(),
             encrypt,
         };
@@ -100,7 +100,7 @@ impl Family for Cbc {
         })
     }
 
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+    fn cipher(&self, m: &Mechanism, key: Arc<SecretBytes>, encrypt: bool) -> Engine {
         match (m, encrypt) {
             (Mechanism::AesCbcPad(iv), true) => boxed(CbcEncrypt::new(key.as_slice(), *iv)),
             (Mechanism::AesCbcPad(iv), false) => boxed(CbcDecrypt::new(key.as_slice(), *iv)),
@@ -132,7 +132,7 @@ impl Family for Ecb {
         Ok(Mechanism::AesEcb)
     }
 
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+    fn cipher(&self, m: &Mechanism, key: Arc<SecretBytes>, encrypt: bool) -> Engine {
         if *m != Mechanism::AesEcb {
             return None;
         }
@@ -156,7 +156,7 @@ impl Family for Ctr {
         })
     }
 
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+    fn cipher(&self, m: &Mechanism, key: Arc<SecretBytes>, encrypt: bool) -> Engine {
         let Mechanism::AesCtr { iv, counter_bits } = m else {
             return None;
         };

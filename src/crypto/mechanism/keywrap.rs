@@ -58,13 +58,12 @@ impl Family for KeyWrap {
         })
     }
 
-    fn cipher(&self, m: &Mechanism, key: &Arc<SecretBytes>, encrypt: bool) -> Engine {
+    fn cipher(&self, m: &Mechanism, key: Arc<SecretBytes>, encrypt: bool) -> Engine {
         let pad = match m {
             Mechanism::AesKeyWrap => false,
             Mechanism::AesKeyWrapPad => true,
             _ => return None,
         };
-        let key = key.clone();
         let run = move |input: &[u8]| -> Result<Wiped> {
             let kek = key.as_slice();
             let r = match (pad, encrypt) {

@@ -362,8 +362,8 @@ impl<O: OneShot> SecretCipher for Collected<O> {
 pub trait Family: Sync {
     /// Shape checks only; key-dependent checks (the PSS salt bound) happen at init.
     fn parse(&self, ckm: CK_MECHANISM_TYPE, param: RawParam) -> Result<Mechanism>;
-    /// The secret-key cipher of `m` in one direction.
-    fn cipher(&self, _m: &Mechanism, _key: &Arc<SecretBytes>, _encrypt: bool) -> Engine {
+    /// The secret-key cipher of `m` in one direction; it keeps `key` if it needs it later.
+    fn cipher(&self, _m: &Mechanism, _key: Arc<SecretBytes>, _encrypt: bool) -> Engine {
         None
     }
     /// The secret-key MAC of `m`.
