@@ -5,6 +5,10 @@ accept-* must pass every check of its harness: the stable replay (tests/fuzz_cor
 emulator/tests/fuzz_corpus.rs) asserts it, so the structure-aware seeds provably reach the end
 of the parser. Inputs the fuzzer found (crash-*, slow-*) are kept beside them by hand.
 
+The seeds of emulator_tcg_log are the emulator's own simulated-boot logs: emulator/src/tcg_log.rs
+writes them (SKR_WRITE_FUZZ_SEEDS=1 cargo test -p skr-emulator --lib tcg_log) and its tests
+check that they are current.
+
 The harness constants (MAA_URL, KEY_URL, NONCE, REPORT_DATA, NOW) are src/fuzzing.rs's.
 Needs python3-cryptography. Run from anywhere: scripts/fuzz-seeds.py
 """

@@ -88,6 +88,9 @@ pub struct Platform {
     /// TPM TCTI of the Azure CVM path (tpm2-tss syntax, e.g. `device:/dev/tpmrm0`,
     /// `swtpm:host=127.0.0.1,port=2321`); default the kernel resource manager.
     pub tpm_tcti: Option<String>,
+    /// The boot's TCG event log the Azure CVM path sends to MAA; default
+    /// `/sys/kernel/security/tpm0/binary_bios_measurements`. Relative to the config's directory.
+    pub tcg_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -467,6 +470,9 @@ impl Config {
         if let Some(p) = self.platform.security_context_dir.as_mut() {
             fix(p)
         }
+        if let Some(p) = self.platform.tcg_log.as_mut() {
+            fix(p)
+        }
         for t in &mut self.tokens {
             for k in &mut t.keys {
                 if let Some(p) = k.certificate.as_mut() {
@@ -492,6 +498,18 @@ impl Config {
             return Err(Error::config(format!(
                 "{}: platform.emulator_url is required when platform.evidence = \"emulated\"",
                 at("evidence")
+            )));
+        }
+        // An empty value would resolve to the config's directory: never a log.
+        if self
+            .platform
+            .tcg_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(Error::config(format!(
+                "{}: platform.tcg_log must name the TCG event log file (default /sys/kernel/security/tpm0/binary_bios_measurements)",
+                at("tcg_log")
             )));
         }
         if !matches!(
@@ -758,6 +776,35 @@ kid = "https://127.0.0.1:4/keys/tls-rsa"
         let e = Config::parse(&bad, Path::new("c.toml")).unwrap_err();
         assert!(e.message().starts_with("c.toml:9:"), "{}", e.message());
         assert!(e.message().contains("sourse"), "{}", e.message());
+    }
+
+    #[test]
+    fn tcg_log_resolves_against_the_config_directory_and_must_not_be_empty() {
+        let with = |path: &str| {
+            GOOD.replace(
+                "emulator_url = \"https://127.0.0.1:1\"",
+                &format!("emulator_url = \"https://127.0.0.1:1\"\ntcg_log = \"{path}\""),
+            )
+        };
+        let mut c =
+            Config::parse(&with("vtpm/binary_bios_measurements"), Path::new("c.toml")).unwrap();
+        c.base_dir = PathBuf::from("/etc/skr-pkcs11");
+        c.resolve_paths();
+        assert_eq!(
+            c.platform.tcg_log.as_deref(),
+            Some(Path::new("/etc/skr-pkcs11/vtpm/binary_bios_measurements"))
+        );
+        assert!(Config::parse(GOOD, Path::new("c.toml"))
+            .unwrap()
+            .platform
+            .tcg_log
+            .is_none());
+        let e = Config::parse(&with(""), Path::new("c.toml")).unwrap_err();
+        assert!(
+            e.message().starts_with("c.toml:5: platform.tcg_log"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

@@ -888,13 +888,14 @@ kid = "{vault}/keys/denied-rsa"
     (platform, tokens)
 }
 
-/// The module config's `[platform]` and tokens for a CVM guest: evidence from the simulated
-/// vTPM, the CVM demo keys under the usual token labels.
-fn cvm_config_sections(u: &Urls, tcti: &str, p: &str) -> (String, String) {
+/// The module config's `[platform]` and tokens for a CVM guest: evidence and the boot's event
+/// log from the simulated vTPM, the CVM demo keys under the usual token labels.
+fn cvm_config_sections(u: &Urls, tcti: &str, tcg_log: &str, p: &str) -> (String, String) {
     let platform = format!(
         r#"[platform]
 evidence = "azure-cvm"
 tpm_tcti = "{tcti}"
+tcg_log = "{tcg_log}"
 imds_url = "{imds}"
 "#,
         imds = u.imds
@@ -955,7 +956,11 @@ kid = "{vault}/keys/{p}-cli-default"
     (platform, tokens)
 }
 
-fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Result<(), String> {
+fn write_files(
+    app: &App,
+    guest: GuestPlatform,
+    vtpm: Option<&crate::vtpm::SimulatedVtpm>,
+) -> Result<(), String> {
     let l = &app.layout;
     let w = |path: std::path::PathBuf, text: &str| {
         write_atomic(&path, text.as_bytes())
@@ -968,6 +973,7 @@ fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Resul
     write_identity_files(app)?;
     let sc = l.security_context_dir();
     let dir = l.dir.display().to_string();
+    let cvm = vtpm.map(|v| (v.paravisor.tcti(), v.tcg_log.clone()));
     let env = [
         ("SKR_PKCS11_CONFIG", l.config_file().display().to_string()),
         ("SKR_EMULATOR_MAA_URL", app.urls.maa.clone()),
@@ -991,8 +997,14 @@ fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Resul
     ]
     .iter()
     .chain(
-        cvm_tcti
-            .map(|t| ("SKR_EMULATOR_TPM_TCTI", t.to_string()))
+        cvm.iter()
+            .flat_map(|(tcti, log)| {
+                [
+                    ("SKR_EMULATOR_TPM_TCTI", tcti.clone()),
+                    ("SKR_EMULATOR_TCG_LOG", log.display().to_string()),
+                ]
+            })
+            .collect::<Vec<_>>()
             .iter(),
     )
     .map(|(k, v)| format!("export {k}={}\n", shell_value(v)))
@@ -1000,8 +1012,12 @@ fn write_files(app: &App, guest: GuestPlatform, cvm_tcti: Option<&str>) -> Resul
     w(l.env_file(), &env)?;
 
     let u = &app.urls;
-    let (platform_section, token_sections) = match cvm_tcti {
-        Some(tcti) => cvm_config_sections(u, tcti, guest.name()),
+    let (platform_section, token_sections) = match &cvm {
+        Some((tcti, log)) => {
+            // Relative to the config's directory (the module resolves it there), like ca_file.
+            let log = log.strip_prefix(&l.dir).unwrap_or(log);
+            cvm_config_sections(u, tcti, &log.display().to_string(), guest.name())
+        }
         None => aci_config_sections(u),
     };
     let config = format!(
@@ -1168,11 +1184,7 @@ pub fn run_foreground(
         GuestPlatform::CvmSnp | GuestPlatform::CvmTdx => Some(start_vtpm(&app, guest)?),
     };
     provision_demo_keys(&app, guest)?;
-    write_files(
-        &app,
-        guest,
-        vtpm.as_ref().map(|v| v.paravisor.tcti()).as_deref(),
-    )?;
+    write_files(&app, guest, vtpm.as_ref())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,6 +1,7 @@
 //! Harnesses of the emulator's fuzz targets (`fuzz/`, cargo-fuzz on nightly) and of their
 //! corpus replay on stable (`emulator/tests/fuzz_corpus.rs`): the request bodies clients send
-//! to its MAA and its Key Vault / Managed HSM, through the same code the HTTP handlers run.
+//! to its MAA and its Key Vault / Managed HSM (and the TCG event log inside an AzureGuest
+//! request), through the same code the HTTP handlers run.
 //! Each returns whether the request was accepted (the replay asserts it for `accept-*` files).
 //! Not part of the emulator's API (hidden from its docs).
 
@@ -47,6 +48,14 @@ pub fn azure_guest_request(data: &[u8]) -> bool {
         Some(TDX.quoting_key.verifying_key()),
     )
     .is_ok()
+}
+
+/// `TcgLogs` of an AzureGuest request (`tcg_log::EventLog`): the crypto-agile log's header and
+/// records, then the replay of its SHA-256 bank.
+pub fn tcg_log(data: &[u8]) -> bool {
+    crate::tcg_log::EventLog::parse(data)
+        .and_then(|log| log.replay_sha256())
+        .is_ok()
 }
 
 /// Authority of the release policy of the harness's exportable key: nothing listens there, so a

@@ -4,7 +4,7 @@
 
 /// Lowest first; a module may use modules of a strictly lower layer, or its own.
 const LAYERS: [&[&str]; 8] = [
-    &["util", "policy", "keystore"],
+    &["util", "policy", "keystore", "tcg_log"],
     &["jwt", "pki", "admin"],
     &["snp"],
     &["tdx"],

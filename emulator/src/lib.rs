@@ -4,7 +4,7 @@
 //! harnesses.
 //!
 //! Modules import only downwards (`layers.rs` checks it):
-//! - helpers: `util`, `jwt`, `pki`, `policy`, `snp`;
+//! - helpers: `util`, `jwt`, `pki`, `policy`, `snp`, `tcg_log`;
 //! - shared state and types: `state` (files), `admin` (counters, faults, log), `keystore`
 //!   (the vault's keys), `context` (`App`, the running emulator), then `cose` and `tenant`
 //!   (Entra ids and tokens) which read it;
@@ -29,6 +29,7 @@ mod pki;
 mod policy;
 mod snp;
 pub mod state;
+mod tcg_log;
 mod tdx;
 mod tenant;
 mod util;

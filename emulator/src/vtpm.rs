@@ -2,7 +2,8 @@
 //! Azure provisions a CVM's vTPM (platform-evidence §6.2, §6.3), and the paravisor's part of
 //! the HCL: after the guest writes NV 0x01400002 the next read of NV 0x01400001 returns an HCL
 //! report whose runtime claims echo that user-data and whose SNP report (signed by the
-//! emulator's simulated VCEK) binds SHA-256(claims).
+//! emulator's simulated VCEK) binds SHA-256(claims). At every start a simulated firmware
+//! measures a boot into PCRs 0–7 and writes its TCG event log (`tcg_log`), as a VM's would.
 //!
 //! The paravisor sits between the guest and swtpm as a TCP relay on the two ports of the swtpm
 //! TCTI (commands P, control P + 1). It watches the command stream: when a TPM2_NV_Write of
@@ -14,6 +15,7 @@
 
 use crate::pki;
 use crate::snp::{self, PlatformConfig};
+use crate::tcg_log;
 use crate::util::{b64url, random_bytes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -422,8 +424,10 @@ impl Swtpm {
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state)
             .map_err(|e| format!("cannot create {}: {e}", state.display()))?;
+        // Only the SHA-256 bank, whatever the host's swtpm_setup.conf says: the bank
+        // AzureGuest quotes, and the only one the simulated boot extends and logs.
         let out = Command::new("swtpm_setup")
-            .args(["--tpm2", "--tpmstate"])
+            .args(["--tpm2", "--pcr-banks", "sha256", "--tpmstate"])
             .arg(&state)
             .output()
             .map_err(|e| format!("swtpm_setup (Debian package swtpm-tools) cannot run: {e}"))?;
@@ -576,6 +580,42 @@ pub fn provision_ak(tcti: &str) -> Result<rsa::RsaPublicKey, String> {
         rsa::BigUint::from(e),
     )
     .map_err(|e| format!("vTPM provisioning: AK public key: {e}"))
+}
+
+/// The simulated firmware's measurements: each event's SHA-256 digest extended into its PCR
+/// (the only active bank, see `Swtpm::start`), as the log written beside them records.
+pub fn measure_boot(tcti: &str, events: &[tcg_log::BootEvent]) -> Result<(), String> {
+    use tss_esapi::handles::PcrHandle;
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::interface_types::session_handles::AuthSession;
+    use tss_esapi::structures::{Digest as TpmDigest, DigestValues};
+    const PCRS: [PcrHandle; 8] = [
+        PcrHandle::Pcr0,
+        PcrHandle::Pcr1,
+        PcrHandle::Pcr2,
+        PcrHandle::Pcr3,
+        PcrHandle::Pcr4,
+        PcrHandle::Pcr5,
+        PcrHandle::Pcr6,
+        PcrHandle::Pcr7,
+    ];
+    let mut ctx = tss_esapi::Context::new(
+        tss_esapi::tcti_ldr::TctiNameConf::from_str(tcti).map_err(tss("TCTI"))?,
+    )
+    .map_err(tss("connecting"))?;
+    for e in events {
+        let pcr = *PCRS
+            .get(e.pcr as usize)
+            .ok_or_else(|| format!("vTPM boot: PCR {} is not a boot PCR", e.pcr))?;
+        let mut digests = DigestValues::new();
+        digests.set(
+            HashingAlgorithm::Sha256,
+            TpmDigest::try_from(Sha256::digest(e.measured()).to_vec()).map_err(tss("digest"))?,
+        );
+        ctx.execute_with_session(Some(AuthSession::Password), |c| c.pcr_extend(pcr, digests))
+            .map_err(tss(&format!("TPM2_PCR_Extend of PCR {}", e.pcr)))?;
+    }
+    Ok(())
 }
 
 /// Define `index` (owner read / write, `size` bytes) and write `data` into it.
@@ -914,6 +954,9 @@ pub struct SimulatedVtpm {
     pub paravisor: Paravisor,
     pub identity: CvmIdentity,
     pub ca: VtpmCa,
+    /// The boot's TCG event log (what Linux shows in
+    /// /sys/kernel/security/tpm0/binary_bios_measurements).
+    pub tcg_log: std::path::PathBuf,
 }
 
 /// A random upper-case GUID (Azure's vmUniqueId form).
@@ -941,6 +984,13 @@ impl SimulatedVtpm {
     ) -> Result<SimulatedVtpm, String> {
         let swtpm = Swtpm::start(dir)?;
         let tcti = swtpm.tcti();
+        // The firmware measures the boot before anything else runs; swtpm starts with its
+        // PCRs reset, so every start (a VM boot) measures it again and rewrites the log.
+        let boot = tcg_log::simulated_boot();
+        measure_boot(&tcti, &boot)?;
+        let log_path = dir.join("binary_bios_measurements");
+        crate::util::write_atomic(&log_path, &tcg_log::encode(&boot))
+            .map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
         let ak = provision_ak(&tcti)?;
         use rsa::traits::PublicKeyParts;
         let identity = CvmIdentity {
@@ -969,6 +1019,7 @@ impl SimulatedVtpm {
             paravisor,
             identity,
             ca,
+            tcg_log: log_path,
         })
     }
 }

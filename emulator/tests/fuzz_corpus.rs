@@ -3,7 +3,7 @@
 //! same harness as its fuzz target (`skr_emulator::fuzzing`), so a fixed finding stays fixed.
 //! Each file must be handled within a deadline; files named `accept-*` must be accepted.
 
-use skr_emulator::fuzzing::{azure_guest_request, maa_request, KeyVault};
+use skr_emulator::fuzzing::{azure_guest_request, maa_request, tcg_log, KeyVault};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -64,6 +64,12 @@ fn maa_request_corpus_replays() {
 #[test]
 fn azure_guest_request_corpus_replays() {
     replay("emulator_azure_guest_request", azure_guest_request);
+}
+
+#[test]
+fn tcg_log_corpus_replays() {
+    let accepted = replay("emulator_tcg_log", tcg_log);
+    assert!(accepted > 0, "no accept-* seed for emulator_tcg_log");
 }
 
 #[test]

@@ -31,7 +31,8 @@ use std::time::Instant;
 pub const TPM_KID: &str = "TpmEphemeralEncryptionKey";
 /// MAA's AzureGuest api-version (MSGA and Microsoft's CVM tools use this one).
 pub const AZURE_GUEST_API_VERSION: &str = "2020-10-01";
-/// The TCG event log of the boot (§6.6 step 5); sent empty when it cannot be read.
+/// The TCG event log of the boot (§6.6 step 5) unless `platform.tcg_log` names another file;
+/// sent empty when it cannot be read.
 pub const TCG_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// More than any real boot log; a larger file is not sent.
 const TCG_LOG_MAX: u64 = 4 << 20;
@@ -120,20 +121,24 @@ fn os_release() -> (String, u64, u64) {
     )
 }
 
-/// The boot's TCG event log, or empty when the kernel does not expose it to this process
-/// (securityfs is root-only on most distributions; MAA then judges the PCR values alone).
-fn tcg_log() -> Vec<u8> {
-    let mut log = Vec::new();
-    match std::fs::File::open(TCG_LOG) {
-        Ok(f) => {
-            if let Err(e) = f.take(TCG_LOG_MAX).read_to_end(&mut log) {
-                log::debug!("{TCG_LOG}: {e}; sending an empty TCG log");
-                log.clear();
-            }
-        }
-        Err(e) => log::debug!("{TCG_LOG}: {e}; sending an empty TCG log"),
-    }
-    log
+/// The boot's TCG event log (`platform.tcg_log`, default [`TCG_LOG`]), or empty when this
+/// process cannot read it (securityfs is root-only on most distributions), as MSGA sends it.
+/// MAA may refuse evidence without a log (skr-emulator's does, naming the fix).
+pub fn tcg_log(cfg: &Config) -> Vec<u8> {
+    let path = cfg
+        .platform
+        .tcg_log
+        .as_deref()
+        .unwrap_or(std::path::Path::new(TCG_LOG));
+    // A FIFO or a device named by mistake must not block the login.
+    let read = crate::config::open_regular(path).and_then(|(f, _)| {
+        let mut log = Vec::new();
+        f.take(TCG_LOG_MAX).read_to_end(&mut log).map(|_| log)
+    });
+    read.unwrap_or_else(|e| {
+        log::debug!("{}: {e}; sending an empty TCG log", path.display());
+        Vec::new()
+    })
 }
 
 /// The evidence MAA's AzureGuest endpoint takes (§6.6 step 8), minus the isolation part.
@@ -329,7 +334,74 @@ fn attest_with(
 
     let t = Instant::now();
     let nonce = random_nonce()?;
-    let user_data = user_data_for(&nonce, &key.public.tpm2b_public);
+    let evidence = azure_guest_evidence(
+        cfg,
+        &session.http,
+        &mut key,
+        &nonce,
+        collateral,
+        &mut tpm_time,
+    )?;
+    timings.evidence = t.elapsed();
+
+    let t = Instant::now();
+    let maa = maa::Maa::new(&session.http, &cfg.attestation.url, AZURE_GUEST_API_VERSION);
+    let sealed = maa.attest_azure_guest(&evidence.info)?;
+    let transfer = TpmKey::new(key);
+    let token_decrypt = std::cell::Cell::new(std::time::Duration::ZERO);
+    let token = maa::open_sealed_token(&sealed, &|ct| {
+        let step = Instant::now();
+        let key = transfer.decrypt(ct, DecryptScheme::RsaEs);
+        token_decrypt.set(token_decrypt.get() + step.elapsed());
+        key
+    })?;
+    tpm_time.token_decrypt = token_decrypt.get();
+    timings.tpm = Some(tpm_time);
+    let claims = maa.verify(
+        &token,
+        &Expected {
+            nonce: &nonce,
+            transfer_key: transfer.public_jwk(),
+            binding: Binding::AzureGuest {
+                tee: evidence.tee,
+                user_data: &evidence.user_data,
+            },
+        },
+    )?;
+    timings.attestation = t.elapsed();
+    Ok(Attested {
+        token,
+        claims,
+        issuer: maa.url().to_string(),
+        transfer: Box::new(transfer),
+        evidence_source: "azure-cvm",
+    })
+}
+
+/// What a login sends to MAA's AzureGuest endpoint, and what the token must then carry.
+pub struct GuestEvidence {
+    /// The `AttestationInfo` JSON (§6.6 step 8), to be sent base64url-encoded.
+    pub info: Value,
+    /// The TEE type the token's `x-ms-isolation-tee.x-ms-attestation-type` must name.
+    pub tee: &'static str,
+    /// What was written to NV 0x01400002: the token's `x-ms-isolation-tee.x-ms-runtime.user-data`.
+    pub user_data: [u8; USER_DATA_LEN],
+}
+
+/// §6.6 steps 1–8 for the transfer key `key` and the MAA nonce `nonce`: a fresh HCL report over
+/// the user-data binding both, the AK and its certificate (checked), the PCR quote, the TCG log
+/// (`platform.tcg_log`) and the isolation evidence (`collateral` supplies an SNP CVM's VCEK
+/// chain; a TDX CVM's quote comes from IMDS), as the `AttestationInfo` MAA takes. The time of
+/// each vTPM step goes to `tpm_time`.
+pub fn azure_guest_evidence(
+    cfg: &Config,
+    http: &super::http::Http,
+    key: &mut TpmTransferKey,
+    nonce: &str,
+    collateral: impl FnOnce() -> Result<evidence::Collateral>,
+    tpm_time: &mut TpmTimings,
+) -> Result<GuestEvidence> {
+    let user_data = user_data_for(nonce, &key.public.tpm2b_public);
     let enc_key_pub = key.public.clone();
     let (certify_info, certify_signature) =
         (key.certify_info.clone(), key.certify_signature.clone());
@@ -372,7 +444,7 @@ fn attest_with(
         evidence::hcl::HardwareReport::Tdx(report) => {
             // Joined (its answer unused) so that the scope never has to re-raise a panic.
             let _ = collateral();
-            let quote = td_quote(cfg, &session.http, &report)?;
+            let quote = td_quote(cfg, http, &report)?;
             (tdx_isolation(&quote, hcl.claims_json), "tdxvm")
         }
     };
@@ -386,42 +458,13 @@ fn attest_with(
             enc_key_certify_signature: &certify_signature,
         },
         isolation,
-        &nonce,
-        &tcg_log(),
+        nonce,
+        &tcg_log(cfg),
     );
-    timings.evidence = t.elapsed();
-
-    let t = Instant::now();
-    let maa = maa::Maa::new(&session.http, &cfg.attestation.url, AZURE_GUEST_API_VERSION);
-    let sealed = maa.attest_azure_guest(&info)?;
-    let transfer = TpmKey::new(key);
-    let token_decrypt = std::cell::Cell::new(std::time::Duration::ZERO);
-    let token = maa::open_sealed_token(&sealed, &|ct| {
-        let step = Instant::now();
-        let key = transfer.decrypt(ct, DecryptScheme::RsaEs);
-        token_decrypt.set(token_decrypt.get() + step.elapsed());
-        key
-    })?;
-    tpm_time.token_decrypt = token_decrypt.get();
-    timings.tpm = Some(tpm_time);
-    let claims = maa.verify(
-        &token,
-        &Expected {
-            nonce: &nonce,
-            transfer_key: transfer.public_jwk(),
-            binding: Binding::AzureGuest {
-                tee,
-                user_data: &user_data,
-            },
-        },
-    )?;
-    timings.attestation = t.elapsed();
-    Ok(Attested {
-        token,
-        claims,
-        issuer: maa.url().to_string(),
-        transfer: Box::new(transfer),
-        evidence_source: "azure-cvm",
+    Ok(GuestEvidence {
+        info,
+        tee,
+        user_data,
     })
 }
 
@@ -464,6 +507,24 @@ mod tests {
         assert!(check_ak_certificate(&der, from - 1).is_err());
         let e = check_ak_certificate(&der[..40], from + 1).unwrap_err();
         assert!(e.message().contains("not X.509"), "{e}");
+    }
+
+    #[test]
+    fn the_tcg_log_is_read_from_platform_tcg_log_and_sent_empty_when_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("binary_bios_measurements");
+        std::fs::write(&log, b"\x00\x00\x00\x00log").unwrap();
+        let cfg = |path: &std::path::Path| {
+            let text = format!(
+                "[platform]\nevidence = \"azure-cvm\"\ntcg_log = \"{}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n",
+                path.display()
+            );
+            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+        };
+        assert_eq!(tcg_log(&cfg(&log)), b"\x00\x00\x00\x00log");
+        // Missing, or not a regular file: an empty log, and the login goes on to MAA.
+        assert!(tcg_log(&cfg(&dir.path().join("missing"))).is_empty());
+        assert!(tcg_log(&cfg(dir.path())).is_empty());
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl Emulator {
         p
     }
 
-    fn client(&self) -> reqwest::blocking::Client {
+    /// An HTTPS client that trusts the emulator's CA (and nothing else).
+    pub fn client(&self) -> reqwest::blocking::Client {
         let mut roots = rustls::RootCertStore::empty();
         let pem = std::fs::read(self.var("SKR_EMULATOR_CA")).expect("read emulator CA");
         for c in rustls_pemfile_certs(&pem) {

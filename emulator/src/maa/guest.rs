@@ -6,13 +6,15 @@
 //! decryption key. The token carries the `azurevm` claims, the TEE's claims in
 //! `x-ms-isolation-tee`, and the transfer key as `TpmEphemeralEncryptionKey`; the response is
 //! sealed to that key (AES-GCM under an RSAES-PKCS1-v1_5-wrapped key, AAD `Transport Key`).
+//! The TCG event log (`TcgLogs`) is replayed: every quoted PCR must be the value its SHA-256
+//! bank replays to.
 //!
-//! Not done (and said so in docs/EMULATOR.md): the TCG event log is not replayed (the quoted
-//! PCR values are checked against the quote, not against the log), and Windows boot-state
-//! claims (`x-ms-azurevm-*debug*`, `-elam-enabled`, …) that MAA derives from the log are not
+//! Not done (and said so in docs/EMULATOR.md): the Windows boot-state claims
+//! (`x-ms-azurevm-*debug*`, `-elam-enabled`, …) that MAA derives from the log's events are not
 //! issued.
 
 use super::{compliance_status, policy_hash, sevsnp_claims, sorted, verify_evidence};
+use crate::tcg_log::EventLog;
 use crate::util::{b64_lenient, b64std, b64url};
 use crate::vtpm::{self, Attest, AttestedInfo, RsaPublicArea};
 use der::{Decode, Encode};
@@ -53,6 +55,38 @@ fn verify_rsassa_sha256(
     rsa::pkcs1v15::VerifyingKey::<Sha256>::new(key.clone())
         .verify(msg, &sig)
         .map_err(|_| format!("{what}: signature does not verify with the AK"))
+}
+
+/// The quoted PCR values must be what the TCG event log replays to (SHA-256 bank), so that
+/// the log's events describe the boot the quote attests.
+fn check_event_log(log: &[u8], quoted: &[(u32, Vec<u8>)]) -> Result<(), String> {
+    // An empty log is refused. Microsoft does not document whether MAA takes AzureGuest
+    // evidence without one; PCR values mean nothing without their log (MAA derives its boot
+    // claims from it), so refusing is the safe reading. The module sends an empty log when it
+    // cannot read the file: say what to fix on the guest.
+    if log.is_empty() {
+        return Err(
+            "TcgLogs is empty: the guest sent no TCG event log, so the quoted PCRs \
+            cannot be checked against the boot; give the module read access to the event log \
+            (/sys/kernel/security/tpm0/binary_bios_measurements) or point platform.tcg_log at \
+            a readable copy"
+                .into(),
+        );
+    }
+    let replayed = EventLog::parse(log)
+        .and_then(|l| l.replay_sha256())
+        .map_err(|e| format!("TcgLogs: {e}"))?;
+    for (pcr, value) in quoted {
+        let expected = &replayed[*pcr as usize];
+        if value[..] != expected[..] {
+            return Err(format!(
+                "PCR {pcr} does not match the TCG event log: quoted {}, the log replays to {}",
+                hex::encode(value),
+                hex::encode(expected)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Everything of `POST /attest/AzureGuest` except HTTP.
@@ -160,6 +194,7 @@ pub fn attest_azure_guest(
         return Err("TpmInfo.PCRs does not hold one value per quoted PCR".into());
     }
     let mut concatenated = Vec::new();
+    let mut quoted = Vec::with_capacity(pcrs.len());
     for (want, entry) in pcrs.iter().zip(values) {
         if entry.get("Index").and_then(Value::as_u64) != Some(u64::from(*want)) {
             return Err(format!("TpmInfo.PCRs is not in PcrSet order at PCR {want}"));
@@ -171,10 +206,12 @@ pub fn attest_azure_guest(
             .filter(|d| d.len() == 32)
             .ok_or_else(|| format!("TpmInfo.PCRs: PCR {want} is not a SHA-256 value"))?;
         concatenated.extend_from_slice(&d);
+        quoted.push((*want, d));
     }
     if Sha256::digest(&concatenated)[..] != digest[..] {
         return Err("PCR values do not match the quote's PCR digest".into());
     }
+    check_event_log(&b64_field(&info, "/TcgLogs")?, &quoted)?;
 
     // The isolation evidence: a verified SNP report or TD quote binding the HCL runtime claims.
     let kind = info
@@ -383,6 +420,7 @@ mod tests {
     use super::*;
     use crate::snp::{self, PlatformConfig};
     use crate::state::{self, Layout, Pki};
+    use crate::tcg_log;
     use crate::vtpm::{CvmIdentity, VtpmCa};
     use rsa::signature::{SignatureEncoding, Signer};
     use rsa::traits::PublicKeyParts;
@@ -506,7 +544,10 @@ mod tests {
                     .unwrap();
             let chain = crate::util::pem_encode("CERTIFICATE", &self.pki.vcek_der)
                 + &self.pki.thim_chain_pem();
-            let pcrs: Vec<[u8; 32]> = (0..8u8).map(|i| [i; 32]).collect();
+            // The emulator's simulated boot: its log, and the PCRs a TPM holds after it.
+            let boot = tcg_log::simulated_boot();
+            let log = tcg_log::encode(&boot);
+            let pcrs = tcg_log::extended_sha256(&boot)[..8].to_vec();
             let q = quote(&pcrs, b"n0nce");
             let enc_pub = tpm2b_public(&self.enc.to_public_key(), DECRYPT_ATTRS);
             let cert_info = certify(&enc_pub);
@@ -519,7 +560,7 @@ mod tests {
                 "OSVersionMajor": 12,
                 "OSVersionMinor": 0,
                 "OSBuild": b64std(b"NotApplication"),
-                "TcgLogs": "",
+                "TcgLogs": b64std(&log),
                 "ClientPayload": {"nonce": b64std(b"n0nce")},
                 "TpmInfo": {
                     "AikCert": b64std(&self.ca.issue_ak_cert(&ak_pub, "vm").unwrap()),
@@ -641,6 +682,31 @@ mod tests {
                 "quoted PCR value",
                 set("/TpmInfo/PCRs/3/Digest", json!(b64std(&[9u8; 32]))),
                 "PCR values do not match",
+            ),
+            (
+                "event log digest",
+                {
+                    // The first separator (PCR 0's): all separators measure the same 4 bytes.
+                    let mut log = b64_lenient(info["TcgLogs"].as_str().unwrap()).unwrap();
+                    let separator = Sha256::digest([0u8; 4]);
+                    let at = log.windows(32).position(|w| w == &separator[..]).unwrap();
+                    log[at] ^= 1;
+                    set("/TcgLogs", json!(b64std(&log)))
+                },
+                "PCR 0 does not match the TCG event log",
+            ),
+            (
+                "truncated event log",
+                {
+                    let log = b64_lenient(info["TcgLogs"].as_str().unwrap()).unwrap();
+                    set("/TcgLogs", json!(b64std(&log[..log.len() - 3])))
+                },
+                "TcgLogs: event",
+            ),
+            (
+                "empty event log",
+                set("/TcgLogs", json!("")),
+                "platform.tcg_log",
             ),
             (
                 "nonce other than the quote's",
