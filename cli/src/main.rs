@@ -250,6 +250,7 @@ fn doctor(cfg: &Config) -> ExitCode {
         for (what, r) in release::tpm::doctor_steps(cfg.platform.tpm_tcti.as_deref()) {
             push(what, r);
         }
+        push("tcg log", release::cvm::tcg_log_row(cfg));
     }
 
     // MAA: the full attestation, so that policy mismatches show up here too.

@@ -125,20 +125,49 @@ fn os_release() -> (String, u64, u64) {
 /// process cannot read it (securityfs is root-only on most distributions), as MSGA sends it.
 /// MAA may refuse evidence without a log (skr-emulator's does, naming the fix).
 pub fn tcg_log(cfg: &Config) -> Vec<u8> {
-    let path = cfg
-        .platform
-        .tcg_log
-        .as_deref()
-        .unwrap_or(std::path::Path::new(TCG_LOG));
-    // A FIFO or a device named by mistake must not block the login.
-    let read = crate::config::open_regular(path).and_then(|(f, _)| {
-        let mut log = Vec::new();
-        f.take(TCG_LOG_MAX).read_to_end(&mut log).map(|_| log)
-    });
-    read.unwrap_or_else(|e| {
+    read_tcg_log(cfg).unwrap_or_else(|(path, e)| {
         log::debug!("{}: {e}; sending an empty TCG log", path.display());
         Vec::new()
     })
+}
+
+fn tcg_log_path(cfg: &Config) -> &std::path::Path {
+    cfg.platform
+        .tcg_log
+        .as_deref()
+        .unwrap_or(std::path::Path::new(TCG_LOG))
+}
+
+fn read_tcg_log(cfg: &Config) -> std::result::Result<Vec<u8>, (&std::path::Path, std::io::Error)> {
+    let path = tcg_log_path(cfg);
+    // A FIFO or a device named by mistake must not block the login.
+    crate::config::open_regular(path)
+        .and_then(|(f, _)| {
+            let mut log = Vec::new();
+            f.take(TCG_LOG_MAX).read_to_end(&mut log).map(|_| log)
+        })
+        .map_err(|e| (path, e))
+}
+
+/// `skr-pkcs11 doctor`'s TCG log row: whether the login will send the boot's event log.
+pub fn tcg_log_row(cfg: &Config) -> Result<String> {
+    match read_tcg_log(cfg) {
+        Ok(log) if !log.is_empty() => Ok(format!(
+            "{}: {} bytes, sent with the evidence",
+            tcg_log_path(cfg).display(),
+            log.len()
+        )),
+        Ok(_) => Err(Error::evidence(
+            Step::Evidence,
+            format!("TCG log {} is empty", tcg_log_path(cfg).display()),
+        )
+        .with_hint("MAA judges the boot by this log; set platform.tcg_log to the boot's event log")),
+        Err((path, e)) => Err(Error::evidence(
+            Step::Evidence,
+            format!("TCG log {}: {e}; the login sends an empty log", path.display()),
+        )
+        .with_hint("MAA may refuse evidence without the boot's event log: let the module's user read it (securityfs is root-only on most distributions) or set platform.tcg_log")),
+    }
 }
 
 /// The evidence MAA's AzureGuest endpoint takes (§6.6 step 8), minus the isolation part.
@@ -525,6 +554,28 @@ mod tests {
         // Missing, or not a regular file: an empty log, and the login goes on to MAA.
         assert!(tcg_log(&cfg(&dir.path().join("missing"))).is_empty());
         assert!(tcg_log(&cfg(dir.path())).is_empty());
+    }
+
+    #[test]
+    fn doctor_says_whether_the_tcg_log_is_sent_and_how_to_fix_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("binary_bios_measurements");
+        let cfg = |path: &std::path::Path| {
+            let text = format!(
+                "[platform]\nevidence = \"azure-cvm\"\ntcg_log = \"{}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n",
+                path.display()
+            );
+            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+        };
+        std::fs::write(&log, [7u8; 40]).unwrap();
+        let row = tcg_log_row(&cfg(&log)).unwrap();
+        assert!(row.contains("40 bytes"), "{row}");
+        std::fs::write(&log, b"").unwrap();
+        let e = tcg_log_row(&cfg(&log)).unwrap_err();
+        assert!(e.message().contains("is empty"), "{e}");
+        let e = tcg_log_row(&cfg(&dir.path().join("missing"))).unwrap_err();
+        assert!(e.message().contains("sends an empty log"), "{e}");
+        assert!(e.hint().unwrap().contains("platform.tcg_log"), "{e:?}");
     }
 
     #[test]
