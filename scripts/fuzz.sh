@@ -47,8 +47,9 @@ run_cpu_budget() {
     local cargo_pid=$!
     while kill -0 "$cargo_pid" 2>/dev/null; do
         sleep 5
-        # The fuzzer runs under cargo-fuzz; its command line names this checkout's artifacts.
-        fpid=$(pgrep -f "release/$t -artifact_prefix=$PWD/artifacts/$t/" | head -1 || true)
+        # The fuzzer runs under cargo-fuzz; its command line names this checkout's artifacts by
+        # their physical path.
+        fpid=$(pgrep -f "release/$t -artifact_prefix=$(pwd -P)/artifacts/$t/" | head -1 || true)
         [ -n "$fpid" ] && [ -r "/proc/$fpid/stat" ] || continue
         # utime + stime (fields 14 and 15; the name in field 2 is a target name, no spaces).
         used=$(awk -v tick="$tick" '{ printf "%d", ($14 + $15) / tick }' "/proc/$fpid/stat" 2>/dev/null || echo 0)

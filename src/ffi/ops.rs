@@ -175,20 +175,25 @@ fn with_key_object<R>(
     h: CK_OBJECT_HANDLE,
     m: Mechanism,
     purpose: Purpose,
-    f: impl FnOnce(&Arc<Object>, Mechanism) -> Result<R>,
+    f: impl FnOnce(&Arc<Object>, Mechanism, u64) -> Result<R>,
 ) -> Result<R> {
     t.follow(
         crate::token::Follow::Operation,
         &super::general::reread_certificate,
     );
+    // The epoch before the lookup: a rotation that drops the key between the two then leaves
+    // the operation stale (ended at its next call), never current with a dropped key.
+    let epoch = t.epoch();
     // Borrowed where the token keeps it: no reference count of the key object is written.
-    t.with_object(h, |o| check_key(o, &m, purpose).and_then(|()| f(o, m)))
-        .unwrap_or_else(|| {
-            Err(Error::new(
-                CKR_KEY_HANDLE_INVALID,
-                format!("key handle {h} is not valid in this session"),
-            ))
-        })
+    t.with_object(h, |o| {
+        check_key(o, &m, purpose).and_then(|()| f(o, m, epoch))
+    })
+    .unwrap_or_else(|| {
+        Err(Error::new(
+            CKR_KEY_HANDLE_INVALID,
+            format!("key handle {h} is not valid in this session"),
+        ))
+    })
 }
 
 fn check_key(o: &Object, m: &Mechanism, purpose: Purpose) -> Result<()> {
@@ -536,12 +541,8 @@ unsafe fn init<F: Family>(
         // SAFETY: non-NULL API mechanism.
         let m = unsafe { decode_mechanism(p_mech)? };
         let active = match F::PURPOSE {
-            Some(purpose) => with_key_object(t, key, m, purpose, |o, m| {
-                Ok(Active::new(
-                    F::BUILD(m, Some(o))?,
-                    needs_login(t, o),
-                    t.epoch(),
-                ))
+            Some(purpose) => with_key_object(t, key, m, purpose, |o, m, epoch| {
+                Ok(Active::new(F::BUILD(m, Some(o))?, needs_login(t, o), epoch))
             })?,
             None => Active::new(F::BUILD(m, None)?, false, t.epoch()),
         };

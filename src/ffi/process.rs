@@ -278,6 +278,9 @@ pub(crate) fn apply_fork_policy(policy: ForkPolicy, me: u32) {
             }
             ForkPolicy::ReRelease => {
                 token::forget_all_retained();
+                // Whatever the child cannot free (a reference a parent thread held at the
+                // moment of fork, whose owner does not exist here) stays locked, not swappable.
+                crate::secret::arena::relock_after_fork();
                 log::info!("forked child (parent pid {owner}): wiped inherited keys (fork = \"re-release\")");
             }
         }

@@ -144,7 +144,14 @@ fn read_tcg_log(cfg: &Config) -> std::result::Result<Vec<u8>, (&std::path::Path,
     crate::config::open_regular(path)
         .and_then(|(f, _)| {
             let mut log = Vec::new();
-            f.take(TCG_LOG_MAX).read_to_end(&mut log).map(|_| log)
+            f.take(TCG_LOG_MAX + 1).read_to_end(&mut log)?;
+            // A cut log would not replay to the quoted PCRs: a larger one is not sent at all.
+            if log.len() as u64 > TCG_LOG_MAX {
+                return Err(std::io::Error::other(format!(
+                    "larger than {TCG_LOG_MAX} bytes, more than any boot log"
+                )));
+            }
+            Ok(log)
         })
         .map_err(|e| (path, e))
 }
@@ -573,6 +580,11 @@ mod tests {
         std::fs::write(&log, b"").unwrap();
         let e = tcg_log_row(&cfg(&log)).unwrap_err();
         assert!(e.message().contains("is empty"), "{e}");
+        // A log cut at the cap would not replay: a larger file is not sent at all.
+        std::fs::write(&log, vec![0u8; TCG_LOG_MAX as usize + 1]).unwrap();
+        assert!(tcg_log(&cfg(&log)).is_empty());
+        let e = tcg_log_row(&cfg(&log)).unwrap_err();
+        assert!(e.message().contains("larger than"), "{e}");
         let e = tcg_log_row(&cfg(&dir.path().join("missing"))).unwrap_err();
         assert!(e.message().contains("sends an empty log"), "{e}");
         assert!(e.hint().unwrap().contains("platform.tcg_log"), "{e:?}");

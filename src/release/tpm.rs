@@ -141,7 +141,7 @@ fn tpm_error(what: &str, e: tss_esapi::Error) -> Error {
             | Tss2ResponseCodeKind::Testing,
         ) => "the TPM was busy; retry the login",
         Some(Tss2ResponseCodeKind::NvUninitialized) => {
-            "the NV index has not been written (Azure guests report this as code 330); retry, and if it persists restart the VM's guest attestation extension"
+            "the vTPM has not written this NV index yet (Azure's tools report it as code 330), typically just after boot; retry the login; if it persists: for 0x01400001 (the HCL report, written by the paravisor) restart the VM, for 0x01C101D0 (the AK certificate) install or refresh the guest attestation extension"
         }
         _ => "the vTPM refused a command of the Azure CVM attestation path; check that this is an Azure confidential VM with a current guest attestation extension",
     };
@@ -159,6 +159,33 @@ fn is_nv_uninitialized(e: &tss_esapi::Error) -> bool {
 }
 
 const HCL_UNREADABLE_HINT: &str = "NV index 0x01400001 (the HCL report) cannot be read: this is not an Azure confidential VM vTPM, or the guest lacks owner access to it";
+
+/// Whether `tpm_error` gives this error a hint of its own (lockout, busy, not written), which a
+/// caller's generic "cannot read" hint must not replace.
+fn has_specific_hint(e: &tss_esapi::Error) -> bool {
+    matches!(
+        e,
+        tss_esapi::Error::Tss2Error(rc) if matches!(
+            rc.kind(),
+            Some(
+                Tss2ResponseCodeKind::Lockout
+                    | Tss2ResponseCodeKind::Retry
+                    | Tss2ResponseCodeKind::Yielded
+                    | Tss2ResponseCodeKind::Testing
+                    | Tss2ResponseCodeKind::NvUninitialized
+            )
+        )
+    )
+}
+
+/// "1 read", "6 reads over the wait".
+fn reads(n: u32) -> String {
+    if n == 1 {
+        "1 read".into()
+    } else {
+        format!("{n} reads over the wait")
+    }
+}
 
 /// Busy answers are retried a few times; anything else is returned at once.
 fn is_transient(e: &tss_esapi::Error) -> bool {
@@ -423,14 +450,19 @@ impl Tpm {
                 }
                 Err(e) if is_nv_uninitialized(&e) => {
                     return Err(tpm_error(
-                        &format!("reading NV index 0x{index:08x} ({attempts} reads over the wait)"),
+                        &format!("reading NV index 0x{index:08x} ({})", reads(attempts)),
                         e,
                     ));
                 }
                 other => {
                     return other.map_err(|e| {
-                        tpm_error(&format!("reading NV index 0x{index:08x}"), e)
-                            .with_hint(unreadable_hint)
+                        let specific = has_specific_hint(&e);
+                        let e = tpm_error(&format!("reading NV index 0x{index:08x}"), e);
+                        if specific {
+                            e
+                        } else {
+                            e.with_hint(unreadable_hint)
+                        }
                     });
                 }
             }
@@ -545,8 +577,13 @@ impl Tpm {
                     continue;
                 }
                 other => other.map_err(|e| {
-                    tpm_error("reading NV index 0x01400001 (the HCL report)", e)
-                        .with_hint(HCL_UNREADABLE_HINT)
+                    let specific = has_specific_hint(&e);
+                    let e = tpm_error("reading NV index 0x01400001 (the HCL report)", e);
+                    if specific {
+                        e
+                    } else {
+                        e.with_hint(HCL_UNREADABLE_HINT)
+                    }
                 })?,
             };
             unwritten = None;
@@ -567,7 +604,8 @@ impl Tpm {
         if let Some(e) = unwritten {
             return Err(tpm_error(
                 &format!(
-                    "reading NV index 0x01400001 (the HCL report; {attempts} reads over the wait)"
+                    "reading NV index 0x01400001 (the HCL report; {})",
+                    reads(attempts)
                 ),
                 e,
             ));

@@ -892,10 +892,12 @@ impl Token {
         if let Some(o) = self.visible.load().find(handle) {
             return Some(f(o));
         }
-        read(&self.session_objects)
+        // A session object is cloned out, so that `f` never runs under the map's lock.
+        let session_object = read(&self.session_objects)
             .get(&handle)
             .filter(|o| !o.is_private() || self.is_logged_in())
-            .map(f)
+            .cloned();
+        session_object.as_ref().map(f)
     }
 }
 
