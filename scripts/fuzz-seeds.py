@@ -198,6 +198,8 @@ write("cvm_evidence", "accept-tpms-attest", b"\x03" + tpms_attest)
 write("cvm_evidence", "accept-describe-tpms-attest", b"\x00" + tpms_attest)
 write("cvm_evidence", "accept-runtime-claims", b"\x04" + read("azure-cvm/tpm/kinvolk-runtime-claims.json"))
 write("cvm_evidence", "accept-describe-snp-hex", b"\x00" + read("snp/milan-v2-report.hex"))
+for name in ["az-snp-vtpm-evidence-v2.json", "az-snp-vtpm-evidence-genoa.json"]:
+    write("cvm_evidence", "accept-describe-kbs-" + name, b"\x00" + read("kbs/" + name))
 
 # ---- collateral: 0 THIM JSON | 1 host-amd-cert-base64 \0 reference-info-base64 ----
 write("collateral", "accept-thim", b"\x00" + read("aci/uvm_host_amd_certificate.json"))

@@ -385,7 +385,13 @@ pub fn cvm_evidence(_fx: &Fixtures, data: &[u8]) -> bool {
         return false;
     };
     match mode % 5 {
-        0 => show::describe(rest).is_ok(),
+        // A bundle passes only when every check it reports holds (so its seeds reach them).
+        0 => show::describe(rest).is_ok_and(|d| {
+            d["kind"] != "az-snp-vtpm-evidence"
+                || ["report_signature_ok", "quote_signature_ok", "pcr_digest_ok"]
+                    .iter()
+                    .all(|k| d[*k] == true)
+        }),
         1 => hcl::HclReport::parse(rest).is_ok_and(|h| {
             let _ = h.user_data_echoes(&[0; hcl::USER_DATA_LEN]);
             let _ = show::hcl_json(&h);

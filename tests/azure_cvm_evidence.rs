@@ -424,3 +424,69 @@ fn evidence_describe_shows_each_kind() {
     let e = describe(b"hello").unwrap_err();
     assert!(e.message().contains("not a recognised evidence file"));
 }
+
+#[test]
+fn evidence_describe_shows_a_trustee_az_snp_vtpm_bundle_with_each_check_passing() {
+    for f in [
+        "kbs/az-snp-vtpm-evidence-v2.json",
+        "kbs/az-snp-vtpm-evidence-genoa.json",
+    ] {
+        let d = describe(&read(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(d["kind"], "az-snp-vtpm-evidence", "{f}");
+        assert_eq!(d["hcl_report"]["kind"], "hcl-report", "{f}");
+        assert_eq!(d["hcl_report"]["binding_ok"], true, "{f}");
+        assert_eq!(
+            d["hcl_report"]["hardware_report"]["kind"], "snp-report",
+            "{f}"
+        );
+        assert_eq!(d["tpm_quote"]["type"], "quote", "{f}");
+        assert_eq!(d["pcr_count"], 24, "{f}");
+        assert_eq!(d["report_signature_ok"], true, "{f}");
+        assert_eq!(d["quote_signature_ok"], true, "{f}");
+        assert_eq!(d["pcr_digest_ok"], true, "{f}");
+    }
+    let d = describe(&read("kbs/az-snp-vtpm-evidence-v2.json")).unwrap();
+    assert_eq!(d["version"], 2);
+    assert_eq!(d["nonce_in_user_data"], true);
+}
+
+#[test]
+fn evidence_describe_reports_a_tampered_az_snp_vtpm_bundle_as_failing_its_checks() {
+    let v: Value = serde_json::from_slice(&read("kbs/az-snp-vtpm-evidence-v2.json")).unwrap();
+    let flip_first_hex_digit = |s: &str| {
+        let c = if s.starts_with('0') { "1" } else { "0" };
+        format!("{c}{}", &s[1..])
+    };
+    let mut bad_sig = v.clone();
+    bad_sig["tpm_quote"]["signature"] = Value::String(flip_first_hex_digit(
+        v["tpm_quote"]["signature"].as_str().unwrap(),
+    ));
+    let d = describe(&serde_json::to_vec(&bad_sig).unwrap()).unwrap();
+    assert_eq!(d["quote_signature_ok"], false);
+    assert_eq!(d["pcr_digest_ok"], true);
+
+    let mut bad_pcr = v.clone();
+    bad_pcr["tpm_quote"]["pcrs"][0] = Value::String(flip_first_hex_digit(
+        v["tpm_quote"]["pcrs"][0].as_str().unwrap(),
+    ));
+    let d = describe(&serde_json::to_vec(&bad_pcr).unwrap()).unwrap();
+    assert_eq!(d["pcr_digest_ok"], false);
+    assert_eq!(d["quote_signature_ok"], true);
+
+    // The Genoa VCEK does not sign the Milan bundle's hardware report.
+    let genoa: Value =
+        serde_json::from_slice(&read("kbs/az-snp-vtpm-evidence-genoa.json")).unwrap();
+    let mut other_vcek = v.clone();
+    other_vcek["vcek"] = genoa["vcek"].clone();
+    let d = describe(&serde_json::to_vec(&other_vcek).unwrap()).unwrap();
+    assert_eq!(d["report_signature_ok"], false);
+
+    let mut no_report = v.clone();
+    no_report.as_object_mut().unwrap().remove("hcl_report");
+    let e = describe(&serde_json::to_vec(&no_report).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("hcl_report is missing"), "{e}");
+    let mut short_pcr = v;
+    short_pcr["tpm_quote"]["pcrs"][3] = Value::String("00".into());
+    let e = describe(&serde_json::to_vec(&short_pcr).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("not 32 bytes"), "{e}");
+}

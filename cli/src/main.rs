@@ -68,8 +68,10 @@ enum Cmd {
 #[derive(Subcommand)]
 enum EvidenceCmd {
     /// Print, as JSON, what an evidence file holds: an Azure HCL report (vTPM NV 0x01400001),
-    /// a raw SNP report (binary or hex), a DCAP v4 TD quote, or a TPMS_ATTEST. For an HCL
-    /// report, binding_ok says whether the hardware report binds the runtime claims.
+    /// a raw SNP report (binary or hex), a DCAP v4 TD quote, a TPMS_ATTEST, or a Trustee
+    /// az-snp-vtpm evidence bundle (JSON). For an HCL report, binding_ok says whether the
+    /// hardware report binds the runtime claims; for a bundle, report_signature_ok,
+    /// quote_signature_ok, pcr_digest_ok and nonce_in_user_data say which checks hold.
     Show { file: PathBuf },
 }
 

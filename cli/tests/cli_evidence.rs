@@ -92,3 +92,18 @@ fn evidence_show_refuses_what_it_cannot_read() {
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/file"), "{err}");
 }
+
+#[test]
+fn evidence_show_a_trustee_az_snp_vtpm_bundle() {
+    let b = show("testdata/kbs/az-snp-vtpm-evidence-v2.json");
+    assert_eq!(b["kind"], "az-snp-vtpm-evidence");
+    assert_eq!(b["hcl_report"]["binding_ok"], true);
+    for check in [
+        "report_signature_ok",
+        "quote_signature_ok",
+        "pcr_digest_ok",
+        "nonce_in_user_data",
+    ] {
+        assert_eq!(b[check], true, "{check}");
+    }
+}

@@ -10,7 +10,11 @@ use crate::crypto::HashAlg;
 use crate::error::{Error, Result, Step};
 use serde_json::{json, Value};
 
-/// Describe an HCL report, a raw SNP report (binary or hex text), a TD quote, or a TPMS_ATTEST.
+/// What `describe` reads, for the hint of an unrecognised file.
+const KINDS: &str = "evidence show reads an Azure HCL report (NV 0x01400001, starts with \"HCLA\"), a raw 1184-byte SNP report (binary or hex), a DCAP v4 TD quote, a TPMS_ATTEST, or a Trustee az-snp-vtpm evidence bundle (JSON)";
+
+/// Describe an HCL report, a raw SNP report (binary or hex text), a TD quote, a TPMS_ATTEST,
+/// or a Trustee `az-snp-vtpm` evidence bundle.
 pub fn describe(bytes: &[u8]) -> Result<Value> {
     if bytes.starts_with(super::hcl::MAGIC) {
         return Ok(hcl_json(&HclReport::parse(bytes)?));
@@ -29,11 +33,112 @@ pub fn describe(bytes: &[u8]) -> Result<Value> {
             return Ok(snp_json(&SnpReport::parse(&raw)?));
         }
     }
+    if bytes.trim_ascii_start().starts_with(b"{") {
+        if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
+            if v.get("tpm_quote").is_some() || v.get("quote").is_some() {
+                return az_snp_vtpm_json(&v);
+            }
+        }
+    }
     Err(Error::evidence(
         Step::Evidence,
         format!("not a recognised evidence file ({} bytes)", bytes.len()),
     )
-    .with_hint("evidence show reads an Azure HCL report (NV 0x01400001, starts with \"HCLA\"), a raw 1184-byte SNP report (binary or hex), a DCAP v4 TD quote, or a TPMS_ATTEST"))
+    .with_hint(KINDS))
+}
+
+fn bundle_error(what: impl Into<String>) -> Error {
+    Error::evidence(
+        Step::Evidence,
+        format!("az-snp-vtpm evidence bundle: {}", what.into()),
+    )
+    .with_hint(KINDS)
+}
+
+/// Bytes given as hex text (version 2 bundles) or as a JSON array of numbers (older ones).
+fn bundle_bytes(v: &Value, field: &str) -> Result<Vec<u8>> {
+    match v {
+        Value::String(s) => hex::decode(s).map_err(|_| bundle_error(format!("{field} is not hex"))),
+        Value::Array(a) => a
+            .iter()
+            .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| bundle_error(format!("{field} is not an array of bytes"))),
+        _ => Err(bundle_error(format!("{field} is missing"))),
+    }
+}
+
+/// A Trustee (CoCo KBS) `az-snp-vtpm` evidence bundle: version 2 is `{version, tpm_quote
+/// {signature, message, pcrs} (hex), hcl_report (base64url), vcek (base64url DER)}`, the older
+/// form `{quote {…} (byte arrays), report (byte array), vcek (PEM)}`. Each part is described as
+/// its own file would be; the checks a verifier makes are reported, not enforced: the hardware
+/// report's signature by the VCEK, the quote's by HCLAkPub, the PCR digest, the quote nonce as
+/// the start of the HCL user-data.
+fn az_snp_vtpm_json(v: &Value) -> Result<Value> {
+    let quote = v
+        .get("tpm_quote")
+        .or_else(|| v.get("quote"))
+        .unwrap_or(&Value::Null);
+    let signature = bundle_bytes(&quote["signature"], "quote signature")?;
+    let message = bundle_bytes(&quote["message"], "quote message")?;
+    let pcrs = quote["pcrs"]
+        .as_array()
+        .ok_or_else(|| bundle_error("quote pcrs is missing"))?
+        .iter()
+        .map(|p| {
+            bundle_bytes(p, "a PCR value")?
+                .try_into()
+                .map_err(|_| bundle_error("a PCR value is not 32 bytes"))
+        })
+        .collect::<Result<Vec<[u8; 32]>>>()?;
+    let hcl_bytes = match (v.get("hcl_report"), v.get("report")) {
+        (Some(Value::String(s)), _) => super::super::b64url_decode(s)
+            .ok_or_else(|| bundle_error("hcl_report is not base64url"))?,
+        (_, Some(r)) => bundle_bytes(r, "report")?,
+        _ => return Err(bundle_error("hcl_report is missing")),
+    };
+    let vcek = match &v["vcek"] {
+        Value::String(s) if s.contains("-----BEGIN") => crate::pem::certificates(s.as_bytes())
+            .map_err(|e| bundle_error(format!("vcek: {e}")))?
+            .into_iter()
+            .next()
+            .map(|c| c.to_vec()),
+        Value::String(s) => Some(
+            super::super::b64url_decode(s).ok_or_else(|| bundle_error("vcek is not base64url"))?,
+        ),
+        _ => None,
+    };
+    let hcl = HclReport::parse(&hcl_bytes)?;
+    let attest = TpmsAttest::parse(&message)?;
+    let report_signature_ok = match (&hcl.hardware, &vcek) {
+        (HardwareReport::Snp(r), Some(der)) => Some(r.verify_signature(der).is_ok()),
+        _ => None,
+    };
+    let quote_signature_ok =
+        hcl.claims
+            .key("HCLAkPub")
+            .and_then(|k| k.rsa.as_ref())
+            .map(|(n, e)| {
+                crate::crypto::evidence_sig::verify_rsa_pkcs1_sha256(n, e, &message, &signature)
+                    .is_ok()
+            });
+    let nonce_in_user_data = hcl
+        .claims
+        .user_data
+        .as_ref()
+        .map(|u| !attest.extra_data.is_empty() && u.starts_with(&attest.extra_data));
+    Ok(json!({
+        "kind": "az-snp-vtpm-evidence",
+        "version": v.get("version").cloned().unwrap_or(json!(1)),
+        "hcl_report": hcl_json(&hcl),
+        "tpm_quote": tpms_attest_json(&attest),
+        "pcr_count": pcrs.len(),
+        "vcek_der_len": vcek.as_ref().map(Vec::len),
+        "report_signature_ok": report_signature_ok,
+        "quote_signature_ok": quote_signature_ok,
+        "pcr_digest_ok": attest.check_pcr_digest(&pcrs).is_ok(),
+        "nonce_in_user_data": nonce_in_user_data,
+    }))
 }
 
 /// Hex text (whitespace ignored), as some SNP samples are stored.
