@@ -10,17 +10,13 @@ mod common;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::Emulator;
+use common::{tpm_leftovers, Emulator};
 use serde_json::{json, Value};
 use skr_pkcs11::config::Config;
 use skr_pkcs11::release::tpm::{DecryptScheme, Tpm, ATTESTED_PCRS};
 use skr_pkcs11::release::{b64url, b64url_decode, cvm, evidence, maa, random_nonce};
 use skr_pkcs11::release::{Session, TpmTimings};
 use skr_pkcs11::secret::SecretBytes;
-use std::str::FromStr;
-use tss_esapi::constants::tss::{TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST};
-use tss_esapi::constants::CapabilityType;
-use tss_esapi::structures::CapabilityData;
 
 /// `POST /attest/AzureGuest` with `info` as the module sends it: (status, JSON body).
 fn attest(emu: &Emulator, info: &Value) -> (u16, Value) {
@@ -38,26 +34,6 @@ fn attest(emu: &Emulator, info: &Value) -> (u16, Value) {
         .expect("POST /attest/AzureGuest");
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
-}
-
-/// Transient objects and loaded sessions in the simulated vTPM (swtpm has no resource manager:
-/// these are everything any client left behind).
-fn tpm_leftovers(emu: &Emulator) -> (usize, usize) {
-    let tcti = tss_esapi::tcti_ldr::TctiNameConf::from_str(emu.var("SKR_EMULATOR_TPM_TCTI"))
-        .expect("TCTI");
-    let mut ctx = tss_esapi::Context::new(tcti).expect("connect to the simulated vTPM");
-    let mut count = |first: u32| match ctx
-        .get_capability(CapabilityType::Handles, first, 64)
-        .expect("TPM2_GetCapability")
-        .0
-    {
-        CapabilityData::Handles(list) => list.into_inner().len(),
-        other => panic!("{other:?}"),
-    };
-    (
-        count(TPM2_TRANSIENT_FIRST),
-        count(TPM2_LOADED_SESSION_FIRST),
-    )
 }
 
 fn decoded(info: &Value, path: &str) -> Vec<u8> {

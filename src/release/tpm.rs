@@ -163,19 +163,12 @@ const HCL_UNREADABLE_HINT: &str = "NV index 0x01400001 (the HCL report) cannot b
 /// Whether `tpm_error` gives this error a hint of its own (lockout, busy, not written), which a
 /// caller's generic "cannot read" hint must not replace.
 fn has_specific_hint(e: &tss_esapi::Error) -> bool {
-    matches!(
-        e,
-        tss_esapi::Error::Tss2Error(rc) if matches!(
-            rc.kind(),
-            Some(
-                Tss2ResponseCodeKind::Lockout
-                    | Tss2ResponseCodeKind::Retry
-                    | Tss2ResponseCodeKind::Yielded
-                    | Tss2ResponseCodeKind::Testing
-                    | Tss2ResponseCodeKind::NvUninitialized
-            )
+    is_transient(e)
+        || is_nv_uninitialized(e)
+        || matches!(
+            e,
+            tss_esapi::Error::Tss2Error(rc) if rc.kind() == Some(Tss2ResponseCodeKind::Lockout)
         )
-    )
 }
 
 /// "1 read", "6 reads over the wait".

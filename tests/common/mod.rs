@@ -353,3 +353,28 @@ pub fn config_logging_to(emu: &Emulator, name: &str, log: &Path) -> PathBuf {
         out
     })
 }
+
+/// Transient objects and loaded sessions in the simulated vTPM (swtpm has no resource manager:
+/// these are everything any client left behind), asked on a TPM connection of the test's own.
+#[cfg(feature = "cvm")]
+pub fn tpm_leftovers(emu: &Emulator) -> (usize, usize) {
+    use std::str::FromStr;
+    use tss_esapi::constants::tss::{TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST};
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let tcti = tss_esapi::tcti_ldr::TctiNameConf::from_str(emu.var("SKR_EMULATOR_TPM_TCTI"))
+        .expect("TCTI");
+    let mut ctx = tss_esapi::Context::new(tcti).expect("connect to the simulated vTPM");
+    let mut count = |first: u32| match ctx
+        .get_capability(CapabilityType::Handles, first, 64)
+        .expect("TPM2_GetCapability")
+        .0
+    {
+        CapabilityData::Handles(list) => list.into_inner().len(),
+        other => panic!("{other:?}"),
+    };
+    (
+        count(TPM2_TRANSIENT_FIRST),
+        count(TPM2_LOADED_SESSION_FIRST),
+    )
+}

@@ -7,7 +7,7 @@
 //! TPM connection of the test's own). Shared by `abi_cvm_snp_login` and `abi_cvm_tdx_login`
 //! (one platform per test binary: the module reads one config per process).
 
-use crate::common::{self, Emulator};
+use crate::common::{self, tpm_leftovers, Emulator};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
@@ -18,11 +18,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use serde_json::json;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use tss_esapi::constants::tss::{TPM2_LOADED_SESSION_FIRST, TPM2_TRANSIENT_FIRST};
-use tss_esapi::constants::CapabilityType;
-use tss_esapi::structures::CapabilityData;
 
 /// A known AES key imported into the emulated managed HSM under the CVM release policy, so
 /// that the token's AES results can be checked independently.
@@ -127,27 +123,6 @@ fn import_known_aes(emu: &Emulator, platform: &str) {
         Some(body),
     );
     assert_eq!(st, 200, "import {platform}-known-aes: {v}");
-}
-
-/// Transient objects and loaded sessions in the simulated vTPM (swtpm has no resource
-/// manager: these are everything any client left behind).
-fn tpm_leftovers(emu: &Emulator) -> (usize, usize) {
-    let tcti = emu.var("SKR_EMULATOR_TPM_TCTI");
-    let mut ctx =
-        tss_esapi::Context::new(tss_esapi::tcti_ldr::TctiNameConf::from_str(tcti).expect("TCTI"))
-            .expect("connect to the simulated vTPM");
-    let mut count = |first: u32| match ctx
-        .get_capability(CapabilityType::Handles, first, 64)
-        .expect("TPM2_GetCapability")
-        .0
-    {
-        CapabilityData::Handles(list) => list.into_inner().len(),
-        other => panic!("{other:?}"),
-    };
-    (
-        count(TPM2_TRANSIENT_FIRST),
-        count(TPM2_LOADED_SESSION_FIRST),
-    )
 }
 
 fn login(f: &Fixture, token: &str) -> Result<Session, P11Error> {

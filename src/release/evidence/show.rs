@@ -92,7 +92,7 @@ fn az_snp_vtpm_json(v: &Value) -> Result<Value> {
         })
         .collect::<Result<Vec<[u8; 32]>>>()?;
     let hcl_bytes = match (v.get("hcl_report"), v.get("report")) {
-        (Some(Value::String(s)), _) => super::super::b64url_decode(s)
+        (Some(Value::String(s)), _) => crate::release::b64url_decode(s)
             .ok_or_else(|| bundle_error("hcl_report is not base64url"))?,
         (_, Some(r)) => bundle_bytes(r, "report")?,
         _ => return Err(bundle_error("hcl_report is missing")),
@@ -104,7 +104,8 @@ fn az_snp_vtpm_json(v: &Value) -> Result<Value> {
             .next()
             .map(|c| c.to_vec()),
         Value::String(s) => Some(
-            super::super::b64url_decode(s).ok_or_else(|| bundle_error("vcek is not base64url"))?,
+            crate::release::b64url_decode(s)
+                .ok_or_else(|| bundle_error("vcek is not base64url"))?,
         ),
         _ => None,
     };
