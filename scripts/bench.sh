@@ -43,13 +43,14 @@ i=16; for k in rsa2048 rsa3072 p256 p384; do
 pkcs11-tool --module "$SOFTHSM" --token-label bench --login --pin 1234 --write-object "$W/keys/aes.bin" --type secrkey --key-type AES:32 --label bench-aes --id 1f --usage-decrypt >/dev/null 2>&1
 
 # BENCH_SECTIONS picks sections (default all): ops login nginx (login includes the CVM path).
+# BENCH_ONLY=AES: only the ops cases whose name contains it.
 SECTIONS=${BENCH_SECTIONS:-ops login nginx}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if has ops; then
 echo; echo "== PKCS#11 operations (median of $ROUNDS rounds of ${SECS}s; reference = SoftHSMv2 with the same keys)"
 "$T/p11-bench" ops --module "$MOD" --label bench --reference "$SOFTHSM" --reference-label bench --reference-pin 1234 \
-  --dir "$W/keys" --seconds "$SECS" --rounds "$ROUNDS" 2>/dev/null
+  --dir "$W/keys" --seconds "$SECS" --rounds "$ROUNDS" ${BENCH_ONLY:+--only "$BENCH_ONLY"} 2>/dev/null
 fi
 # BENCH_BEFORE=path/to/an/older/libskr_pkcs11.so: the same cases with that build as the
 # reference column, in the same run (before / after a change; docs/BENCHMARKS.md).

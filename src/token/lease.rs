@@ -100,7 +100,7 @@ impl LeasedKey {
 pub fn encode(keys: &[LeasedKey]) -> SecretBytes {
     let len = 9 + keys
         .iter()
-        .map(|k| 4 + 1 + 8 + 2 + k.version.len().min(MAX_VERSION) + 4 + k.state.material().len())
+        .map(|k| 4 + 1 + 8 + 2 + kept_version(&k.version).len() + 4 + k.state.material().len())
         .sum::<usize>();
     let mut out = SecretBytes::zeroed(len);
     let buf = out.as_mut_slice();
@@ -113,7 +113,7 @@ pub fn encode(keys: &[LeasedKey]) -> SecretBytes {
     put(&[FORMAT]);
     put(&(keys.len() as u32).to_le_bytes());
     for k in keys {
-        let version = &k.version.as_bytes()[..k.version.len().min(MAX_VERSION)];
+        let version = kept_version(&k.version).as_bytes();
         put(&(k.index as u32).to_le_bytes());
         put(&[k.state.code()]);
         put(&k.released_at_ms.to_le_bytes());
@@ -124,6 +124,16 @@ pub fn encode(keys: &[LeasedKey]) -> SecretBytes {
         put(m);
     }
     out
+}
+
+/// The part of a version the record keeps: at most MAX_VERSION bytes, cut on a character
+/// boundary so that what is written is valid UTF-8 and decodes to itself.
+fn kept_version(v: &str) -> &str {
+    let mut end = v.len().min(MAX_VERSION);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    &v[..end]
 }
 
 /// Parse a record (bounds-checked: a torn or foreign mapping yields None, never a panic).
@@ -142,6 +152,10 @@ pub fn decode(record: &[u8]) -> Option<Vec<LeasedKey>> {
         let code = r.take(1)?[0];
         let released_at_ms = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
         let vlen = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
+        // encode never writes a longer one: a record that has one is not ours.
+        if vlen > MAX_VERSION {
+            return None;
+        }
         let version = String::from_utf8(r.take(vlen)?.to_vec()).ok()?;
         let mlen = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
         let material = r.take(mlen)?;
@@ -300,6 +314,28 @@ mod tests {
         assert!(matches!(back[2].state, LeaseState::Revoked));
         assert!(matches!(back[3].state, LeaseState::Expired));
         assert_eq!(back[3].index, 3);
+    }
+
+    #[test]
+    fn a_long_version_is_kept_whole_characters_and_an_overlong_one_refused() {
+        // 255 ASCII bytes, then a 2-byte character across the 256-byte limit.
+        let long = format!("{}é and more", "v".repeat(255));
+        let bytes = encode(&[live_pkcs8(0, &long, b"abc")]);
+        let back = decode(bytes.as_slice()).unwrap();
+        assert_eq!(back[0].version, "v".repeat(255));
+        let again = encode(&back);
+        assert_eq!(again.as_slice(), bytes.as_slice());
+        // A record with a 257-byte version (fuzz finding: it decoded, then re-encoded shorter).
+        let mut overlong = encode(&[live_pkcs8(0, &"w".repeat(256), b"abc")])
+            .as_slice()
+            .to_vec();
+        let at = 9 + 4 + 1 + 8;
+        overlong[at..at + 2].copy_from_slice(&257u16.to_le_bytes());
+        overlong.insert(at + 2, b'w');
+        assert!(decode(&overlong).is_none());
+        overlong[at..at + 2].copy_from_slice(&256u16.to_le_bytes());
+        overlong.remove(at + 2);
+        assert!(decode(&overlong).is_some());
     }
 
     #[test]

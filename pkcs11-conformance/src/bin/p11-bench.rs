@@ -19,6 +19,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
+use cryptoki_sys as sys;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -318,6 +319,10 @@ enum Case {
     /// C_DeriveKey CKM_ECDH1_DERIVE (CKD_NULL, 32-byte generic secret), then C_DestroyObject.
     EcdhDerive,
     AesGcm4k,
+    /// The same encryption as a C client makes it (Java's SunPKCS11 `Cipher.doFinal`, say):
+    /// `C_EncryptInit`, then one `C_Encrypt` into a buffer of the right size, no size query.
+    /// cryptoki's `encrypt` (AesGcm4k) adds a size query and a zeroed output `Vec` per call.
+    AesGcm4kCalls,
 }
 
 impl Case {
@@ -331,6 +336,7 @@ impl Case {
             Case::EcdhDerive => "P-256 ECDH derive (CKD_NULL)".into(),
             Case::Ecdsa(c) => format!("P-{c} ECDSA sign"),
             Case::AesGcm4k => "AES-256-GCM encrypt 4 KiB".into(),
+            Case::AesGcm4kCalls => "AES-256-GCM encrypt 4 KiB, C calls (init + encrypt)".into(),
         }
     }
     fn key(self) -> &'static str {
@@ -342,12 +348,12 @@ impl Case {
             Case::RsaPkcs(_) | Case::RsaPss(_) => "rsa3072",
             Case::Ecdsa(256) => "p256",
             Case::Ecdsa(_) => "p384",
-            Case::AesGcm4k => "aes",
+            Case::AesGcm4k | Case::AesGcm4kCalls => "aes",
         }
     }
 }
 
-const CASES: [Case; 10] = [
+const CASES: [Case; 11] = [
     Case::RsaPkcs(2048),
     Case::RsaPkcs(3072),
     Case::RsaPss(2048),
@@ -358,12 +364,58 @@ const CASES: [Case; 10] = [
     Case::Ecdsa(384),
     Case::EcdhDerive,
     Case::AesGcm4k,
+    Case::AesGcm4kCalls,
 ];
 
 struct Loaded {
     p11: Pkcs11,
     slot: cryptoki::slot::Slot,
     pin: Option<String>,
+    calls: EncryptCalls,
+}
+
+/// The module's own `C_EncryptInit` and `C_Encrypt`, from its function list (the same
+/// initialised library cryptoki loaded: dlopen of one path gives one instance).
+#[derive(Clone, Copy)]
+struct EncryptCalls {
+    init: unsafe extern "C" fn(
+        sys::CK_SESSION_HANDLE,
+        *mut sys::CK_MECHANISM,
+        sys::CK_OBJECT_HANDLE,
+    ) -> sys::CK_RV,
+    encrypt: unsafe extern "C" fn(
+        sys::CK_SESSION_HANDLE,
+        *mut sys::CK_BYTE,
+        sys::CK_ULONG,
+        *mut sys::CK_BYTE,
+        *mut sys::CK_ULONG,
+    ) -> sys::CK_RV,
+}
+
+fn encrypt_calls(module: &str) -> Res<EncryptCalls> {
+    // SAFETY: loading a PKCS#11 module runs its initialisers, as cryptoki's load just did; the
+    // library is leaked so the function pointers stay valid for the whole run.
+    let lib = unsafe { libloading::Library::new(module) }.map_err(|e| format!("{module}: {e}"))?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: C_GetFunctionList has this signature in every PKCS#11 module.
+    let get = unsafe {
+        lib.get::<unsafe extern "C" fn(*mut *mut sys::CK_FUNCTION_LIST) -> sys::CK_RV>(
+            b"C_GetFunctionList\0",
+        )
+    }
+    .map_err(|e| format!("{module}: {e}"))?;
+    let mut list: *mut sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the module returns a pointer to its static table.
+    let rv = unsafe { get(&mut list) };
+    if rv != sys::CKR_OK || list.is_null() {
+        return Err(format!("{module}: C_GetFunctionList returned {rv:#x}"));
+    }
+    // SAFETY: non-NULL, the module's table, alive as long as the library.
+    let list = unsafe { &*list };
+    Ok(EncryptCalls {
+        init: list.C_EncryptInit.ok_or("no C_EncryptInit")?,
+        encrypt: list.C_Encrypt.ok_or("no C_Encrypt")?,
+    })
 }
 
 fn load(t: &Token) -> Res<Arc<Loaded>> {
@@ -391,6 +443,7 @@ fn load(t: &Token) -> Res<Arc<Loaded>> {
         p11,
         slot,
         pin: t.pin.clone(),
+        calls: encrypt_calls(&t.module)?,
     }))
 }
 
@@ -433,7 +486,7 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
         .find(|(_, f)| *f == case.key())
         .map(|(l, _)| *l)
         .unwrap_or_default();
-    let class = if case == Case::AesGcm4k {
+    let class = if matches!(case, Case::AesGcm4k | Case::AesGcm4kCalls) {
         ObjectClass::SECRET_KEY
     } else {
         ObjectClass::PRIVATE_KEY
@@ -452,6 +505,9 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
         mgf: PkcsMgfType::MGF1_SHA256,
         s_len: 32.into(),
     };
+    if case == Case::AesGcm4kCalls {
+        return Ok(c_calls_encrypt(l, s, key, fx.block.clone()));
+    }
     let _keep = l.clone();
     Ok(Box::new(move || {
         let _ = &_keep;
@@ -515,6 +571,7 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
             }
             // CKM_ECDSA over a digest: the one ECDSA mechanism every token has.
             Case::Ecdsa(_) => s.sign(&Mechanism::Ecdsa, key, &digest).map(drop).map_err(e),
+            Case::AesGcm4kCalls => unreachable!("c_calls_encrypt"),
             Case::AesGcm4k => {
                 let mut iv = [1u8; 12];
                 let p = GcmParams::new(&mut iv, &[], 128.into()).map_err(|x| x.to_string())?;
@@ -524,6 +581,51 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
             }
         }
     }))
+}
+
+/// AES-256-GCM of `block` by `C_EncryptInit` + one `C_Encrypt` into a reused buffer of the
+/// right size, the output length checked.
+fn c_calls_encrypt(l: Arc<Loaded>, s: Session, key: ObjectHandle, block: Vec<u8>) -> Op {
+    let (sh, kh, calls) = (s.handle(), key.handle(), l.calls);
+    let mut out = vec![0u8; block.len() + 16];
+    Box::new(move || {
+        let _ = (&l, &s);
+        let mut iv = [1u8; 12];
+        let mut gcm = sys::CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: std::ptr::null_mut(),
+            ulAADLen: 0,
+            ulTagBits: 128,
+        };
+        let mut mech = sys::CK_MECHANISM {
+            mechanism: sys::CKM_AES_GCM,
+            pParameter: (&mut gcm as *mut sys::CK_GCM_PARAMS).cast(),
+            ulParameterLen: std::mem::size_of::<sys::CK_GCM_PARAMS>() as sys::CK_ULONG,
+        };
+        // SAFETY: the session and key are alive (held by this closure), the mechanism and its
+        // parameters are valid for the call.
+        let rv = unsafe { (calls.init)(sh, &mut mech, kh) };
+        if rv != sys::CKR_OK {
+            return Err(format!("C_EncryptInit: {rv:#x}"));
+        }
+        let mut len = out.len() as sys::CK_ULONG;
+        // SAFETY: `block` and `out` are valid for their lengths; the module only reads `block`.
+        let rv = unsafe {
+            (calls.encrypt)(
+                sh,
+                block.as_ptr().cast_mut(),
+                block.len() as sys::CK_ULONG,
+                out.as_mut_ptr(),
+                &mut len,
+            )
+        };
+        if rv != sys::CKR_OK || len as usize != out.len() {
+            return Err(format!("C_Encrypt: {rv:#x}, {len} bytes"));
+        }
+        Ok(())
+    })
 }
 
 fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
@@ -596,12 +698,28 @@ fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
             let _ = msg;
             Box::new(move || k.sign_digest(&d).map(drop).map_err(|e| e.to_string()))
         }
-        Case::AesGcm4k => {
+        Case::AesGcm4k | Case::AesGcm4kCalls => {
             let key = aead::LessSafeKey::new(
                 aead::UnboundKey::new(&aead::AES_256_GCM, &rd("aes.bin")?)
                     .map_err(|e| e.to_string())?,
             );
+            // The C-calls case writes into a buffer it keeps; so does its raw counterpart.
+            let mut out = vec![0u8; block.len() + 16];
+            let calls = case == Case::AesGcm4kCalls;
             Box::new(move || {
+                if calls {
+                    let (ct, tag) = out.split_at_mut(block.len());
+                    ct.copy_from_slice(&block);
+                    let t = key
+                        .seal_in_place_separate_tag(
+                            aead::Nonce::assume_unique_for_key([1u8; 12]),
+                            aead::Aad::empty(),
+                            ct,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    tag.copy_from_slice(t.as_ref());
+                    return Ok(());
+                }
                 let mut buf = block.clone();
                 key.seal_in_place_separate_tag(
                     aead::Nonce::assume_unique_for_key([1u8; 12]),
