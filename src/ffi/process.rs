@@ -351,8 +351,12 @@ mod tests {
 
     #[test]
     fn the_fork_witness_is_zero_in_a_child() {
-        // Other tests may set newer marks concurrently (each C_Initialize does): what must hold
-        // is that the page is non-zero here and zero in a child.
+        // A new mark makes every live instance's mark stale, i.e. "forked": not while an ffi
+        // test has one (they hold SERIAL for their instance's life; without it this test made
+        // a parallel C_Login test see CKR_CRYPTOKI_NOT_INITIALIZED).
+        let _g = super::super::tests::SERIAL
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let Some(m) = fork_mark() else { return }; // kernel without MADV_WIPEONFORK
         assert_ne!(m, 0);
         let page = |w: &AtomicU64| w.load(Ordering::SeqCst);

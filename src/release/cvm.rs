@@ -126,9 +126,23 @@ fn os_release() -> (String, u64, u64) {
 /// MAA may refuse evidence without a log (skr-emulator's does, naming the fix).
 pub fn tcg_log(cfg: &Config) -> Vec<u8> {
     read_tcg_log(cfg).unwrap_or_else(|(path, e)| {
-        log::debug!("{}: {e}; sending an empty TCG log", path.display());
+        log::log!(
+            unreadable_tcg_log_level(cfg),
+            "{}: {e}; sending an empty TCG log (set platform.tcg_log to a log this user can read)",
+            path.display()
+        );
         Vec::new()
     })
+}
+
+/// The default log is root-only on most systems, so not reading it is routine (debug); a log
+/// the operator named in `platform.tcg_log` and the module cannot read is a mistake to fix.
+fn unreadable_tcg_log_level(cfg: &Config) -> log::Level {
+    if cfg.platform.tcg_log.is_some() {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    }
 }
 
 fn tcg_log_path(cfg: &Config) -> &std::path::Path {
@@ -561,6 +575,19 @@ mod tests {
         // Missing, or not a regular file: an empty log, and the login goes on to MAA.
         assert!(tcg_log(&cfg(&dir.path().join("missing"))).is_empty());
         assert!(tcg_log(&cfg(dir.path())).is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_tcg_log_warns_only_when_platform_tcg_log_names_it() {
+        let parse = |platform: &str| {
+            let text = format!(
+                "[platform]\nevidence = \"azure-cvm\"\n{platform}[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n"
+            );
+            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+        };
+        let named = parse("tcg_log = \"/nonexistent/binary_bios_measurements\"\n");
+        assert_eq!(unreadable_tcg_log_level(&named), log::Level::Warn);
+        assert_eq!(unreadable_tcg_log_level(&parse("")), log::Level::Debug);
     }
 
     #[test]
