@@ -564,13 +564,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("binary_bios_measurements");
         std::fs::write(&log, b"\x00\x00\x00\x00log").unwrap();
-        let cfg = |path: &std::path::Path| {
-            let text = format!(
-                "[platform]\nevidence = \"azure-cvm\"\ntcg_log = \"{}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n",
-                path.display()
-            );
-            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
-        };
+        let cfg =
+            |path: &std::path::Path| cvm_config(&format!("tcg_log = \"{}\"\n", path.display()));
         assert_eq!(tcg_log(&cfg(&log)), b"\x00\x00\x00\x00log");
         // Missing, or not a regular file: an empty log, and the login goes on to MAA.
         assert!(tcg_log(&cfg(&dir.path().join("missing"))).is_empty());
@@ -579,28 +574,25 @@ mod tests {
 
     #[test]
     fn an_unreadable_tcg_log_warns_only_when_platform_tcg_log_names_it() {
-        let parse = |platform: &str| {
-            let text = format!(
-                "[platform]\nevidence = \"azure-cvm\"\n{platform}[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n"
-            );
-            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
-        };
-        let named = parse("tcg_log = \"/nonexistent/binary_bios_measurements\"\n");
+        let named = cvm_config("tcg_log = \"/nonexistent/binary_bios_measurements\"\n");
         assert_eq!(unreadable_tcg_log_level(&named), log::Level::Warn);
-        assert_eq!(unreadable_tcg_log_level(&parse("")), log::Level::Debug);
+        assert_eq!(unreadable_tcg_log_level(&cvm_config("")), log::Level::Debug);
+    }
+
+    /// An azure-cvm config with `platform_lines` added to its `[platform]` table.
+    fn cvm_config(platform_lines: &str) -> Config {
+        let text = format!(
+            "[platform]\nevidence = \"azure-cvm\"\n{platform_lines}[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n"
+        );
+        Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
     }
 
     #[test]
     fn doctor_says_whether_the_tcg_log_is_sent_and_how_to_fix_it() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("binary_bios_measurements");
-        let cfg = |path: &std::path::Path| {
-            let text = format!(
-                "[platform]\nevidence = \"azure-cvm\"\ntcg_log = \"{}\"\n[attestation]\nurl = \"https://maa.example\"\n[identity]\nsource = \"imds\"\n[[token]]\nlabel = \"t\"\n",
-                path.display()
-            );
-            Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
-        };
+        let cfg =
+            |path: &std::path::Path| cvm_config(&format!("tcg_log = \"{}\"\n", path.display()));
         std::fs::write(&log, [7u8; 40]).unwrap();
         let row = tcg_log_row(&cfg(&log)).unwrap();
         assert!(row.contains("40 bytes"), "{row}");

@@ -571,7 +571,7 @@ fn p11_op(l: Arc<Loaded>, case: Case, fx: &Fixtures) -> Res<Op> {
             }
             // CKM_ECDSA over a digest: the one ECDSA mechanism every token has.
             Case::Ecdsa(_) => s.sign(&Mechanism::Ecdsa, key, &digest).map(drop).map_err(e),
-            Case::AesGcm4kCalls => unreachable!("c_calls_encrypt"),
+            Case::AesGcm4kCalls => Err("built by c_calls_encrypt".into()),
             Case::AesGcm4k => {
                 let mut iv = [1u8; 12];
                 let p = GcmParams::new(&mut iv, &[], 128.into()).map_err(|x| x.to_string())?;
@@ -703,32 +703,27 @@ fn raw_op(dir: &Path, case: Case, fx: &Fixtures) -> Res<Op> {
                 aead::UnboundKey::new(&aead::AES_256_GCM, &rd("aes.bin")?)
                     .map_err(|e| e.to_string())?,
             );
-            // The C-calls case writes into a buffer it keeps; so does its raw counterpart.
-            let mut out = vec![0u8; block.len() + 16];
-            let calls = case == Case::AesGcm4kCalls;
-            Box::new(move || {
-                if calls {
-                    let (ct, tag) = out.split_at_mut(block.len());
-                    ct.copy_from_slice(&block);
-                    let t = key
-                        .seal_in_place_separate_tag(
-                            aead::Nonce::assume_unique_for_key([1u8; 12]),
-                            aead::Aad::empty(),
-                            ct,
-                        )
-                        .map_err(|e| e.to_string())?;
-                    tag.copy_from_slice(t.as_ref());
-                    return Ok(());
-                }
-                let mut buf = block.clone();
+            let seal = move |buf: &mut [u8]| {
                 key.seal_in_place_separate_tag(
                     aead::Nonce::assume_unique_for_key([1u8; 12]),
                     aead::Aad::empty(),
-                    &mut buf,
+                    buf,
                 )
-                .map(drop)
                 .map_err(|e| e.to_string())
-            })
+            };
+            if case == Case::AesGcm4kCalls {
+                // Like the C calls: into one kept buffer, ciphertext then tag.
+                let mut out = vec![0u8; block.len() + 16];
+                Box::new(move || {
+                    let (ct, tag) = out.split_at_mut(block.len());
+                    ct.copy_from_slice(&block);
+                    tag.copy_from_slice(seal(ct)?.as_ref());
+                    Ok(())
+                })
+            } else {
+                // Like cryptoki's `encrypt`: a new buffer per call.
+                Box::new(move || seal(&mut block.clone()).map(drop))
+            }
         }
     })
 }
