@@ -8,6 +8,7 @@
 pub mod aes;
 pub mod check;
 pub mod evidence_sig;
+pub mod gcm_message;
 pub mod implicit;
 pub mod keywrap;
 pub mod mechanism;

@@ -11,6 +11,7 @@
 mod general;
 mod keys;
 mod lease;
+mod message;
 mod objects;
 mod ops;
 mod process;
@@ -293,3 +294,5 @@ pub(crate) unsafe fn deliver_list<T: Copy>(
 mod tests;
 #[cfg(test)]
 mod tests_keys;
+#[cfg(test)]
+mod tests_message;

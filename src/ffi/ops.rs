@@ -133,7 +133,7 @@ pub(crate) unsafe fn decode_mechanism(p: *const CK_MECHANISM) -> Result<Mechanis
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Purpose {
+pub(super) enum Purpose {
     Sign,
     Verify,
     Encrypt,
@@ -170,7 +170,7 @@ impl Purpose {
 /// `f` of the key object for an operation, checked against the mechanism and purpose: a key at
 /// all (CKR_KEY_HANDLE_INVALID), of the mechanism's key type (CKR_KEY_TYPE_INCONSISTENT),
 /// allowed this use (CKR_KEY_FUNCTION_NOT_PERMITTED) and this mechanism (CKR_MECHANISM_INVALID).
-fn with_key_object<R>(
+pub(super) fn with_key_object<R>(
     t: &Token,
     h: CK_OBJECT_HANDLE,
     m: Mechanism,
@@ -282,7 +282,7 @@ pub(super) fn cipher_key(o: &Object) -> Result<CipherKey> {
     }
 }
 
-fn op_active() -> Error {
+pub(super) fn op_active() -> Error {
     Error::new(
         CKR_OPERATION_ACTIVE,
         "an operation of this kind is already active",
@@ -368,7 +368,7 @@ unsafe fn produce_into<T>(
 }
 
 /// Whether an operation on this key object must end with the login.
-fn needs_login(t: &Token, o: &Object) -> bool {
+pub(super) fn needs_login(t: &Token, o: &Object) -> bool {
     o.is_private() || (!o.is_session() && !t.is_permanent(o.handle))
 }
 
@@ -794,16 +794,10 @@ not_supported! {
     C_DecryptDigestUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
     C_SignEncryptUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
     C_DecryptVerifyUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, l: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
-    C_MessageEncryptInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
-    C_EncryptMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
     C_EncryptMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG);
     C_EncryptMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG, f: CK_FLAGS);
-    C_MessageEncryptFinal(h: CK_SESSION_HANDLE);
-    C_MessageDecryptInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
-    C_DecryptMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
     C_DecryptMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, a: *mut CK_BYTE, al: CK_ULONG);
     C_DecryptMessageNext(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG, f: CK_FLAGS);
-    C_MessageDecryptFinal(h: CK_SESSION_HANDLE);
     C_MessageSignInit(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
     C_SignMessage(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG, d: *mut CK_BYTE, dl: CK_ULONG, o: *mut CK_BYTE, ol: *mut CK_ULONG);
     C_SignMessageBegin(h: CK_SESSION_HANDLE, p: *mut std::ffi::c_void, pl: CK_ULONG);

@@ -6,6 +6,7 @@
 
 use super::general::*;
 use super::keys::*;
+use super::message::*;
 use super::objects::*;
 use super::ops::*;
 use super::{bad, deliver_list, out, run};

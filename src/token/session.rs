@@ -3,6 +3,7 @@
 //! buffer) or CKR_BUFFER_TOO_SMALL leaves the operation alive and the retry returns exactly
 //! the same bytes (a randomised ECDSA signature included).
 
+use crate::crypto::gcm_message::GcmMessages;
 use crate::crypto::ops::{CipherOp, DigestOp, SignOp, VerifyOp};
 use crate::error::{Error, Result};
 use crate::secret::Wiped;
@@ -120,6 +121,9 @@ pub struct Session {
     pub encrypt: Option<Active<CipherOp>>,
     pub decrypt: Option<Active<CipherOp>>,
     pub digest: Option<Active<DigestOp>>,
+    /// Message-based encryption and decryption (PKCS#11 3.0): alive until their Final.
+    pub message_encrypt: Option<Active<GcmMessages>>,
+    pub message_decrypt: Option<Active<GcmMessages>>,
 }
 
 impl Session {
@@ -134,6 +138,8 @@ impl Session {
             encrypt: None,
             decrypt: None,
             digest: None,
+            message_encrypt: None,
+            message_decrypt: None,
         }
     }
 
@@ -145,6 +151,8 @@ impl Session {
         self.encrypt = None;
         self.decrypt = None;
         self.digest = None;
+        self.message_encrypt = None;
+        self.message_decrypt = None;
     }
 
     /// End the operations that use logged-in keys (logout): their keys are being wiped.
@@ -158,6 +166,8 @@ impl Session {
         end(&mut self.verify);
         end(&mut self.encrypt);
         end(&mut self.decrypt);
+        end(&mut self.message_encrypt);
+        end(&mut self.message_decrypt);
         // A find started while logged in may list private handles; they are invalid now.
         self.find = None;
     }

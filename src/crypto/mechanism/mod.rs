@@ -62,6 +62,9 @@ pub enum Mechanism {
     Ecdsa,
     EcdsaHash(HashAlg),
     AesGcm(GcmParams),
+    /// CKM_AES_GCM for message-based encryption (C_MessageEncryptInit): each message brings
+    /// its own parameters (`crypto::gcm_message`).
+    AesGcmMessage,
     AesCbcPad([u8; 16]),
     AesCbc([u8; 16]),
     AesEcb,
@@ -106,7 +109,7 @@ impl Mechanism {
                 HashAlg::Sha384 => CKM_ECDSA_SHA384,
                 HashAlg::Sha512 => CKM_ECDSA_SHA512,
             },
-            Mechanism::AesGcm(_) => CKM_AES_GCM,
+            Mechanism::AesGcm(_) | Mechanism::AesGcmMessage => CKM_AES_GCM,
             Mechanism::AesCbcPad(_) => CKM_AES_CBC_PAD,
             Mechanism::AesCbc(_) => CKM_AES_CBC,
             Mechanism::AesEcb => CKM_AES_ECB,
@@ -454,6 +457,9 @@ const RSA_ED: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
 const EC: CK_FLAGS =
     CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 const AES: CK_FLAGS = CKF_HW | CKF_ENCRYPT | CKF_DECRYPT;
+/// PKCS#11 3.0 message-based encryption, single-part messages only (no CKF_MULTI_MESSAGE:
+/// C_EncryptMessageBegin / Next are not offered).
+const MESSAGE: CK_FLAGS = CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT;
 // Key wrapping only with the authenticated formats (key wrap, GCM, OAEP): CBC-PAD unwrap would
 // be a padding oracle, ECB and CBC leak structure.
 const WRAP: CK_FLAGS = CKF_WRAP | CKF_UNWRAP;
@@ -516,7 +522,7 @@ static MECHANISMS: &[MechInfo] = &[
     row(CKM_ECDSA_SHA256, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA384, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
     row(CKM_ECDSA_SHA512, E, 256, 521, EC, Bytes, &ecdsa::ECDSA),
-    row(CKM_AES_GCM, A, 16, 32, AES_WRAP, Gcm, &aes::Gcm),
+    row(CKM_AES_GCM, A, 16, 32, AES_WRAP | MESSAGE, Gcm, &aes::Gcm),
     row(CKM_AES_CBC_PAD, A, 16, 32, AES, Bytes, &aes::Cbc),
     row(CKM_AES_CBC, A, 16, 32, AES, Bytes, &aes::Cbc),
     row(CKM_AES_ECB, A, 16, 32, AES, Bytes, &aes::Ecb),
@@ -597,6 +603,12 @@ mod tests {
             assert_ne!(f & CKF_HW, 0);
             assert_eq!(f & CKF_SIGN != 0, f & CKF_VERIFY != 0, "{m:#x}");
             assert_eq!(f & CKF_ENCRYPT != 0, f & CKF_DECRYPT != 0, "{m:#x}");
+            let message = f & (CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT);
+            assert!(
+                message == 0 || message == CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT,
+                "{m:#x}"
+            );
+            assert_eq!(f & CKF_MULTI_MESSAGE, 0, "{m:#x}: no multi-part messages");
         }
     }
 
