@@ -2,7 +2,7 @@
 //! specification says, or Err(departure) describing what it did instead. They are about the
 //! spec, not about one module: the same suite runs against skr-pkcs11 and SoftHSMv2.
 
-use crate::module::{attr_bytes, attr_ulong, call, mech, mech_with, rv_name, Module};
+use crate::module::{attr_bytes, attr_ulong, call, call3, mech, mech_with, rv_name, Module};
 use cryptoki_sys::*;
 use std::ffi::c_void;
 use std::ptr;
@@ -148,6 +148,10 @@ pub fn all() -> Vec<Check> {
         Check {
             name: "advertised encryption mechanisms round-trip",
             run: advertised_encryption,
+        },
+        Check {
+            name: "advertised message-based AES-GCM (3.0) round-trips, generated IVs differ",
+            run: message_encryption,
         },
         Check {
             name: "session objects: template codes, latching, copy, lifetime",
@@ -1195,6 +1199,140 @@ fn advertised_encryption(t: &Target) -> Outcome {
             return Err(format!("advertised but failing: {}", failed.join("; ")));
         }
         Ok(format!("{} round-tripped", ok.len()))
+    })
+}
+
+/// One C_EncryptMessage / C_DecryptMessage of `input` with AES-GCM message parameters over
+/// `iv` and `tag`; the output, or the CK_RV. A size query first: its length must be honoured.
+fn gcm_message(
+    m: &Module,
+    encrypt: bool,
+    s: CK_SESSION_HANDLE,
+    p: &mut CK_GCM_MESSAGE_PARAMS,
+    input: &[u8],
+) -> Result<Vec<u8>, CK_RV> {
+    let pp = p as *mut _ as *mut c_void;
+    let pl = std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG;
+    let (ip, il) = (input.as_ptr() as *mut u8, input.len() as CK_ULONG);
+    let one = |o: *mut u8, l: &mut CK_ULONG| {
+        let aad = b"conformance".as_ptr() as *mut u8;
+        if encrypt {
+            call3!(m, C_EncryptMessage, s, pp, pl, aad, 11, ip, il, o, l)
+        } else {
+            call3!(m, C_DecryptMessage, s, pp, pl, aad, 11, ip, il, o, l)
+        }
+    };
+    let mut n: CK_ULONG = 0;
+    let rv = one(ptr::null_mut(), &mut n);
+    if rv != CKR_OK {
+        return Err(rv);
+    }
+    let mut out = vec![0u8; n as usize];
+    let rv = one(out.as_mut_ptr(), &mut n);
+    if rv != CKR_OK {
+        return Err(rv);
+    }
+    out.truncate(n as usize);
+    Ok(out)
+}
+
+/// PKCS#11 3.0 message-based encryption, for a module whose mechanism info claims it on
+/// CKM_AES_GCM: many messages under one Init (a caller's IV and token-generated ones), each
+/// decrypted by a message-based decryption, generated IVs handed back and distinct, Final
+/// ending the operation. A module without the 3.0 interface or the flag has nothing to check.
+fn message_encryption(t: &Target) -> Outcome {
+    let m = &t.module;
+    if m.f3.is_none() {
+        return Ok("no PKCS#11 3.0 interface: nothing advertised".into());
+    }
+    with_init(t, || {
+        let slot = slot_of(t)?;
+        let info = m.mechanism_info(slot, CKM_AES_GCM);
+        let flags = CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT;
+        if !info.is_ok_and(|i| i.flags & flags == flags) {
+            return Ok("CKM_AES_GCM does not claim message-based encryption".into());
+        }
+        let s = m.open_session(slot, false).map_err(rv_name)?;
+        login(t, s)?;
+        let (mut c, mut k) = (CKO_SECRET_KEY, CKK_AES);
+        let key = m
+            .find(
+                s,
+                &mut [
+                    attr_ulong(CKA_CLASS, &mut c),
+                    attr_ulong(CKA_KEY_TYPE, &mut k),
+                ],
+            )
+            .ok()
+            .and_then(|v| v.first().copied())
+            .ok_or("CKM_AES_GCM claims message-based encryption but the token has no AES key")?;
+        let mut mk = mech(CKM_AES_GCM);
+        expect(
+            "C_MessageEncryptInit",
+            call3!(m, C_MessageEncryptInit, s, &mut mk, key),
+            &[CKR_OK],
+        )?;
+        expect(
+            "C_MessageDecryptInit",
+            call3!(m, C_MessageDecryptInit, s, &mut mk, key),
+            &[CKR_OK],
+        )?;
+        let data = b"one of many messages under one key";
+        let mut ivs = Vec::new();
+        for generator in [CKG_NO_GENERATE, CKG_GENERATE, CKG_GENERATE] {
+            let (mut iv, mut tag) = ([7u8; 12], [0u8; 16]);
+            let mut p = CK_GCM_MESSAGE_PARAMS {
+                pIv: iv.as_mut_ptr(),
+                ulIvLen: 12,
+                ulIvFixedBits: 0,
+                ivGenerator: generator,
+                pTag: tag.as_mut_ptr(),
+                ulTagBits: 128,
+            };
+            let ct = gcm_message(m, true, s, &mut p, data).map_err(|rv| {
+                format!("C_EncryptMessage (generator {generator}): {}", rv_name(rv))
+            })?;
+            if ct.len() != data.len() {
+                return Err(format!(
+                    "C_EncryptMessage gave {} bytes for {}",
+                    ct.len(),
+                    data.len()
+                ));
+            }
+            let mut p = CK_GCM_MESSAGE_PARAMS {
+                ivGenerator: CKG_NO_GENERATE,
+                ..p
+            };
+            let pt = gcm_message(m, false, s, &mut p, &ct).map_err(|rv| {
+                format!("C_DecryptMessage (generator {generator}): {}", rv_name(rv))
+            })?;
+            if pt != data {
+                return Err(format!("generator {generator}: the round trip differs"));
+            }
+            ivs.push(iv);
+        }
+        if ivs[0] != [7u8; 12] {
+            return Err("CKG_NO_GENERATE changed the caller's IV".into());
+        }
+        if ivs[1] == ivs[2] {
+            return Err("two generated IVs under one key are the same".into());
+        }
+        expect(
+            "C_MessageEncryptFinal",
+            call3!(m, C_MessageEncryptFinal, s),
+            &[CKR_OK],
+        )?;
+        expect(
+            "C_MessageDecryptFinal",
+            call3!(m, C_MessageDecryptFinal, s),
+            &[CKR_OK],
+        )?;
+        expect(
+            "C_MessageEncryptFinal after Final",
+            call3!(m, C_MessageEncryptFinal, s),
+            &[CKR_OPERATION_NOT_INITIALIZED],
+        )?;
+        Ok("3 messages under one Init, generated IVs distinct".into())
     })
 }
 

@@ -8,6 +8,8 @@ use std::ptr;
 pub struct Module {
     _lib: libloading::Library,
     pub(crate) f: &'static CK_FUNCTION_LIST,
+    /// The "PKCS 11" 3.0 interface's table, when the module has one (`C_GetInterface`).
+    pub(crate) f3: Option<&'static CK_FUNCTION_LIST_3_0>,
 }
 
 /// Call an entry of the table; a NULL entry is reported as CKR_FUNCTION_NOT_SUPPORTED by the
@@ -23,6 +25,41 @@ macro_rules! call {
     };
 }
 pub(crate) use call;
+
+/// `call!` for an entry of the 3.0 table: CKR_FUNCTION_NOT_SUPPORTED without one.
+macro_rules! call3 {
+    ($m:expr, $name:ident $(, $arg:expr)*) => {
+        match $m.f3.and_then(|f| f.$name) {
+            // SAFETY: as for `call!`.
+            Some(func) => unsafe { func($($arg),*) },
+            None => CKR_FUNCTION_NOT_SUPPORTED,
+        }
+    };
+}
+pub(crate) use call3;
+
+/// The module's "PKCS 11" 3.0 function table, if it exports `C_GetInterface` and has one.
+fn interface_3_0(lib: &libloading::Library) -> Option<&'static CK_FUNCTION_LIST_3_0> {
+    type GetInterface = unsafe extern "C" fn(
+        *mut CK_UTF8CHAR,
+        *mut CK_VERSION,
+        *mut *mut CK_INTERFACE,
+        CK_FLAGS,
+    ) -> CK_RV;
+    // SAFETY: the symbol has the C_GetInterface signature per the PKCS#11 3.0 spec.
+    let get = unsafe { lib.get::<GetInterface>(b"C_GetInterface\0") }.ok()?;
+    let mut name = *b"PKCS 11\0";
+    let mut version = CK_VERSION { major: 3, minor: 0 };
+    let mut iface: *mut CK_INTERFACE = ptr::null_mut();
+    // SAFETY: valid name, version and out-pointer.
+    let rv = unsafe { get(name.as_mut_ptr(), &mut version, &mut iface, 0) };
+    if rv != CKR_OK || iface.is_null() {
+        return None;
+    }
+    // SAFETY: a "PKCS 11" 3.0 interface points at the module's CK_FUNCTION_LIST_3_0, alive as
+    // long as the library (which the Module keeps).
+    unsafe { ((*iface).pFunctionList as *const CK_FUNCTION_LIST_3_0).as_ref() }
+}
 
 impl Module {
     pub fn load(path: &str) -> Result<Module, String> {
@@ -41,7 +78,8 @@ impl Module {
         }
         // SAFETY: the module keeps its function table alive while loaded; we keep the library.
         let f: &'static CK_FUNCTION_LIST = unsafe { &*p };
-        Ok(Module { _lib: lib, f })
+        let f3 = interface_3_0(&lib);
+        Ok(Module { _lib: lib, f, f3 })
     }
 
     pub fn table(&self) -> &CK_FUNCTION_LIST {

@@ -17,7 +17,7 @@
 //! logout, session closing, re-initialisation and fork happen between phases, while the worker
 //! threads wait at a barrier. A run is reproducible from its seed when single-threaded.
 
-use crate::module::{call, rv_name, Module};
+use crate::module::{call, call3, rv_name, Module};
 use cryptoki_sys::*;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -368,6 +368,12 @@ const FN_NAMES: &[&str] = &[
     "C_GetFunctionStatus",
     "C_CancelFunction",
     "C_WaitForSlotEvent",
+    "C_MessageEncryptInit",
+    "C_EncryptMessage",
+    "C_MessageEncryptFinal",
+    "C_MessageDecryptInit",
+    "C_DecryptMessage",
+    "C_MessageDecryptFinal",
 ];
 
 fn fn_index(name: &str) -> usize {
@@ -657,8 +663,116 @@ impl<'a> Worker<'a> {
             62..=71 => self.flow(Family::Decrypt),
             72..=81 => self.flow(Family::Digest),
             82..=86 => self.stray_update_final(),
-            87..=89 => self.login_calls(),
+            87..=88 => self.login_calls(),
+            89..=91 => self.message_flow(),
             _ => self.null_pointers(),
+        }
+    }
+
+    /// PKCS#11 3.0 message-based encryption or decryption on one of our sessions (a module
+    /// without the 3.0 interface answers CKR_FUNCTION_NOT_SUPPORTED): an Init (mostly
+    /// CKM_AES_GCM), a few messages with well-formed or bogus CK_GCM_MESSAGE_PARAMS, guarded
+    /// output, IV and tag buffers, the size-query protocol, and usually a Final.
+    fn message_flow(&mut self) {
+        let Some(sess) = self.rng.pick(&self.sessions) else {
+            return;
+        };
+        let encrypt = self.rng.chance(50);
+        let key = self.key();
+        let mechs = self.mechs();
+        let mut mb = mechanism(&mut self.rng, &mechs);
+        if self.rng.chance(70) {
+            mb.mech = CK_MECHANISM {
+                mechanism: CKM_AES_GCM,
+                pParameter: ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+        }
+        let epoch = self.s.epoch.load(Ordering::Acquire);
+        let (name, rv) = if encrypt {
+            self.mark("C_MessageEncryptInit");
+            (
+                "C_MessageEncryptInit",
+                call3!(self.s.m, C_MessageEncryptInit, sess, &mut mb.mech, key),
+            )
+        } else {
+            self.mark("C_MessageDecryptInit");
+            (
+                "C_MessageDecryptInit",
+                call3!(self.s.m, C_MessageDecryptInit, sess, &mut mb.mech, key),
+            )
+        };
+        let rv = self.note(name, rv);
+        if rv != CKR_OK && rv != CKR_OPERATION_ACTIVE {
+            return;
+        }
+        let name = if encrypt {
+            "C_EncryptMessage"
+        } else {
+            "C_DecryptMessage"
+        };
+        for _ in 0..1 + self.rng.below(4) {
+            let iv_len = [12, 12, 12, 16, 1, 0, 300][self.rng.below(7) as usize];
+            let tag_bits: CK_ULONG = [128, 128, 96, 120, 64, 136][self.rng.below(6) as usize];
+            let mut iv = Guarded::new(iv_len);
+            let mut tag = Guarded::new(16);
+            let mut p = CK_GCM_MESSAGE_PARAMS {
+                pIv: if self.rng.chance(3) {
+                    ptr::null_mut()
+                } else {
+                    iv.ptr()
+                },
+                ulIvLen: iv_len as CK_ULONG,
+                ulIvFixedBits: [0, 0, 32, 33, 96][self.rng.below(5) as usize],
+                ivGenerator: self.rng.below(6),
+                pTag: if self.rng.chance(3) {
+                    ptr::null_mut()
+                } else {
+                    tag.ptr()
+                },
+                ulTagBits: tag_bits,
+            };
+            let p_len = std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG
+                - CK_ULONG::from(self.rng.chance(3));
+            let pp = if self.rng.chance(2) {
+                ptr::null_mut()
+            } else {
+                &mut p as *mut _ as *mut c_void
+            };
+            let mut aad = self.rng.data(64);
+            let mut input = self.rng.data(4096);
+            let (ap, al) = (aad.as_mut_ptr(), aad.len() as CK_ULONG);
+            let (ip, il) = (input.as_mut_ptr(), input.len() as CK_ULONG);
+            let s = self.s;
+            let mut one = |o: *mut u8, l: *mut CK_ULONG| {
+                if encrypt {
+                    call3!(s.m, C_EncryptMessage, sess, pp, p_len, ap, al, ip, il, o, l)
+                } else {
+                    call3!(s.m, C_DecryptMessage, sess, pp, p_len, ap, al, ip, il, o, l)
+                }
+            };
+            // Every message is an operation of its own for the output protocol; the
+            // message-based operation itself outlives it (the next message goes on).
+            self.output_protocol(name, epoch, &mut one);
+            self.guard(name, &iv);
+            // A tag is at most 16 bytes, whatever ulTagBits claims.
+            self.guard(name, &tag);
+        }
+        if self.rng.chance(80) {
+            let (fin, rv) = if encrypt {
+                self.mark("C_MessageEncryptFinal");
+                (
+                    "C_MessageEncryptFinal",
+                    call3!(self.s.m, C_MessageEncryptFinal, sess),
+                )
+            } else {
+                self.mark("C_MessageDecryptFinal");
+                (
+                    "C_MessageDecryptFinal",
+                    call3!(self.s.m, C_MessageDecryptFinal, sess),
+                )
+            };
+            self.note(fin, rv);
         }
     }
 
