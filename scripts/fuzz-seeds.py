@@ -268,6 +268,19 @@ write("lease_record", "accept-empty", lease_record([]))
 write("lease_record", "seed-revoked-with-material", lease_record([lease_entry(0, 3, 5, "v", b"x")]))
 write("lease_record", "seed-truncated", lease_record([lease_entry(0, 1, 5, "v", b"abc")])[:-1])
 
+# ---- gcm_message (message-based AES-GCM: key size, IV length - 1, fixed bits, CKG_*, tag bits,
+# AAD length, AAD, message; src/fuzzing.rs) ----
+def gcm_message(key, iv_len, fixed, ckg, tag_bits, aad, msg):
+    return bytes([key, iv_len - 1, fixed, ckg, tag_bits, len(aad)]) + aad + msg
+write("gcm_message", "accept-caller-iv", gcm_message(2, 12, 0, 0, 128, b"hdr", b"a message under the caller's IV"))
+write("gcm_message", "accept-counter", gcm_message(2, 12, 32, 2, 128, b"", b"counted"))
+write("gcm_message", "accept-generate-odd-fixed-bits", gcm_message(2, 12, 13, 1, 128, b"a", b"thirteen bits kept"))
+write("gcm_message", "accept-random-short-tag", gcm_message(0, 12, 0, 3, 96, b"", b"random IV, 96-bit tag"))
+write("gcm_message", "accept-long-iv", gcm_message(1, 16, 0, 0, 120, b"xy", b"a sixteen-byte IV"))
+write("gcm_message", "seed-random-with-fixed-field", gcm_message(2, 12, 8, 3, 128, b"", b"refused"))
+write("gcm_message", "seed-counter-xor", gcm_message(2, 12, 0, 4, 128, b"", b"refused"))
+write("gcm_message", "seed-tag-64", gcm_message(2, 12, 0, 0, 64, b"", b"refused"))
+
 # ---- identity_response (release::identity: challenge line, then token body) ----
 CHALLENGE = b'Bearer authorization="https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47", resource="https://vault.azure.net"'
 write("identity_response", "accept-imds", CHALLENGE + b"\n" + json.dumps({

@@ -600,6 +600,95 @@ pub fn key_unwrap(_fx: &Fixtures, data: &[u8]) -> bool {
         .is_ok()
 }
 
+/// Message-based AES-GCM (C_EncryptMessage / C_DecryptMessage) with the caller's
+/// CK_GCM_MESSAGE_PARAMS values: key size, IV length, fixed bits, generator, tag bits, AAD
+/// length, then AAD and the message. The parameters are checked as the C call checks them; an
+/// accepted message seals, keeps the caller's fixed IV bits, opens back to itself, and a
+/// flipped tag bit is refused with a zeroed output. The message as a ciphertext with a tag of
+/// zeroes must be refused too (no forgery from the fuzzer's bytes). Passes when the message
+/// was sealed and opened.
+pub fn gcm_message(_fx: &Fixtures, data: &[u8]) -> bool {
+    use crate::crypto::gcm_message::{GcmMessages, IvGenerator, MessageParams};
+    use cryptoki_sys::*;
+    let mut r = Reader(data);
+    let key_len = [16, 24, 32][r.byte() as usize % 3];
+    let iv_len = r.byte() as usize + 1;
+    let fixed_bits = r.byte() as usize;
+    let ckg = r.byte() as CK_GENERATOR_FUNCTION % 6;
+    let tag_bits = r.byte() as usize;
+    let aad_len = r.byte() as usize;
+    let aad = r.take(aad_len);
+    let message = r.0;
+    let Ok(generator) = IvGenerator::from_ckg(ckg) else {
+        assert!(![
+            CKG_NO_GENERATE,
+            CKG_GENERATE,
+            CKG_GENERATE_COUNTER,
+            CKG_GENERATE_RANDOM
+        ]
+        .contains(&ckg));
+        return false;
+    };
+    let p = MessageParams {
+        iv_len,
+        iv_fixed_bits: fixed_bits,
+        generator,
+        tag_bits,
+    };
+    let key = std::sync::Arc::new(SecretBytes::from_slice(&vec![0x6b; key_len]));
+    let Ok(mut op) = GcmMessages::new(key) else {
+        return false;
+    };
+    let decrypt_only = MessageParams {
+        generator: IvGenerator::Caller,
+        ..p
+    };
+    let caller_iv: Vec<u8> = (0..iv_len).map(|i| i as u8 ^ 0xc3).collect();
+    // The fuzzer's bytes as a ciphertext under an all-zero tag: never authentic.
+    let mut forged = message.to_vec();
+    let zero_tag = [0u8; 16];
+    if decrypt_only.check(false).is_ok() {
+        let tag = &zero_tag[..decrypt_only.tag_len()];
+        let e = op.open(&decrypt_only, &caller_iv, aad, tag, &mut forged);
+        assert_eq!(e.map_err(|e| e.rv()), Err(CKR_ENCRYPTED_DATA_INVALID));
+        assert!(
+            forged.iter().all(|b| *b == 0),
+            "a refused message leaves zeroes"
+        );
+    }
+    let mut iv = caller_iv.clone();
+    let mut buf = message.to_vec();
+    let Ok(tag) = op.seal(&p, &mut iv, aad, &mut buf) else {
+        assert!(p.check(true).is_err(), "accepted parameters sealed");
+        assert_eq!(buf, message, "a refused message is left as it was");
+        return false;
+    };
+    // The caller's leading fixed bits survive generation, to the bit.
+    if generator != IvGenerator::Caller {
+        for bit in 0..fixed_bits.min(iv_len * 8) {
+            let mask = 0x80u8 >> (bit % 8);
+            assert_eq!(
+                iv[bit / 8] & mask,
+                caller_iv[bit / 8] & mask,
+                "fixed bit {bit}"
+            );
+        }
+    } else {
+        assert_eq!(iv, caller_iv, "a caller's IV is used as it is");
+    }
+    let tag = &tag[..p.tag_len()];
+    let mut back = buf.clone();
+    op.open(&decrypt_only, &iv, aad, tag, &mut back)
+        .expect("a sealed message opens");
+    assert_eq!(back, message);
+    let mut bad = tag.to_vec();
+    bad[0] ^= 1;
+    let mut again = buf.clone();
+    assert!(op.open(&decrypt_only, &iv, aad, &bad, &mut again).is_err());
+    assert!(again.iter().all(|b| *b == 0));
+    true
+}
+
 /// A lease record as a process of the tree reads it from the shared key store (a torn or
 /// foreign mapping must be refused, never panic): decode, re-encode, and decode again to the
 /// same entries.
@@ -674,6 +763,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("session_object", session_object),
     ("key_unwrap", key_unwrap),
     ("lease_record", lease_record),
+    ("gcm_message", gcm_message),
     ("identity_response", identity_response),
     ("platform_response", platform_response),
 ];
