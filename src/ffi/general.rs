@@ -344,6 +344,8 @@ p11_fn! {
         if flags & CKF_SIGN != 0 { g.sign = None; }
         if flags & CKF_VERIFY != 0 { g.verify = None; }
         if flags & CKF_FIND_OBJECTS != 0 { g.find = None; }
+        if flags & CKF_MESSAGE_ENCRYPT != 0 { g.message_encrypt = None; }
+        if flags & CKF_MESSAGE_DECRYPT != 0 { g.message_decrypt = None; }
         Ok(())
     }
 

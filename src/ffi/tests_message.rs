@@ -410,3 +410,24 @@ fn a_message_operation_on_a_released_key_ends_with_the_logout() {
         CKR_OPERATION_NOT_INITIALIZED
     );
 }
+
+#[test]
+fn session_cancel_ends_the_chosen_message_operation() {
+    let live = Live::new("");
+    live.login();
+    let s = live.session(false);
+    let aes = live.find(s, CKO_SECRET_KEY, 3);
+    assert_eq!(init(true, s, aes), CKR_OK);
+    assert_eq!(init(false, s, aes), CKR_OK);
+    let cancel = super::general::C_SessionCancel;
+    // SAFETY: a valid session.
+    unsafe {
+        assert_eq!(cancel(s, CKF_MESSAGE_ENCRYPT), CKR_OK);
+        assert_eq!(
+            C_MessageEncryptFinal(s),
+            CKR_OPERATION_NOT_INITIALIZED,
+            "cancelled"
+        );
+        assert_eq!(C_MessageDecryptFinal(s), CKR_OK, "not chosen, still active");
+    }
+}

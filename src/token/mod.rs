@@ -1006,6 +1006,11 @@ pub struct Module {
 }
 
 /// An open session: its fixed facts readable without its lock, its state behind it.
+/// Aligned (and so padded) to 128 bytes: two threads' sessions are separate allocations that
+/// may sit side by side, and every call writes a session's reference count, lock word and
+/// operation; sharing a cache line (or the pair the prefetcher fetches) would make each
+/// thread's writes evict the other's.
+#[repr(align(128))]
 pub struct SessionEntry {
     pub handle: CK_SESSION_HANDLE,
     pub token: usize,
