@@ -799,64 +799,90 @@ struct Stats {
     p99: Duration,
 }
 
-/// Run `threads` ops (each on its own thread / session) for `dur` after a warm-up; median of
-/// `rounds` rounds by throughput, with that round's latency percentiles.
-fn measure(
-    mut make: impl FnMut() -> Res<Op>,
-    threads: usize,
-    dur: Duration,
-    rounds: usize,
-) -> Res<Stats> {
-    let mut ops: Vec<Op> = (0..threads).map(|_| make()).collect::<Res<_>>()?;
-    let mut results = Vec::new();
-    for round in 0..=rounds {
-        let d = if round == 0 { dur / 4 } else { dur }; // round 0 = warm-up
-        let handles: Vec<_> = ops
-            .drain(..)
-            .map(|mut op| {
-                std::thread::spawn(move || {
-                    let mut lat = Vec::with_capacity(4096);
-                    let start = Instant::now();
-                    let mut err = None;
-                    while start.elapsed() < d {
-                        let t = Instant::now();
-                        if let Err(e) = op() {
-                            err = Some(e);
-                            break;
-                        }
-                        lat.push(t.elapsed());
+/// One timed round: each op on its own thread for `d`; total throughput and the latency
+/// percentiles of all threads.
+fn round(ops: &mut Vec<Op>, d: Duration) -> Res<Stats> {
+    let handles: Vec<_> = ops
+        .drain(..)
+        .map(|mut op| {
+            std::thread::spawn(move || {
+                let mut lat = Vec::with_capacity(4096);
+                let start = Instant::now();
+                let mut err = None;
+                while start.elapsed() < d {
+                    let t = Instant::now();
+                    if let Err(e) = op() {
+                        err = Some(e);
+                        break;
                     }
-                    (op, lat, start.elapsed(), err)
-                })
+                    lat.push(t.elapsed());
+                }
+                (op, lat, start.elapsed(), err)
             })
-            .collect();
-        let mut all = Vec::new();
-        let mut total_ops = 0.0;
-        for h in handles {
-            let (op, lat, el, err) = h.join().map_err(|_| "benchmark thread panicked")?;
-            if let Some(e) = err {
-                return Err(e);
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut total_ops = 0.0;
+    let mut failed = None;
+    for h in handles {
+        let (op, lat, el, err) = h.join().map_err(|_| "benchmark thread panicked")?;
+        failed = failed.or(err);
+        total_ops += lat.len() as f64 / el.as_secs_f64();
+        all.extend(lat);
+        ops.push(op);
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Stats {
+        ops_per_s: total_ops,
+        p50: pct(0.50),
+        p99: pct(0.99),
+    })
+}
+
+/// A contender of one case: how to make one thread's op, or None when it is not measured
+/// (no reference, or a reference without the case).
+type Maker<'a> = Option<Box<dyn FnMut() -> Res<Op> + 'a>>;
+
+/// Every contender at every thread count (a slot: its maker and thread count; each op on its
+/// own thread / session): a warm-up round of each slot, then `rounds` rounds of `dur` in which
+/// the slots take turns (round r of every slot before round r + 1 of any). On a shared VM whose
+/// speed drifts over minutes the drift falls on every slot alike, so the ratios between them —
+/// module ÷ raw, 2 threads ÷ 1 — stay honest. Median round by throughput of each slot.
+fn measure(slots: Vec<(Maker, usize)>, dur: Duration, rounds: usize) -> Res<Vec<Option<Stats>>> {
+    let mut ops: Vec<Option<Vec<Op>>> = Vec::new();
+    for (mut make, threads) in slots {
+        ops.push(match make.as_mut() {
+            Some(m) => Some((0..threads).map(|_| m()).collect::<Res<_>>()?),
+            None => None,
+        });
+    }
+    let mut results: Vec<Vec<Stats>> = ops.iter().map(|_| Vec::new()).collect();
+    for r in 0..=rounds {
+        let d = if r == 0 { dur / 4 } else { dur }; // round 0 = warm-up
+        for (o, res) in ops.iter_mut().zip(&mut results) {
+            if let Some(o) = o {
+                let st = round(o, d)?;
+                if r > 0 {
+                    res.push(st);
+                }
             }
-            total_ops += lat.len() as f64 / el.as_secs_f64();
-            all.extend(lat);
-            ops.push(op);
-        }
-        if round > 0 {
-            all.sort();
-            let pct = |p: f64| {
-                all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-                    .copied()
-                    .unwrap_or_default()
-            };
-            results.push(Stats {
-                ops_per_s: total_ops,
-                p50: pct(0.50),
-                p99: pct(0.99),
-            });
         }
     }
-    results.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
-    Ok(results.swap_remove(results.len() / 2))
+    Ok(results
+        .into_iter()
+        .map(|mut res| {
+            res.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+            (!res.is_empty()).then(|| res.swap_remove(res.len() / 2))
+        })
+        .collect())
 }
 
 /// AES-256-GCM of `block` by one `C_EncryptMessage` per message after one
@@ -984,24 +1010,34 @@ fn ops(module: &Token, reference: &Token, dir: &Path, run: &Run) -> Res<()> {
         {
             continue;
         }
-        let (mut one_thread, mut raw_one_thread) = (f64::NAN, f64::NAN);
+        let reference_has_case = |r: &Arc<Loaded>| {
+            // A reference without the 3.0 message functions has no figure there.
+            case != Case::AesGcm4kMessage || r.calls.message.is_some()
+        };
+        let fx = &fx;
+        let mut slots: Vec<(Maker, usize)> = Vec::new();
         for &threads in &run.threads {
-            let sm = measure(|| p11_op(m.clone(), case, &fx), threads, dur, rounds)?;
-            let (sr, sw) = match &r {
-                Some(r) => (
-                    // A reference without the 3.0 message functions has no figure there.
-                    if case == Case::AesGcm4kMessage && r.calls.message.is_none() {
-                        none.clone()
-                    } else {
-                        measure(|| p11_op(r.clone(), case, &fx), threads, dur, rounds)?
-                    },
-                    measure(|| raw_op(dir, case, &fx), threads, dur, rounds)?,
-                ),
-                None => (none.clone(), none.clone()),
-            };
-            if threads == 1 {
-                (one_thread, raw_one_thread) = (sm.ops_per_s, sw.ops_per_s);
-            }
+            slots.push((Some(Box::new(|| p11_op(m.clone(), case, fx))), threads));
+            slots.push((
+                r.as_ref().filter(|r| reference_has_case(r)).map(|r| {
+                    Box::new(move || p11_op(r.clone(), case, fx)) as Box<dyn FnMut() -> Res<Op>>
+                }),
+                threads,
+            ));
+            slots.push((
+                r.as_ref()
+                    .map(|_| Box::new(|| raw_op(dir, case, fx)) as Box<dyn FnMut() -> Res<Op>>),
+                threads,
+            ));
+        }
+        let stats = measure(slots, dur, rounds)?;
+        let got = |i: usize| stats[i].clone().unwrap_or_else(|| none.clone());
+        let (one_thread, raw_one_thread) = match run.threads.iter().position(|&t| t == 1) {
+            Some(i) => (got(3 * i).ops_per_s, got(3 * i + 2).ops_per_s),
+            None => (f64::NAN, f64::NAN),
+        };
+        for (i, &threads) in run.threads.iter().enumerate() {
+            let (sm, sr, sw) = (got(3 * i), got(3 * i + 1), got(3 * i + 2));
             let scale = |v: f64, one: f64| {
                 if threads > 1 && one.is_finite() && v.is_finite() {
                     format!("{:.2}", v / one)
