@@ -60,7 +60,8 @@ unsafe fn message_init(
     } else {
         (CKF_MESSAGE_DECRYPT, Purpose::Decrypt)
     };
-    if !lookup(m.mechanism).is_some_and(|i| i.can(flag)) {
+    // The registry's flag says which mechanisms have it; this file implements CKM_AES_GCM's.
+    if m.mechanism != CKM_AES_GCM || !lookup(m.mechanism).is_some_and(|i| i.can(flag)) {
         return Err(Error::new(
             CKR_MECHANISM_INVALID,
             format!(

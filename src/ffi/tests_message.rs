@@ -103,8 +103,7 @@ fn many_messages_under_one_init_agree_with_rustcrypto_both_ways() {
             32
         };
         let mut p = params(&mut iv, fixed, generator, &mut tag);
-        // In place, as C clients usually call it.
-        let mut buf = msg.clone();
+        let mut buf = vec![0u8; msg.len()];
         let ptr = buf.as_mut_ptr();
         let (rv, n) = message(
             true,
@@ -128,7 +127,7 @@ fn many_messages_under_one_init_agree_with_rustcrypto_both_ways() {
                 "generator {generator}: the IV made is handed back"
             );
         }
-        if generator != CKG_GENERATE_RANDOM {
+        if generator == CKG_GENERATE_COUNTER || generator == CKG_GENERATE {
             assert_eq!(iv[..4], [0x11; 4], "the 32 fixed bits are the caller's");
         }
         if generator == CKG_GENERATE_COUNTER {
@@ -192,6 +191,164 @@ fn many_messages_under_one_init_agree_with_rustcrypto_both_ways() {
     assert_eq!(
         unsafe { C_MessageEncryptFinal(s) },
         CKR_OPERATION_NOT_INITIALIZED
+    );
+}
+
+/// One message call on raw pointers: in place, or with the AAD inside the output.
+#[allow(clippy::too_many_arguments)]
+fn message_raw(
+    encrypt: bool,
+    s: CK_SESSION_HANDLE,
+    p: &mut CK_GCM_MESSAGE_PARAMS,
+    aad: *mut u8,
+    aad_len: usize,
+    input: *mut u8,
+    len: usize,
+    out: *mut u8,
+    out_len: CK_ULONG,
+) -> (CK_RV, CK_ULONG) {
+    let mut n = out_len;
+    let f = if encrypt {
+        C_EncryptMessage
+    } else {
+        C_DecryptMessage
+    };
+    // SAFETY: the caller's pointers are valid for their lengths.
+    let rv = unsafe {
+        f(
+            s,
+            p as *mut _ as *mut std::ffi::c_void,
+            PARAMS_LEN,
+            aad,
+            aad_len as CK_ULONG,
+            input,
+            len as CK_ULONG,
+            out,
+            &mut n,
+        )
+    };
+    (rv, n)
+}
+
+/// Encrypting and decrypting in place (input and output the same buffer, the usual C call),
+/// a wrong tag in place, the AAD inside the output buffer, and an empty message (GMAC over
+/// the AAD alone): each checked with RustCrypto.
+#[test]
+fn in_place_and_overlapping_buffers_give_rustcryptos_bytes() {
+    let live = Live::new("");
+    live.login();
+    let s = live.session(false);
+    let aes = live.find(s, CKO_SECRET_KEY, 3);
+    let other = aes_gcm::Aes256Gcm::new_from_slice(&live.f.aes).unwrap();
+    assert_eq!(init(true, s, aes), CKR_OK);
+    assert_eq!(init(false, s, aes), CKR_OK);
+    let msg: Vec<u8> = (0..1000u32).map(|b| (b * 13) as u8).collect();
+    let mut iv = [0x21u8; 12];
+    let mut tag = [0u8; 16];
+    let nonce = aes_gcm::Nonce::from(iv);
+    let want = other
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: &msg,
+                aad: b"hdr",
+            },
+        )
+        .unwrap();
+    let mut aad = *b"hdr";
+    // In place.
+    let mut buf = msg.clone();
+    let b = buf.as_mut_ptr();
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut tag);
+    assert_eq!(
+        message_raw(true, s, &mut p, aad.as_mut_ptr(), 3, b, 1000, b, 1000),
+        (CKR_OK, 1000)
+    );
+    assert_eq!(buf[..], want[..1000]);
+    assert_eq!(tag[..], want[1000..]);
+    let ct = buf.clone();
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut tag);
+    assert_eq!(
+        message_raw(false, s, &mut p, aad.as_mut_ptr(), 3, b, 1000, b, 1000),
+        (CKR_OK, 1000)
+    );
+    assert_eq!(buf, msg, "decrypted in place");
+    // A wrong tag, in place: the buffer is zeroed, no unauthenticated plaintext.
+    buf.copy_from_slice(&ct);
+    let mut bad_tag = tag;
+    bad_tag[3] ^= 0x10;
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut bad_tag);
+    let b = buf.as_mut_ptr();
+    assert_eq!(
+        message_raw(false, s, &mut p, aad.as_mut_ptr(), 3, b, 1000, b, 1000).0,
+        CKR_ENCRYPTED_DATA_INVALID
+    );
+    assert!(buf.iter().all(|x| *x == 0));
+    // The AAD inside the output buffer: authenticated as it was before the output was written.
+    let mut out = vec![0u8; 1000];
+    out[10..13].copy_from_slice(b"hdr");
+    let o = out.as_mut_ptr();
+    let mut input = msg.clone();
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut tag);
+    // SAFETY: `o + 10` is inside `out`.
+    let aad_in_out = unsafe { o.add(10) };
+    assert_eq!(
+        message_raw(
+            true,
+            s,
+            &mut p,
+            aad_in_out,
+            3,
+            input.as_mut_ptr(),
+            1000,
+            o,
+            1000
+        ),
+        (CKR_OK, 1000)
+    );
+    assert_eq!(out[..], want[..1000]);
+    assert_eq!(tag[..], want[1000..]);
+    // An empty message: the tag is GMAC over the AAD.
+    let gmac = other
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: b"",
+                aad: b"hdr",
+            },
+        )
+        .unwrap();
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut tag);
+    let mut none = [0u8; 1];
+    assert_eq!(
+        message_raw(
+            true,
+            s,
+            &mut p,
+            aad.as_mut_ptr(),
+            3,
+            null_mut(),
+            0,
+            none.as_mut_ptr(),
+            0
+        ),
+        (CKR_OK, 0)
+    );
+    assert_eq!(tag[..], gmac[..]);
+    let mut p = params(&mut iv, 0, CKG_NO_GENERATE, &mut tag);
+    assert_eq!(
+        message_raw(
+            false,
+            s,
+            &mut p,
+            aad.as_mut_ptr(),
+            3,
+            null_mut(),
+            0,
+            none.as_mut_ptr(),
+            0
+        ),
+        (CKR_OK, 0)
     );
 }
 
